@@ -1,0 +1,3 @@
+from memvirt.cli.main import main
+
+main()

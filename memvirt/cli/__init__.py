@@ -1,0 +1,1 @@
+"""The ``memvirt`` command line: a thin layer over the library."""

@@ -1,0 +1,53 @@
+"""Entry point: sub-command groups, the demo, and the one place errors become exit codes."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from memvirt import __version__
+from memvirt.cli import image, mem, vm
+from memvirt.cli.demo import demo
+from memvirt.cli.output import err
+from memvirt.errors import MemvirtError
+
+app = typer.Typer(
+    help="memvirt: manage the memory of Linux QEMU/KVM guests from the host.\n\n"
+    "Exit codes: 0 ok, 1 operation failed, 2 bad usage or input.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(image.app, name="image")
+app.add_typer(vm.app, name="vm")
+app.add_typer(mem.app, name="mem")
+app.command("demo")(demo)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"memvirt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    pass
+
+
+def main() -> None:
+    """Run the CLI; memvirt errors print one line and exit with their code, never a traceback."""
+    try:
+        app()
+    except MemvirtError as e:
+        err.print(f"memvirt: error: {e}", markup=False, highlight=False)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("memvirt: interrupted")
+        sys.exit(130)

@@ -1,0 +1,1 @@
+"""Guest images: a Debian (or user) kernel plus a busybox initramfs with memvirt's guest init."""

@@ -1,0 +1,171 @@
+"""Build a bootable guest image: kernel + busybox initramfs with memvirt's init and programs.
+
+An image is a folder under ``cache_home()/images/<name>`` holding ``vmlinuz``, ``initrd.img``
+and ``image.json``. Its name is the kernel release plus a digest of everything that went into
+the initramfs, so a change to the guest programs builds a new image instead of reusing a stale one.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import shutil
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+from elftools.elf.elffile import ELFFile
+
+from memvirt.errors import MemvirtError, NotFound
+from memvirt.image import modules as kmod
+from memvirt.image.cpio import CpioWriter
+from memvirt.image.kernel import Kernel, resolve_kernel
+from memvirt.paths import cache_home
+
+BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
+GUEST_DIR = "memvirt.image"
+
+
+@dataclass(frozen=True)
+class Image:
+    """A built guest image."""
+
+    name: str
+    path: Path
+    release: str
+    kernel_package: str | None
+    modules: list[str]
+    programs: list[str]
+
+    @property
+    def vmlinuz(self) -> Path:
+        return self.path / "vmlinuz"
+
+    @property
+    def initrd(self) -> Path:
+        return self.path / "initrd.img"
+
+    def to_json(self) -> dict[str, object]:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+def _guest_file(name: str) -> bytes:
+    return resources.files(GUEST_DIR).joinpath("guest", name).read_bytes()
+
+
+def _static_busybox() -> Path:
+    for c in BUSYBOX_CANDIDATES:
+        p = Path(c)
+        if p.exists():
+            with p.open("rb") as f:
+                if not any(seg["p_type"] == "PT_INTERP" for seg in ELFFile(f).iter_segments()):
+                    return p
+    raise NotFound("no static busybox found: install Debian's busybox-static package")
+
+
+def _program_list() -> list[tuple[str, str]]:
+    text = _guest_file("programs.txt").decode()
+    return [tuple(line.split()[:2]) for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _compile_programs(workdir: Path) -> dict[str, bytes]:
+    """Compile the guest workload programs statically: the guest has no libc of its own."""
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        raise NotFound("no C compiler found: install Debian's gcc and libc6-dev")
+    out: dict[str, bytes] = {}
+    for name, source in _program_list():
+        src = workdir / source
+        src.write_bytes(_guest_file(source))
+        binary = workdir / name
+        proc = subprocess.run(
+            [cc, "-O2", "-static", "-s", "-Wall", "-Wextra", "-o", str(binary), str(src)],
+            capture_output=True, text=True,
+        )
+        if proc.returncode != 0:
+            raise MemvirtError(f"compiling guest program {name} failed: {proc.stderr.strip()[:500]}")
+        out[name] = binary.read_bytes()
+    return out
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(hashlib.sha256(p).digest())
+    return h.hexdigest()[:12]
+
+
+def build_image(kernel: Kernel, force: bool = False) -> Image:
+    """Build (or reuse) the image for ``kernel``."""
+    busybox = _static_busybox().read_bytes()
+    guest_sources = [_guest_file(n) for n in ("init", "memvirt-agent", "programs.txt")]
+    guest_sources += [_guest_file(src) for _, src in _program_list()]
+    mods = kmod.resolve(kernel.modules, kmod.GUEST_MODULES) if kernel.modules else []
+    name = f"{kernel.release}-{_digest(busybox, kernel.vmlinuz.read_bytes(), *guest_sources, *(m for _, m in mods))}"
+    dest = cache_home() / "images" / name
+    meta = dest / "image.json"
+    if meta.exists() and not force:
+        return load_image(dest)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        programs = _compile_programs(Path(tmp))
+    cpio = CpioWriter()
+    for d in ("bin", "dev", "proc", "sys", "tmp", "run", "etc", "etc/memvirt", "lib", "lib/modules"):
+        cpio.dir(d)
+    cpio.file("bin/busybox", busybox, 0o755)
+    cpio.symlink("bin/sh", "busybox")
+    cpio.file("init", _guest_file("init"), 0o755)
+    cpio.file("bin/memvirt-agent", _guest_file("memvirt-agent"), 0o755)
+    for pname, data in programs.items():
+        cpio.file(f"bin/{pname}", data, 0o755)
+    for mname, data in mods:
+        cpio.file(f"lib/modules/{mname}.ko", data)
+    cpio.file("etc/memvirt/modules", "".join(f"{m}\n" for m, _ in mods).encode())
+
+    tmpdest = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmpdest, ignore_errors=True)
+    tmpdest.mkdir(parents=True)
+    (tmpdest / "initrd.img").write_bytes(gzip.compress(cpio.finish(), compresslevel=6))
+    shutil.copyfile(kernel.vmlinuz, tmpdest / "vmlinuz")
+    image = Image(name, dest, kernel.release, kernel.package, [m for m, _ in mods], sorted(programs))
+    (tmpdest / "image.json").write_text(json.dumps(image.to_json(), indent=2))
+    shutil.rmtree(dest, ignore_errors=True)
+    tmpdest.rename(dest)
+    return image
+
+
+def load_image(path: Path) -> Image:
+    try:
+        d = json.loads((path / "image.json").read_text())
+    except FileNotFoundError:
+        raise NotFound(f"{path} is not a memvirt image (no image.json)") from None
+    d["path"] = Path(d["path"]) if Path(d["path"]).exists() else path
+    return Image(**d)
+
+
+def list_images() -> list[Image]:
+    root = cache_home() / "images"
+    return [load_image(p) for p in sorted(root.glob("*")) if (p / "image.json").exists()]
+
+
+def default_image(kernel: str | None = None, flavour: str = "amd64", modules: str | None = None) -> Image:
+    """The image for a kernel spec (default: newest Debian 6.1 amd64), built if needed."""
+    return build_image(resolve_kernel(kernel, flavour, modules))
+
+
+def find_image(spec: str | None) -> Image:
+    """An image by folder path, by name (or unique name prefix), or by kernel spec."""
+    if spec is None:
+        return default_image()
+    p = Path(spec)
+    if (p / "image.json").exists():
+        return load_image(p)
+    matches = [i for i in list_images() if i.name == spec]
+    if len(matches) == 1:
+        return matches[0]
+    return default_image(spec)

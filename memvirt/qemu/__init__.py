@@ -1,0 +1,1 @@
+"""QEMU control: accelerator choice, the QMP monitor, the guest command channel, VM lifecycle."""

@@ -1,0 +1,76 @@
+"""QMP through the ``qemu.qmp`` library, with its errors mapped onto memvirt's.
+
+"QEMU refused" (an ``ExecuteError``) becomes a :class:`VMError` carrying QEMU's own message;
+"QEMU is gone" (connection refused, socket missing, EOF) becomes a :class:`VMError` that says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import ExecuteError, QMPError
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from memvirt.errors import VMError
+
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+
+class Monitor:
+    """A synchronous QMP session with one VM."""
+
+    def __init__(self, socket_path: Path, vm_name: str, timeout: float = 30.0):
+        self.vm_name = vm_name
+        self._qmp = QEMUMonitorProtocol(str(socket_path))
+        try:
+            self._qmp.connect()
+        except (TimeoutError, OSError, QMPError) as e:
+            raise VMError(f"cannot reach QEMU of VM {vm_name!r} ({e.__class__.__name__}: {e}); is it running?") from None
+        self._qmp.settimeout(timeout)
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self._qmp.close()
+        except (TimeoutError, OSError, EOFError, QMPError, RuntimeError):
+            pass
+
+    def command(self, name: str, timeout: float | None = None, **args: Any) -> Any:
+        """Run a QMP command and return its result."""
+        if timeout is not None:
+            self._qmp.settimeout(timeout)
+        try:
+            return self._qmp.cmd(name, **args)
+        except ExecuteError as e:
+            raise VMError(f"QEMU refused {name} on VM {self.vm_name!r}: {e.error.desc}") from None
+        except (OSError, QMPError, EOFError) as e:
+            raise VMError(f"lost QEMU of VM {self.vm_name!r} during {name}: {e}") from None
+        except TimeoutError:
+            raise VMError(f"QEMU of VM {self.vm_name!r} did not answer {name} in time") from None
+
+    def hmp(self, line: str) -> str:
+        """A human-monitor command, for the few things QMP lacks."""
+        return str(self.command("human-monitor-command", **{"command-line": line}))
+
+    def status(self) -> str:
+        return str(self.command("query-status")["status"])
+
+    def wait_event(self, name: str, timeout: float) -> dict[str, Any] | None:
+        """The next event called ``name`` within ``timeout`` seconds, or None."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                ev = self._qmp.pull_event(wait=left)
+            except TimeoutError:
+                return None
+            if ev and ev.get("event") == name:
+                return ev
+        return None

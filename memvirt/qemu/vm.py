@@ -1,0 +1,284 @@
+"""VM lifecycle: start QEMU for an image, find it again by name, pause, dump, stop.
+
+Each VM has a state folder ``state_home()/vms/<name>`` (``vm.json``, QMP and command-channel
+sockets, serial log); its shared RAM file lives in :func:`memvirt.paths.ram_dir`. Any later
+command finds the VM by name. A VM whose QEMU died is reported ``dead``, never ``running``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memvirt.errors import NotFound, UsageError, VMError
+from memvirt.image.build import Image
+from memvirt.memory import rammap
+from memvirt.memory.source import GuestMemory, Region
+from memvirt.paths import ram_dir, state_home
+from memvirt.qemu.accel import choose_accel, qemu_binary
+from memvirt.qemu.channel import GuestChannel, Result
+from memvirt.qemu.monitor import Monitor
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+RAM_MODES = ("shared", "anonymous")
+BOOT_TIMEOUT = 180.0
+DUMP_FORMATS = ("elf", "kdump-zlib", "raw")
+
+
+@dataclass
+class VMConfig:
+    """What a VM was started with; stored as ``vm.json``."""
+
+    name: str
+    memory: int
+    cpus: int = 1
+    ram: str = "shared"
+    image: str = ""
+    kernel_release: str = ""
+    accel: str = ""
+    append: str = ""
+    pid: int = 0
+    ram_path: str = ""
+    regions: list[dict[str, int]] = field(default_factory=list)
+    started: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def vms_root() -> Path:
+    root = state_home() / "vms"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise UsageError(f"invalid VM name {name!r}: use letters, digits, '.', '_' or '-' (max 64)")
+    return name
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+class VM:
+    """A memvirt-managed QEMU guest, addressed by name."""
+
+    def __init__(self, config: VMConfig):
+        self.config = config
+        self.dir = vms_root() / config.name
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def qmp_path(self) -> Path:
+        return self.dir / "qmp.sock"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.dir / "serial.log"
+
+    @property
+    def regions(self) -> tuple[Region, ...]:
+        return rammap.from_dict(self.config.regions)
+
+    @property
+    def channel(self) -> GuestChannel:
+        return GuestChannel(self.dir / "cmd.sock", self.dir / "cmd.lock", self.name)
+
+    @classmethod
+    def load(cls, name: str) -> VM:
+        check_name(name)
+        path = vms_root() / name / "vm.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise NotFound(f"no VM named {name!r} (see 'memvirt vm list')") from None
+        except ValueError:
+            raise VMError(f"state of VM {name!r} is corrupt ({path}); 'memvirt vm stop {name}' cleans it up") from None
+        return cls(VMConfig(**data))
+
+    @classmethod
+    def all(cls) -> list[VM]:
+        return [cls.load(p.name) for p in sorted(vms_root().iterdir()) if (p / "vm.json").exists()]
+
+    def save(self) -> None:
+        tmp = self.dir / "vm.json.tmp"
+        tmp.write_text(json.dumps(asdict(self.config), indent=2))
+        tmp.rename(self.dir / "vm.json")
+
+    def alive(self) -> bool:
+        return _pid_alive(self.config.pid)
+
+    def status(self) -> str:
+        """``running``, ``paused`` (or another QEMU run state), or ``dead``."""
+        if not self.alive():
+            return "dead"
+        try:
+            with self.monitor(timeout=5) as mon:
+                st = mon.status()
+        except VMError:
+            return "dead" if not self.alive() else "unresponsive"
+        return st
+
+    def require_alive(self) -> None:
+        if not self.alive():
+            raise VMError(f"VM {self.name!r} is dead (its QEMU exited); see {self.serial_log}")
+
+    def monitor(self, timeout: float = 30.0) -> Monitor:
+        self.require_alive()
+        return Monitor(self.qmp_path, self.name, timeout)
+
+    def exec(self, script: str, timeout: float = 60.0) -> Result:
+        """Run a shell script in the guest."""
+        self.require_alive()
+        return self.channel.run(script, timeout)
+
+    def exec_background(self, script: str, log: str) -> int:
+        """Start ``script`` detached in the guest with output to ``log``; return its guest pid."""
+        quoted = script.replace("'", "'\\''")
+        res = self.exec(f"setsid sh -c '{quoted}' > {log} 2>&1 < /dev/null & echo $!").check("starting " + script)
+        return int(res.text.split()[-1])
+
+    def pause(self) -> None:
+        with self.monitor() as mon:
+            mon.command("stop")
+
+    def resume(self) -> None:
+        with self.monitor() as mon:
+            mon.command("cont")
+
+    def memory(self) -> GuestMemory:
+        """The guest's physical memory: its RAM file, or its QEMU process's memory."""
+        from memvirt.memory.procmem import ProcMemory
+        from memvirt.memory.ramfile import RamFileMemory
+
+        self.require_alive()
+        if self.config.ram == "shared":
+            return RamFileMemory(self.config.ram_path, self.regions)
+        return ProcMemory(self.config.pid, self.config.memory, self.regions)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Kill QEMU (if alive) and remove the VM's state and RAM file."""
+        pid = self.config.pid
+        if self.alive():
+            try:
+                with self.monitor(timeout=5) as mon:
+                    mon.command("quit")
+            except VMError:
+                pass
+            deadline = time.monotonic() + timeout
+            while self.alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.alive():
+                os.kill(pid, signal.SIGKILL)
+                while self.alive():
+                    time.sleep(0.05)
+        if self.config.ram_path:
+            Path(self.config.ram_path).unlink(missing_ok=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def qemu_argv(vm: VM, image: Image) -> list[str]:
+    """The QEMU command line of a memvirt VM."""
+    c = vm.config
+    size = f"{c.memory >> 20}M"
+    if c.ram == "shared":
+        backend = f"memory-backend-file,id=ram0,size={size},mem-path={c.ram_path},share=on"
+    else:
+        backend = f"memory-backend-ram,id=ram0,size={size},merge=on"
+    cpu = "host" if c.accel == "kvm" else "qemu64"
+    d = vm.dir
+    append = f"console=ttyS0 panic=-1 quiet memvirt.name={c.name} {c.append}".strip()
+    return [
+        qemu_binary(),
+        "-name", c.name,
+        "-machine", f"pc,accel={c.accel},memory-backend=ram0",
+        "-cpu", cpu, "-smp", str(c.cpus), "-m", size,
+        "-object", backend,
+        "-nodefaults", "-display", "none", "-no-reboot",
+        "-kernel", str(image.vmlinuz), "-initrd", str(image.initrd), "-append", append,
+        "-serial", f"file:{d / 'serial.log'}",
+        "-qmp", f"unix:{d / 'qmp.sock'},server=on,wait=off",
+        "-device", "virtio-serial-pci,id=vser0",
+        "-chardev", f"socket,id=cmdch,path={d / 'cmd.sock'},server=on,wait=off",
+        "-device", "virtserialport,bus=vser0.0,chardev=cmdch,name=org.memvirt.cmd",
+        "-device", "vmcoreinfo",
+        "-daemonize", "-pidfile", str(d / "qemu.pid"),
+    ]
+
+
+def start_vm(
+    name: str,
+    image: Image,
+    memory: int = 512 << 20,
+    cpus: int = 1,
+    ram: str = "shared",
+    append: str = "",
+    wait: bool = True,
+) -> VM:
+    """Boot a VM and (by default) wait until its command channel answers."""
+    check_name(name)
+    if ram not in RAM_MODES:
+        raise UsageError(f"--ram must be one of {', '.join(RAM_MODES)}, not {ram!r}")
+    if memory < (64 << 20) or memory % (1 << 20):
+        raise UsageError("--memory must be a whole number of MiB, at least 64M")
+    if not 1 <= cpus <= 64:
+        raise UsageError("--cpus must be between 1 and 64")
+    vdir = vms_root() / name
+    if (vdir / "vm.json").exists():
+        existing = VM.load(name)
+        if existing.alive():
+            raise UsageError(f"a VM named {name!r} is already running")
+        existing.stop()
+    vdir.mkdir(parents=True, exist_ok=True)
+    ram_path = str(ram_dir() / f"{name}.ram") if ram == "shared" else ""
+    if ram_path:
+        Path(ram_path).unlink(missing_ok=True)
+    config = VMConfig(
+        name=name, memory=memory, cpus=cpus, ram=ram, image=str(image.path), kernel_release=image.release,
+        accel=choose_accel(image.vmlinuz), append=append, ram_path=ram_path,
+        regions=rammap.to_dict(rammap.pc_ram_map(memory)), started=time.time(),
+    )
+    vm = VM(config)
+    proc = subprocess.run(qemu_argv(vm, image), capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        shutil.rmtree(vdir, ignore_errors=True)
+        if ram_path:
+            Path(ram_path).unlink(missing_ok=True)
+        msg = proc.stderr.strip().splitlines()
+        raise VMError(f"QEMU failed to start VM {name!r}: {msg[-1] if msg else 'exit ' + str(proc.returncode)}")
+    config.pid = int((vdir / "qemu.pid").read_text().strip())
+    vm.save()
+    if wait:
+        try:
+            vm.channel.wait_ready(BOOT_TIMEOUT, vm.alive)
+        except Exception:
+            tail = _tail(vm.serial_log)
+            vm.stop()
+            raise VMError(f"VM {name!r} did not boot: {tail}") from None
+    return vm
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except FileNotFoundError:
+        return "no serial output"
+    return " | ".join(text[-lines:]) or "no serial output"
