@@ -174,6 +174,10 @@ class KdumpMemory(GuestMemory):
     Regions are the runs of pfns in the 1st bitmap, with ``offset`` equal to ``gpa``: reads are
     resolved by pfn through the page descriptors. Pages that exist but were not dumped (absent
     from the 2nd bitmap, e.g. makedumpfile's excluded zero pages) read as zeros.
+
+    ``phys_base`` is the sub header's value as written. QEMU 7.2 derives it by parsing the
+    guest's decimal ``NUMBER(phys_base)`` VMCOREINFO line as hex, so for QEMU dumps trust the
+    VMCOREINFO text instead.
     """
 
     kind = "kdump dump"
