@@ -10,6 +10,7 @@ import typer
 from memvirt import __version__
 from memvirt.cli import image, mem, vm
 from memvirt.cli.demo import demo
+from memvirt.cli.inspect import inspect
 from memvirt.cli.output import err
 from memvirt.errors import MemvirtError
 
@@ -23,6 +24,7 @@ app = typer.Typer(
 app.add_typer(image.app, name="image")
 app.add_typer(vm.app, name="vm")
 app.add_typer(mem.app, name="mem")
+app.command("inspect")(inspect)
 app.command("demo")(demo)
 
 

@@ -127,15 +127,19 @@ def build_image(kernel: Kernel, force: bool = False) -> Image:
         cpio.file(f"lib/modules/{mname}.ko", data)
     cpio.file("etc/memvirt/modules", "".join(f"{m}\n" for m, _ in mods).encode())
 
-    tmpdest = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmpdest, ignore_errors=True)
-    tmpdest.mkdir(parents=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmpdest = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=dest.parent))
     (tmpdest / "initrd.img").write_bytes(gzip.compress(cpio.finish(), compresslevel=6))
     shutil.copyfile(kernel.vmlinuz, tmpdest / "vmlinuz")
     image = Image(name, dest, kernel.release, kernel.package, [m for m, _ in mods], sorted(programs))
     (tmpdest / "image.json").write_text(json.dumps(image.to_json(), indent=2))
     shutil.rmtree(dest, ignore_errors=True)
-    tmpdest.rename(dest)
+    try:
+        tmpdest.rename(dest)
+    except OSError:
+        shutil.rmtree(tmpdest, ignore_errors=True)
+        if not meta.exists():
+            raise
     return image
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 
@@ -26,6 +27,7 @@ class RamFileMemory(GuestMemory):
             raise NotFound(f"RAM file {self.path} does not exist") from None
         except PermissionError:
             raise BadImage(f"no permission to read RAM file {self.path}") from None
+        self._map: mmap.mmap | None = None
         size = os.fstat(self._fd).st_size
         self.regions = regions if regions is not None else pc_ram_map(size)
         need = max(r.offset + r.size for r in self.regions)
@@ -36,7 +38,16 @@ class RamFileMemory(GuestMemory):
     def describe(self) -> str:
         return f"RAM file {self.path}"
 
+    def view(self, gpa: int, size: int) -> np.ndarray | None:
+        r = self.region_of(gpa)
+        if gpa + size > r.end:
+            return None
+        if self._map is None:
+            self._map = mmap.mmap(self._fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)
+        return np.frombuffer(self._map, dtype=np.uint8, count=size, offset=r.offset + gpa - r.gpa)
+
     def close(self) -> None:
+        self._map = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

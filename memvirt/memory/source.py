@@ -100,6 +100,14 @@ class GuestMemory(ABC):
             self._fill(r.offset + (gpa + pos - r.gpa), view[pos : pos + n])
             pos += n
 
+    def view(self, gpa: int, size: int) -> np.ndarray | None:
+        """A zero-copy, read-only view of ``[gpa, gpa + size)`` if the source can map it, else None.
+
+        Only for memory the guest is known to have populated (kernel structures): on a RAM file
+        a mapping's read fault allocates a hole, where ``read`` would not.
+        """
+        return None
+
     def read_u64(self, gpa: int) -> int:
         return int(self.read(gpa, 8).view("<u8")[0])
 

@@ -220,6 +220,7 @@ def qemu_argv(vm: VM, image: Image) -> list[str]:
         "-chardev", f"socket,id=cmdch,path={d / 'cmd.sock'},server=on,wait=off",
         "-device", "virtserialport,bus=vser0.0,chardev=cmdch,name=org.memvirt.cmd",
         "-device", "vmcoreinfo",
+        "-device", "pvpanic", "-action", "panic=pause",
         "-daemonize", "-pidfile", str(d / "qemu.pid"),
     ]
 

@@ -1,0 +1,115 @@
+"""Helpers the benches share: machine description, timing, units, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+GB = 1e9
+GIB = float(1 << 30)
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def best_of(fn: Callable[[], Any], repeat: int) -> tuple[float, list[float]]:
+    """Run ``fn`` ``repeat`` times; the fastest wall time and all of them (seconds)."""
+    runs = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t0)
+    return min(runs), runs
+
+
+def best_of_interleaved(fns: list[Callable[[], Any]], repeat: int) -> list[tuple[float, list[float]]]:
+    """Like :func:`best_of` for several functions, run in turn (a, b, a, b, ...) so that a change
+    in host load or cache state during the measurement affects all of them alike."""
+    runs: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeat):
+        for fn, out in zip(fns, runs, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return [(min(r), r) for r in runs]
+
+
+def fs_type(path: str | os.PathLike[str]) -> str:
+    """The file system type of the mount holding ``path`` (``tmpfs``, ``ext4``, ...)."""
+    real = os.path.realpath(path)
+    best, kind = "", "?"
+    with open("/proc/mounts") as f:
+        for line in f:
+            fields = line.split()
+            mnt = fields[1]
+            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, kind = mnt, fields[2]
+    return kind
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def _mem_total() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def qemu_version(qemu: str) -> str:
+    try:
+        out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return out.splitlines()[0].strip() if out else "?"
+
+
+def machine_info(qemu: str) -> dict[str, Any]:
+    import numpy
+
+    import memvirt
+
+    try:
+        ksm = Path("/sys/kernel/mm/ksm/run").read_text().strip()
+    except OSError:
+        ksm = "?"
+    return {
+        "cpu_model": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "host_kernel": platform.release(),
+        "host_mem_bytes": _mem_total(),
+        "qemu": qemu_version(qemu),
+        "python": sys.version.split()[0],
+        "numpy": numpy.__version__,
+        "memvirt": memvirt.__version__,
+        "ksm_run": ksm,
+        "loadavg_at_start": os.getloadavg(),
+    }
+
+
+def write_json(path: Path, data: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.rename(path)
+    return path
+
+
+def gb(n: float) -> str:
+    return f"{n / GB:.2f}"

@@ -1,0 +1,127 @@
+"""``memvirt inspect``: what the guest kernel knows about every page, read from the host."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from memvirt.cli.output import emit_json, human, out, spinner, table
+from memvirt.errors import UsageError
+from memvirt.introspect import CHOICES, CLASSES, Introspector
+from memvirt.introspect.census import Census
+from memvirt.memory.open import FORMATS, open_memory
+from memvirt.memory.procmem import parse_size
+from memvirt.qemu.vm import VM
+
+
+def _owning_vm(source: str) -> VM | None:
+    """The memvirt VM a source names: by name, by QEMU pid, or by RAM file."""
+    vms = {v.name: v for v in VM.all()}
+    if source in vms:
+        return vms[source]
+    if source.startswith("pid:"):
+        return next((v for v in vms.values() if str(v.config.pid) == source[4:]), None)
+    if Path(source).exists():
+        real = os.path.realpath(source)
+        return next((v for v in vms.values() if v.config.ram_path and os.path.realpath(v.config.ram_path) == real), None)
+    return None
+
+
+@contextmanager
+def _paused(source: str, pause: bool) -> Iterator[dict[str, float | bool]]:
+    """Hold the guest still while reading it: QMP stop/cont for memvirt VMs, SIGSTOP/SIGCONT for
+    another QEMU process; a dump or file needs nothing. Yields whether the scan is live.
+
+    The bootstrap runs before the pause: what it reads (VMCOREINFO, kallsyms, BTF, the kernel's
+    page tables for its image and vmemmap) does not change while a guest runs."""
+    info: dict[str, float | bool] = {"live": False}
+    vm = _owning_vm(source)
+    pid = int(source[4:]) if source.startswith("pid:") and source[4:].isdigit() else None
+    if not pause and (vm is not None or pid is not None):
+        info["live"] = True
+        yield info
+        return
+    if vm is not None and vm.status() == "running":
+        t = time.perf_counter()
+        vm.pause()
+        try:
+            yield info
+        finally:
+            vm.resume()
+            info["pause_seconds"] = time.perf_counter() - t
+    elif vm is None and pid is not None:
+        t = time.perf_counter()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            yield info
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            info["pause_seconds"] = time.perf_counter() - t
+    else:
+        yield info
+
+
+def inspect(
+    source: Annotated[str, typer.Argument(help="A VM name, pid:N, a RAM file, or a dump (ELF, kdump, raw).")],
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    map_: Annotated[Path | None, typer.Option("--map", help="Draw the guest-physical address space to a PNG.")] = None,
+    pause: Annotated[bool, typer.Option("--pause/--no-pause", help="Pause a running guest while reading it.")] = True,
+    layouts: Annotated[str, typer.Option(help=f"Layout source: {', '.join(CHOICES)}.")] = "auto",
+    content: Annotated[bool, typer.Option("--content/--no-content", help="Also count all-zero pages (reads all RAM).")] = True,
+    format: Annotated[str, typer.Option("--format", "-f", help=f"File format: {', '.join(FORMATS)}.")] = "auto",
+    ram_size: Annotated[str | None, typer.Option(help="Guest RAM size, for a RAM file or raw image.")] = None,
+) -> None:
+    """Classify every guest page (free, per-cpu free, page cache, anon, slab, page tables, kernel,
+    reserved, unbacked) from the guest kernel's own structures: no agent, no debug symbols.
+
+    A live scan (--no-pause) reads a running guest and may be inconsistent: it says so.
+    """
+    if layouts not in CHOICES:
+        raise UsageError(f"--layouts must be one of {', '.join(CHOICES)}")
+    with open_memory(source, format, parse_size(ram_size) if ram_size else None) as mem:
+        t = time.perf_counter()
+        with spinner(f"bootstrapping from {mem.describe()}"):
+            intro = Introspector(mem, layouts=layouts)
+        with spinner("scanning"), _paused(source, pause) as state:
+            census = intro.scan(live=bool(state["live"]), content=content)
+        census.timings["total"] = time.perf_counter() - t
+        if "pause_seconds" in state:
+            census.timings["paused"] = float(state["pause_seconds"])
+    report = census.to_json()
+    report["source"] = mem.describe()
+    report["layout_facts"] = intro.layout.summary()
+    if map_ is not None:
+        from memvirt.introspect.plot import draw_map
+
+        report["map"] = str(draw_map(census, map_, title=f"{source}: Linux {census.release}"))
+    if json_:
+        emit_json(report)
+        return
+    _print(census, report)
+
+
+def _print(census: Census, report: dict) -> None:
+    total = sum(census.counts[c] for c in CLASSES if c != "unbacked") or 1
+    live = " (LIVE: racy, the guest kept running)" if census.live else ""
+    out.print(f"[bold]{report['source']}[/]: Linux {census.release}{live}")
+    rows = [[c, census.counts[c], human(census.counts[c] * 4096), f"{100 * census.counts[c] / total:.1f} %"]
+            for c in CLASSES]
+    if "zero" in census.counts:
+        rows.append(["(zero content)", census.counts["zero"], human(census.counts["zero"] * 4096), "of allocated"])
+    table(None, ["CLASS", "PAGES", "SIZE", "SHARE"], rows)
+    tm = census.timings
+    parts = [f"bootstrap {tm['bootstrap'] * 1000:.0f} ms", f"scan {tm['scan'] * 1000:.1f} ms"]
+    if "paused" in tm:
+        parts.append(f"guest paused {tm['paused'] * 1000:.0f} ms")
+    out.print("timings: " + ", ".join(parts) + f"; layout facts from {report['layout_facts']}")
+    for w in census.warnings:
+        out.print(f"[yellow]warning:[/] {w}")
+    if "map" in report:
+        out.print(f"map written to {report['map']}")

@@ -1,0 +1,151 @@
+/*
+ * memsnap - print the guest's own memory figures, then hold still.
+ *
+ *   memsnap [--delay MS] [--out PATH] [FILE...]
+ *   (default files: /proc/meminfo /proc/zoneinfo /proc/vmstat; default delay 300 ms)
+ *
+ * Waits --delay first, so the shells that started it have exited. Then reads the files into a buffer that was touched before the first read, writes them to PATH
+ * (default /dev/ttyS0) between "MEMSNAP-BEGIN <n>" and "MEMSNAP-END <n>" lines, then sleeps
+ * in pause() until killed. Staying alive matters: a process that exits right after reading
+ * /proc frees its memory, so the figures would no longer describe the guest the host pauses.
+ * The host waits for the END line, pauses the VM, and compares what it reads in guest memory
+ * with these figures.
+ *
+ *   memsnap --freeze --out PATH [FILE...]
+ *
+ * Exact variant: the output file is filled with zeros (allocated) before the files are read,
+ * the figures are written over it (no new allocation), and memsnap then freezes the whole VM
+ * itself by writing to QEMU's pvpanic port (0x505; QEMU runs with -action panic=pause), so
+ * nothing changes between reading /proc and the pause. After the host resumes the VM, memsnap
+ * exits; the figures are in PATH, padded with NUL bytes.
+ *
+ * Build: gcc -O2 -static -s -Wall -Wextra -o memsnap memsnap.c
+ */
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/io.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define BUF_SIZE (1 << 20)
+#define PVPANIC_PORT 0x505
+#define PVPANIC_PANICKED 1
+
+static char buf[BUF_SIZE];
+
+static size_t append_file(size_t used, const char *path)
+{
+    int fd = open(path, O_RDONLY);
+    ssize_t n;
+
+    if (fd < 0) {
+        fprintf(stderr, "memsnap: cannot open %s\n", path);
+        exit(2);
+    }
+    used += (size_t)snprintf(buf + used, BUF_SIZE - used, "==> %s <==\n", path);
+    while (used < BUF_SIZE - 1 && (n = read(fd, buf + used, BUF_SIZE - 1 - used)) > 0)
+        used += (size_t)n;
+    close(fd);
+    return used;
+}
+
+/* Fold every CPU's pending vmstat deltas into the global counters that /proc/meminfo prints
+ * (vm.stat_refresh); otherwise MemFree lags the free lists by up to the per-cpu thresholds. */
+static void refresh_stats(void)
+{
+    int fd = open("/proc/sys/vm/stat_refresh", O_WRONLY);
+
+    if (fd >= 0) {
+        if (write(fd, "1", 1) < 0)
+            fprintf(stderr, "memsnap: vm.stat_refresh failed\n");
+        close(fd);
+    }
+}
+
+static void write_all(int fd, const char *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t w = write(fd, p, n);
+        if (w <= 0)
+            exit(1);
+        p += w;
+        n -= (size_t)w;
+    }
+}
+
+int main(int argc, char **argv)
+{
+    const char *out = "/dev/ttyS0";
+    const char *defaults[] = { "/proc/meminfo", "/proc/zoneinfo", "/proc/vmstat" };
+    const char **files = defaults;
+    int nfiles = 3, i = 1, fd;
+    size_t used = 0;
+    char line[64];
+    unsigned long tag = (unsigned long)getpid();
+
+    long delay_ms = 300;
+    int freeze = 0;
+
+    while (i < argc && argv[i][0] == '-') {
+        if (i + 1 >= argc && strcmp(argv[i], "--freeze") != 0)
+            break;
+        if (strcmp(argv[i], "--freeze") == 0) {
+            freeze = 1;
+            i += 1;
+            continue;
+        }
+        if (strcmp(argv[i], "--out") == 0) {
+            out = argv[i + 1];
+        } else if (strcmp(argv[i], "--delay") == 0) {
+            delay_ms = strtol(argv[i + 1], NULL, 10);
+        } else {
+            break;
+        }
+        i += 2;
+    }
+    if (i < argc && argv[i][0] == '-') {
+        fprintf(stderr, "usage: memsnap [--freeze] [--delay MS] [--out PATH] [FILE...]\n");
+        return 2;
+    }
+    if (i < argc) {
+        files = (const char **)&argv[i];
+        nfiles = argc - i;
+    }
+    memset(buf, 0, sizeof(buf));
+    mlockall(MCL_CURRENT);
+    usleep((useconds_t)(delay_ms * 1000));
+    fd = open(out, freeze ? O_WRONLY | O_CREAT | O_TRUNC : O_WRONLY | O_NOCTTY, 0644);
+    if (fd < 0) {
+        fprintf(stderr, "memsnap: cannot open %s\n", out);
+        return 2;
+    }
+    if (freeze) {
+        if (ioperm(PVPANIC_PORT, 1, 1) != 0) {
+            fprintf(stderr, "memsnap: no access to the pvpanic port\n");
+            return 2;
+        }
+        write_all(fd, buf, BUF_SIZE / 4);
+        fsync(fd);
+        lseek(fd, 0, SEEK_SET);
+    }
+    refresh_stats();
+    for (int f = 0; f < nfiles; f++)
+        used = append_file(used, files[f]);
+    if (freeze) {
+        if (used > BUF_SIZE / 4)
+            used = BUF_SIZE / 4;
+        write_all(fd, buf, used);
+        outb(PVPANIC_PANICKED, PVPANIC_PORT);
+        return 0;
+    }
+    snprintf(line, sizeof(line), "\nMEMSNAP-BEGIN %lu\n", tag);
+    write_all(fd, line, strlen(line));
+    write_all(fd, buf, used);
+    snprintf(line, sizeof(line), "\nMEMSNAP-END %lu\n", tag);
+    write_all(fd, line, strlen(line));
+    for (;;)
+        pause();
+}
