@@ -71,10 +71,15 @@ def test_busy_guest_matches_its_own_figures(guest):
     try:
         with guest.memory() as mem:
             intro = Introspector(mem)
+            reference = Introspector(mem)
+            reference.scanner.native = None
             for _ in range(3):
                 with FrozenFigures(guest) as snap:
                     census = intro.scan(content=True)
+                    plain = reference.scan()
                 assert_matches_guest(census, snap.figures)
+                assert intro.scanner.native is not None, "the C census loops did not build"
+                assert np.array_equal(census.classes, plain.classes), "C and numpy censuses differ"
                 assert census.counts["anon"] >= (120 << 20) // 4096
                 assert census.counts["zero"] > 0
     finally:

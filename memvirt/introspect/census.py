@@ -16,6 +16,7 @@ on 6.1 and 6.12 guests).
 
 from __future__ import annotations
 
+import ctypes
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from memvirt.errors import BadImage
+from memvirt.introspect import native
 from memvirt.introspect.kernel import KernelView
 from memvirt.introspect.layout import Layout, LayoutMissing
 from memvirt.introspect.mmzone import PcpLayout, Zone, for_each_zone, pcp_lru_offset
@@ -111,6 +113,20 @@ class PageScanner:
         self.runs = self._vmemmap_runs()
         self.block = np.empty((BLOCK_PAGES, self.page_size), dtype=np.uint8)
         self.lru_next = np.zeros(self.max_pfn, dtype=np.uint64)
+        self.native = native.load()
+        if self.native is not None:
+            self._native_layout = self._layout_struct()
+
+    def _layout_struct(self) -> native.LayoutStruct:
+        t = self.types
+        return native.LayoutStruct(
+            stride=self.page_size, off_flags=self.col["flags"] * 8, off_head=self.col["head"] * 8,
+            off_mapping=self.col["mapping"] * 8, off_type=self.type_off, off_private=self.col["private"] * 8,
+            off_lru=self.lru, head_mask=self.head_mask, top_byte=int(t.top_byte), buddy=t.buddy,
+            table=-1 if t.table is None else t.table, slab_type=-1 if t.slab_type is None else t.slab_type,
+            slab_bit=-1 if t.slab_flag is None else t.slab_flag,
+            reserved_bit=-1 if t.reserved_flag is None else t.reserved_flag, max_order=self.orders,
+        )
 
     @staticmethod
     def _head_mask(kv: KernelView, layout: Layout) -> int:
@@ -161,6 +177,24 @@ class PageScanner:
         mem.read_into(pa, blk.reshape(-1))
         return blk
 
+    def _classify_native(self, blk: np.ndarray, p0: int, p1: int, classes: np.ndarray) -> tuple[np.ndarray, ...]:
+        n = p1 - p0
+        blk = np.ascontiguousarray(blk)
+        b_idx, b_priv = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.uint64)
+        t_idx, t_head = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.uint64)
+        nb, nt = ctypes.c_uint64(), ctypes.c_uint64()
+        self.native.classify_block(
+            ctypes.byref(self._native_layout), blk.ctypes.data, n, classes[p0:].ctypes.data,
+            self.lru_next[p0:].ctypes.data, b_idx.ctypes.data, b_priv.ctypes.data, ctypes.byref(nb),
+            t_idx.ctypes.data, t_head.ctypes.data, ctypes.byref(nt),
+        )
+        return b_idx[: nb.value], b_priv[: nb.value], t_idx[: nt.value], t_head[: nt.value]
+
+    def _classify_numpy(self, blk: np.ndarray, p0: int, p1: int, classes: np.ndarray) -> tuple[np.ndarray, ...]:
+        buddy, tails, heads = self._own_classes(blk, classes[p0:p1])
+        self.lru_next[p0:p1] = blk.view(np.uint64)[:, self.lru // 8]
+        return buddy, blk.view(np.uint64)[buddy, self.col["private"]], tails, heads
+
     def _own_classes(self, blk: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Classes of one block of struct pages from their own fields; returns the block-relative
         indices of buddy heads and of tail pages, and the tails' compound_head words."""
@@ -195,14 +229,18 @@ class PageScanner:
         classes = np.full(self.max_pfn, CODE["unbacked"], dtype=np.uint8)
         buddy_pfns, buddy_orders, tail_pfns, tail_heads = [], [], [], []
         mem = self.kv.mem
-        for p0, p1, pa in self._blocks():
-            blk = self._block(mem, p0, p1, pa)
-            buddy, tails, heads = self._own_classes(blk, classes[p0:p1])
+        blocks = list(self._blocks())
+        classify = self._classify_native if self.native is not None else self._classify_numpy
+
+        def one(block: tuple[int, int, int]) -> tuple[np.ndarray, ...]:
+            return classify(self._block(mem, *block), block[0], block[1], classes)
+
+        parts = [one(b) for b in blocks]
+        for (p0, _, _), (buddy, orders, tails, heads) in zip(blocks, parts, strict=True):
             buddy_pfns.append(buddy + p0)
-            buddy_orders.append(blk.view(np.uint64)[buddy, self.col["private"]])
+            buddy_orders.append(orders)
             tail_pfns.append(tails + p0)
             tail_heads.append(heads)
-            self.lru_next[p0:p1] = blk.view(np.uint64)[:, self.lru // 8]
         t["read_classify"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
@@ -217,14 +255,14 @@ class PageScanner:
             classes[tails] = classes[hp]
         self.buddy_heads = np.concatenate(buddy_pfns)
         self.buddy_orders = np.concatenate(buddy_orders).astype(np.int64)
-        free = self._buddy(live, warnings)
+        self._buddy(live, warnings)
         zones = list(for_each_zone(self.kv, self.layout))
         self._check_zones(zones, live, warnings)
-        pcp = self._pcp(zones, live, warnings)
-        classes[pcp] = CODE["free_pcp"]
-        classes[free] = CODE["free"]
+        pcp_heads, pcp_orders = self._pcp(zones, live, warnings)
+        self._mark(classes, pcp_heads, pcp_orders, CODE["free_pcp"])
+        self._mark(classes, self.buddy_heads, self.buddy_orders, CODE["free"])
         t["free_lists"] = time.perf_counter() - t1
-        counts = np.bincount(classes, minlength=len(CLASSES))
+        counts = self._count(classes)
         census = Census(
             release=self.kv.release, classes=classes,
             counts={name: int(counts[i]) for i, name in enumerate(CLASSES)},
@@ -246,14 +284,30 @@ class PageScanner:
             raise BadImage(f"guest kernel structures do not add up: {what}")
         warnings.append(f"live scan raced with the guest: {what}")
 
-    def _buddy(self, live: bool, warnings: list[str]) -> np.ndarray:
+    def _mark(self, classes: np.ndarray, heads: np.ndarray, orders: np.ndarray, code: int) -> None:
+        """Give ``[head, head + 2**order)`` of every block the class ``code``."""
+        if self.native is not None:
+            heads = np.ascontiguousarray(heads, dtype=np.int64)
+            orders = np.ascontiguousarray(orders, dtype=np.int64)
+            self.native.mark_blocks(classes.ctypes.data, len(classes), heads.ctypes.data, orders.ctypes.data,
+                                    len(heads), code)
+        else:
+            classes[_expand(heads, orders, len(classes))] = code
+
+    def _count(self, classes: np.ndarray) -> np.ndarray:
+        if self.native is None:
+            return np.bincount(classes, minlength=len(CLASSES))
+        counts = np.zeros(len(CLASSES), dtype=np.uint64)
+        self.native.count_codes(classes.ctypes.data, len(classes), counts.ctypes.data, len(CLASSES))
+        return counts
+
+    def _buddy(self, live: bool, warnings: list[str]) -> None:
         heads, order = self.buddy_heads, self.buddy_orders
         bad = (order < 0) | (order >= self.orders) | (heads + (1 << np.clip(order, 0, 30)) > self.max_pfn)
         if bad.any():
             self._inconsistent(live, warnings, f"{int(bad.sum())} buddy pages with an order outside 0..{self.orders - 1}")
             heads, order = heads[~bad], order[~bad]
         self.buddy_heads, self.buddy_orders = heads, order
-        return _expand(heads, order, self.max_pfn)
 
     def _check_zones(self, zones: list[Zone], live: bool, warnings: list[str]) -> None:
         """Each zone's free lists (``nr_free``) must count exactly the buddy pages in its span."""
@@ -268,10 +322,13 @@ class PageScanner:
             if z.free_pages > z.managed:
                 self._inconsistent(live, warnings, f"zone {z.key}: {z.free_pages} free pages > {z.managed} managed")
 
-    def _pcp(self, zones: list[Zone], live: bool, warnings: list[str]) -> np.ndarray:
-        """Walk every per-cpu free list, following ``lru.next`` through the page array copy."""
+    def _pcp(self, zones: list[Zone], live: bool, warnings: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Walk every per-cpu free list, following ``lru.next`` through the page array copy.
+        Returns the blocks' first frames and orders."""
         heads: list[int] = []
         orders: list[int] = []
+        found: list[np.ndarray] = []
+        found_orders: list[np.ndarray] = []
         p = self.pcp
         lru_next = self.lru_next
         vbase = self.kv.vmemmap_base
@@ -284,6 +341,15 @@ class PageScanner:
                 for i in range(p.nlists):
                     head_va = va + p.lists + i * p.list_head_size
                     nxt = int(raw[p.lists + i * p.list_head_size :][:8].view("<u8")[0])
+                    if self.native is not None:
+                        pfns = self._walk_native(nxt, head_va, count)
+                        if pfns is None:
+                            self._inconsistent(live, warnings, f"per-cpu list {i} of cpu {cpu} in zone {z.key} is broken")
+                            continue
+                        found.append(pfns)
+                        found_orders.append(np.full(len(pfns), p.orders[i], dtype=np.int64))
+                        seen += len(pfns) << p.orders[i]
+                        continue
                     steps = 0
                     while nxt != head_va:
                         pfn, rem = divmod(nxt - self.lru - vbase, self.page_size)
@@ -297,7 +363,15 @@ class PageScanner:
                         nxt = lru_next.item(pfn)
                 if seen != count:
                     self._inconsistent(live, warnings, f"cpu {cpu} zone {z.key}: pcp count {count}, lists hold {seen}")
-        return _expand(np.array(heads, dtype=np.int64), np.array(orders, dtype=np.int64), self.max_pfn)
+        found.append(np.array(heads, dtype=np.int64))
+        found_orders.append(np.array(orders, dtype=np.int64))
+        return np.concatenate(found), np.concatenate(found_orders)
+
+    def _walk_native(self, first: int, sentinel: int, count: int) -> np.ndarray | None:
+        out = np.empty(max(count, 0) + 1, dtype=np.int64)
+        n = self.native.walk_list(self.lru_next.ctypes.data, self.max_pfn, first, sentinel, self.kv.vmemmap_base,
+                                  self.lru, self.page_size, out.ctypes.data, len(out))
+        return None if n < 0 else out[:n]
 
 
 def _expand(heads: np.ndarray, orders: np.ndarray, n: int) -> np.ndarray:

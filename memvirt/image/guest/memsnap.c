@@ -2,7 +2,7 @@
  * memsnap - print the guest's own memory figures, then hold still.
  *
  *   memsnap [--delay MS] [--out PATH] [FILE...]
- *   (default files: /proc/meminfo /proc/zoneinfo /proc/vmstat; default delay 300 ms)
+ *   (default files: /proc/meminfo /proc/vmstat /proc/zoneinfo; default delay 300 ms)
  *
  * Waits --delay first, so the shells that started it have exited. Then reads the files into a buffer that was touched before the first read, writes them to PATH
  * (default /dev/ttyS0) between "MEMSNAP-BEGIN <n>" and "MEMSNAP-END <n>" lines, then sleeps
@@ -79,7 +79,9 @@ static void write_all(int fd, const char *p, size_t n)
 int main(int argc, char **argv)
 {
     const char *out = "/dev/ttyS0";
-    const char *defaults[] = { "/proc/meminfo", "/proc/zoneinfo", "/proc/vmstat" };
+    /* zoneinfo last: reading a file allocates (seq_file buffers, slab pages from the per-cpu
+     * lists), so the per-cpu counts must be the last figures read before the freeze. */
+    const char *defaults[] = { "/proc/meminfo", "/proc/vmstat", "/proc/zoneinfo" };
     const char **files = defaults;
     int nfiles = 3, i = 1, fd;
     size_t used = 0;
@@ -131,9 +133,13 @@ int main(int argc, char **argv)
         fsync(fd);
         lseek(fd, 0, SEEK_SET);
     }
-    refresh_stats();
-    for (int f = 0; f < nfiles; f++)
-        used = append_file(used, files[f]);
+    /* A first pass warms the slab caches the reads allocate from; the second pass is kept. */
+    for (int pass = 0; pass < 2; pass++) {
+        used = 0;
+        refresh_stats();
+        for (int f = 0; f < nfiles; f++)
+            used = append_file(used, files[f]);
+    }
     if (freeze) {
         if (used > BUF_SIZE / 4)
             used = BUF_SIZE / 4;

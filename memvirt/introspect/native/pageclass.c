@@ -1,0 +1,134 @@
+/*
+ * The inner loops of memvirt's page census, for when numpy's many passes over a strided
+ * struct page array are too slow (a 4 GiB guest has a million struct pages; the census must
+ * take milliseconds). Each function does one pass; the Python side (census.py) keeps the
+ * logic's description and a numpy version of each, and tests check both agree.
+ *
+ * Built by memvirt.introspect.native with: gcc -O2 -shared -fPIC
+ */
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Class codes, as memvirt.introspect.census.CLASSES orders them. */
+enum { UNBACKED, RESERVED, FREE, FREE_PCP, PAGE_CACHE, ANON, SLAB, PAGE_TABLE, KERNEL };
+
+struct layout {
+    uint64_t stride;        /* sizeof(struct page) */
+    uint64_t off_flags, off_head, off_mapping, off_type, off_private, off_lru;
+    uint64_t head_mask;     /* PG_head as a mask */
+    int64_t top_byte;       /* 1: page type in the top byte (6.12+), 0: a cleared bit (4.18..6.11) */
+    uint64_t buddy;         /* type value that means buddy (byte or full word) */
+    int64_t table;          /* type value for page tables, -1 if unknown */
+    int64_t slab_type;      /* type value for slab, -1 if slab is a flag */
+    int64_t slab_bit;       /* PG_slab bit, -1 if slab is a type */
+    int64_t reserved_bit;   /* PG_reserved bit, -1 if unknown */
+    uint64_t max_order;     /* buddy orders are below this (the length of zone.free_area) */
+};
+
+static inline uint64_t rd64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static inline uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+
+static inline int is_type(const struct layout *l, uint32_t t, uint64_t value)
+{
+    return l->top_byte ? (t >> 24) == value : t == value;
+}
+
+/*
+ * Classify n struct pages from their own fields (tails are fixed up by the caller). Returns the
+ * number of buddy heads written to buddy_idx/buddy_private and tails to tail_idx/tail_head.
+ * The struct pages inside a free buddy block describe nothing the census needs, so the loop
+ * jumps over them: an idle guest's census reads a small part of its struct page array.
+ */
+void classify_block(const struct layout *l, const uint8_t *pages, uint64_t n, uint8_t *classes,
+                    uint64_t *lru_next, int64_t *buddy_idx, uint64_t *buddy_private, uint64_t *nbuddy,
+                    int64_t *tail_idx, uint64_t *tail_head, uint64_t *ntail)
+{
+    uint64_t nb = 0, nt = 0;
+
+    for (uint64_t i = 0; i < n; i++) {
+        const uint8_t *p = pages + i * l->stride;
+        uint64_t flags = rd64(p + l->off_flags);
+        uint64_t head = rd64(p + l->off_head);
+        uint64_t mapping = rd64(p + l->off_mapping);
+        uint32_t type = rd32(p + l->off_type);
+        uint8_t c = KERNEL;
+
+        if (mapping != 0 && (mapping & 3) == 0)
+            c = PAGE_CACHE;
+        if (mapping & 1)
+            c = ANON;
+        if ((flags & l->head_mask) && mapping == 0)
+            c = SLAB;
+        if (l->table >= 0 && is_type(l, type, (uint64_t)l->table))
+            c = PAGE_TABLE;
+        if ((l->slab_type >= 0 && is_type(l, type, (uint64_t)l->slab_type)) ||
+            (l->slab_bit >= 0 && ((flags >> l->slab_bit) & 1)))
+            c = SLAB;
+        if (l->reserved_bit >= 0 && ((flags >> l->reserved_bit) & 1))
+            c = RESERVED;
+        classes[i] = c;
+        lru_next[i] = rd64(p + l->off_lru);
+        if (is_type(l, type, l->buddy)) {
+            uint64_t order = rd64(p + l->off_private);
+            buddy_idx[nb] = (int64_t)i;
+            buddy_private[nb++] = order;
+            if (order > 0 && order < l->max_order) {
+                uint64_t end = i + ((uint64_t)1 << order);
+                if (end > n)
+                    end = n;
+                memset(classes + i, FREE, end - i);
+                memset(lru_next + i + 1, 0, (end - i - 1) * sizeof(*lru_next));
+                i = end - 1;
+                continue;
+            }
+        }
+        if (head & 1) {
+            tail_idx[nt] = (int64_t)i;
+            tail_head[nt++] = head;
+        }
+    }
+    *nbuddy = nb;
+    *ntail = nt;
+}
+
+/* classes[start[k] .. start[k] + (1 << order[k])) = code, clipped to n. */
+void mark_blocks(uint8_t *classes, uint64_t n, const int64_t *start, const int64_t *order, uint64_t count,
+                 uint8_t code)
+{
+    for (uint64_t k = 0; k < count; k++) {
+        uint64_t s = (uint64_t)start[k], e = s + ((uint64_t)1 << order[k]);
+        if (s >= n)
+            continue;
+        memset(classes + s, code, (e > n ? n : e) - s);
+    }
+}
+
+/* Histogram of class codes. */
+void count_codes(const uint8_t *classes, uint64_t n, uint64_t *counts, uint64_t ncodes)
+{
+    memset(counts, 0, ncodes * sizeof(*counts));
+    for (uint64_t i = 0; i < n; i++)
+        if (classes[i] < ncodes)
+            counts[classes[i]]++;
+}
+
+/*
+ * Follow a list_head chain through struct pages: start at `first` (the list head's next),
+ * stop at `sentinel` (the list head's own address). Writes page frame numbers; returns how many,
+ * or -1 if a link leaves the array or the list is longer than max_out (a broken list).
+ */
+int64_t walk_list(const uint64_t *lru_next, uint64_t npfn, uint64_t first, uint64_t sentinel,
+                  uint64_t vmemmap, uint64_t lru_off, uint64_t stride, int64_t *out, uint64_t max_out)
+{
+    uint64_t k = 0, node = first;
+
+    while (node != sentinel) {
+        uint64_t rel = node - lru_off - vmemmap;
+        if (node < vmemmap + lru_off || rel % stride || rel / stride >= npfn || k >= max_out)
+            return -1;
+        out[k++] = (int64_t)(rel / stride);
+        node = lru_next[rel / stride];
+    }
+    return (int64_t)k;
+}
