@@ -49,7 +49,7 @@ def assert_matches_guest(census, figs: GuestFigures) -> None:
 def _census_all_layouts(vm):
     """Every layout source must give the same per-page answer, and the guest's own figures."""
     with vm.memory() as mem:
-        intros = {choice: Introspector(mem, layouts=choice) for choice in CHOICES}
+        intros = {choice: Introspector(mem, layouts=choice, cache=False) for choice in CHOICES}
         with FrozenFigures(vm) as snap:
             results = {choice: intro.scan() for choice, intro in intros.items()}
     first = results["auto"]
@@ -100,6 +100,23 @@ def test_anonymous_ram_and_dumps_agree(anon_guest, tmp_path):
             census = Introspector(mem).scan()
         assert np.array_equal(census.classes[:n], live.classes), path.name
         path.unlink()
+
+
+def test_build_id_cache_skips_decoding(guest):
+    """A second bootstrap of the same kernel build loads the facts a first census used: no
+    kallsyms or BTF decoding, the same answer."""
+    with guest.memory() as mem:
+        with FrozenFigures(guest) as snap:
+            fresh = Introspector(mem, cache=False)
+            first = Introspector(mem)
+            census_first = first.scan()
+            again = Introspector(mem)
+            census_again = again.scan()
+            reference = fresh.scan()
+    assert again.cached and "kallsyms" not in again.kernel.timings and again.kernel.btf is None
+    assert np.array_equal(census_again.classes, reference.classes)
+    assert np.array_equal(census_first.classes, reference.classes)
+    assert_matches_guest(census_again, snap.figures)
 
 
 def test_live_scan_says_it_is_racy(guest):

@@ -77,7 +77,7 @@ def _inspect(vm: VM, map_path: Path) -> dict[str, object]:
         "kernel": census.release, "regions": [{"gpa": r.gpa, "size": r.size} for r in vm.regions],
         "pages": census.counts, "guest_says": guest, "map": str(map_path),
         "bootstrap_ms": round(census.timings["bootstrap"] * 1000, 1), "scan_ms": round(census.timings["scan"] * 1000, 1),
-        "layout_facts": intro.layout.summary(),
+        "layout_facts": intro.layout_sources(),
     }
 
 

@@ -96,7 +96,7 @@ def inspect(
             census.timings["paused"] = float(state["pause_seconds"])
     report = census.to_json()
     report["source"] = mem.describe()
-    report["layout_facts"] = intro.layout.summary()
+    report["layout_facts"] = intro.layout_sources()
     if map_ is not None:
         from memvirt.introspect.plot import draw_map
 

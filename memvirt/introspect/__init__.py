@@ -10,27 +10,68 @@ from __future__ import annotations
 
 import time
 
+from memvirt.introspect import buildcache
 from memvirt.introspect.census import CLASSES, CODE, Census, PageScanner
 from memvirt.introspect.kernel import KernelView
-from memvirt.introspect.sources import CHOICES, choose_layout
+from memvirt.introspect.layout import LayoutMissing
+from memvirt.introspect.sources import CHOICES, TrackedLayout, choose_layout
 from memvirt.memory.source import GuestMemory
 
 __all__ = ["CHOICES", "CLASSES", "CODE", "Census", "Introspector"]
 
 
 class Introspector:
-    """Bootstraps once from a memory source, then classifies every page on each :meth:`scan`."""
+    """Bootstraps once from a memory source, then classifies every page on each :meth:`scan`.
 
-    def __init__(self, mem: GuestMemory, layouts: str = "auto", hint_gpa: int | None = None):
+    With ``cache`` (the default) a kernel build already seen bootstraps from the build-id cache
+    (:mod:`memvirt.introspect.buildcache`) without decoding kallsyms or BTF.
+    """
+
+    def __init__(self, mem: GuestMemory, layouts: str = "auto", hint_gpa: int | None = None, cache: bool = True):
         t0 = time.perf_counter()
-        self.kernel = KernelView.open(mem, hint_gpa=hint_gpa)
-        self.layout = choose_layout(self.kernel, layouts)
-        self.scanner = PageScanner(self.kernel, self.layout)
+        self.layouts = layouts
+        self.cached = False
+        self._to_store: buildcache.RecordingSymbols | None = None
+        if cache:
+            hit: dict[str, object] = {}
+
+            def from_cache(info):  # noqa: ANN001, ANN202
+                found = buildcache.load(info, layouts)
+                if found is not None:
+                    hit["layout"] = found[1]
+                    return found[0]
+                return None
+
+            self.kernel = KernelView.open(mem, hint_gpa=hint_gpa, cached_symbols=from_cache)
+            if "layout" in hit:
+                try:
+                    self.layout = TrackedLayout(hit["layout"])
+                    self.scanner = PageScanner(self.kernel, self.layout)
+                    self.cached = True
+                except LayoutMissing:
+                    self.kernel = KernelView.open(mem, hint_gpa=hint_gpa)
+        else:
+            self.kernel = KernelView.open(mem, hint_gpa=hint_gpa)
+        if not self.cached:
+            if cache and self.kernel.symbols is not None:
+                self._to_store = buildcache.RecordingSymbols(self.kernel.symbols)
+                self.kernel.symbols = self._to_store
+            self.layout = choose_layout(self.kernel, layouts)
+            self.scanner = PageScanner(self.kernel, self.layout)
         self.bootstrap_seconds = time.perf_counter() - t0
 
     @property
     def release(self) -> str:
         return self.kernel.release
+
+    def layout_sources(self) -> dict[str, int]:
+        """How many layout facts each source gave (``cache`` means: as a previous census found)."""
+        if self.cached:
+            counts: dict[str, int] = {}
+            for src in self.layout.layouts[0].sources.values():
+                counts[src] = counts.get(src, 0) + 1
+            return {f"{k} (cached)": v for k, v in counts.items()}
+        return self.layout.summary()
 
     def scan(self, live: bool = False, content: bool = False) -> Census:
         """Classify every page frame. ``live`` for a running guest (racy: problems become
@@ -39,4 +80,8 @@ class Introspector:
             self.kernel.flush()
         census = self.scanner.scan(live=live, content=content)
         census.timings["bootstrap"] = self.bootstrap_seconds
+        if self._to_store is not None:
+            buildcache.store(self.kernel.vmcoreinfo, self.layouts, self._to_store, dict(self.layout.values),
+                             dict(self.layout.provenance))
+            self._to_store = None
         return census

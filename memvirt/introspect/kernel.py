@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -51,9 +51,14 @@ class KernelView:
     notes: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, mem: GuestMemory, hint_gpa: int | None = None, load_btf: bool = True) -> KernelView:
+    def open(
+        cls, mem: GuestMemory, hint_gpa: int | None = None, load_btf: bool = True,
+        cached_symbols: Callable[[Vmcoreinfo], Any] | None = None,
+    ) -> KernelView:
         """Bootstrap from ``mem``; ``hint_gpa`` is a cached VMCOREINFO location to try first.
 
+        ``cached_symbols(vmcoreinfo)`` may return the symbols a previous bootstrap of the same
+        kernel build used (relocated for this boot); then kallsyms and BTF are not decoded.
         ``timings`` records seconds per step; ``notes`` says where each fact came from.
         """
         timings: dict[str, float] = {}
@@ -69,7 +74,12 @@ class KernelView:
 
         info, pt = _first_consistent_note(mem, hint_gpa, timings)
         notes["vmcoreinfo"] = f"note at GPA {info.gpa:#x}" if info.gpa is not None else "carried by the dump"
-        symbols = step("kallsyms", lambda: _kallsyms(pt, info, notes))
+        symbols = cached_symbols(info) if cached_symbols is not None else None
+        if symbols is not None:
+            notes["kallsyms"] = f"{len(symbols)} symbols from the build-id cache"
+            load_btf = False
+        else:
+            symbols = step("kallsyms", lambda: _kallsyms(pt, info, notes))
         view = cls(mem, info, pt, symbols, 0, 0, None, timings, notes)
         view.page_offset_base = step("direct_map", view._find_page_offset_base)
         view.vmemmap_base = step("vmemmap", view._find_vmemmap_base)

@@ -60,6 +60,7 @@ class TrackedLayout:
         self.layouts = layouts
         self.source = "+".join(x.source for x in layouts)
         self.provenance: dict[str, str] = {}
+        self.values: dict[str, int] = {}
 
     def _first(self, fact: str, method: str, *args: str) -> int:
         errors = []
@@ -73,6 +74,7 @@ class TrackedLayout:
                 errors.append(str(e))
                 continue
             self.provenance[fact] = layout.source
+            self.values[fact] = value
             return value
         raise LayoutMissing(f"no layout source knows {fact}: " + "; ".join(errors))
 
