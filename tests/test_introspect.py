@@ -33,9 +33,18 @@ def _start_toucher(vm, args: str = TOUCHER) -> None:
 
 
 def assert_matches_guest(census, figs: GuestFigures) -> None:
-    """The issue's bar: free exact, per-cpu free exact, page cache / anon / slab within 2 %."""
+    """The issue's bar: free exact, per-cpu free exact, page cache / anon / slab within 2 %.
+
+    ``free`` must equal the guest's per-zone ``nr_free_pages`` (zoneinfo) and its MemFree.
+    MemFree is a separate global counter that an rt kernel was seen to leave 16 pages apart
+    from its own zone counters right after boot; where the guest's two figures disagree, the
+    census must match the zone counters, which describe the free lists.
+    """
     c = census.counts
-    assert c["free"] == figs.pages("MemFree"), (c, figs.meminfo_kb)
+    zone_free = sum(figs.zone_free.values())
+    assert c["free"] == zone_free, (c, figs.zone_free)
+    if figs.pages("MemFree") == zone_free:
+        assert c["free"] == figs.pages("MemFree"), (c, figs.meminfo_kb)
     assert c["free_pcp"] == figs.pcp_total, (c["free_pcp"], figs.zone_pcp)
     file_pages = figs.pages("Cached") + figs.pages("Buffers") + figs.pages("SwapCached")
     for ours, theirs in ((c["page_cache"], file_pages), (c["anon"], figs.pages("AnonPages")),

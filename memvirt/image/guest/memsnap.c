@@ -36,7 +36,12 @@
 
 static char buf[BUF_SIZE];
 
-static size_t append_file(size_t used, const char *path)
+static int open_fds[16];
+static int nopen;
+
+/* Append a file to buf. With keep_open the file stays open: closing a /proc file frees its
+ * seq_file buffer, and pages freed then would change the per-cpu counts just read. */
+static size_t append_file(size_t used, const char *path, int keep_open)
 {
     int fd = open(path, O_RDONLY);
     ssize_t n;
@@ -48,7 +53,10 @@ static size_t append_file(size_t used, const char *path)
     used += (size_t)snprintf(buf + used, BUF_SIZE - used, "==> %s <==\n", path);
     while (used < BUF_SIZE - 1 && (n = read(fd, buf + used, BUF_SIZE - 1 - used)) > 0)
         used += (size_t)n;
-    close(fd);
+    if (keep_open && nopen < (int)(sizeof(open_fds) / sizeof(open_fds[0])))
+        open_fds[nopen++] = fd;
+    else
+        close(fd);
     return used;
 }
 
@@ -138,7 +146,7 @@ int main(int argc, char **argv)
         used = 0;
         refresh_stats();
         for (int f = 0; f < nfiles; f++)
-            used = append_file(used, files[f]);
+            used = append_file(used, files[f], freeze && pass == 1);
     }
     if (freeze) {
         if (used > BUF_SIZE / 4)
