@@ -184,7 +184,7 @@ class PageScanner:
         t_idx, t_head = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.uint64)
         nb, nt = ctypes.c_uint64(), ctypes.c_uint64()
         self.native.classify_block(
-            ctypes.byref(self._native_layout), blk.ctypes.data, n, classes[p0:].ctypes.data,
+            ctypes.byref(self._native_layout), blk.ctypes.data, n, classes.ctypes.data, p0, self.kv.vmemmap_base,
             self.lru_next[p0:].ctypes.data, b_idx.ctypes.data, b_priv.ctypes.data, ctypes.byref(nb),
             t_idx.ctypes.data, t_head.ctypes.data, ctypes.byref(nt),
         )
@@ -248,9 +248,9 @@ class PageScanner:
         if len(tails):
             hp = (np.concatenate(tail_heads) - np.uint64(1) - np.uint64(self.kv.vmemmap_base)).astype(np.int64)
             hp //= self.page_size
-            ok = (hp >= 0) & (hp < self.max_pfn)
+            ok = (hp >= 0) & (hp < tails)
             if not ok.all():
-                self._inconsistent(live, warnings, f"{int((~ok).sum())} tail pages point outside the page array")
+                self._inconsistent(live, warnings, f"{int((~ok).sum())} tail pages do not point at a head before them")
                 tails, hp = tails[ok], hp[ok]
             classes[tails] = classes[hp]
         self.buddy_heads = np.concatenate(buddy_pfns)

@@ -55,7 +55,7 @@ def load() -> ctypes.CDLL | None:
             os.replace(out, lib)
     dll = ctypes.CDLL(str(lib))
     p, u64 = ctypes.c_void_p, ctypes.c_uint64
-    dll.classify_block.argtypes = [ctypes.POINTER(LayoutStruct), p, u64, p, p, p, p, p, p, p, p]
+    dll.classify_block.argtypes = [ctypes.POINTER(LayoutStruct), p, u64, p, u64, u64, p, p, p, p, p, p, p]
     dll.classify_block.restype = None
     dll.mark_blocks.argtypes = [p, u64, p, p, u64, ctypes.c_uint8]
     dll.mark_blocks.restype = None

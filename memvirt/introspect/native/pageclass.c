@@ -35,16 +35,19 @@ static inline int is_type(const struct layout *l, uint32_t t, uint64_t value)
 }
 
 /*
- * Classify n struct pages from their own fields (tails are fixed up by the caller). Returns the
- * number of buddy heads written to buddy_idx/buddy_private and tails to tail_idx/tail_head.
+ * Classify the n struct pages of frames first_pfn.. (all_classes is indexed by frame number).
+ * Returns the buddy heads in buddy_idx/buddy_private, and in tail_idx/tail_head the tail pages
+ * whose compound_head does not point at a lower frame's struct page (inconsistent).
  * The struct pages inside a free buddy block describe nothing the census needs, so the loop
  * jumps over them: an idle guest's census reads a small part of its struct page array.
  */
-void classify_block(const struct layout *l, const uint8_t *pages, uint64_t n, uint8_t *classes,
-                    uint64_t *lru_next, int64_t *buddy_idx, uint64_t *buddy_private, uint64_t *nbuddy,
-                    int64_t *tail_idx, uint64_t *tail_head, uint64_t *ntail)
+void classify_block(const struct layout *l, const uint8_t *pages, uint64_t n, uint8_t *all_classes,
+                    uint64_t first_pfn, uint64_t vmemmap, uint64_t *lru_next, int64_t *buddy_idx,
+                    uint64_t *buddy_private, uint64_t *nbuddy, int64_t *tail_idx, uint64_t *tail_head,
+                    uint64_t *ntail)
 {
     uint64_t nb = 0, nt = 0;
+    uint8_t *classes = all_classes + first_pfn;
 
     for (uint64_t i = 0; i < n; i++) {
         const uint8_t *p = pages + i * l->stride;
@@ -84,8 +87,14 @@ void classify_block(const struct layout *l, const uint8_t *pages, uint64_t n, ui
             }
         }
         if (head & 1) {
-            tail_idx[nt] = (int64_t)i;
-            tail_head[nt++] = head;
+            /* A tail takes its head's class; the head sits at a lower frame, so it is done. */
+            uint64_t rel = head - 1 - vmemmap, hp = rel / l->stride;
+            if (head - 1 >= vmemmap && rel % l->stride == 0 && hp < first_pfn + i) {
+                classes[i] = all_classes[hp];
+            } else {
+                tail_idx[nt] = (int64_t)i;
+                tail_head[nt++] = head;
+            }
         }
     }
     *nbuddy = nb;
@@ -104,13 +113,22 @@ void mark_blocks(uint8_t *classes, uint64_t n, const int64_t *start, const int64
     }
 }
 
-/* Histogram of class codes. */
+/* Histogram of class codes; four interleaved tables keep the increments independent. */
 void count_codes(const uint8_t *classes, uint64_t n, uint64_t *counts, uint64_t ncodes)
 {
-    memset(counts, 0, ncodes * sizeof(*counts));
-    for (uint64_t i = 0; i < n; i++)
-        if (classes[i] < ncodes)
-            counts[classes[i]]++;
+    uint64_t h[4][256] = { { 0 } };
+    uint64_t i = 0;
+
+    for (; i + 4 <= n; i += 4) {
+        h[0][classes[i]]++;
+        h[1][classes[i + 1]]++;
+        h[2][classes[i + 2]]++;
+        h[3][classes[i + 3]]++;
+    }
+    for (; i < n; i++)
+        h[0][classes[i]]++;
+    for (uint64_t c = 0; c < ncodes; c++)
+        counts[c] = h[0][c] + h[1][c] + h[2][c] + h[3][c];
 }
 
 /*
