@@ -25,7 +25,7 @@ from memvirt.qemu.vm import VM, start_vm  # noqa: E402
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     for vm in VM.all():
-        vm.stop()
+        vm.stop(force=True)
     shutil.rmtree(_STATE, ignore_errors=True)
     shutil.rmtree(_RAM, ignore_errors=True)
 

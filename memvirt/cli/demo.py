@@ -1,17 +1,22 @@
 """``memvirt demo``: the main job on the built-in default guest, start to finish.
 
-Boots the default guest, starts a memory workload in it, shows its memory map, then inspects it
-from the host (no agent, no debug symbols) beside the guest's own figures, and stops it.
+Boots the default guest, starts a memory workload in it, shows its memory map, inspects it from
+the host (no agent, no debug symbols) beside the guest's own figures, gives its free pages back
+to the host, clones it lazily (copy-on-write), live-migrates it (memvirt beside QEMU's own
+precopy), and stops it.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from memvirt.cli.dedup import demo_reclaim, print_demo_reclaim
+from memvirt.cli.migrate import demo_migration, print_demo_migration
 from memvirt.cli.output import emit_json, human, out, spinner, table
 from memvirt.image.build import find_image
 from memvirt.introspect import CLASSES, Introspector
@@ -29,7 +34,7 @@ def demo(
     map_: Annotated[Path, typer.Option("--map", help="Where to draw the guest's memory map.")] = Path("memvirt-demo-map.png"),
     json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Boot the default guest, inspect its memory from the host beside its own figures, stop it."""
+    """Boot the default guest; inspect, reclaim, clone and live-migrate it from the host; stop it."""
     report: dict[str, object] = {}
     t0 = time.monotonic()
     with spinner("building the default image (the first run downloads a Debian kernel)"):
@@ -42,6 +47,12 @@ def demo(
         with spinner(f"starting a workload: {WORKLOAD}"):
             _start_workload(vm)
         report["inspection"] = _inspect(vm, map_)
+        with spinner("reclaiming the guest's free pages (no guest driver)"):
+            report["reclaim"] = demo_reclaim(vm)
+        with spinner(f"cloning {name} lazily (its RAM shared copy-on-write)"):
+            report["clone"] = _clone(name)
+        with spinner("live-migrating the guest: memvirt, then QEMU's precopy"):
+            report["migration"] = demo_migration(name)
     finally:
         vm.stop()
     if json_:
@@ -56,6 +67,27 @@ def _start_workload(vm: VM) -> None:
         if "memtouch ready" in vm.exec("cat /tmp/memtouch.log").text:
             return
         time.sleep(0.2)
+
+
+def _clone(name: str) -> dict[str, object]:
+    """Freeze the guest as a template and start a lazy clone that runs on from the guest's state;
+    then stop the clone and let the guest run again."""
+    from memvirt.clone import clone
+    from memvirt.clone.memory import mapping_usage
+
+    c = clone(name, count=1, prefix=f"{name}-clone").clones[0]
+    cl = VM.load(c.name)
+    try:
+        usage = mapping_usage(cl.config.pid, cl.config.backing, cl.config.memory)
+        return {
+            "name": c.name, "running_ms": round(c.seconds * 1000), "qemu_start_ms": round(c.qemu_seconds * 1000),
+            "guest_answers_ms": round((c.guest_seconds or 0) * 1000), "hostname": cl.exec("hostname").text.strip(),
+            "workload_runs_on": cl.exec("pidof memtouch").rc == 0, "private_bytes": usage["private"],
+            "template_ram_bytes": os.stat(cl.config.backing).st_blocks * 512, "memory": cl.config.memory,
+        }
+    finally:
+        cl.stop()
+        VM.load(name).resume()
 
 
 def _inspect(vm: VM, map_path: Path) -> dict[str, object]:
@@ -93,3 +125,10 @@ def _print(name: str, report: dict) -> None:
           ["CLASS", "PAGES", "SIZE", "GUEST'S OWN FIGURE (pages)"], rows)
     out.print(f"bootstrap {ins['bootstrap_ms']} ms, scan {ins['scan_ms']} ms; "
               f"layout facts from {ins['layout_facts']}; map: {ins['map']}")
+    print_demo_reclaim(report["reclaim"])
+    c = report["clone"]
+    out.print(f"[bold]Clone[/] {c['name']} (hostname {c['hostname']}): running {c['running_ms']} ms after the request "
+              f"(QEMU's own start {c['qemu_start_ms']} ms), guest answered at {c['guest_answers_ms']} ms; workload "
+              f"{'runs on' if c['workload_runs_on'] else 'NOT running'}; private RAM {human(c['private_bytes'])} of "
+              f"{human(c['memory'])}, the rest shared copy-on-write with {name}'s {human(c['template_ram_bytes'])} RAM file")
+    print_demo_migration(report["migration"])

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from memvirt import __version__
-from memvirt.cli import image, mem, vm
+from memvirt.cli import dedup, image, mem, migrate, vm
+from memvirt.cli.clone import clone
 from memvirt.cli.demo import demo
 from memvirt.cli.inspect import inspect
 from memvirt.cli.output import err
@@ -25,6 +26,12 @@ app.add_typer(image.app, name="image")
 app.add_typer(vm.app, name="vm")
 app.add_typer(mem.app, name="mem")
 app.command("inspect")(inspect)
+app.command("clone")(clone)
+app.command("reclaim")(dedup.reclaim)
+app.add_typer(dedup.app, name="dedup")
+app.add_typer(dedup.ksm_app, name="ksm")
+app.command("migrate")(migrate.migrate)
+app.command("receive")(migrate.receive)
 app.command("demo")(demo)
 
 

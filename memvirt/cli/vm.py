@@ -29,7 +29,18 @@ def vm_info(vm: VM) -> dict[str, object]:
         "ram": c.ram, "ram_path": c.ram_path or None, "accel": c.accel, "kernel": c.kernel_release,
         "image": c.image, "uptime": round(time.time() - c.started, 1),
         "regions": c.regions, "serial_log": str(vm.serial_log), "qmp": str(vm.qmp_path),
+        "role": c.role or ("clone" if c.clone_of else ""), "clone_of": c.clone_of or None,
+        "lazy": c.ram == "cow" if c.clone_of else None, "clones": [v.name for v in vm.lazy_clones()] if vm.is_template else [],
     }
+
+
+def role_text(info: dict[str, object]) -> str:
+    """``template (N lazy clones)``, ``lazy clone of T``, ``eager clone of T`` or empty."""
+    if info["role"] == "template":
+        return f"template ({len(info['clones'])} lazy clones)"
+    if info["clone_of"]:
+        return f"{'lazy' if info['lazy'] else 'eager'} clone of {info['clone_of']}"
+    return ""
 
 
 @app.command("start")
@@ -74,8 +85,11 @@ def list_(json_: JsonOpt = False) -> None:
         emit_json(infos)
         return
     table(
-        None, ["NAME", "STATUS", "PID", "MEMORY", "RAM", "ACCEL", "KERNEL"],
-        [[i["name"], i["status"], i["pid"], human(i["memory"]), i["ram"], i["accel"], i["kernel"]] for i in infos],
+        None, ["NAME", "STATUS", "PID", "MEMORY", "RAM", "ACCEL", "KERNEL", "ROLE"],
+        [
+            [i["name"], i["status"], i["pid"], human(i["memory"]), i["ram"], i["accel"], i["kernel"], role_text(i)]
+            for i in infos
+        ],
     )
 
 
@@ -129,10 +143,13 @@ def pause(name: NameArg) -> None:
     VM.load(name).pause()
 
 
+ForceOpt = Annotated[bool, typer.Option("--force", help="Also a template whose RAM lazy clones still map.")]
+
+
 @app.command("resume")
-def resume(name: NameArg) -> None:
-    """Let a paused guest run again."""
-    VM.load(name).resume()
+def resume(name: NameArg, force: ForceOpt = False) -> None:
+    """Let a paused guest run again (a template becomes an ordinary VM; refused while its lazy clones run)."""
+    VM.load(name).resume(force=force)
 
 
 @app.command("dump")
@@ -155,6 +172,7 @@ def dump(
 
 
 @app.command("stop")
-def stop(name: NameArg) -> None:
-    """Stop the guest and remove its state and RAM file (also cleans up a dead VM)."""
-    VM.load(name).stop()
+def stop(name: NameArg, force: ForceOpt = False) -> None:
+    """Stop the guest and remove its state and RAM file (also cleans up a dead VM; refused for a template
+    while its lazy clones run)."""
+    VM.load(name).stop(force=force)

@@ -3,6 +3,9 @@
 Each VM has a state folder ``state_home()/vms/<name>`` (``vm.json``, QMP and command-channel
 sockets, serial log); its shared RAM file lives in :func:`memvirt.paths.ram_dir`. Any later
 command finds the VM by name. A VM whose QEMU died is reported ``dead``, never ``running``.
+
+A VM frozen as a *template* (see :mod:`memvirt.clone`) backs its lazy clones' RAM: they map its
+RAM file copy-on-write (RAM mode ``cow``), so it must not run, and is not stopped, while they live.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memvirt.errors import NotFound, UsageError, VMError
+from memvirt.errors import MemvirtError, NotFound, UsageError, VMError
 from memvirt.image.build import Image
 from memvirt.memory import rammap
 from memvirt.memory.source import GuestMemory, Region
@@ -29,13 +32,20 @@ from memvirt.qemu.monitor import Monitor
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RAM_MODES = ("shared", "anonymous")
+TEMPLATE = "template"
+TEMPLATE_STATE = "template.state"
 BOOT_TIMEOUT = 180.0
 DUMP_FORMATS = ("elf", "kdump-zlib", "raw")
 
 
 @dataclass
 class VMConfig:
-    """What a VM was started with; stored as ``vm.json``."""
+    """What a VM was started with; stored as ``vm.json``.
+
+    ``role`` is ``template`` while the VM is frozen to back clones; ``clone_of`` names the template
+    a clone came from; a lazy clone (``ram="cow"``) maps ``backing``, its template's RAM file,
+    copy-on-write and has no RAM file of its own.
+    """
 
     name: str
     memory: int
@@ -50,6 +60,9 @@ class VMConfig:
     regions: list[dict[str, int]] = field(default_factory=list)
     started: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    role: str = ""
+    clone_of: str = ""
+    backing: str = ""
 
 
 def vms_root() -> Path:
@@ -118,6 +131,33 @@ class VM:
     def all(cls) -> list[VM]:
         return [cls.load(p.name) for p in sorted(vms_root().iterdir()) if (p / "vm.json").exists()]
 
+    @property
+    def is_template(self) -> bool:
+        return self.config.role == TEMPLATE
+
+    def lazy_clones(self) -> list[VM]:
+        """Live clones whose RAM maps this VM's RAM file copy-on-write."""
+        clones = []
+        for d in sorted(vms_root().iterdir()):
+            try:
+                v = VM.load(d.name) if d.name != self.name and (d / "vm.json").exists() else None
+            except MemvirtError:
+                continue
+            if v and v.config.clone_of == self.name and v.config.ram == "cow" and v.alive():
+                clones.append(v)
+        return clones
+
+    def _refuse_if_backing(self, action: str, force: bool) -> None:
+        if force:
+            return
+        clones = self.lazy_clones()
+        if clones:
+            names = ", ".join(v.name for v in clones[:5]) + (", ..." if len(clones) > 5 else "")
+            raise UsageError(
+                f"VM {self.name!r} is the template of {len(clones)} running lazy clone(s) ({names}); "
+                f"{action} would {'corrupt' if action == 'resuming it' else 'orphan'} them: stop them first or use --force"
+            )
+
     def save(self) -> None:
         tmp = self.dir / "vm.json.tmp"
         tmp.write_text(json.dumps(asdict(self.config), indent=2))
@@ -148,6 +188,8 @@ class VM:
     def exec(self, script: str, timeout: float = 60.0) -> Result:
         """Run a shell script in the guest."""
         self.require_alive()
+        if self.is_template:
+            raise UsageError(f"VM {self.name!r} is a frozen template (its CPUs are stopped): run commands in a clone")
         return self.channel.run(script, timeout)
 
     def exec_background(self, script: str, log: str) -> int:
@@ -160,9 +202,25 @@ class VM:
         with self.monitor() as mon:
             mon.command("stop")
 
-    def resume(self) -> None:
+    def resume(self, force: bool = False) -> None:
+        """Continue the guest; a template becomes an ordinary VM again (refused while clones use its RAM)."""
+        self._refuse_if_backing("resuming it", force)
         with self.monitor() as mon:
             mon.command("cont")
+        if self.is_template:
+            self.drop_template()
+
+    def drop_template(self) -> None:
+        """Forget that this VM is a template: its RAM file writable again, its saved state gone, and
+        QEMU's migration sending RAM again (freezing left ``x-ignore-shared`` on)."""
+        if self.alive():
+            with self.monitor() as mon:
+                mon.command("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": False}])
+        os.chmod(self.config.ram_path, self.config.extra.pop("ram_file_mode", 0o640))
+        self.config.extra.pop("frozen", None)
+        (self.dir / TEMPLATE_STATE).unlink(missing_ok=True)
+        self.config.role = ""
+        self.save()
 
     def memory(self) -> GuestMemory:
         """The guest's physical memory: its RAM file, or its QEMU process's memory."""
@@ -172,10 +230,19 @@ class VM:
         self.require_alive()
         if self.config.ram == "shared":
             return RamFileMemory(self.config.ram_path, self.regions)
+        if self.config.ram == "cow":
+            from memvirt.clone.memory import CloneMemory
+
+            return CloneMemory(self.config.pid, self.config.backing, self.config.memory, self.regions)
         return ProcMemory(self.config.pid, self.config.memory, self.regions)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Kill QEMU (if alive) and remove the VM's state and RAM file."""
+    def stop(self, timeout: float = 10.0, force: bool = False) -> None:
+        """Kill QEMU (if alive) and remove the VM's state and RAM file.
+
+        A template with live lazy clones is kept unless ``force``: its RAM file is their memory.
+        (Forced, the clones keep running on the unlinked file, but no new clone can be made.)
+        """
+        self._refuse_if_backing("stopping it", force)
         pid = self.config.pid
         if self.alive():
             try:
@@ -195,12 +262,14 @@ class VM:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def qemu_argv(vm: VM, image: Image) -> list[str]:
-    """The QEMU command line of a memvirt VM."""
+def qemu_argv(vm: VM, image: Image, incoming: str | None = None) -> list[str]:
+    """The QEMU command line of a memvirt VM; ``incoming`` is a migration URI to load (clones)."""
     c = vm.config
     size = f"{c.memory >> 20}M"
     if c.ram == "shared":
         backend = f"memory-backend-file,id=ram0,size={size},mem-path={c.ram_path},share=on"
+    elif c.ram == "cow":
+        backend = f"memory-backend-file,id=ram0,size={size},mem-path={c.backing},share=off"
     else:
         backend = f"memory-backend-ram,id=ram0,size={size},merge=on"
     cpu = "host" if c.accel == "kvm" else "qemu64"
@@ -222,7 +291,7 @@ def qemu_argv(vm: VM, image: Image) -> list[str]:
         "-device", "vmcoreinfo",
         "-device", "pvpanic", "-action", "panic=pause",
         "-daemonize", "-pidfile", str(d / "qemu.pid"),
-    ]
+    ] + (["-incoming", incoming] if incoming else [])
 
 
 def start_vm(

@@ -1,0 +1,279 @@
+"""Host memory of similar guests under no sharing, stock KSM and memvirt; reclaim vs virtio-balloon.
+
+Part 1, per mode, on fresh guests: boot ``--guests`` guests with anonymous RAM (``merge=on``),
+run the same workload in each (allocate ``--churn`` of unique data and free it, as long-running
+guests do; then hold ``memtouch --content mix`` with one seed, so guests share content), then
+watch for ``--observe`` seconds, sampling every ``--interval``:
+
+* ``none``: KSM off;
+* ``stock``: KSM at the kernel's defaults (100 pages per 20 ms, no zero-page merging);
+* ``memvirt``: KSM at the same rate (so no more ksmd CPU) with ``use_zero_pages``, plus a
+  ``reclaim`` pass over every guest at each sample (free pages discarded, race-safe).
+
+Host memory of the guests is the sum of the proportional set size (Pss) of the QEMU RAM
+mappings; a mode's saving is the ``none`` mode's memory minus its own at the same time. Also:
+time to reach 90 % of the saving at the end, ksmd CPU seconds, reclaim pauses.
+
+Part 2: one guest with ``virtio-balloon-pci,free-page-reporting=on`` (the guest's driver reports
+free 2 MiB blocks and QEMU discards them) beside one without a driver where memvirt reclaims:
+same churn, host memory over time.
+
+    python bench/dedup.py [--guests 4] [--memory 1G] [--observe 150] [--churn 600M] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from common import GIB, RESULTS, machine_info, write_json
+from rich.console import Console
+from rich.table import Table
+
+os.environ.setdefault("MEMVIRT_HOME", "/tmp/bench-state")
+os.environ.setdefault("MEMVIRT_RAM_DIR", "/dev/shm/bench-ram")
+
+console = Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+T0 = time.monotonic()
+MODES = ("none", "stock", "memvirt")
+HOLD = "memtouch --hot 32M --cold {cold} --content mix --seed 7 --dirty-rate 256K --report 60"
+CHURN = "memtouch --hot {size} --content random --seed {seed} --duration 1 >/dev/null"
+
+
+def say(msg: str) -> None:
+    console.print(f"[dim]{time.monotonic() - T0:7.1f}s[/dim] {msg}")
+
+
+def parse_size(text: str) -> int:
+    from memvirt.memory.procmem import parse_size as ps
+
+    return ps(text)
+
+
+def boot(names: list[str], memory: int, extra: list[str] | None = None) -> list[Any]:
+    """Boot the guests (QEMU started for all first, then each waited for)."""
+    import memvirt.qemu.vm as vmmod
+    from memvirt.image.build import default_image
+
+    image = default_image("6.1")
+    plain = vmmod.qemu_argv
+    if extra:
+        vmmod.qemu_argv = lambda vm, img, *a, **k: plain(vm, img, *a, **k) + extra
+    vms: list[Any] = []
+    try:
+        for n in names:
+            vms.append(vmmod.start_vm(n, image, memory=memory, ram="anonymous", wait=False))
+        for vm in vms:
+            vm.channel.wait_ready(vmmod.BOOT_TIMEOUT, vm.alive)
+    except BaseException:
+        for vm in vms:
+            vm.stop()
+        raise
+    finally:
+        vmmod.qemu_argv = plain
+    return vms
+
+
+def workload(vms: list[Any], churn: int, cold: int) -> None:
+    """Unique data allocated and freed (dirty free memory), then a shared-content working set."""
+    for i, vm in enumerate(vms):
+        vm.exec(CHURN.format(size=churn, seed=100 + i), timeout=600).check("churn")
+    for vm in vms:
+        vm.exec_background(HOLD.format(cold=cold), "/tmp/hold.log")
+    for vm in vms:
+        for _ in range(600):
+            if "memtouch ready" in vm.exec("cat /tmp/hold.log").text:
+                break
+            time.sleep(0.5)
+        else:
+            raise RuntimeError(f"{vm.name}: memtouch did not get ready")
+
+
+def usage(vms: list[Any]) -> int:
+    from memvirt.dedup.discard import host_usage
+
+    return sum(host_usage(vm) for vm in vms)
+
+
+def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    from memvirt.dedup import ksm
+    from memvirt.dedup.reclaim import Reclaimer
+
+    names = [f"dd-bench-{mode}-{i}" for i in range(args.guests)]
+    say(f"[bold]{mode}[/]: booting {args.guests} x {args.memory >> 20} MiB guests")
+    vms = boot(names, args.memory)
+    recs: list[Any] = []
+    try:
+        say(f"{mode}: workload (churn {args.churn >> 20} MiB, hold {args.cold >> 20} MiB)")
+        workload(vms, args.churn, args.cold)
+        if mode == "memvirt":
+            recs = [Reclaimer(vm) for vm in vms]
+        settings = {"none": {"run": 0}, "stock": {"run": 1, **ksm.STOCK},
+                    "memvirt": {"run": 1, **ksm.STOCK, "use_zero_pages": 1}}[mode]
+        samples, pauses = [], []
+        with ksm.configured(run=0):
+            ksm.write("run", 2)
+            while ksm.read("pages_sharing") or ksm.read("ksm_zero_pages"):
+                time.sleep(0.2)
+        with ksm.configured(**settings):
+            t0, cpu0 = time.monotonic(), ksm.ksmd_cpu_seconds()
+            reclaimed = 0
+            while True:
+                for r in recs:
+                    rep = r.run()
+                    reclaimed += rep.reclaimed_bytes
+                    pauses += rep.pauses_ms
+                t = time.monotonic() - t0
+                samples.append({"t": round(t, 1), "guest_bytes": usage(vms), "ksm_saving_bytes": ksm.saving_bytes(),
+                                "reclaimed_bytes": reclaimed, "ksmd_cpu_s": round(ksm.ksmd_cpu_seconds() - cpu0, 3)})
+                if len(samples) % 6 == 1:
+                    s = samples[-1]
+                    say(f"{mode} t={s['t']:.0f}s guests {s['guest_bytes'] / GIB:.2f} GiB, KSM saves "
+                        f"{s['ksm_saving_bytes'] / GIB:.2f} GiB, reclaimed {reclaimed / GIB:.2f} GiB, "
+                        f"ksmd {s['ksmd_cpu_s']:.1f} s")
+                if t >= args.observe:
+                    break
+                time.sleep(max(0.0, args.interval - (time.monotonic() - t0 - t)))
+        return {"mode": mode, "settings": settings, "samples": samples,
+                "pause_max_ms": round(max(pauses), 2) if pauses else None,
+                "pauses": len(pauses), "guest_memory": args.memory}
+    finally:
+        for r in recs:
+            r.close()
+        for vm in vms:
+            vm.stop()
+
+
+def at(samples: list[dict[str, Any]], t: float) -> dict[str, Any]:
+    """The last sample taken at or before ``t`` seconds."""
+    return [s for s in samples if s["t"] <= t + 0.5][-1]
+
+
+def summarize(results: dict[str, dict[str, Any]], window: float) -> list[dict[str, Any]]:
+    base = results["none"]["samples"]
+    rows = []
+    for mode, r in results.items():
+        s = r["samples"]
+        saving = [at(base, x["t"])["guest_bytes"] - x["guest_bytes"] for x in s]
+        final = saving[-1]
+        t90 = next((x["t"] for x, v in zip(s, saving, strict=True) if final > 0 and v >= 0.9 * final), None)
+        w = at(s, window)
+        rows.append({
+            "mode": mode, "start_bytes": s[0]["guest_bytes"], "bytes_at_window": w["guest_bytes"],
+            "saving_at_window": at(base, window)["guest_bytes"] - w["guest_bytes"],
+            "final_bytes": s[-1]["guest_bytes"], "final_saving": final, "t90_s": t90,
+            "ksmd_cpu_s_window": w["ksmd_cpu_s"], "ksmd_cpu_s": s[-1]["ksmd_cpu_s"],
+            "pause_max_ms": r.get("pause_max_ms"),
+        })
+    return rows
+
+
+def balloon(args: argparse.Namespace) -> dict[str, Any]:
+    """Free page reporting (guest driver) vs memvirt reclaim (no driver), same churn."""
+    from memvirt.dedup.discard import host_usage
+    from memvirt.dedup.reclaim import Reclaimer
+
+    say("[bold]balloon[/]: booting a guest with virtio-balloon free page reporting and one without")
+    (fpr,) = boot(["dd-bench-fpr"], args.memory, ["-device", "virtio-balloon-pci,free-page-reporting=on"])
+    try:
+        (mv,) = boot(["dd-bench-reclaim"], args.memory)
+        try:
+            drv = fpr.exec("cat /sys/bus/virtio/drivers/virtio_balloon/*/features 2>/dev/null; "
+                           "ls /sys/bus/virtio/drivers/virtio_balloon/ 2>/dev/null").text
+            out: dict[str, Any] = {"guest_driver_bound": "virtio" in drv}
+            for vm in (fpr, mv):
+                vm.exec(CHURN.format(size=args.churn, seed=5), timeout=600).check("churn")
+            out["before_bytes"] = {"free_page_reporting": host_usage(fpr), "memvirt_reclaim": host_usage(mv)}
+            t0 = time.monotonic()
+            series: dict[str, list[tuple[float, int]]] = {"free_page_reporting": [], "memvirt_reclaim": []}
+            with Reclaimer(mv) as rec:
+                first = rec.run()
+                done = time.monotonic() - t0
+                while (t := time.monotonic() - t0) < args.balloon_observe:
+                    series["free_page_reporting"].append((round(t, 1), host_usage(fpr)))
+                    series["memvirt_reclaim"].append((round(t, 1), host_usage(mv)))
+                    time.sleep(1)
+            out.update(series=series, reclaim_seconds=round(done, 3),
+                       reclaim_pause_max_ms=round(max(first.pauses_ms or [0]), 2))
+            return out
+        finally:
+            mv.stop()
+    finally:
+        fpr.stop()
+
+
+def print_rows(rows: list[dict[str, Any]], window: float, bal: dict[str, Any] | None) -> None:
+    t = Table(title=f"Host memory of the guests (Pss of QEMU RAM mappings), saving vs no sharing; window {window:.0f} s")
+    for c in ("mode", "start GiB", f"at {window:.0f}s GiB", f"saving at {window:.0f}s GiB", "final GiB",
+              "final saving GiB", "t to 90 % of final s", f"ksmd CPU s (to {window:.0f}s / all)", "max pause ms"):
+        t.add_column(c, justify="left" if c == "mode" else "right")
+    for r in rows:
+        t.add_row(r["mode"], f"{r['start_bytes'] / GIB:.2f}", f"{r['bytes_at_window'] / GIB:.2f}",
+                  f"{r['saving_at_window'] / GIB:.2f}", f"{r['final_bytes'] / GIB:.2f}",
+                  f"{r['final_saving'] / GIB:.2f}", str(r["t90_s"]),
+                  f"{r['ksmd_cpu_s_window']:.1f} / {r['ksmd_cpu_s']:.1f}", str(r["pause_max_ms"] or ""))
+    console.print(t)
+    by = {r["mode"]: r for r in rows}
+    if "stock" in by and "memvirt" in by:
+        st, mv = by["stock"]["saving_at_window"], by["memvirt"]["saving_at_window"]
+        ratio = f"{mv / st:.1f}x" if st > 0 else "stock saved nothing"
+        console.print(f"memvirt vs stock KSM in the first {window:.0f} s: {ratio} (goal >= 2x), ksmd CPU "
+                      f"{by['memvirt']['ksmd_cpu_s_window']:.1f} s vs {by['stock']['ksmd_cpu_s_window']:.1f} s")
+    if bal:
+        console.print("after the churn, before any reclaim: " + ", ".join(
+            f"{k} {v / GIB:.2f} GiB" for k, v in bal["before_bytes"].items())
+            + f"; memvirt's reclaim took {bal['reclaim_seconds']} s, longest pause {bal['reclaim_pause_max_ms']} ms")
+        for k, s in bal["series"].items():
+            pts = ", ".join(f"{t:.0f}s {b / GIB:.2f}" for t, b in s[:: max(1, len(s) // 8)])
+            console.print(f"{k}: host GiB over time: {pts}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--guests", type=int, default=4)
+    ap.add_argument("--memory", type=parse_size, default=parse_size("1G"))
+    ap.add_argument("--churn", type=parse_size, default=parse_size("600M"))
+    ap.add_argument("--cold", type=parse_size, default=parse_size("128M"))
+    ap.add_argument("--observe", type=float, default=150.0)
+    ap.add_argument("--window", type=float, default=120.0)
+    ap.add_argument("--interval", type=float, default=5.0)
+    ap.add_argument("--balloon-observe", type=float, default=30.0)
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--no-balloon", action="store_true")
+    ap.add_argument("--json", default=str(RESULTS / "dedup.json"))
+    args = ap.parse_args()
+    from memvirt.dedup import ksm
+
+    if not ksm.available():
+        console.print("this host kernel has no KSM")
+        return 2
+    info = machine_info("qemu-system-x86_64")
+    results: dict[str, dict[str, Any]] = {}
+    data: dict[str, Any] = {"machine": info, "args": {k: v for k, v in vars(args).items()}}
+    try:
+        for mode in args.modes.split(","):
+            results[mode] = run_mode(mode, args)
+        data["modes"] = results
+        data["summary"] = summarize(results, args.window) if "none" in results else None
+        data["balloon"] = None if args.no_balloon else balloon(args)
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 130
+    except Exception:
+        traceback.print_exc()
+        return 1
+    finally:
+        write_json(Path(args.json).resolve(), data)
+    if data["summary"]:
+        print_rows(data["summary"], args.window, data["balloon"])
+    say(f"figures written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

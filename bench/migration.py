@@ -1,0 +1,223 @@
+"""Migration: QEMU's native precopy beside memvirt's engine, same guest and workload, one run.
+
+Each scenario boots one guest and migrates it hop after hop on this host (target of one hop is
+the source of the next), once per engine: memvirt with free-page elision, memvirt without it,
+QEMU plain precopy, QEMU with xbzrle, QEMU with multifd (2 channels). QEMU gets
+``max-bandwidth`` 4 GiB/s (its 32 MiB/s default would make it look worse than it is) and
+``downtime-limit`` 300 ms, memvirt ``--downtime 300``. After every hop the guest must answer,
+its counter must advance and ``datacheck verify`` must pass. Then a reliability loop migrates a
+dirtying guest N times with memvirt and N times with QEMU plain.
+
+``python bench/migration.py [--scenarios idle,half2g,dirty] [--reliability 20] [--json FILE]
+[--png FILE]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MEMVIRT_HOME", "/tmp/bench-mig-state")
+os.environ.setdefault("MEMVIRT_RAM_DIR", "/dev/shm/bench-mig-ram")
+os.environ.setdefault("MEMVIRT_SECRET", secrets.token_hex(32))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, machine_info, write_json  # noqa: E402
+
+from memvirt.image.build import default_image  # noqa: E402
+from memvirt.migrate.qemu_native import qemu_migrate  # noqa: E402
+from memvirt.migrate.sender import migrate  # noqa: E402
+from memvirt.qemu.accel import qemu_binary  # noqa: E402
+from memvirt.qemu.vm import VM, start_vm  # noqa: E402
+
+COUNTER = "/tmp/bench.count"
+DC = "/tmp/bench.dc"
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "idle": {"memory": 512 << 20, "label": "idle 512 MiB", "workload": None,
+             "prepare": "memtouch --hot 256M --content text --duration 1 > /dev/null 2>&1"},
+    "half2g": {"memory": 2 << 30, "label": "2 GiB, 1 GiB in use",
+               "workload": "memtouch --hot 32M --cold 992M --content mix --dirty-rate 1M", "prepare": None},
+    "dirty": {"memory": 512 << 20, "label": "512 MiB dirtying 50 MB/s",
+              "workload": "memtouch --hot 64M --content random --dirty-rate 50M", "prepare": None},
+}
+ENGINES = ["memvirt", "memvirt-no-elide", "qemu-plain", "qemu-xbzrle", "qemu-multifd"]
+QEMU_TIMEOUT = 180.0
+
+
+def _counter(vm: VM) -> int:
+    return int(vm.exec(f"cat {COUNTER}").check("counter").text)
+
+
+def setup_guest(name: str, sc: dict[str, Any]) -> VM:
+    vm = start_vm(name, default_image("6.1"), memory=sc["memory"])
+    work = sc["workload"] or "memtouch --hot 4M --dirty-rate 64K"
+    vm.exec_background(f"{work} --counter-file {COUNTER}", "/tmp/bench-mt.log")
+    vm.exec_background(f"datacheck write --size 16M --seed 5 --state {DC}", "/tmp/bench-dc.log")
+    deadline = time.monotonic() + 300
+    while vm.exec(f"test -s {COUNTER} && test -f {DC} && grep -q ready /tmp/bench-mt.log").rc:
+        if time.monotonic() > deadline:
+            raise RuntimeError("workload did not start")
+        time.sleep(0.5)
+    return vm
+
+
+def check_guest(vm: VM) -> str:
+    """'' if the guest is healthy (answers, counter advances, data verifies), else what is wrong."""
+    try:
+        vm.channel.wait_ready(60, vm.alive)
+        a = _counter(vm)
+        time.sleep(1.0)
+        if _counter(vm) <= a:
+            return "counter stopped"
+        res = vm.exec(f"datacheck verify --state {DC}")
+        return "" if res.rc == 0 else f"datacheck: {res.text.strip()}"
+    except Exception as e:  # noqa: BLE001
+        return f"{e.__class__.__name__}: {e}"
+
+
+def hop_memvirt(src: VM, dst: str, elide: bool) -> dict[str, Any]:
+    port = 47100 + secrets.randbelow(800)
+    rx = subprocess.Popen([sys.executable, "-m", "memvirt.cli.migrate", "receive", "--listen", f"127.0.0.1:{port}",
+                           "--timeout", "300"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    rx.stderr.readline()
+    try:
+        rep = migrate(src.name, "127.0.0.1", port, os.environ["MEMVIRT_SECRET"].encode(), dst, elide_free=elide)
+        rx.wait(60)
+    finally:
+        if rx.poll() is None:
+            rx.kill()
+    return {"bytes": rep.wire_bytes, "total_s": rep.total_seconds, "downtime_ms": rep.downtime_seconds * 1000,
+            "rounds": len(rep.rounds), "converged": True, "detail": rep.stop_reason}
+
+
+def run_hop(vm: VM, engine: str, dst: str, sc: dict[str, Any]) -> tuple[dict[str, Any], VM]:
+    if sc.get("prepare"):
+        vm.exec(sc["prepare"], timeout=120)
+    if engine.startswith("memvirt"):
+        res = hop_memvirt(vm, dst, engine == "memvirt")
+    else:
+        res = qemu_migrate(vm, dst, engine.removeprefix("qemu-"), QEMU_TIMEOUT)
+    new = VM.load(dst) if (Path(os.environ["MEMVIRT_HOME"]) / "vms" / dst / "vm.json").exists() else vm
+    res["guest"] = check_guest(new) if new.alive() else "target gone"
+    return res, new
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--scenarios", default="idle,half2g,dirty")
+    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--reliability", type=int, default=20)
+    ap.add_argument("--json", type=Path, default=RESULTS / "migration.json")
+    ap.add_argument("--png", type=Path, default=RESULTS / "migration.png")
+    args = ap.parse_args()
+    results: dict[str, Any] = {"machine": machine_info(qemu_binary()), "scenarios": {}, "reliability": {}}
+    hop = 0
+    try:
+        for key in args.scenarios.split(","):
+            sc = SCENARIOS[key]
+            vm = setup_guest(f"mg-{key}-0", sc)
+            rows = results["scenarios"][key] = {"label": sc["label"], "engines": {}}
+            for engine in args.engines.split(","):
+                hop += 1
+                try:
+                    res, vm = run_hop(vm, engine, f"mg-{key}-{hop}", sc)
+                except Exception as e:  # noqa: BLE001
+                    res = {"error": f"{e.__class__.__name__}: {e}", "trace": traceback.format_exc(limit=3)}
+                rows["engines"][engine] = res
+                print(key, engine, {k: v for k, v in res.items() if k != "trace"}, flush=True)
+                if not vm.alive():
+                    break
+            vm.stop()
+        if args.reliability:
+            results["reliability"] = reliability(args.reliability)
+    finally:
+        for v in VM.all():
+            if v.name.startswith("mg-"):
+                v.stop()
+    write_json(args.json, results)
+    print_table(results)
+    plot(results, args.png)
+
+
+def reliability(n: int) -> dict[str, Any]:
+    """``n`` consecutive migrations of a dirtying guest per engine; guest errors counted."""
+    out: dict[str, Any] = {}
+    sc = {**SCENARIOS["dirty"], "workload": "memtouch --hot 32M --content mix --dirty-rate 20M"}
+    for engine in ("memvirt", "qemu-plain"):
+        vm = setup_guest(f"mg-rel-{engine}-0", sc)
+        errors, downs = [], []
+        for i in range(1, n + 1):
+            try:
+                res, vm = run_hop(vm, engine, f"mg-rel-{engine}-{i}", sc)
+            except Exception as e:  # noqa: BLE001
+                res = {"guest": f"migration failed: {e}"}
+            if res.get("guest"):
+                errors.append(f"run {i}: {res['guest']}")
+            else:
+                downs.append(res.get("downtime_ms") or 0)
+            print("reliability", engine, i, res.get("guest") or "ok", flush=True)
+            if not vm.alive() or res.get("guest"):
+                vm.stop()
+                vm = setup_guest(f"mg-rel-{engine}-r{i}", sc)
+        vm.stop()
+        out[engine] = {"runs": n, "guest_errors": len(errors), "errors": errors,
+                       "max_downtime_ms": max(downs) if downs else None}
+    return out
+
+
+def print_table(results: dict[str, Any]) -> None:
+    print(f"\n{'scenario':26} {'engine':18} {'MB on wire':>11} {'total s':>8} {'downtime ms':>12} {'rounds':>7}  guest")
+    for sc in results["scenarios"].values():
+        for engine, r in sc["engines"].items():
+            if "error" in r:
+                print(f"{sc['label']:26} {engine:18} error: {r['error']}")
+                continue
+            dt = f"{r['downtime_ms']:.0f}" if r.get("downtime_ms") is not None else "-"
+            print(f"{sc['label']:26} {engine:18} {r['bytes'] / 1e6:11.1f} {r['total_s']:8.2f} {dt:>12} "
+                  f"{r['rounds'] if r['rounds'] is not None else '-':>7}  {r['guest'] or 'ok'}"
+                  f"{'' if r['converged'] else ' (did not converge: ' + r['detail'] + ')'}")
+        e = sc["engines"]
+        m, q = e.get("memvirt", {}), e.get("qemu-plain", {})
+        if m.get("bytes") and q.get("bytes"):
+            print(f"{'':26} memvirt/QEMU plain: bytes {100 * m['bytes'] / q['bytes']:.0f} %, "
+                  f"time {100 * m['total_s'] / q['total_s']:.0f} %")
+    for engine, r in results.get("reliability", {}).items():
+        print(f"reliability {engine}: {r['runs']} migrations, {r['guest_errors']} guest errors, "
+              f"max downtime {r['max_downtime_ms']} ms")
+
+
+def plot(results: dict[str, Any], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scs = list(results["scenarios"].values())
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, (key, title, scale) in zip(axes, [("bytes", "MB on the wire", 1e-6), ("total_s", "total time (s)", 1),
+                                              ("downtime_ms", "downtime (ms)", 1)], strict=True):
+        width = 0.8 / len(ENGINES)
+        for i, engine in enumerate(ENGINES):
+            vals = [(sc["engines"].get(engine, {}).get(key) or 0) * scale for sc in scs]
+            ax.bar([x + i * width for x in range(len(scs))], vals, width, label=engine)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(scs))], [sc["label"] for sc in scs], fontsize=8)
+        ax.set_title(title)
+        if key == "downtime_ms":
+            ax.axhline(300, color="k", ls="--", lw=0.8)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    print(f"wrote {png}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""``memvirt reclaim``, ``memvirt dedup analyze`` and ``memvirt ksm``: act on what the guest holds free."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Annotated
+
+import typer
+
+from memvirt.cli.output import byte_progress, emit_json, human, out, spinner, table
+from memvirt.errors import MemvirtError, UsageError
+from memvirt.qemu.vm import VM
+
+app = typer.Typer(help="Find duplicate, zero and free pages within and across guests and dumps.",
+                  no_args_is_help=True)
+ksm_app = typer.Typer(help="Drive the host's KSM for guests with anonymous RAM, helped by introspection.",
+                      no_args_is_help=True)
+
+
+def _running(name: str) -> VM:
+    vm = VM.load(name)
+    vm.require_alive()
+    return vm
+
+
+def reclaim(
+    name: Annotated[str, typer.Argument(help="A running memvirt VM.")],
+    watch: Annotated[float | None, typer.Option(help="Repeat every SECONDS until interrupted.")] = None,
+    goal: Annotated[float, typer.Option(help="Longest pause allowed, in ms per GiB of guest RAM.")] = 20.0,
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON (one object per pass with --watch).")] = False,
+) -> None:
+    """Return to the host the memory behind pages the guest holds free (no guest driver).
+
+    Each page is re-verified free while the guest is paused, then discarded: a hole in a shared
+    RAM file, MADV_DONTNEED inside QEMU for anonymous RAM. The guest reads zeros there. Pauses
+    are kept under --goal ms per GiB.
+    """
+    if watch is not None and watch <= 0:
+        raise UsageError("--watch needs a positive number of seconds")
+    if goal <= 0:
+        raise UsageError("--goal must be positive")
+    from memvirt.dedup.reclaim import Reclaimer
+
+    vm = _running(name)
+    if vm.status() != "running":
+        raise UsageError(f"VM {name!r} is {vm.status()}: reclaim works on a running guest (it pauses it itself)")
+    with spinner(f"reading {name}'s kernel structures"):
+        rec = Reclaimer(vm, goal_ms_per_gib=goal)
+    with rec:
+        while True:
+            with byte_progress(f"reclaiming free pages of {name}") as update:
+                rep = rec.run(lambda done, total: update(done * 4096, total * 4096))
+            report = {"vm": name, "method": rec.discarder.method, "time": round(time.time(), 3), **rep.to_json(),
+                      "goal_ms": round(rec.budget_ms, 2)}
+            if json_:
+                emit_json(report)
+            else:
+                _print_reclaim(report)
+            if watch is None:
+                return
+            time.sleep(watch)
+
+
+def _print_reclaim(r: dict) -> None:
+    out.print(
+        f"[bold]{r['vm']}[/]: reclaimed {human(r['reclaimed_bytes'])} "
+        f"(host held {human(r['resident_before'])}, now {human(r['resident_after'])}) by {r['method']}; "
+        f"free {human(r['free_pages'] * 4096)}, of it still backed {human(r['candidate_pages'] * 4096)}"
+    )
+    out.print(
+        f"  {r['pauses']} pauses, longest {r['pause_max_ms']} ms (goal {r['goal_ms']} ms), total "
+        f"{r['pause_total_ms']} ms; {r['gone_pages']} pages were allocated again before their pause and left alone"
+    )
+
+
+@contextmanager
+def _held(vm: VM | None, pause: bool) -> Iterator[bool]:
+    """Pause a running VM while it is read if asked; yields whether the read is live."""
+    if vm is None:
+        yield False
+    elif pause and vm.status() == "running":
+        vm.pause()
+        try:
+            yield False
+        finally:
+            vm.resume()
+    else:
+        yield True
+
+
+@app.command("analyze")
+def analyze(
+    sources: Annotated[list[str], typer.Argument(help="VM names, pid:N, RAM files or dumps.")],
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    pause: Annotated[bool, typer.Option("--pause/--no-pause", help="Hold each running guest still while reading it.")] = False,
+    introspect: Annotated[bool, typer.Option("--introspect/--no-introspect", help="Find free pages too.")] = True,
+) -> None:
+    """Duplicate pages within and across sources, zero pages, and how much more the knowledge of
+    free pages saves. Running guests are read live unless --pause (figures then approximate)."""
+    from memvirt.cli.inspect import _owning_vm
+    from memvirt.dedup.analyze import analyze as run_analysis
+    from memvirt.memory.open import open_memory
+
+    if len(set(sources)) != len(sources):
+        raise UsageError("a source is named twice")
+    with ExitStack() as stack:
+        named = []
+        for s in sources:
+            mem = stack.enter_context(open_memory(s))
+            live = stack.enter_context(_held(_owning_vm(s), pause))
+            named.append((s, mem, live))
+        with byte_progress("fingerprinting pages") as update:
+            result = run_analysis(named, update, introspect=introspect)
+    report = result.to_json()
+    if json_:
+        emit_json(report)
+        return
+    rows = []
+    for s in report["sources"]:
+        free = "?" if s["free"] is None else human(s["free"] * 4096)
+        rows.append([s["name"], human(s["pages"] * 4096), human(s["zero"] * 4096), human(s["duplicate"] * 4096),
+                     free, s["kernel"] or "", s["note"] or ""])
+    table(None, ["SOURCE", "RAM", "ZERO", "DUPLICATE WITHIN", "FREE", "KERNEL", "NOTE"], rows)
+    t = report["total"]
+    out.print(f"all together: {human(t['content_saving_bytes'])} saved by merging identical pages "
+              f"(zero pages included), {human(t['free_aware_saving_bytes'])} when free pages are dropped too: "
+              f"free pages unlock [bold]{human(t['free_unlocks_bytes'])}[/] more")
+    out.print(f"read {human(t['pages'] * 4096)} in {report['seconds']} s ({report['gib_per_second']} GiB/s)")
+
+
+@ksm_app.command("status")
+def ksm_status(json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """KSM's settings and counters, and what each memvirt VM holds and shares."""
+    from memvirt.dedup import ksm
+    from memvirt.dedup.discard import host_usage
+
+    if not ksm.available():
+        raise UsageError("this host kernel has no KSM (/sys/kernel/mm/ksm is missing)")
+    vms = []
+    for vm in VM.all():
+        if not vm.alive():
+            continue
+        st = ksm.process_stat(vm.config.pid)
+        vms.append({"name": vm.name, "ram": vm.config.ram, "host_bytes": host_usage(vm),
+                    "mergeable": vm.config.ram == "anonymous", **st})
+    report = {"settings": ksm.settings(), "counters": ksm.counters(), "saving_bytes": ksm.saving_bytes(),
+              "ksmd_cpu_seconds": round(ksm.ksmd_cpu_seconds(), 2), "vms": vms}
+    if json_:
+        emit_json(report)
+        return
+    s = report["settings"]
+    out.print(f"KSM run={s.get('run')} pages_to_scan={s.get('pages_to_scan')} sleep={s.get('sleep_millisecs')} ms "
+              f"use_zero_pages={s.get('use_zero_pages')}; saving {human(report['saving_bytes'])}; "
+              f"ksmd used {report['ksmd_cpu_seconds']} s of CPU")
+    table(None, ["VM", "RAM", "HOST HOLDS", "KSM MERGING PAGES", "KSM ZERO PAGES"],
+          [[v["name"], v["ram"], human(v["host_bytes"]), v.get("ksm_merging_pages", ""), v.get("ksm_zero_pages", "")]
+           for v in vms])
+
+
+@ksm_app.command("run")
+def ksm_run(
+    names: Annotated[list[str], typer.Argument(help="Running memvirt VMs with anonymous RAM.")],
+    duration: Annotated[float, typer.Option(help="Seconds to drive KSM.")] = 120.0,
+    interval: Annotated[float, typer.Option(help="Seconds between reports (and reclaim passes).")] = 5.0,
+    reclaim_free: Annotated[bool, typer.Option("--reclaim/--no-reclaim", help="Discard free guest pages each interval.")] = True,
+    pages_to_scan: Annotated[int, typer.Option(help="KSM pages per wake-up (stock: 100).")] = 100,
+    sleep_ms: Annotated[int, typer.Option(help="KSM sleep between wake-ups in ms (stock: 20).")] = 20,
+    zero_pages: Annotated[bool, typer.Option("--zero-pages/--no-zero-pages", help="Merge zero pages with the zero page.")] = True,
+    keep: Annotated[bool, typer.Option("--keep/--restore", help="Leave KSM running with these settings at the end.")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Run KSM over the guests with introspection's help and report its saving over time.
+
+    Free guest pages are discarded (so they cost nothing and KSM's passes skip them) and zero pages
+    merge with the zero page; KSM runs at the rate given (stock by default: no more ksmd CPU).
+    KSM's previous settings come back at the end unless --keep.
+    """
+    from memvirt.dedup import ksm
+    from memvirt.dedup.discard import host_usage
+    from memvirt.dedup.reclaim import Reclaimer
+
+    if duration <= 0 or interval <= 0:
+        raise UsageError("--duration and --interval must be positive")
+    if pages_to_scan <= 0 or sleep_ms <= 0:
+        raise UsageError("--pages-to-scan and --sleep-ms must be positive")
+    vms = [_running(n) for n in names]
+    for vm in vms:
+        if vm.config.ram != "anonymous":
+            raise UsageError(f"VM {vm.name!r} has {vm.config.ram} RAM: KSM merges only anonymous RAM "
+                             "(start it with --ram anonymous)")
+    samples = []
+    with ExitStack() as stack:
+        recs = [stack.enter_context(Reclaimer(vm)) for vm in vms] if reclaim_free else []
+        cm = ksm.configured(run=1, pages_to_scan=pages_to_scan, sleep_millisecs=sleep_ms,
+                            use_zero_pages=int(zero_pages))
+        before = stack.enter_context(cm) if not keep else _apply(ksm, pages_to_scan, sleep_ms, zero_pages)
+        t0, cpu0, reclaimed = time.monotonic(), ksm.ksmd_cpu_seconds(), 0
+        while True:
+            for r in recs:
+                reclaimed += r.run().reclaimed_bytes
+            s = ksm.sample(t0, [host_usage(vm) for vm in vms])
+            row = {**s.to_json(), "reclaimed_bytes": reclaimed, "ksmd_cpu_seconds": round(s.ksmd_cpu - cpu0, 3)}
+            samples.append(row)
+            if not json_:
+                out.print(f"{row['t']:7.1f} s  guests hold {human(row['guest_bytes'])}  KSM saves "
+                          f"{human(row['ksm_saving_bytes'])}  reclaimed {human(reclaimed)}  "
+                          f"ksmd CPU {row['ksmd_cpu_seconds']:.2f} s")
+            if s.t >= duration:
+                break
+            time.sleep(min(interval, max(duration - s.t, 0.05)))
+    report = {"vms": names, "settings": {"pages_to_scan": pages_to_scan, "sleep_millisecs": sleep_ms,
+                                         "use_zero_pages": int(zero_pages), "reclaim": reclaim_free},
+              "restored": not keep, "previous": before, "samples": samples}
+    if json_:
+        emit_json(report)
+
+
+def _apply(ksm, pages_to_scan: int, sleep_ms: int, zero_pages: bool) -> dict[str, int]:  # noqa: ANN001
+    before = ksm.settings()
+    for k, v in (("pages_to_scan", pages_to_scan), ("sleep_millisecs", sleep_ms), ("use_zero_pages", int(zero_pages))):
+        ksm.write(k, v)
+    ksm.write("run", 1)
+    return before
+
+
+@ksm_app.command("stop")
+def ksm_stop(unmerge: Annotated[bool, typer.Option(help="Also split every merged page again (run=2).")] = False) -> None:
+    """Stop ksmd (merged pages stay merged unless --unmerge)."""
+    from memvirt.dedup import ksm
+
+    ksm.write("run", 2 if unmerge else 0)
+
+
+DEMO_CHURN = "memtouch --hot 160M --content random --duration 1 >/dev/null"
+
+
+def demo_reclaim(vm: VM) -> dict:
+    """For ``memvirt demo``: the guest allocates and frees 160 MiB (its free memory is now dirty, as
+    in any long-running guest), then one reclaim pass gives it back; the guest must still run."""
+    from memvirt.dedup.reclaim import Reclaimer
+
+    vm.exec(DEMO_CHURN, timeout=300).check("allocating and freeing memory in the guest")
+    with Reclaimer(vm) as rec:
+        rep = rec.run()
+    alive = vm.exec("echo alive").text.strip() == "alive"
+    return {"method": rec.discarder.method, "goal_ms": round(rec.budget_ms, 2), "guest_alive": alive,
+            **rep.to_json()}
+
+
+def print_demo_reclaim(r: dict) -> None:
+    out.print(
+        f"[bold]Reclaim[/] (no guest driver): the guest freed 160 MiB; memvirt gave the host back "
+        f"{human(r['reclaimed_bytes'])} ({human(r['resident_before'])} -> {human(r['resident_after'])}) by "
+        f"{r['method']} in {r['pauses']} pauses of at most {r['pause_max_ms']} ms (goal {r['goal_ms']} ms); "
+        f"guest {'still running' if r['guest_alive'] else 'NOT ANSWERING'}"
+    )
+
+def _standalone() -> None:
+    """Run these commands without the main CLI (``python -m memvirt.cli.dedup``), with its exit codes."""
+    import sys
+
+    from memvirt.cli.output import err
+
+    root = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+    root.command("reclaim")(reclaim)
+    root.add_typer(app, name="dedup")
+    root.add_typer(ksm_app, name="ksm")
+    try:
+        root()
+    except MemvirtError as e:
+        err.print(f"memvirt: error: {e}", markup=False, highlight=False)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("memvirt: interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    _standalone()

@@ -1,0 +1,129 @@
+"""``dedup analyze``: duplicate and zero pages within and across guests and dumps, and what the
+knowledge of free pages adds.
+
+Savings are counted as a content-based merger such as KSM (with ``use_zero_pages``) could get
+them: every all-zero page maps the shared zero page, and each set of identical non-zero pages
+keeps one copy. With introspection, free pages need no copy at all whatever they hold, and a
+scanner need not read them: ``free_unlocks`` is what that adds over content alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from memvirt.dedup.fingerprint import Fingerprints, fingerprint
+from memvirt.errors import MemvirtError
+from memvirt.introspect import Introspector
+from memvirt.memory.source import PAGE_SIZE, GuestMemory
+
+
+@dataclass
+class SourceFigures:
+    name: str
+    describe: str
+    pages: int
+    zero: int
+    free: int | None
+    unique: int
+    duplicate: int
+    """Non-zero pages with an identical page elsewhere in this source, beyond the first copy."""
+    kernel: str | None = None
+    note: str | None = None
+
+
+@dataclass
+class Analysis:
+    sources: list[SourceFigures]
+    pages: int
+    zero: int
+    free: int
+    distinct: int
+    """Distinct non-zero contents across all sources."""
+    content_saving: int
+    """Pages saved by merging identical contents (zero pages included)."""
+    free_aware_saving: int
+    """Pages saved when free pages are dropped and the rest merged by content."""
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def free_unlocks(self) -> int:
+        return self.free_aware_saving - self.content_saving
+
+    def to_json(self) -> dict[str, Any]:
+        gib = self.pages * PAGE_SIZE / (1 << 30)
+        return {
+            "page_size": PAGE_SIZE,
+            "sources": [s.__dict__ for s in self.sources],
+            "total": {
+                "pages": self.pages, "zero": self.zero, "free": self.free, "distinct_nonzero": self.distinct,
+                "content_saving_pages": self.content_saving, "free_aware_saving_pages": self.free_aware_saving,
+                "free_unlocks_pages": self.free_unlocks,
+                "content_saving_bytes": self.content_saving * PAGE_SIZE,
+                "free_aware_saving_bytes": self.free_aware_saving * PAGE_SIZE,
+                "free_unlocks_bytes": self.free_unlocks * PAGE_SIZE,
+            },
+            "seconds": round(self.seconds, 3),
+            "gib_per_second": round(gib / self.seconds, 2) if self.seconds else None,
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+        }
+
+
+def free_mask(mem: GuestMemory, pfns: np.ndarray, live: bool) -> tuple[np.ndarray | None, str | None, str | None]:
+    """Free pages of a source (buddy and per-cpu), or None and why not."""
+    try:
+        intro = Introspector(mem)
+        census = intro.scan(live=live)
+    except MemvirtError as e:
+        return None, None, f"no free-page knowledge: {e}"
+    note = "live scan: approximate" if live else None
+    return census.free_mask[pfns], census.release, note
+
+
+def _distinct(keys: np.ndarray) -> int:
+    return len(np.unique(keys, axis=0)) if len(keys) else 0
+
+
+def analyze(named: list[tuple[str, GuestMemory, bool]], progress: Callable[[int, int], None] | None = None,
+            introspect: bool = True) -> Analysis:
+    """Analyze ``(name, memory, live)`` sources together (``live``: a running guest, read as it runs)."""
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    mems = [m for _, m, _ in named]
+    frees, kernels, notes = [], [], []
+    t = time.perf_counter()
+    prints: list[Fingerprints] = []
+    for _, m, live in named:
+        pfns = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in m.pfn_ranges()])
+        f, k, n = free_mask(m, pfns, live) if introspect else (None, None, None)
+        frees.append(f)
+        kernels.append(k)
+        notes.append(n)
+    timings["introspect"] = time.perf_counter() - t
+    t = time.perf_counter()
+    prints = fingerprint(mems, progress)
+    timings["fingerprint"] = time.perf_counter() - t
+    figures = []
+    for (name, m, _), fp, f, k, n in zip(named, prints, frees, kernels, notes, strict=True):
+        nz = ~fp.zero
+        unique = _distinct(fp.keys()[nz])
+        figures.append(SourceFigures(
+            name=name, describe=m.describe(), pages=len(fp.pfns), zero=int(fp.zero.sum()),
+            free=None if f is None else int(f.sum()), unique=unique, duplicate=int(nz.sum()) - unique,
+            kernel=k, note=n,
+        ))
+    keys = np.concatenate([p.keys() for p in prints])
+    zero = np.concatenate([p.zero for p in prints])
+    free = np.concatenate([f if f is not None else np.zeros(len(p.pfns), dtype=bool) for f, p in zip(frees, prints,
+                                                                                                      strict=True)])
+    distinct = _distinct(keys[~zero])
+    content = len(keys) - distinct
+    kept = ~zero & ~free
+    free_aware = len(keys) - _distinct(keys[kept])
+    return Analysis(figures, len(keys), int(zero.sum()), int(free.sum()), distinct, content, free_aware,
+                    time.perf_counter() - t0, timings)

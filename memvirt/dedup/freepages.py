@@ -1,0 +1,142 @@
+"""Free buddy blocks of a guest, found live and re-verified while the guest is paused.
+
+A block whose head page still carries the buddy page type is on a free list: the allocator
+clears the type (``del_page_from_free_list``) before it hands any page of it out, so none of its
+pages belongs to anyone. That holds only when no CPU is half-way through a free-list update,
+which the zone's ``lock`` guards: the re-check also requires every zone lock to be free at the
+pause (vCPUs stopped between instructions could otherwise leave a head typed before its order
+is written). Per-cpu free lists are left alone: they hold few pages, recycled at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from memvirt.errors import UsageError
+from memvirt.introspect import Introspector
+from memvirt.introspect.census import Census
+from memvirt.memory.source import PAGE_SHIFT, PAGE_SIZE
+
+PAGE_POISON = 0xAA
+"""The byte the guest fills free pages with under ``page_poison=1`` (include/linux/poison.h)."""
+POISON_ARGS = ("page_poison=1", "page_poison=on", "page_poison=y")
+
+
+@dataclass
+class FreeBlocks:
+    """Buddy blocks ``[heads[i], heads[i] + 2**orders[i])``."""
+
+    heads: np.ndarray
+    orders: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.heads)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.left_shift(1, self.orders)
+
+    @property
+    def pages(self) -> int:
+        return int(self.sizes.sum())
+
+    def take(self, index: np.ndarray | slice) -> FreeBlocks:
+        return FreeBlocks(self.heads[index], self.orders[index])
+
+    def mask(self, n: int) -> np.ndarray:
+        """Boolean array over ``n`` frames: True inside a block."""
+        delta = np.zeros(n + 1, dtype=np.int32)
+        np.add.at(delta, self.heads, 1)
+        np.add.at(delta, np.minimum(self.heads + self.sizes, n), -1)
+        return np.cumsum(delta[:n]) > 0
+
+    def runs(self) -> tuple[np.ndarray, np.ndarray]:
+        """Maximal runs of frames ``(starts, ends)`` covered by the blocks, in frame order."""
+        order = np.argsort(self.heads, kind="stable")
+        s, e = self.heads[order], self.heads[order] + self.sizes[order]
+        if len(s) == 0:
+            return s, e
+        brk = np.flatnonzero(s[1:] != e[:-1]) + 1
+        return s[np.concatenate(([0], brk))], e[np.concatenate((brk - 1, [len(s) - 1]))]
+
+
+class FreePageOracle:
+    """Knows, for one booted guest kernel, where free blocks are and whether they still are."""
+
+    def __init__(self, intro: Introspector):
+        """Raises ``LayoutMissing`` when the layout cannot place the zone locks."""
+        self.intro = intro
+        self.kv = intro.kernel
+        self.mem = intro.kernel.mem
+        self.scanner = intro.scanner
+        layout = intro.layout
+        self.lock_off = layout.member_offset("zone", "lock")
+        lock_size = layout.struct_size("spinlock")
+        if lock_size != 4:
+            raise UsageError(
+                f"the guest's spinlock_t is {lock_size} bytes, not a plain queued spinlock (PREEMPT_RT or lock "
+                "debugging): memvirt cannot tell whether a free list is being changed, so it will not discard"
+            )
+        runs = self.scanner.runs
+        self._run_first = np.array([r[0] for r in runs], dtype=np.int64)
+        self._run_end = np.array([r[1] for r in runs], dtype=np.int64)
+        self._run_pa = np.array([r[2] for r in runs], dtype=np.int64)
+        self.lock_pas: list[int] = []
+
+    def scan(self) -> tuple[Census, FreeBlocks]:
+        """A live census and its buddy blocks (candidates only: the guest keeps running)."""
+        census = self.intro.scan(live=True)
+        self.lock_pas = [self.kv.translate(z.va + self.lock_off) for z in census.zones]
+        return census, FreeBlocks(self.scanner.buddy_heads.copy(), self.scanner.buddy_orders.copy())
+
+    def locks_free(self) -> bool:
+        """No zone's free lists are being changed (call with the guest paused)."""
+        return all(int(self.mem.read(pa, 4).view("<u4")[0]) == 0 for pa in self.lock_pas)
+
+    def struct_page_pa(self, pfns: np.ndarray) -> np.ndarray:
+        i = np.searchsorted(self._run_first, pfns, side="right") - 1
+        if (i < 0).any() or (pfns >= self._run_end[np.maximum(i, 0)]).any():
+            raise UsageError("a free block lies outside the guest's struct page array")
+        return self._run_pa[i] + (pfns - self._run_first[i]) * self.scanner.page_size
+
+    def _fields(self, pas: np.ndarray, offset: int, size: int) -> np.ndarray:
+        """``size`` bytes at ``pas + offset`` for each address, as an ``(n, size)`` uint8 array."""
+        at = pas + offset
+        frames = np.unique(np.concatenate((at >> PAGE_SHIFT, (at + size - 1) >> PAGE_SHIFT)))
+        pages = self.mem.read_pages(frames).reshape(-1)
+        byte = at[:, None] + np.arange(size)
+        row = np.searchsorted(frames, byte >> PAGE_SHIFT)
+        return pages[row * PAGE_SIZE + (byte & (PAGE_SIZE - 1))]
+
+    def still_free(self, blocks: FreeBlocks) -> FreeBlocks:
+        """The part of ``blocks`` still free now (call paused, after :meth:`locks_free`): heads that
+        still carry the buddy type, each cut to the smaller of its old and new order."""
+        if len(blocks) == 0:
+            return blocks
+        pas = self.struct_page_pa(blocks.heads)
+        ptype = np.ascontiguousarray(self._fields(pas, self.scanner.type_off, 4)).view("<u4")[:, 0]
+        priv = np.ascontiguousarray(self._fields(pas, self.scanner.col["private"] * 8, 8)).view("<u8")[:, 0]
+        order = priv.astype(np.int64)
+        ok = self.scanner.types.is_buddy(ptype) & (priv < np.uint64(self.scanner.orders))
+        return FreeBlocks(blocks.heads[ok], np.minimum(order[ok], blocks.orders[ok]))
+
+    def check_no_poisoning(self, free: FreeBlocks, populated: np.ndarray) -> None:
+        """Refuse a guest that poisons free pages: it checks the poison when it allocates them, and a
+        discarded page reads as zeros. (``init_on_free`` is fine: it wants free pages zero.)"""
+        try:
+            cmdline = self.kv.read_cstr_va(self.kv.read_u64_va(self.kv.symbol("saved_command_line")), 4096).decode(
+                errors="replace")
+        except Exception:  # noqa: BLE001 - a kernel without the symbol: the content test below still runs
+            cmdline = ""
+        if any(arg in cmdline.split() for arg in POISON_ARGS):
+            raise UsageError("the guest runs with page_poison=1: discarded free pages would read as corruption")
+        pfns = np.flatnonzero(free.mask(len(populated)) & populated)
+        if len(pfns) == 0:
+            return
+        sample = pfns[np.linspace(0, len(pfns) - 1, min(64, len(pfns))).astype(np.int64)]
+        pages = self.mem.read_pages(sample)
+        if len(sample) >= 8 and (pages == PAGE_POISON).all(axis=1).mean() > 0.9:
+            raise UsageError("the guest's free pages are filled with the page-poison byte 0xaa: it checks them, "
+                             "so memvirt will not discard them")

@@ -1,0 +1,156 @@
+"""The host's KSM (``/sys/kernel/mm/ksm``): settings, counters, ksmd's CPU time, per-process figures.
+
+KSM merges only anonymous private memory marked mergeable: QEMU's ``memory-backend-ram`` with
+``merge=on`` (memvirt's anonymous RAM), never a shared RAM file. A page merges after KSM has
+seen it unchanged on two passes (its checksum must be stable), so at the stock rate (100 pages
+every 20 ms) one pass over four 1 GiB guests takes minutes. Pages absent from QEMU's page
+tables are skipped without counting against ``pages_to_scan``: that is how reclaiming free
+pages makes each KSM pass shorter at the same ksmd CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from memvirt.errors import MemvirtError, UsageError
+from memvirt.memory.source import PAGE_SIZE
+
+KSM = Path("/sys/kernel/mm/ksm")
+SETTINGS = ("run", "pages_to_scan", "sleep_millisecs", "use_zero_pages")
+COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "full_scans", "ksm_zero_pages",
+            "general_profit", "pages_scanned")
+STOCK = {"pages_to_scan": 100, "sleep_millisecs": 20, "use_zero_pages": 0}
+"""The kernel's defaults: what "stock KSM" means in memvirt's figures."""
+
+
+def available() -> bool:
+    return (KSM / "run").exists()
+
+
+def _require() -> None:
+    if not available():
+        raise UsageError("this host kernel has no KSM (/sys/kernel/mm/ksm is missing)")
+
+
+def read(name: str) -> int | None:
+    """A KSM sysfs value, or None when this kernel does not have it."""
+    try:
+        return int((KSM / name).read_text().split()[0])
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def write(name: str, value: int) -> None:
+    _require()
+    try:
+        (KSM / name).write_text(f"{value}\n")
+    except PermissionError:
+        raise UsageError(f"no permission to change {KSM / name}: run as root") from None
+    except OSError as e:
+        raise MemvirtError(f"setting {KSM / name} to {value} failed: {e.strerror}") from None
+
+
+def settings() -> dict[str, int]:
+    return {k: v for k in SETTINGS if (v := read(k)) is not None}
+
+
+def counters() -> dict[str, int]:
+    return {k: v for k in COUNTERS if (v := read(k)) is not None}
+
+
+def saving_bytes(c: dict[str, int] | None = None) -> int:
+    """Memory KSM saves now: pages mapped to a shared KSM page beyond its one copy, plus pages it
+    replaced with the zero page."""
+    c = counters() if c is None else c
+    return (c.get("pages_sharing", 0) + c.get("ksm_zero_pages", 0)) * PAGE_SIZE
+
+
+@contextmanager
+def configured(**values: int) -> Iterator[dict[str, int]]:
+    """Apply KSM settings for the duration; the previous ones come back on exit, also on error."""
+    _require()
+    before = settings()
+    try:
+        for k, v in values.items():
+            if v is not None and k != "run":
+                write(k, v)
+        if values.get("run") is not None:
+            write("run", values["run"])
+        yield before
+    finally:
+        restore(before)
+
+
+def restore(before: dict[str, int]) -> None:
+    """Put settings back (``run`` last, so the others are written while it is as it was)."""
+    for k, v in before.items():
+        if k != "run" and read(k) != v:
+            write(k, v)
+    if "run" in before and read("run") != before["run"]:
+        write("run", before["run"])
+
+
+def _ksmd_pid() -> int | None:
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                if Path(f"/proc/{p}/comm").read_text().strip() == "ksmd":
+                    return int(p)
+            except OSError:
+                continue
+    return None
+
+
+_KSMD: list[int | None] = []
+
+
+def ksmd_cpu_seconds() -> float:
+    """CPU time ksmd has used since boot (user + system)."""
+    if not _KSMD:
+        _KSMD.append(_ksmd_pid())
+    pid = _KSMD[0]
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_stat(pid: int) -> dict[str, int]:
+    """``/proc/PID/ksm_stat`` (merging pages, zero pages, profit) where the kernel has it."""
+    out: dict[str, int] = {}
+    try:
+        for line in Path(f"/proc/{pid}/ksm_stat").read_text().splitlines():
+            k, _, v = line.partition(" ")
+            if v.strip().lstrip("-").isdigit():
+                out[k] = int(v)
+    except OSError:
+        pass
+    return out
+
+
+@dataclass
+class Sample:
+    """Host memory of a set of guests and KSM's state at one moment."""
+
+    t: float
+    guest_bytes: int
+    ksm_saving: int
+    ksmd_cpu: float
+    counters: dict[str, int]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"t": round(self.t, 2), "guest_bytes": self.guest_bytes, "ksm_saving_bytes": self.ksm_saving,
+                "ksmd_cpu_seconds": round(self.ksmd_cpu, 3), **{k: self.counters[k] for k in
+                                                                ("pages_sharing", "ksm_zero_pages", "full_scans")
+                                                                if k in self.counters}}
+
+
+def sample(t0: float, usage: list[int]) -> Sample:
+    c = counters()
+    return Sample(time.monotonic() - t0, sum(usage), saving_bytes(c), ksmd_cpu_seconds(), c)

@@ -1,0 +1,188 @@
+"""System calls run inside another process (QEMU) through ptrace, for what no remote interface does.
+
+Anonymous guest RAM can only be given back by ``madvise(MADV_DONTNEED)`` from inside QEMU:
+``process_madvise`` from another process accepts only COLD, PAGEOUT, WILLNEED and COLLAPSE (and
+PAGEOUT frees nothing without swap), while since Linux 6.13 a process may apply *any* advice to
+itself through it. So one idle QEMU thread is borrowed the way a debugger calls a function in its
+inferior: stop it (``PTRACE_SEIZE`` + ``PTRACE_INTERRUPT``), save its registers, point it at a
+``syscall`` instruction it already executes (the one it is blocked in), single-step, read the
+result, put every register back and let it go. The thread's interrupted system call restarts as
+it would after any signal. The other QEMU threads never stop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+
+from memvirt.errors import VMError
+
+PTRACE_CONT = 7
+PTRACE_SINGLESTEP = 9
+PTRACE_GETREGS = 12
+PTRACE_SETREGS = 13
+PTRACE_DETACH = 17
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+SYS_CLOSE = 3
+SYS_MADVISE = 28
+SYS_PIDFD_OPEN = 434
+SYS_PROCESS_MADVISE = 440
+MADV_DONTNEED = 4
+UIO_MAXIOV = 1024
+SYSCALL_INSN = b"\x0f\x05"
+WALL = 0x40000000
+STACK_SKIP = 4096
+"""Bytes left untouched below the borrowed thread's stack pointer (red zone and more)."""
+
+
+class Regs(ctypes.Structure):
+    """``struct user_regs_struct`` of x86-64."""
+
+    _fields_ = [(n, ctypes.c_ulonglong) for n in (
+        "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx", "rdx", "rsi", "rdi",
+        "orig_rax", "rip", "cs", "eflags", "rsp", "ss", "fs_base", "gs_base", "ds", "es", "fs", "gs")]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+_libc.ptrace.restype = ctypes.c_long
+
+
+def _ptrace(req: int, tid: int, addr: int = 0, data: object = None) -> None:
+    arg = ctypes.cast(ctypes.pointer(data), ctypes.c_void_p) if isinstance(data, ctypes.Structure) else data
+    if _libc.ptrace(req, tid, addr, arg) < 0:
+        e = ctypes.get_errno()
+        raise VMError(f"cannot borrow QEMU thread {tid} (ptrace {req:#x}: {os.strerror(e)}); is a debugger attached?")
+
+
+def _wait_stop(tid: int) -> int:
+    _, status = os.waitpid(tid, WALL)
+    if not os.WIFSTOPPED(status):
+        raise VMError(f"QEMU thread {tid} ended while memvirt borrowed it")
+    return os.WSTOPSIG(status)
+
+
+def _blocked_thread(pid: int) -> tuple[int, int]:
+    """A non-main thread blocked in a system call, and the address of its ``syscall`` instruction."""
+    try:
+        return _find_blocked(pid)
+    except OSError as e:
+        raise VMError(f"cannot inspect QEMU process {pid}: {e.strerror}") from None
+
+
+def _find_blocked(pid: int) -> tuple[int, int]:
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for tid in sorted(int(t) for t in os.listdir(f"/proc/{pid}/task")):
+            if tid == pid:
+                continue
+            try:
+                with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                    fields = f.read().split()
+            except OSError:
+                continue
+            if len(fields) < 9 or fields[0] in ("running", "-1"):
+                continue
+            pc = int(fields[-1], 16) - 2
+            if os.pread(mem.fileno(), 2, pc) == SYSCALL_INSN:
+                return tid, pc
+    raise VMError(f"QEMU process {pid} has no idle thread blocked in a system call to borrow")
+
+
+class RemoteProcess:
+    """Run system calls inside process ``pid`` through one of its idle threads (context manager)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.tid, self.gadget = _blocked_thread(pid)
+        self._saved = Regs()
+        self._attached = False
+        try:
+            self._mem = os.open(f"/proc/{pid}/mem", os.O_RDWR)
+        except OSError as e:
+            raise VMError(f"cannot open /proc/{pid}/mem for writing: {e.strerror}") from None
+
+    def __enter__(self) -> RemoteProcess:
+        _ptrace(PTRACE_SEIZE, self.tid)
+        self._attached = True
+        _ptrace(PTRACE_INTERRUPT, self.tid)
+        _wait_stop(self.tid)
+        _ptrace(PTRACE_GETREGS, self.tid, 0, self._saved)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._attached:
+                _ptrace(PTRACE_SETREGS, self.tid, 0, self._saved)
+                _ptrace(PTRACE_DETACH, self.tid, 0, None)
+                self._attached = False
+        finally:
+            os.close(self._mem)
+
+    @property
+    def scratch(self) -> int:
+        """An address on the borrowed thread's stack, below anything it uses, for arguments."""
+        return (self._saved.rsp - STACK_SKIP - UIO_MAXIOV * 16) & ~0xF
+
+    def syscall(self, nr: int, *args: int) -> int:
+        """``syscall(nr, args...)`` in the target; returns its result (negative errno on failure)."""
+        regs = Regs.from_buffer_copy(self._saved)
+        regs.rip, regs.rax, regs.orig_rax = self.gadget, nr, (1 << 64) - 1
+        for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args, strict=False):
+            setattr(regs, name, value & ((1 << 64) - 1))
+        _ptrace(PTRACE_SETREGS, self.tid, 0, regs)
+        while True:
+            _ptrace(PTRACE_SINGLESTEP, self.tid, 0, None)
+            if _wait_stop(self.tid) == 5:
+                break
+        _ptrace(PTRACE_GETREGS, self.tid, 0, regs)
+        if regs.rip != self.gadget + 2:
+            raise VMError(f"borrowed QEMU thread {self.tid} stopped at {regs.rip:#x}, not after its syscall")
+        ret = regs.rax
+        return ret - (1 << 64) if ret >= 1 << 63 else ret
+
+    def write(self, addr: int, data: bytes) -> None:
+        if os.pwrite(self._mem, data, addr) != len(data):
+            raise VMError(f"short write into QEMU process {self.pid}")
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        raise VMError(f"{what} in QEMU failed: {os.strerror(-ret)}")
+    return ret
+
+
+@contextmanager
+def remote_madvise(pid: int) -> Iterator[Callable[[np.ndarray, np.ndarray], None]]:
+    """Yields ``dontneed(starts, lengths)``: ``MADV_DONTNEED`` over host ranges of process ``pid``,
+    1024 ranges per ``process_madvise`` call (one ``madvise`` per range before Linux 6.13)."""
+    with RemoteProcess(pid) as rp:
+        pidfd = _check(rp.syscall(SYS_PIDFD_OPEN, pid, 0), "pidfd_open")
+        try:
+            batch = [True]
+
+            def dontneed(starts: np.ndarray, lengths: np.ndarray) -> None:
+                for i in range(0, len(starts), UIO_MAXIOV):
+                    s, n = starts[i : i + UIO_MAXIOV], lengths[i : i + UIO_MAXIOV]
+                    if batch[0]:
+                        iov = np.empty((len(s), 2), dtype="<u8")
+                        iov[:, 0], iov[:, 1] = s, n
+                        rp.write(rp.scratch, iov.tobytes())
+                        ret = rp.syscall(SYS_PROCESS_MADVISE, pidfd, rp.scratch, len(s), MADV_DONTNEED, 0)
+                        if ret == -errno.EINVAL:
+                            batch[0] = False
+                        else:
+                            if _check(ret, "process_madvise") != int(n.sum()):
+                                raise VMError(f"process_madvise in QEMU advised {ret} of {int(n.sum())} bytes")
+                            continue
+                    for a, b in zip(s.tolist(), n.tolist(), strict=True):
+                        _check(rp.syscall(SYS_MADVISE, a, b, MADV_DONTNEED), "madvise")
+
+            yield dontneed
+        finally:
+            rp.syscall(SYS_CLOSE, pidfd)

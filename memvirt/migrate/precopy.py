@@ -1,0 +1,181 @@
+"""Precopy rounds: what changed since it was sent, what is free, what is zero or a duplicate.
+
+There is no soft-dirty on this host, so the sender keeps, per guest frame, the fingerprint of the
+bytes the target holds (``held``): a fresh target RAM file is all holes, so it starts as the zero
+page's fingerprint everywhere. A round fingerprints the guest's non-free, populated pages and:
+
+* punches on the target every page the guest holds free whose target copy is not zero (the
+  target then reads zero there, as a page never sent does);
+* sends changed all-zero pages as run markers (the target punches them too);
+* sends a changed page whose content the target already holds in a page left unchanged, or that
+  an earlier page of this round carries, as a reference (``dst <- src``), bytes checked equal;
+* sends the rest in batches of contiguous runs, compressed.
+
+``held`` is only ever set from what the target was told: a DATA page gets the fingerprint of the
+bytes actually read and sent (the guest may have written it after it was fingerprinted), a
+reference the source page's ``held``. So after the final round, on the paused guest, every
+non-free page's fingerprint equals ``held`` and the target holds those bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import xxhash
+
+from memvirt.memory.ramfile import RamFileMemory
+from memvirt.migrate import codec
+from memvirt.migrate.fingerprint import ZERO_HASH, hash_pages
+from memvirt.migrate.protocol import Kind
+
+PAGE = 4096
+BATCH_PAGES = 256
+DUP_CHECK = 4096
+MAX_PAIRS = 1 << 20
+
+Send = Callable[[Kind, list[bytes | memoryview]], int]
+"""Sends one frame made of the given pieces; returns its size on the wire."""
+
+
+@dataclass
+class Round:
+    """What one round found and sent (pages, except ``*_bytes`` and seconds)."""
+
+    index: int
+    final: bool = False
+    free: int = 0
+    discarded: int = 0
+    changed: int = 0
+    zero: int = 0
+    dup: int = 0
+    data: int = 0
+    data_bytes: int = 0
+    wire_bytes: int = 0
+    hashed: int = 0
+    scan_seconds: float = 0.0
+    hash_seconds: float = 0.0
+    send_seconds: float = 0.0
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, object]:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+class Tracker:
+    """The sender's record of what the target holds, and one precopy round over a RAM file."""
+
+    def __init__(self, mem: RamFileMemory, chooser: codec.CodecChooser):
+        self.mem = mem
+        self.chooser = chooser
+        self.max_pfn = mem.max_pfn
+        self.held = np.full(self.max_pfn, ZERO_HASH, dtype=np.uint64)
+        self.ram = np.zeros(self.max_pfn, dtype=bool)
+        for a, b in mem.pfn_ranges():
+            self.ram[a:b] = True
+
+    def digest(self) -> str:
+        """What the target must hold, in one value: XXH3-128 over ``held``."""
+        return xxhash.xxh3_128_hexdigest(self.held.tobytes())
+
+    def fingerprints(self, free: np.ndarray) -> tuple[np.ndarray, int]:
+        """Fingerprint of every frame now (free pages, file holes and non-RAM count as zero);
+        also how many pages were read."""
+        cur = np.full(self.max_pfn, ZERO_HASH, dtype=np.uint64)
+        skip = free | ~self.mem.populated_pfns()
+        hashed = 0
+        for r in self.mem.regions:
+            p0, p1 = r.gpa // PAGE, r.end // PAGE
+            view = self.mem.view(r.gpa, r.size)
+            sk = skip[p0:p1]
+            h = hash_pages(view, sk)
+            cur[p0:p1] = np.where(sk, np.uint64(ZERO_HASH), h)
+            hashed += int((~sk).sum())
+        return cur, hashed
+
+    def run(self, index: int, free: np.ndarray, send: Send, final: bool = False) -> Round:
+        """One round: fingerprint, plan, send every frame (not ROUND_END)."""
+        t0 = time.perf_counter()
+        st = Round(index, final, free=int(free.sum()))
+        cur, st.hashed = self.fingerprints(free)
+        st.hash_seconds = time.perf_counter() - t0
+        discard = np.flatnonzero(free & (self.held != ZERO_HASH))
+        changed = ~free & self.ram & (cur != self.held)
+        st.changed = int(changed.sum())
+        zero = np.flatnonzero(changed & (cur == ZERO_HASH))
+        zero = zero[self._all_zero(zero)]
+        changed[zero] = False
+        data, dst, src = self._dups(np.flatnonzero(changed), cur)
+        ts = time.perf_counter()
+        for kind, pages in ((Kind.DISCARD, discard), (Kind.ZERO, zero)):
+            for part in _split(pages, MAX_PAIRS):
+                starts, lengths = codec.runs(part)
+                st.wire_bytes += send(kind, [codec.encode_pairs(starts, lengths)])
+            self.held[pages] = ZERO_HASH
+        st.discarded, st.zero = len(discard), len(zero)
+        for batch in _split(data, BATCH_PAGES):
+            st.wire_bytes += self._send_data(batch, send)
+        st.data, st.data_bytes = len(data), len(data) * PAGE
+        for part in range(0, len(dst), MAX_PAIRS):
+            d, s = dst[part:part + MAX_PAIRS], src[part:part + MAX_PAIRS]
+            st.wire_bytes += send(Kind.DUP, [codec.encode_pairs(d, s)])
+            self.held[d] = self.held[s]
+        st.dup = len(dst)
+        st.send_seconds = time.perf_counter() - ts
+        st.seconds = time.perf_counter() - t0
+        return st
+
+    def _all_zero(self, pfns: np.ndarray) -> np.ndarray:
+        """Which of these pages (fingerprint of zero) really are all zero; holes need no reading."""
+        ok = np.ones(len(pfns), dtype=bool)
+        populated = self.mem.populated_pfns()[pfns] if len(pfns) else ok
+        idx = np.flatnonzero(populated)
+        for part in _split(idx, DUP_CHECK):
+            ok[part] = ~self.mem.read_pages(pfns[part]).any(axis=1)
+        return ok
+
+    def _dups(self, cand: np.ndarray, cur: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Split changed pages into (data, dup targets, dup sources), vectorized: sources are
+        unchanged pages whose target copy has the same content, else the first page of the round
+        with it. Pairs whose bytes differ (a fingerprint collision, or a live guest's write) go
+        back to data."""
+        if len(cand) == 0:
+            e = np.empty(0, np.int64)
+            return e, e, e
+        h = cur[cand]
+        known = np.flatnonzero(self.ram & (cur == self.held) & (self.held != ZERO_HASH))
+        known = known[~np.isin(known, cand, assume_unique=True)]
+        kh = self.held[known]
+        order = np.argsort(kh, kind="stable")
+        ks = kh[order]
+        pos = np.minimum(np.searchsorted(ks, h), max(len(ks) - 1, 0))
+        hit = (ks[pos] == h) if len(ks) else np.zeros(len(cand), bool)
+        ref_dst, ref_src = cand[hit], known[order[pos[hit]]] if len(ks) else np.empty(0, np.int64)
+        rest = cand[~hit]
+        _, first, inverse = np.unique(cur[rest], return_index=True, return_inverse=True)
+        rep = rest[first][inverse.reshape(-1)]
+        is_dup = rep != rest
+        dst = np.concatenate((ref_dst, rest[is_dup]))
+        src = np.concatenate((ref_src, rep[is_dup]))
+        same = np.ones(len(dst), dtype=bool)
+        for part in _split(np.arange(len(dst)), DUP_CHECK):
+            same[part] = (self.mem.read_pages(dst[part]) == self.mem.read_pages(src[part])).all(axis=1)
+        data = np.sort(np.concatenate((rest[~is_dup], dst[~same])))
+        return data, dst[same], src[same]
+
+    def _send_data(self, batch: np.ndarray, send: Send) -> int:
+        pages = self.mem.read_pages(batch)
+        self.held[batch] = hash_pages(pages.reshape(-1))
+        c, blob = self.chooser.encode(memoryview(pages.reshape(-1)))
+        starts, lengths = codec.runs(batch)
+        t = time.perf_counter()
+        n = send(Kind.DATA, codec.encode_data(c, starts, lengths, blob))
+        self.chooser.note_send(n, time.perf_counter() - t)
+        return n
+
+
+def _split(a: np.ndarray, n: int) -> Iterator[np.ndarray]:
+    for i in range(0, len(a), n):
+        yield a[i:i + n]

@@ -1,0 +1,303 @@
+"""The migration wire protocol: versioned, framed, every frame authenticated.
+
+Handshake (HMAC-SHA256 challenge-response over a shared secret; no secret ever crosses the wire)::
+
+    client -> HELLO      "MVMG" version:u16 flags:u8 client_nonce[32]
+    server -> CHALLENGE  "MVMG" version:u16 flags:u8 server_nonce[32] HMAC(secret, "server"|cn|sn)
+    client -> AUTH       HMAC(secret, "client"|cn|sn)
+    server -> OK frame   (the first MAC'd frame: the client knows it was accepted)
+
+Each side proves it knows the secret and checks the other's proof with ``hmac.compare_digest``;
+a peer that fails is disconnected before it can send a frame. Then every frame is
+``kind:u8 length:u32 payload tag[32]`` where the tag is HMAC-SHA256 under a per-direction session
+key (derived from the secret and both nonces) over an implicit sequence number, the header and
+the payload: a forged, replayed, reordered, truncated or reflected frame fails its MAC and ends
+the session. ``--insecure`` uses a well-known secret, so peers still frame and version-check but
+prove nothing; both sides must choose it, a secure peer refuses an insecure one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import socket
+import struct
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+from memvirt.errors import MemvirtError, UsageError
+
+Buffer = bytes | bytearray | memoryview
+
+MAGIC = b"MVMG"
+VERSION = 1
+FLAG_INSECURE = 1
+INSECURE_SECRET = b"memvirt-migrate-insecure"
+NONCE = 32
+TAG = 32
+MAX_FRAME = 128 << 20
+SMALL_FRAME = 64 << 10
+HEADER = struct.Struct("!BI")
+HELLO = struct.Struct(f"!4sHB{NONCE}s")
+CHALLENGE = struct.Struct(f"!4sHB{NONCE}s{TAG}s")
+DEFAULT_PORT = 4444
+SECRET_ENV = "MEMVIRT_SECRET"
+
+
+class Kind(IntEnum):
+    """Frame kinds, in the order a migration uses them."""
+
+    OK = 1
+    SETUP = 2
+    READY = 3
+    DATA = 4
+    ZERO = 5
+    DISCARD = 6
+    DUP = 7
+    ROUND_END = 8
+    DEVSTATE = 9
+    COMMIT = 10
+    VERIFIED = 11
+    GO = 12
+    RUNNING = 13
+    ERROR = 14
+
+
+class ProtocolError(MemvirtError):
+    """The peer broke the protocol: bad MAC, malformed or unexpected frame, lost connection."""
+
+
+class AuthError(ProtocolError):
+    """The peer could not prove it knows the shared secret (or we could not)."""
+
+
+class PeerError(ProtocolError):
+    """The peer reported a failure on its side (an ERROR frame)."""
+
+
+def load_secret(secret_file: Path | None, insecure: bool) -> bytes | None:
+    """The shared secret from ``--secret-file`` or ``$MEMVIRT_SECRET``; None only with ``--insecure``.
+
+    Secure by default: without a secret memvirt refuses to migrate rather than run unauthenticated.
+    """
+    if insecure:
+        if secret_file is not None:
+            raise UsageError("--insecure and --secret-file exclude each other")
+        return None
+    if secret_file is not None:
+        try:
+            secret = secret_file.read_bytes().strip()
+        except OSError as e:
+            raise UsageError(f"cannot read secret file {secret_file}: {e.strerror}") from None
+    else:
+        secret = os.environ.get(SECRET_ENV, "").encode()
+    if not secret:
+        raise UsageError(f"no shared secret: give --secret-file FILE or set ${SECRET_ENV} (or --insecure on loopback)")
+    if len(secret) < 16:
+        raise UsageError("the shared secret is too short: use at least 16 bytes (e.g. 'openssl rand -hex 32')")
+    return secret
+
+
+def parse_endpoint(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """``HOST:PORT``, ``:PORT`` or ``PORT`` -> (host, port)."""
+    host, _, port = text.rpartition(":")
+    try:
+        p = int(port)
+    except ValueError:
+        raise UsageError(f"not an endpoint: {text!r} (use HOST:PORT, e.g. 127.0.0.1:{DEFAULT_PORT})") from None
+    if not 0 <= p <= 65535:
+        raise UsageError(f"port out of range in {text!r}")
+    return (host.strip("[]") or default_host), p
+
+
+def _mac(key: bytes, label: bytes, cn: bytes, sn: bytes) -> bytes:
+    return hmac.new(key, label + cn + sn, hashlib.sha256).digest()
+
+
+class Channel:
+    """One authenticated session: framed, MAC'd, sequence-numbered messages over a socket."""
+
+    def __init__(self, sock: socket.socket, send_key: bytes, recv_key: bytes, timeout: float):
+        self.sock = sock
+        self._send_key, self._recv_key = send_key, recv_key
+        self._send_seq = self._recv_seq = 0
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.bytes_sent = self.bytes_received = 0
+        sock.settimeout(timeout)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def settimeout(self, timeout: float) -> None:
+        self.sock.settimeout(timeout)
+
+    def _tag(self, key: bytes, seq: int, header: bytes, pieces: list[Buffer]) -> bytes:
+        h = hmac.new(key, seq.to_bytes(8, "big") + header, hashlib.sha256)
+        for p in pieces:
+            h.update(p)
+        return h.digest()
+
+    def send(self, kind: Kind, payload: Buffer | list[Buffer] = b"") -> int:
+        """Send one frame made of ``payload`` (a buffer or a list of pieces, sent without joining
+        them); returns its size on the wire."""
+        pieces = payload if isinstance(payload, list) else [payload]
+        n = sum(memoryview(p).nbytes for p in pieces)
+        if n > MAX_FRAME:
+            raise ProtocolError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
+        header = HEADER.pack(kind, n)
+        tag = self._tag(self._send_key, self._send_seq, header, pieces)
+        self._send_seq += 1
+        try:
+            if n < SMALL_FRAME:
+                self.sock.sendall(b"".join([header, *pieces, tag]))
+            else:
+                self.sock.sendall(header)
+                for p in pieces:
+                    if memoryview(p).nbytes:
+                        self.sock.sendall(p)
+                self.sock.sendall(tag)
+        except TimeoutError:
+            raise ProtocolError("the peer stopped reading (send timed out)") from None
+        except OSError as e:
+            raise ProtocolError(f"connection lost while sending: {e.strerror or e}") from None
+        self.bytes_sent += HEADER.size + n + TAG
+        return HEADER.size + n + TAG
+
+    def send_json(self, kind: Kind, obj: Any) -> None:
+        self.send(kind, json.dumps(obj).encode())
+
+    def send_json_sized(self, kind: Kind, obj: Any) -> int:
+        """:meth:`send_json`, returning the frame's size on the wire."""
+        return self.send(kind, json.dumps(obj).encode())
+
+    def recv(self, *expect: Kind) -> tuple[Kind, bytes]:
+        """The next frame; an ERROR frame raises :class:`PeerError`, a kind not in ``expect``
+        (when given) or a bad MAC raises :class:`ProtocolError`."""
+        header = _recv_exact(self.sock, HEADER.size)
+        kind_no, n = HEADER.unpack(header)
+        if n > MAX_FRAME:
+            raise ProtocolError(f"malformed frame: length {n} exceeds the {MAX_FRAME}-byte limit")
+        payload = _recv_exact(self.sock, n)
+        tag = _recv_exact(self.sock, TAG)
+        if not hmac.compare_digest(tag, self._tag(self._recv_key, self._recv_seq, header, [payload])):
+            raise AuthError("frame failed authentication (bad MAC: forged, corrupted or out of order)")
+        self._recv_seq += 1
+        self.bytes_received += HEADER.size + n + TAG
+        try:
+            kind = Kind(kind_no)
+        except ValueError:
+            raise ProtocolError(f"malformed frame: unknown kind {kind_no}") from None
+        if kind == Kind.ERROR:
+            raise PeerError(payload.decode(errors="replace"))
+        if expect and kind not in expect:
+            raise ProtocolError(f"unexpected {kind.name} frame (expected {'/'.join(k.name for k in expect)})")
+        return kind, payload
+
+    def recv_json(self, *expect: Kind) -> dict[str, Any]:
+        kind, payload = self.recv(*expect)
+        try:
+            obj = json.loads(payload)
+        except ValueError:
+            raise ProtocolError(f"malformed {kind.name} frame: not JSON") from None
+        if not isinstance(obj, dict):
+            raise ProtocolError(f"malformed {kind.name} frame: not a JSON object")
+        return obj
+
+    def send_error(self, message: str) -> None:
+        """Tell the peer why we give up (best effort: the connection may already be gone)."""
+        try:
+            self.send(Kind.ERROR, message.encode()[:4000])
+        except ProtocolError:
+            pass
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        try:
+            k = sock.recv_into(view[got:], n - got)
+        except TimeoutError:
+            raise ProtocolError("the peer went silent (receive timed out)") from None
+        except OSError as e:
+            raise ProtocolError(f"connection lost: {e.strerror or e}") from None
+        if k == 0:
+            raise ProtocolError("connection closed by the peer")
+        got += k
+    return bytes(buf)
+
+
+def _keys(secret: bytes, cn: bytes, sn: bytes) -> tuple[bytes, bytes]:
+    """Session keys (client->server, server->client): distinct, so no frame can be reflected."""
+    return _mac(secret, b"memvirt-migrate c2s", cn, sn), _mac(secret, b"memvirt-migrate s2c", cn, sn)
+
+
+def client_handshake(sock: socket.socket, secret: bytes | None, timeout: float) -> Channel:
+    """Authenticate to a receiver (and it to us); returns the session."""
+    key = secret if secret is not None else INSECURE_SECRET
+    flags = FLAG_INSECURE if secret is None else 0
+    sock.settimeout(timeout)
+    cn = secrets.token_bytes(NONCE)
+    try:
+        sock.sendall(HELLO.pack(MAGIC, VERSION, flags, cn))
+    except OSError as e:
+        raise ProtocolError(f"connection lost during the handshake: {e.strerror or e}") from None
+    try:
+        magic, version, sflags, sn, proof = CHALLENGE.unpack(_recv_exact(sock, CHALLENGE.size))
+    except ProtocolError as e:
+        raise ProtocolError(f"the receiver closed the handshake ({e}): is it a memvirt receiver?") from None
+    if magic != MAGIC:
+        raise ProtocolError("the peer is not a memvirt receiver (bad magic)")
+    if version != VERSION:
+        raise ProtocolError(f"protocol version mismatch: receiver speaks v{version}, this memvirt v{VERSION}")
+    if sflags != flags:
+        raise AuthError("the receiver requires a shared secret; this side runs --insecure" if flags
+                        else "the receiver runs --insecure (unauthenticated): refusing to send to it")
+    if not hmac.compare_digest(proof, _mac(key, b"memvirt-migrate server", cn, sn)):
+        raise AuthError("the receiver failed authentication (shared secrets differ)")
+    try:
+        sock.sendall(_mac(key, b"memvirt-migrate client", cn, sn))
+    except OSError as e:
+        raise ProtocolError(f"connection lost during the handshake: {e.strerror or e}") from None
+    c2s, s2c = _keys(key, cn, sn)
+    chan = Channel(sock, c2s, s2c, timeout)
+    try:
+        chan.recv(Kind.OK)
+    except ProtocolError:
+        raise AuthError("the receiver refused us (shared secrets differ?)") from None
+    return chan
+
+
+def server_handshake(sock: socket.socket, secret: bytes | None, timeout: float) -> Channel:
+    """Check a connecting sender; raises :class:`AuthError` (after closing) if it cannot prove the secret."""
+    key = secret if secret is not None else INSECURE_SECRET
+    flags = FLAG_INSECURE if secret is None else 0
+    sock.settimeout(timeout)
+    magic, version, cflags, cn = HELLO.unpack(_recv_exact(sock, HELLO.size))
+    if magic != MAGIC:
+        raise ProtocolError("the peer is not a memvirt sender (bad magic)")
+    sn = secrets.token_bytes(NONCE)
+    proof = _mac(key, b"memvirt-migrate server", cn, sn) if version == VERSION and cflags == flags else bytes(TAG)
+    try:
+        sock.sendall(CHALLENGE.pack(MAGIC, VERSION, flags, sn, proof))
+    except OSError as e:
+        raise ProtocolError(f"connection lost during the handshake: {e.strerror or e}") from None
+    if version != VERSION:
+        raise ProtocolError(f"protocol version mismatch: sender speaks v{version}, this memvirt v{VERSION}")
+    if cflags != flags:
+        raise AuthError("refused an insecure sender" if cflags else "the sender requires a secret; this receiver runs --insecure")
+    answer = _recv_exact(sock, TAG)
+    if not hmac.compare_digest(answer, _mac(key, b"memvirt-migrate client", cn, sn)):
+        raise AuthError("refused a sender that failed authentication")
+    c2s, s2c = _keys(key, cn, sn)
+    chan = Channel(sock, s2c, c2s, timeout)
+    chan.send(Kind.OK)
+    return chan

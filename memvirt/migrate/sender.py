@@ -1,0 +1,260 @@
+"""The sending end: precopy rounds while the guest runs, then pause, final round, device state,
+and the source stopped only once the target says its guest runs.
+
+QEMU moves only device state: both QEMUs have ``x-ignore-shared``, so the source's ``migrate``
+(to a local file, read back and sent in a DEVSTATE frame) leaves its RAM file out; the receiver
+feeds it to the target only after all RAM was written and verified. Until the target confirms,
+every failure (the receiver refusing or dying, the connection dropping, a malformed or forged
+frame) resumes the source if this migration paused it: the source's RAM is only ever read, so it
+runs on unchanged.
+"""
+
+from __future__ import annotations
+
+import shlex
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from memvirt.errors import MemvirtError, UsageError, VMError
+from memvirt.memory.ramfile import RamFileMemory
+from memvirt.migrate.codec import CodecChooser
+from memvirt.migrate.precopy import PAGE, Round, Tracker
+from memvirt.migrate.protocol import Channel, Kind, PeerError, ProtocolError, client_handshake
+from memvirt.migrate.receiver import IGNORE_SHARED
+from memvirt.qemu.monitor import Monitor
+from memvirt.qemu.vm import VM, check_name
+
+SESSION_TIMEOUT = 60.0
+CONNECT_TIMEOUT = 10.0
+DEVSTATE_TIMEOUT = 30.0
+FIXED_DOWNTIME = 0.05
+"""Seconds the switch-over costs besides the final round: device state save and load, commit, cont."""
+SHRINK = 0.9
+
+Progress = Callable[[Round], None]
+
+
+@dataclass
+class Report:
+    """What ``memvirt migrate`` did."""
+
+    vm: str
+    target: str
+    peer: str
+    elide_free: bool
+    downtime_target: float
+    rounds: list[Round] = field(default_factory=list)
+    stop_reason: str = ""
+    wire_bytes: int = 0
+    devstate_bytes: int = 0
+    setup_seconds: float = 0.0
+    bootstrap_seconds: float = 0.0
+    total_seconds: float = 0.0
+    downtime_seconds: float = 0.0
+    final_round_seconds: float = 0.0
+    codecs: dict[str, int] = field(default_factory=dict)
+
+    def pages(self) -> dict[str, int]:
+        """Pages per class over all rounds; ``free_final`` were free at pause and never needed."""
+        out = {k: sum(getattr(r, k) for r in self.rounds) for k in ("data", "zero", "dup", "discarded")}
+        out["free_final"] = self.rounds[-1].free if self.rounds else 0
+        return out
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "vm": self.vm, "target": self.target, "peer": self.peer, "elide_free": self.elide_free,
+            "rounds": len(self.rounds), "stop_reason": self.stop_reason, "pages": self.pages(),
+            "wire_bytes": self.wire_bytes, "devstate_bytes": self.devstate_bytes,
+            "setup_seconds": round(self.setup_seconds, 3), "bootstrap_seconds": round(self.bootstrap_seconds, 3),
+            "total_seconds": round(self.total_seconds, 3), "downtime_seconds": round(self.downtime_seconds, 4),
+            "final_round_seconds": round(self.final_round_seconds, 4), "downtime_target": self.downtime_target,
+            "codecs": self.codecs, "per_round": [r.to_json() for r in self.rounds],
+        }
+
+
+def check_source(vm: VM) -> str:
+    """Refuse a VM memvirt cannot migrate; returns its run state."""
+    c = vm.config
+    if c.ram != "shared":
+        raise UsageError(f"VM {vm.name!r} has {c.ram} RAM: memvirt migrates VMs started with --ram shared")
+    if vm.is_template:
+        raise UsageError(f"VM {vm.name!r} is a frozen template backing clones: migrate a clone or resume it first")
+    vm.require_alive()
+    status = vm.status()
+    if status not in ("running", "paused"):
+        raise UsageError(f"VM {vm.name!r} is {status}: only a running or paused VM can be migrated")
+    return status
+
+
+def _free_mask(intro: object | None, n: int, live: bool) -> np.ndarray:
+    """Pages the guest kernel holds free (buddy and per-cpu lists), from a census; none without one.
+
+    A failed live scan only costs bandwidth (nothing is skipped that round); a failed paused scan
+    likewise, so a census problem never breaks the migration's correctness."""
+    free = np.zeros(n, dtype=bool)
+    if intro is None:
+        return free
+    try:
+        mask = intro.scan(live=live).free_mask  # type: ignore[attr-defined]
+    except MemvirtError:
+        return free
+    m = min(n, len(mask))
+    free[:m] = mask[:m]
+    return free
+
+
+def _estimate(st: Round) -> float:
+    """Seconds a final round now would take: the same fingerprinting, and sending what changed
+    during one round at this round's pace."""
+    moved = st.data + st.zero + st.dup + st.discarded
+    per_page = st.send_seconds / moved if moved else 0.0
+    return st.scan_seconds + st.hash_seconds + st.changed * per_page + FIXED_DOWNTIME
+
+
+def _save_device_state(vm: VM, mon: Monitor) -> bytes:
+    """The source's device state (RAM excluded by ``x-ignore-shared``); leaves it ``postmigrate``."""
+    path = vm.dir / "outgoing.state"
+    try:
+        mon.command("migrate", uri=f"exec:cat > {shlex.quote(str(path))}", timeout=DEVSTATE_TIMEOUT)
+        deadline = time.monotonic() + DEVSTATE_TIMEOUT
+        while (st := mon.command("query-migrate")).get("status") != "completed":
+            if st.get("status") in ("failed", "cancelled"):
+                raise VMError(f"QEMU could not save the device state of {vm.name!r}: {st.get('error-desc', '')}")
+            if time.monotonic() > deadline:
+                raise VMError(f"saving the device state of {vm.name!r} took over {DEVSTATE_TIMEOUT:.0f} s")
+            time.sleep(0.0005)
+        return path.read_bytes()
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def migrate(
+    name: str, host: str, port: int, secret: bytes | None, target_name: str | None = None,
+    downtime: float = 0.3, codec: str = "auto", elide_free: bool = True, max_rounds: int = 30,
+    progress: Progress | None = None,
+) -> Report:
+    """Migrate VM ``name`` to the receiver at ``host:port``; on success the source is stopped."""
+    if downtime <= 0:
+        raise UsageError("--downtime must be positive")
+    if max_rounds < 1:
+        raise UsageError("--max-rounds must be at least 1")
+    chooser = CodecChooser(codec)
+    vm = VM.load(name)
+    state = check_source(vm)
+    target = check_name(target_name or name)
+    report = Report(name, target, f"{host}:{port}", elide_free, downtime)
+    t0 = time.perf_counter()
+    try:
+        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+    except OSError as e:
+        raise MemvirtError(f"cannot reach a receiver at {host}:{port}: {e.strerror or e}") from None
+    chan: Channel | None = None
+    mon: Monitor | None = None
+    paused = False
+    try:
+        chan = client_handshake(sock, secret, SESSION_TIMEOUT)
+        c = vm.config
+        chan.send_json(Kind.SETUP, {
+            "name": target, "source": name, "memory": c.memory, "cpus": c.cpus, "image": c.image,
+            "accel": c.accel, "append": c.append, "regions": c.regions,
+        })
+        with vm.monitor() as m:
+            m.command("migrate-set-capabilities", capabilities=IGNORE_SHARED)
+        chan.recv_json(Kind.READY)
+        report.setup_seconds = time.perf_counter() - t0
+        with RamFileMemory(c.ram_path, vm.regions) as mem:
+            intro = None
+            if elide_free:
+                from memvirt.introspect import Introspector
+
+                t = time.perf_counter()
+                intro = Introspector(mem)
+                report.bootstrap_seconds = time.perf_counter() - t
+            tracker = Tracker(mem, chooser)
+            send = chan.send
+
+            def one_round(final: bool) -> Round:
+                t = time.perf_counter()
+                free = _free_mask(intro, tracker.max_pfn, live=not final)
+                scan = time.perf_counter() - t
+                st = tracker.run(len(report.rounds), free, send, final)
+                st.scan_seconds = scan
+                st.seconds += scan
+                st.wire_bytes += chan.send_json_sized(Kind.ROUND_END, {"round": st.index, "final": final})
+                report.rounds.append(st)
+                if progress:
+                    progress(st)
+                return st
+
+            while state == "running":
+                st = one_round(False)
+                est = _estimate(st)
+                prev = report.rounds[-2].changed if len(report.rounds) > 1 else None
+                if len(report.rounds) > 1 and est <= downtime:
+                    report.stop_reason = f"remainder fits the downtime target (est. {est * 1000:.0f} ms)"
+                elif prev is not None and st.changed >= SHRINK * prev and len(report.rounds) > 2:
+                    report.stop_reason = f"dirty set stopped shrinking ({st.changed} pages changed; est. {est * 1000:.0f} ms)"
+                elif len(report.rounds) >= max_rounds:
+                    report.stop_reason = f"--max-rounds {max_rounds} reached"
+                else:
+                    continue
+                break
+            mon = vm.monitor()
+            t_pause = time.perf_counter()
+            if state == "running":
+                mon.command("stop")
+                paused = True
+            else:
+                report.stop_reason = "the source was paused: one round"
+            one_round(True)
+            report.final_round_seconds = time.perf_counter() - t_pause
+        devstate = _save_device_state(vm, mon)
+        mon.close()
+        mon = None
+        report.devstate_bytes = len(devstate)
+        chan.send(Kind.DEVSTATE, devstate)
+        chan.send_json(Kind.COMMIT, {"digest": tracker.digest(), "rounds": len(report.rounds)})
+        chan.recv_json(Kind.VERIFIED)
+        chan.send_json(Kind.GO, {"resume": state == "running"})
+        chan.recv_json(Kind.RUNNING)
+        report.downtime_seconds = time.perf_counter() - t_pause if state == "running" else 0.0
+    except BaseException as e:
+        if chan is not None and not isinstance(e, PeerError):
+            chan.send_error(f"sender: {e}")
+        (chan.sock if chan is not None else sock).close()
+        if paused:
+            _resume(vm, mon)
+        if mon is not None:
+            mon.close()
+        if isinstance(e, ProtocolError | MemvirtError):
+            where = "receiver" if isinstance(e, PeerError) else "link" if isinstance(e, ProtocolError) else "source"
+            raise MemvirtError(f"migration of {name!r} failed ({where}: {e}); {name!r} runs on here, unchanged") from None
+        raise
+    report.wire_bytes = chan.bytes_sent + chan.bytes_received
+    report.codecs = dict(chooser.used)
+    chan.close()
+    vm.stop()
+    report.total_seconds = time.perf_counter() - t0
+    return report
+
+
+def _resume(vm: VM, mon: Monitor | None) -> None:
+    """Give the source its CPUs back (from ``paused`` or ``postmigrate``), on a fresh QMP session
+    if the migration's own broke."""
+    try:
+        try:
+            if mon is None:
+                raise VMError("no session")
+            mon.command("cont")
+        except VMError:
+            with vm.monitor() as fresh:
+                fresh.command("cont")
+    except VMError as e:
+        raise VMError(f"migration failed and the source {vm.name!r} could not be resumed: {e}") from None
+
+
+__all__ = ["PAGE", "Report", "migrate"]

@@ -1,0 +1,349 @@
+"""memvirt's live migration on real guests, receiver and sender as separate processes.
+
+The receiver runs as another "host" (its own MEMVIRT_HOME and RAM folder). One migration of a
+running, dirtying guest checks the invariant at the moment of pause (the receiver holds the
+verified, paused target while the test compares both RAM files against a census of the paused
+source), then that the guest runs on on the target. Fault tests use the shared guest as the
+source and check it runs on after each fault: a peer without the secret, a forged-MAC client
+sending a malformed frame, a connection dropped mid-stream, a byte flipped in flight, and a
+receiver killed while the source is paused for the switch-over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cli import assert_error_after_progress, assert_one_line_error
+
+from memvirt.introspect import Introspector
+from memvirt.memory.ramfile import RamFileMemory
+from memvirt.migrate import codec, fingerprint
+from memvirt.migrate.protocol import AuthError, Kind, ProtocolError, client_handshake
+from memvirt.qemu.vm import VM
+
+pytestmark = pytest.mark.guest
+
+SECRET = "migrate-test-secret-0123456789abcdef"
+COUNTER = "/tmp/mig.count"
+DATACHECK = "/tmp/mig.dc"
+WORKLOAD = f"memtouch --hot 16M --cold 32M --content mix --dirty-rate 8M --counter-file {COUNTER}"
+
+
+def _entry() -> list[str]:
+    """``memvirt`` once the lead registered the commands, else the module's own entry point."""
+    from memvirt.cli.main import app
+
+    names = {c.name for c in app.registered_commands}
+    return ["-m", "memvirt"] if "migrate" in names else ["-m", "memvirt.cli.migrate"]
+
+
+@pytest.fixture
+def host_b(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """The receiving host's environment: its own state and RAM folders."""
+    ram = Path("/dev/shm") / f"mg-test-b-{os.getpid()}-{tmp_path.name}"
+    env = {**os.environ, "MEMVIRT_HOME": str(tmp_path / "host-b"), "MEMVIRT_RAM_DIR": str(ram),
+           "MEMVIRT_SECRET": SECRET}
+    yield env
+    _stop_all(env)
+    subprocess.run(["rm", "-rf", str(ram)], check=False)
+
+
+def _stop_all(env: dict[str, str]) -> None:
+    old = os.environ.get("MEMVIRT_HOME")
+    os.environ["MEMVIRT_HOME"] = env["MEMVIRT_HOME"]
+    try:
+        for vm in VM.all():
+            vm.stop()
+    finally:
+        os.environ["MEMVIRT_HOME"] = old or ""
+
+
+def _leftovers(env: dict[str, str]) -> list[str]:
+    vms = Path(env["MEMVIRT_HOME"]) / "vms"
+    ram = Path(env["MEMVIRT_RAM_DIR"])
+    return [p.name for p in (list(vms.iterdir()) if vms.exists() else []) + (list(ram.iterdir()) if ram.exists() else [])]
+
+
+class Receiver:
+    """``memvirt receive`` in its own process, on an ephemeral loopback port."""
+
+    def __init__(self, env: dict[str, str], *args: str):
+        self.proc = subprocess.Popen([sys.executable, *_entry(), "receive", "--listen", "127.0.0.1:0", "--timeout",
+                                      "240", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.log: list[str] = []
+        line = self.proc.stderr.readline()
+        self.log.append(line)
+        m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+        assert m, line
+        self.port = int(m.group(1))
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        self.log.extend(self.proc.stderr)
+
+    def wait(self, timeout: float = 120) -> int:
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _migrate(name: str, port: int, *args: str, secret: str = SECRET) -> subprocess.Popen[str]:
+    env = {**os.environ, "MEMVIRT_SECRET": secret}
+    return subprocess.Popen([sys.executable, *_entry(), "migrate", name, "--to", f"127.0.0.1:{port}", *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _counter(vm: VM) -> int:
+    return int(vm.exec(f"cat {COUNTER}").check("reading the counter").text)
+
+
+def _assert_runs_on(vm: VM) -> None:
+    """The source survived a failed migration: running, its workload advancing."""
+    assert vm.status() == "running"
+    a = _counter(vm)
+    time.sleep(1.0)
+    assert _counter(vm) > a
+
+
+@pytest.fixture(scope="module")
+def source_guest(guest: VM) -> VM:
+    """The shared guest with the test workload running (left running: tests leave it so)."""
+    if guest.exec(f"test -f {COUNTER}").rc != 0:
+        guest.exec_background(WORKLOAD, "/tmp/mig-memtouch.log")
+        deadline = time.monotonic() + 60
+        while guest.exec(f"test -s {COUNTER}").rc != 0 and time.monotonic() < deadline:
+            time.sleep(0.3)
+    return guest
+
+
+class Proxy:
+    """A loopback TCP relay that drops the connection or flips one byte after ``after`` bytes
+    sender->receiver; its threads end with the connection."""
+
+    def __init__(self, target_port: int, after: int, mode: str):
+        self.srv = socket.create_server(("127.0.0.1", 0))
+        self.srv.settimeout(120)
+        self.port = self.srv.getsockname()[1]
+        self.target, self.after, self.mode = target_port, after, mode
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            a, _ = self.srv.accept()
+        except OSError:
+            return
+        b = socket.create_connection(("127.0.0.1", self.target))
+        for s in (a, b):
+            s.settimeout(120)
+        threading.Thread(target=self._pipe, args=(b, a, None), daemon=True).start()
+        self._pipe(a, b, self.after)
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, after: int | None) -> None:
+        seen = 0
+        try:
+            while data := src.recv(1 << 16):
+                if after is not None and seen + len(data) > after:
+                    if self.mode == "drop":
+                        break
+                    buf = bytearray(data)
+                    buf[after - seen] ^= 0x40
+                    data, after = bytes(buf), None
+                seen += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        self.srv.close()
+
+
+def test_codec_and_fingerprint_units() -> None:
+    """Runs and their inverse; XXH64 from the C loop equals the numpy one and xxhash's."""
+    import xxhash
+
+    pfns = np.array([3, 4, 5, 9, 10, 20])
+    starts, lengths = codec.runs(pfns)
+    assert starts.tolist() == [3, 9, 20] and lengths.tolist() == [3, 2, 1]
+    assert codec.expand(starts, lengths).tolist() == pfns.tolist()
+    pages = np.random.default_rng(3).integers(0, 256, 8 * 4096, dtype=np.uint8)
+    pages[4096:8192] = 0
+    want = [xxhash.xxh64_intdigest(pages[i * 4096:(i + 1) * 4096].tobytes()) for i in range(8)]
+    assert fingerprint.hash_pages(pages).tolist() == want
+    words = pages.view("<u8").reshape(8, 512)
+    assert fingerprint._numpy_hash(words).tolist() == want
+    assert want[1] == fingerprint.ZERO_HASH
+    for c in (codec.LZ4, codec.ZSTD, codec.NONE):
+        blob = codec.compress(c, memoryview(pages))
+        assert codec.decompress(c, memoryview(bytes(blob)), len(pages)) == pages.tobytes()
+    with pytest.raises(ProtocolError):
+        codec.decompress(codec.LZ4, memoryview(b"\xff" * 20), 4096)
+
+
+def test_migrate_invariant_and_guest_runs_on(image, vm_factory, host_b) -> None:  # noqa: ANN001
+    """A dirtying guest migrates: at pause every non-free page is byte-identical on the target and
+    every free page reads zero there; the guest's counter continues and its data checks out."""
+    src = vm_factory("mg-src", image, memory=512 << 20)
+    src.exec_background(WORKLOAD, "/tmp/mig-memtouch.log")
+    src.exec_background(f"datacheck write --size 24M --seed 11 --state {DATACHECK}", "/tmp/mig-dc.log")
+    deadline = time.monotonic() + 60
+    while src.exec(f"test -s {COUNTER} && test -f {DATACHECK}").rc != 0 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    before = _counter(src)
+    hold = Path(host_b["MEMVIRT_HOME"]) / "hold"
+    rx = Receiver(host_b, "--hold-file", str(hold))
+    tx = _migrate("mg-src", rx.port, "--as", "mg-dst", "--json")
+    try:
+        deadline = time.monotonic() + 180
+        while not hold.exists():
+            assert tx.poll() is None, tx.communicate()
+            assert time.monotonic() < deadline, "the receiver never reached the switch-over"
+            time.sleep(0.05)
+        assert src.status() in ("postmigrate", "paused"), (tx.poll(), hold.exists())
+        target_ram = Path(host_b["MEMVIRT_RAM_DIR"]) / "mg-dst.ram"
+        with RamFileMemory(src.config.ram_path, src.regions) as smem, RamFileMemory(target_ram, src.regions) as tmem:
+            free = Introspector(smem).scan().free_mask
+            for (gpa, a), (_, b) in zip(smem.chunks(32 << 20), tmem.chunks(32 << 20), strict=True):
+                p0 = gpa >> 12
+                pa, pb = a.reshape(-1, 4096), b.reshape(-1, 4096)
+                f = free[p0:p0 + len(pa)]
+                differ = ~(pa == pb).all(axis=1)
+                assert not (differ & ~f).any(), f"non-free pages differ at pfns {np.flatnonzero(differ & ~f)[:5] + p0}"
+                assert not pb[f].any(), "a free page does not read zero on the target"
+        hold.unlink()
+        out, errs = tx.communicate(timeout=120)
+        assert tx.returncode == 0, errs
+        assert rx.wait() == 0, rx.log
+    finally:
+        hold.unlink(missing_ok=True)
+        tx.kill()
+        rx.kill()
+    report = json.loads(out)
+    assert report["rounds"] >= 2 and report["pages"]["data"] > 0 and report["pages"]["free_final"] > 0
+    assert report["downtime_seconds"] > 0
+    assert not src.alive() and not src.dir.exists(), "the source must be stopped once the target runs"
+    os.environ["MEMVIRT_HOME"], home = host_b["MEMVIRT_HOME"], os.environ["MEMVIRT_HOME"]
+    try:
+        dst = VM.load("mg-dst")
+        assert dst.status() == "running"
+        first = _counter(dst)
+        assert first >= before
+        time.sleep(1.0)
+        assert _counter(dst) > first
+        res = dst.exec(f"datacheck verify --state {DATACHECK}")
+        assert res.rc == 0 and res.text.startswith("OK"), res.text
+    finally:
+        os.environ["MEMVIRT_HOME"] = home
+
+
+def test_refuses_peers_without_the_secret_and_malformed_frames(source_guest, host_b) -> None:  # noqa: ANN001
+    """Wrong secret or --insecure: refused at the handshake. A peer with the secret that then sends
+    a malformed frame: the receiver removes its partial VM and exits 1 with one line."""
+    rx = Receiver(host_b, "--count", "1")
+    try:
+        for secret in (b"not-the-secret-at-all-0000000000", None):
+            with socket.create_connection(("127.0.0.1", rx.port)) as s, pytest.raises(AuthError):
+                client_handshake(s, secret, 10)
+        proc = subprocess.run([sys.executable, *_entry(), "migrate", source_guest.name, "--to", f"127.0.0.1:{rx.port}",
+                               "--as", "mg-evil"], env={**os.environ, "MEMVIRT_SECRET": "x" * 32},
+                              capture_output=True, text=True, timeout=60)
+        assert_error_after_progress(proc, 1, "runs on here, unchanged")
+        s = socket.create_connection(("127.0.0.1", rx.port))
+        chan = client_handshake(s, SECRET.encode(), 30)
+        c = source_guest.config
+        chan.send_json(Kind.SETUP, {"name": "mg-junk", "source": "x", "memory": c.memory, "cpus": c.cpus,
+                                    "image": c.image, "accel": c.accel, "append": "", "regions": c.regions})
+        chan.recv_json(Kind.READY)
+        assert "mg-junk" in _leftovers(host_b)
+        chan.send(Kind.DATA, codec.encode_data(codec.LZ4, np.array([1 << 40]), np.array([1]), b"junk"))
+        with pytest.raises(ProtocolError, match="malformed DATA frame"):
+            chan.recv(Kind.READY)
+        chan.close()
+        assert rx.wait(60) == 1
+        errs = [line for line in rx.log if "error:" in line]
+        assert len(errs) == 1 and "partial VM was removed" in errs[0], rx.log
+        assert any("refused" in line for line in rx.log)
+        assert _leftovers(host_b) == []
+    finally:
+        rx.kill()
+    _assert_runs_on(source_guest)
+
+
+@pytest.mark.parametrize("mode", ["drop", "flip"])
+def test_link_fault_leaves_source_running(source_guest, host_b, mode) -> None:  # noqa: ANN001
+    """The connection dropped, or one byte changed in flight, after 3 MiB: the sender fails with
+    one line, the source runs on, the receiver removes its partial VM."""
+    rx = Receiver(host_b)
+    proxy = Proxy(rx.port, 3 << 20, mode)
+    try:
+        proc = subprocess.run([sys.executable, *_entry(), "migrate", source_guest.name, "--to",
+                               f"127.0.0.1:{proxy.port}", "--as", "mg-fault", "--codec", "none"],
+                              env={**os.environ, "MEMVIRT_SECRET": SECRET}, capture_output=True, text=True, timeout=180)
+        assert_error_after_progress(proc, 1, "runs on here, unchanged")
+        assert rx.wait(60) == 1
+        if mode == "flip":
+            assert any("bad MAC" in line for line in rx.log), rx.log
+    finally:
+        rx.kill()
+    assert _leftovers(host_b) == []
+    _assert_runs_on(source_guest)
+
+
+def test_receiver_killed_at_switch_over_resumes_source(source_guest, host_b) -> None:  # noqa: ANN001
+    """The receiver dies while the source is paused for the switch-over: the source is resumed and
+    runs on; the receiver's watchdog removes the target it never resumed."""
+    hold = Path(host_b["MEMVIRT_HOME"]) / "hold"
+    rx = Receiver(host_b, "--hold-file", str(hold))
+    tx = _migrate(source_guest.name, rx.port, "--as", "mg-killed")
+    try:
+        deadline = time.monotonic() + 180
+        while not hold.exists():
+            assert tx.poll() is None, tx.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert source_guest.status() in ("postmigrate", "paused")
+        rx.proc.send_signal(signal.SIGKILL)
+        rx.wait()
+        out, errs = tx.communicate(timeout=60)
+        assert_error_after_progress(subprocess.CompletedProcess(tx.args, tx.returncode, out, errs), 1, "unchanged")
+    finally:
+        hold.unlink(missing_ok=True)
+        tx.kill()
+        rx.kill()
+    _assert_runs_on(source_guest)
+    deadline = time.monotonic() + 20
+    while _leftovers(host_b) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _leftovers(host_b) == ["hold"] or _leftovers(host_b) == []
+
+
+def test_usage_errors(source_guest) -> None:  # noqa: ANN001
+    """No secret: refused (secure by default), exit 2; bad endpoint, exit 2; nobody listening, exit 1."""
+    env = {k: v for k, v in os.environ.items() if k != "MEMVIRT_SECRET"}
+    run = [sys.executable, *_entry(), "migrate", source_guest.name]
+    assert_one_line_error(subprocess.run([*run, "--to", "127.0.0.1:1"], env=env, capture_output=True, text=True), 2,
+                          "no shared secret")
+    env["MEMVIRT_SECRET"] = SECRET
+    assert_one_line_error(subprocess.run([*run, "--to", "nowhere"], env=env, capture_output=True, text=True), 2,
+                          "not an endpoint")
+    assert_one_line_error(subprocess.run([*run, "--to", "127.0.0.1:1"], env=env, capture_output=True, text=True), 1,
+                          "cannot reach")
+    assert source_guest.status() == "running"
