@@ -85,7 +85,7 @@ def check_guest(vm: VM) -> str:
 
 def hop_memvirt(src: VM, dst: str, elide: bool) -> dict[str, Any]:
     port = 47100 + secrets.randbelow(800)
-    rx = subprocess.Popen([sys.executable, "-m", "memvirt.cli.migrate", "receive", "--listen", f"127.0.0.1:{port}",
+    rx = subprocess.Popen([sys.executable, "-m", "memvirt", "receive", "--listen", f"127.0.0.1:{port}",
                            "--timeout", "300"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     rx.stderr.readline()
     try:

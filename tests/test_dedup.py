@@ -29,16 +29,11 @@ DIRTY = "memtouch --hot 160M --content random --duration 1 >/dev/null"
 
 
 def dedup_cli(*args: str, timeout: float = 300):
-    """The CLI as a user runs it: ``memvirt ...`` once the lead has registered these commands, until
-    then the same commands through ``python -m memvirt.cli.dedup`` (same errors and exit codes)."""
+    """The CLI as a user runs it."""
     import subprocess
     import sys
 
-    from memvirt.cli.main import app
-
-    registered = {c.name for c in app.registered_commands} | {g.name for g in app.registered_groups}
-    entry = ["-m", "memvirt"] if "reclaim" in registered else ["-m", "memvirt.cli.dedup"]
-    return subprocess.run([sys.executable, *entry, *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "memvirt", *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture

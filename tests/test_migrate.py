@@ -42,11 +42,8 @@ WORKLOAD = f"memtouch --hot 16M --cold 32M --content mix --dirty-rate 8M --count
 
 
 def _entry() -> list[str]:
-    """``memvirt`` once the lead registered the commands, else the module's own entry point."""
-    from memvirt.cli.main import app
-
-    names = {c.name for c in app.registered_commands}
-    return ["-m", "memvirt"] if "migrate" in names else ["-m", "memvirt.cli.migrate"]
+    """The CLI as a user runs it."""
+    return ["-m", "memvirt"]
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from memvirt.cli.output import byte_progress, emit_json, human, out, spinner, table
-from memvirt.errors import MemvirtError, UsageError
+from memvirt.errors import UsageError
 from memvirt.qemu.vm import VM
 
 app = typer.Typer(help="Find duplicate, zero and free pages within and across guests and dumps.",
@@ -256,26 +256,3 @@ def print_demo_reclaim(r: dict) -> None:
         f"{r['method']} in {r['pauses']} pauses of at most {r['pause_max_ms']} ms (goal {r['goal_ms']} ms); "
         f"guest {'still running' if r['guest_alive'] else 'NOT ANSWERING'}"
     )
-
-def _standalone() -> None:
-    """Run these commands without the main CLI (``python -m memvirt.cli.dedup``), with its exit codes."""
-    import sys
-
-    from memvirt.cli.output import err
-
-    root = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-    root.command("reclaim")(reclaim)
-    root.add_typer(app, name="dedup")
-    root.add_typer(ksm_app, name="ksm")
-    try:
-        root()
-    except MemvirtError as e:
-        err.print(f"memvirt: error: {e}", markup=False, highlight=False)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        err.print("memvirt: interrupted")
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    _standalone()

@@ -1,7 +1,4 @@
 """``memvirt migrate`` and ``memvirt receive``: live migration with memvirt's own precopy engine.
-
-Also runnable on its own (``python -m memvirt.cli.migrate migrate|receive ...``), with the same
-exit codes and one-line errors as ``memvirt``.
 """
 
 from __future__ import annotations
@@ -120,7 +117,7 @@ def demo_migration(name: str) -> dict[str, dict[str, object]]:
 
     secret = secrets.token_hex(32)
     env = {**os.environ, "MEMVIRT_SECRET": secret}
-    rx = subprocess.Popen([sys.executable, "-m", "memvirt.cli.migrate", "receive", "--listen", "127.0.0.1:0",
+    rx = subprocess.Popen([sys.executable, "-m", "memvirt", "receive", "--listen", "127.0.0.1:0",
                            "--timeout", "300"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     made = [f"{name}-m", f"{name}-q"]
     try:
@@ -149,17 +146,3 @@ def print_demo_migration(d: dict[str, dict[str, object]]) -> None:
             for k, v in d.items()]
     table("live migration, memvirt vs QEMU precopy", ["ENGINE", "ON THE WIRE", "TOTAL", "DOWNTIME", "ROUNDS"], rows)
 
-
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-app.command("migrate")(migrate)
-app.command("receive")(receive)
-
-if __name__ == "__main__":
-    try:
-        app()
-    except MemvirtError as e:
-        err.print(f"memvirt: error: {e}", markup=False, highlight=False)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        err.print("memvirt: interrupted")
-        sys.exit(130)

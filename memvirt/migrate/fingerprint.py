@@ -10,19 +10,13 @@ so big ranges are hashed on two threads.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
-from importlib import resources
 
 import numpy as np
 import xxhash
 
-from memvirt.paths import cache_home
+from memvirt.native import build
 
 PAGE = 4096
 ZERO_HASH = xxhash.xxh64_intdigest(bytes(PAGE))
@@ -39,24 +33,9 @@ _SPLIT = 8192
 
 @cache
 def _lib() -> ctypes.CDLL | None:
-    if os.environ.get("MEMVIRT_NO_NATIVE"):
+    dll = build("memvirt.migrate", "pagehash.c", "-O3")
+    if dll is None:
         return None
-    src = resources.files("memvirt.migrate").joinpath("native", "pagehash.c").read_bytes()
-    lib = cache_home() / "native" / f"pagehash-{hashlib.sha256(src).hexdigest()[:16]}.so"
-    if not lib.exists():
-        cc = shutil.which("gcc") or shutil.which("cc")
-        if cc is None:
-            return None
-        lib.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            c = os.path.join(tmp, "pagehash.c")
-            with open(c, "wb") as f:
-                f.write(src)
-            out = os.path.join(tmp, "lib.so")
-            if subprocess.run([cc, "-O3", "-shared", "-fPIC", "-o", out, c], capture_output=True).returncode:
-                return None
-            os.replace(out, lib)
-    dll = ctypes.CDLL(str(lib))
     dll.hash_pages.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_void_p]
     dll.hash_pages.restype = None
     return dll
