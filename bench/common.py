@@ -113,3 +113,15 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
 
 def gb(n: float) -> str:
     return f"{n / GB:.2f}"
+
+
+def size_arg(text: str) -> int:
+    """argparse type for sizes like 512M or 4G."""
+    import argparse
+
+    from memvirt.memory.procmem import parse_size
+
+    try:
+        return parse_size(text)
+    except Exception as e:  # memvirt's BadImage is not a ValueError
+        raise argparse.ArgumentTypeError(str(e)) from None

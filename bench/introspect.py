@@ -49,7 +49,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from common import GIB, RESULTS, fs_type, machine_info, write_json
+from common import GIB, RESULTS, fs_type, machine_info, size_arg, write_json
 
 VM_SHARED = "bench-intro"
 VM_ANON = "bench-intro-anon"
@@ -709,15 +709,6 @@ def code_state() -> dict[str, Any]:
 
 
 # --- main ---------------------------------------------------------------------------------------
-
-
-def size_arg(text: str) -> int:
-    from memvirt.memory.procmem import parse_size
-
-    try:
-        return parse_size(text)
-    except Exception as e:  # memvirt's BadImage is not a ValueError
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import GB, GIB, RESULTS, best_of_interleaved, fs_type, machine_info, write_json
+from common import GB, GIB, RESULTS, best_of_interleaved, fs_type, machine_info, size_arg, write_json
 from rich.console import Console
 from rich.table import Table
 
@@ -337,15 +337,6 @@ def table(results: list[dict[str, Any]], title: str) -> Table:
             r["note"],
         )
     return t
-
-
-def size_arg(text: str) -> int:
-    from memvirt.memory.procmem import parse_size
-
-    try:
-        return parse_size(text)
-    except Exception as e:  # memvirt's BadImage is not a ValueError
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -171,7 +171,7 @@ def start_clone(template: VM, name: str, eager: bool = False, progress: Progress
         running = restore(vm, state_fd)
         result.restore_seconds = running - t
     except BaseException:
-        discard(vm)
+        vm.discard()
         raise
     result.pid = config.pid
     result.seconds = running - t0
@@ -212,17 +212,6 @@ def settle(vm: VM, result: Clone | None = None, timeout: float = GUEST_TIMEOUT) 
     vm.exec(f"hostname {shlex.quote(vm.name)}").check("setting the clone's hostname")
     if result is not None:
         result.guest_seconds = time.perf_counter() - result.t0
-
-
-def discard(vm: VM) -> None:
-    """Remove a half-made clone: its QEMU (even one whose pid was never saved), RAM copy and state."""
-    pidfile = vm.dir / "qemu.pid"
-    if not vm.config.pid and pidfile.exists():
-        try:
-            vm.config.pid = int(pidfile.read_text().strip() or 0)
-        except ValueError:
-            pass
-    vm.stop(force=True)
 
 
 def copy_ram(src: str, dst: str, progress: Progress | None = None) -> int:

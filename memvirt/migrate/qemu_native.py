@@ -12,7 +12,7 @@ import secrets
 import time
 from typing import Any
 
-from memvirt.migrate.receiver import INCOMING, discard, start_target
+from memvirt.migrate.receiver import INCOMING, start_target
 from memvirt.qemu.vm import VM
 
 CAPS = {"plain": [], "xbzrle": ["xbzrle"], "multifd": ["multifd"]}
@@ -49,7 +49,7 @@ def qemu_migrate(src: VM, dst: str, variant: str = "plain", timeout: float = 180
                 time.sleep(0.05)
         ram = st.get("ram", {})
         if st["status"] != "completed":
-            discard(target)
+            target.discard()
             return {"bytes": ram.get("transferred", 0), "total_s": time.perf_counter() - t0, "downtime_ms": None,
                     "rounds": ram.get("dirty-sync-count"), "converged": False, "detail": st["status"]}
         target.config.extra.pop(INCOMING, None)
@@ -62,5 +62,5 @@ def qemu_migrate(src: VM, dst: str, variant: str = "plain", timeout: float = 180
                 "rounds": ram.get("dirty-sync-count"), "converged": True, "detail": ""}
     except BaseException:
         if target.alive() and target.status() != "running":
-            discard(target)
+            target.discard()
         raise

@@ -171,7 +171,7 @@ def start_target(setup: dict[str, Any], log: Log, ignore_shared: bool = True) ->
             mon.command("migrate-set-capabilities",
                         capabilities=[{"capability": "x-ignore-shared", "state": ignore_shared}])
     except BaseException:
-        discard(vm)
+        vm.discard()
         raise
     log(f"target VM {name!r} started (pid {config.pid}), waiting for RAM")
     return vm
@@ -184,16 +184,6 @@ def _watchdog(vm: VM) -> None:
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
 
-
-def discard(vm: VM) -> None:
-    """Remove a partial target: kill its QEMU (also one whose pid was never saved), RAM file, state."""
-    pidfile = vm.dir / "qemu.pid"
-    if not vm.config.pid and pidfile.exists():
-        try:
-            vm.config.pid = int(pidfile.read_text().strip() or 0)
-        except ValueError:
-            pass
-    vm.stop()
 
 
 def _load_device_state(vm: VM, mon: Monitor, state: bytes) -> None:
@@ -276,7 +266,7 @@ def receive_one(chan: Channel, peer: str, log: Log, hold_file: Path | None = Non
         if mon is not None:
             mon.close()
         if not running:
-            discard(vm)
+            vm.discard()
         msg = str(e) if isinstance(e, MemvirtError) else f"{e.__class__.__name__}: {e}"
         chan.send_error(f"receiver: {msg}; target VM removed" if not running else f"receiver: {msg}")
         raise

@@ -26,7 +26,7 @@ def _alive(pid: int) -> bool:
 
 
 def main(receiver: int, vm_dir: Path) -> None:
-    from memvirt.migrate.receiver import INCOMING, discard
+    from memvirt.migrate.receiver import INCOMING
     from memvirt.qemu.vm import VM
 
     while True:
@@ -38,7 +38,7 @@ def main(receiver: int, vm_dir: Path) -> None:
             return
         if not _alive(receiver):
             os.environ["MEMVIRT_HOME"] = str(vm_dir.parent.parent)
-            discard(VM.load(vm_dir.name))
+            VM.load(vm_dir.name).discard()
             return
         time.sleep(POLL)
 

@@ -236,6 +236,17 @@ class VM:
             return CloneMemory(self.config.pid, self.config.backing, self.config.memory, self.regions)
         return ProcMemory(self.config.pid, self.config.memory, self.regions)
 
+    def discard(self) -> None:
+        """Remove a half-made VM (a failed clone or migration target): its QEMU, also one whose
+        pid was never saved, its RAM file and its state."""
+        pidfile = self.dir / "qemu.pid"
+        if not self.config.pid and pidfile.exists():
+            try:
+                self.config.pid = int(pidfile.read_text().strip() or 0)
+            except ValueError:
+                pass
+        self.stop(force=True)
+
     def stop(self, timeout: float = 10.0, force: bool = False) -> None:
         """Kill QEMU (if alive) and remove the VM's state and RAM file.
 
