@@ -41,7 +41,7 @@ def say(msg: str) -> None:
 
 
 def parse_sizes(text: str) -> list[int]:
-    from memvirt.memory.procmem import parse_size
+    from memvirt.units import parse_size
 
     return [parse_size(s) for s in text.split(",") if s]
 
@@ -328,9 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from memvirt.image.build import default_image
-    from memvirt.memory.procmem import parse_size
     from memvirt.qemu.accel import qemu_binary
     from memvirt.qemu.vm import VM
+    from memvirt.units import parse_size
 
     skip = set(args.skip.split(","))
     memory = parse_size(args.memory)

@@ -119,7 +119,7 @@ def size_arg(text: str) -> int:
     """argparse type for sizes like 512M or 4G."""
     import argparse
 
-    from memvirt.memory.procmem import parse_size
+    from memvirt.units import parse_size
 
     try:
         return parse_size(text)

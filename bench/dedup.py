@@ -50,7 +50,7 @@ def say(msg: str) -> None:
 
 
 def parse_size(text: str) -> int:
-    from memvirt.memory.procmem import parse_size as ps
+    from memvirt.units import parse_size as ps
 
     return ps(text)
 

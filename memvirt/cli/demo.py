@@ -21,8 +21,8 @@ from memvirt.cli.output import emit_json, human, out, spinner, table
 from memvirt.image.build import find_image
 from memvirt.introspect import CLASSES, Introspector
 from memvirt.introspect.groundtruth import FrozenFigures
-from memvirt.memory.procmem import parse_size
 from memvirt.qemu.vm import VM, start_vm
+from memvirt.units import parse_size
 
 WORKLOAD = "memtouch --hot 32M --cold 96M --content mix --dirty-rate 1M"
 

@@ -17,8 +17,8 @@ from memvirt.errors import UsageError
 from memvirt.introspect import CHOICES, CLASSES, Introspector
 from memvirt.introspect.census import Census
 from memvirt.memory.open import FORMATS, open_memory
-from memvirt.memory.procmem import parse_size
 from memvirt.qemu.vm import VM
+from memvirt.units import parse_size
 
 
 def _owning_vm(source: str) -> VM | None:

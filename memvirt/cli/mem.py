@@ -11,8 +11,8 @@ import typer
 from memvirt.cli.output import emit_json, human, out, table
 from memvirt.errors import UsageError
 from memvirt.memory.open import FORMATS, open_memory
-from memvirt.memory.procmem import parse_size
 from memvirt.memory.source import PAGE_SIZE, GuestMemory
+from memvirt.units import parse_size
 
 app = typer.Typer(help="Read guest physical memory (VM, pid:N, RAM file, ELF/kdump dump, raw image).", no_args_is_help=True)
 

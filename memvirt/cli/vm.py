@@ -12,9 +12,9 @@ import typer
 from memvirt.cli.output import byte_progress, emit_json, human, out, spinner, table
 from memvirt.errors import UsageError
 from memvirt.image.build import find_image
-from memvirt.memory.procmem import parse_size
 from memvirt.qemu.dump import dump_vm
 from memvirt.qemu.vm import DUMP_FORMATS, VM, start_vm
+from memvirt.units import parse_size
 
 app = typer.Typer(help="Start, list, drive and stop memvirt guests.", no_args_is_help=True)
 

@@ -12,6 +12,7 @@ from memvirt.errors import BadImage, NotFound
 from memvirt.memory.fileio import pread_into
 from memvirt.memory.rammap import pc_ram_map
 from memvirt.memory.source import GuestMemory, Region
+from memvirt.units import parse_size
 
 
 def find_ram_mapping(pid: int, ram_size: int) -> int:
@@ -49,16 +50,6 @@ def guess_ram_size(pid: int) -> int:
     raise BadImage(f"process {pid} has no -m option: pass the RAM size")
 
 
-def parse_size(text: str) -> int:
-    """``512M``, ``4G``, ``1048576`` -> bytes."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
-    except ValueError:
-        raise BadImage(f"not a size: {text!r} (use e.g. 512M, 4G)") from None
 
 
 class ProcMemory(GuestMemory):
