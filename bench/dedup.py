@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 import traceback
@@ -247,6 +248,8 @@ def main() -> int:
     ap.add_argument("--no-balloon", action="store_true")
     ap.add_argument("--json", default=str(RESULTS / "dedup.json"))
     args = ap.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so KSM settings and VMs are restored by the finally blocks.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     from memvirt.dedup import ksm
 
     if not ksm.available():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -118,6 +119,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=RESULTS / "migration.json")
     ap.add_argument("--png", type=Path, default=RESULTS / "migration.png")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results: dict[str, Any] = {"machine": machine_info(qemu_binary()), "scenarios": {}, "reliability": {}}
     hop = 0
     try:
