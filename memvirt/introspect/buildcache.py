@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from memvirt.introspect.layout import LayoutMissing
+from memvirt.introspect.layout import KeyedLayout, LayoutMissing
 from memvirt.introspect.vmcoreinfo import Vmcoreinfo
 from memvirt.paths import cache_home
 
@@ -76,7 +76,7 @@ class CachedSymbols:
         return len(self._addr)
 
 
-class CachedLayout:
+class CachedLayout(KeyedLayout):
     """Layout facts remembered from a previous census of the same build and ``--layouts`` choice."""
 
     source = "cache"
@@ -89,18 +89,6 @@ class CachedLayout:
         if key not in self.facts:
             raise LayoutMissing(f"the build-id cache lacks {key}")
         return self.facts[key]
-
-    def struct_size(self, name: str) -> int:
-        return self._get(f"SIZE({name})")
-
-    def member_offset(self, struct: str, path: str) -> int:
-        return self._get(f"OFFSET({struct}.{path})")
-
-    def array_length(self, struct: str, path: str) -> int:
-        return self._get(f"LENGTH({struct}.{path})")
-
-    def enum_value(self, enum: str, name: str) -> int:
-        return self._get(f"ENUM({enum}.{name})")
 
     def constant(self, name: str) -> int:
         return self._get(f"CONST({name})")

@@ -45,24 +45,14 @@ class Layout(Protocol):
     def has_member(self, struct: str, path: str) -> bool: ...
 
 
-class VmcoreinfoLayout:
-    """Only what VMCOREINFO carries: ``SIZE()``, ``OFFSET()``, ``LENGTH()`` and ``NUMBER()``.
+class KeyedLayout:
+    """A layout answered by looking facts up under VMCOREINFO-style keys (``SIZE(page)``,
+    ``OFFSET(page.lru)``, ``LENGTH(zone.free_area)``); subclasses say how enumerators are keyed."""
 
-    ``enum_value`` answers from ``NUMBER(name)`` (VMCOREINFO exports enumerators such as
-    ``PG_lru`` or ``NR_FREE_PAGES`` that way, without their enum's name).
-    """
-
-    source = "vmcoreinfo"
-
-    def __init__(self, info: Vmcoreinfo):
-        self.info = info
+    enum_key = "ENUM({enum}.{name})"
 
     def _get(self, key: str) -> int:
-        if key not in self.info:
-            raise LayoutMissing(f"VMCOREINFO lacks {key}: kernel {self.info.entries.get('OSRELEASE', '?')} does not export it")
-        if key.startswith("NUMBER("):
-            return self.info.number(key[7:-1])
-        return int(self.info.get(key))
+        raise NotImplementedError
 
     def struct_size(self, name: str) -> int:
         return self._get(f"SIZE({name})")
@@ -74,7 +64,28 @@ class VmcoreinfoLayout:
         return self._get(f"LENGTH({struct}.{path})")
 
     def enum_value(self, enum: str, name: str) -> int:
-        return self._get(f"NUMBER({name})")
+        return self._get(self.enum_key.format(enum=enum, name=name))
+
+
+class VmcoreinfoLayout(KeyedLayout):
+    """Only what VMCOREINFO carries: ``SIZE()``, ``OFFSET()``, ``LENGTH()`` and ``NUMBER()``.
+
+    ``enum_value`` answers from ``NUMBER(name)`` (VMCOREINFO exports enumerators such as
+    ``PG_lru`` or ``NR_FREE_PAGES`` that way, without their enum's name).
+    """
+
+    source = "vmcoreinfo"
+    enum_key = "NUMBER({name})"
+
+    def __init__(self, info: Vmcoreinfo):
+        self.info = info
+
+    def _get(self, key: str) -> int:
+        if key not in self.info:
+            raise LayoutMissing(f"VMCOREINFO lacks {key}: kernel {self.info.entries.get('OSRELEASE', '?')} does not export it")
+        if key.startswith("NUMBER("):
+            return self.info.number(key[7:-1])
+        return int(self.info.get(key))
 
     def has_member(self, struct: str, path: str) -> bool:
         return f"OFFSET({struct}.{path})" in self.info
