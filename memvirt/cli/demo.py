@@ -2,7 +2,7 @@
 
 Boots the default guest, starts a memory workload in it, shows its memory map, inspects it from
 the host (no agent, no debug symbols) beside the guest's own figures, gives its free pages back
-to the host, clones it lazily (copy-on-write), live-migrates it (memvirt beside QEMU's own
+to the host, keeps only its working set resident with the cold rest compressed, clones it lazily (copy-on-write), live-migrates it (memvirt beside QEMU's own
 precopy), and stops it.
 """
 
@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from memvirt.cli.compress import demo_compress, print_demo_compress
 from memvirt.cli.dedup import demo_reclaim, print_demo_reclaim
 from memvirt.cli.migrate import demo_migration, print_demo_migration
 from memvirt.cli.output import emit_json, human, out, spinner, table
@@ -34,7 +35,7 @@ def demo(
     map_: Annotated[Path, typer.Option("--map", help="Where to draw the guest's memory map.")] = Path("memvirt-demo-map.png"),
     json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Boot the default guest; inspect, reclaim, clone and live-migrate it from the host; stop it."""
+    """Boot the default guest; inspect, reclaim, compress, clone and live-migrate it from the host; stop it."""
     report: dict[str, object] = {}
     t0 = time.monotonic()
     with spinner("building the default image (the first run downloads a Debian kernel)"):
@@ -49,6 +50,8 @@ def demo(
         report["inspection"] = _inspect(vm, map_)
         with spinner("reclaiming the guest's free pages (no guest driver)"):
             report["reclaim"] = demo_reclaim(vm)
+        with spinner("compressing the guest's cold memory, keeping its working set resident"):
+            report["compression"] = demo_compress(vm)
         with spinner(f"cloning {name} lazily (its RAM shared copy-on-write)"):
             report["clone"] = _clone(name)
         with spinner("live-migrating the guest: memvirt, then QEMU's precopy"):
@@ -126,6 +129,7 @@ def _print(name: str, report: dict) -> None:
     out.print(f"bootstrap {ins['bootstrap_ms']} ms, scan {ins['scan_ms']} ms; "
               f"layout facts from {ins['layout_facts']}; map: {ins['map']}")
     print_demo_reclaim(report["reclaim"])
+    print_demo_compress(report["compression"])
     c = report["clone"]
     out.print(f"[bold]Clone[/] {c['name']} (hostname {c['hostname']}): running {c['running_ms']} ms after the request "
               f"(QEMU's own start {c['qemu_start_ms']} ms), guest answered at {c['guest_answers_ms']} ms; workload "

@@ -16,32 +16,19 @@ import numpy as np
 
 from memvirt.errors import BadImage, NotFound
 from memvirt.memory.fileio import pread_into
+from memvirt.memory.pagemap import PM_FILE, PM_PRESENT, PM_SWAPPED
+from memvirt.memory.procmem import find_file_mapping
 from memvirt.memory.ramfile import RamFileMemory
 from memvirt.memory.rammap import pc_ram_map
 from memvirt.memory.source import PAGE_SHIFT, PAGE_SIZE, GuestMemory, Region
 
-PM_PRESENT = np.uint64(1 << 63)
-PM_SWAP = np.uint64(1 << 62)
-PM_FILE = np.uint64(1 << 61)
-
 
 def find_cow_mapping(pid: int, backing: str, ram_size: int) -> tuple[int, int]:
     """``(start, end)`` host addresses of the clone's private mapping of ``backing``."""
-    real = os.path.realpath(backing)
     try:
-        with open(f"/proc/{pid}/maps") as f:
-            lines = f.read().splitlines()
-    except (FileNotFoundError, ProcessLookupError):
-        raise NotFound(f"no process {pid}") from None
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        if len(fields) < 6 or not fields[1].startswith("rw") or fields[1][3] != "p":
-            continue
-        lo, hi = (int(x, 16) for x in fields[0].split("-"))
-        path = fields[5].removesuffix(" (deleted)")
-        if hi - lo == ram_size and path in (backing, real):
-            return lo, hi
-    raise BadImage(f"process {pid} has no private mapping of {backing} ({ram_size} bytes): is it a lazy clone?")
+        return find_file_mapping(pid, backing, ram_size, private=True)
+    except BadImage:
+        raise BadImage(f"process {pid} has no private mapping of {backing} ({ram_size} bytes): is it a lazy clone?") from None
 
 
 def _open_mapped_file(pid: int, lo: int, hi: int, backing: str, regions: tuple[Region, ...]) -> RamFileMemory:
@@ -90,7 +77,7 @@ class CloneMemory(GuestMemory):
         entries = np.empty(npages, dtype=np.uint64)
         pread_into(self._pagemap, ((self.base + offset) >> PAGE_SHIFT) * 8, memoryview(entries).cast("B"),
                    f"/proc/{self.pid}/pagemap")
-        return ((entries & (PM_PRESENT | PM_SWAP)) != 0) & ((entries & PM_FILE) == 0)
+        return ((entries & (PM_PRESENT | PM_SWAPPED)) != 0) & ((entries & PM_FILE) == 0)
 
     def _fill(self, offset: int, out: memoryview) -> None:
         self._file._fill(offset, out)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno
 import os
 import shlex
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,7 +27,7 @@ from memvirt.clone.template import IGNORE_SHARED, check_cloneable, freeze, state
 from memvirt.errors import MemvirtError, UsageError, VMError
 from memvirt.image.build import load_image
 from memvirt.paths import ram_dir
-from memvirt.qemu.vm import VM, VMConfig, check_name, qemu_argv, vms_root
+from memvirt.qemu.vm import VM, VMConfig, check_name, launch_qemu, vms_root
 
 Progress = Callable[[str, int, int], None]
 RESTORE_TIMEOUT = 60.0
@@ -154,10 +153,7 @@ def start_clone(template: VM, name: str, eager: bool = False, progress: Progress
         image = load_image(Path(c.image))
         t = time.perf_counter()
         with open(state_file(template), "rb") as state:
-            proc = subprocess.run(
-                qemu_argv(vm, image, incoming="defer"), capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                pass_fds=(state.fileno(),),
-            )
+            proc = launch_qemu(vm, image, incoming="defer", pass_fds=(state.fileno(),))
             state_fd = state.fileno()
         pidfile = vdir / "qemu.pid"
         if pidfile.exists():

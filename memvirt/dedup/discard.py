@@ -20,12 +20,11 @@ from contextlib import AbstractContextManager, nullcontext
 import numpy as np
 
 from memvirt.errors import UsageError, VMError
+from memvirt.memory.pagemap import pagemap_backed
 from memvirt.memory.source import PAGE_SHIFT, GuestMemory
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
-PM_PRESENT = np.uint64(1 << 63)
-PM_SWAPPED = np.uint64(1 << 62)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
@@ -113,21 +112,7 @@ class AnonDontneed(Discarder):
         pass
 
     def populated(self) -> np.ndarray:
-        out = np.zeros(self.mem.max_pfn, dtype=bool)
-        with open(f"/proc/{self.pid}/pagemap", "rb", buffering=0) as f:
-            for r in self.mem.regions:
-                n = r.size >> PAGE_SHIFT
-                buf = np.empty(n, dtype="<u8")
-                view = memoryview(buf).cast("B")
-                got = 0
-                while got < len(view):
-                    k = os.preadv(f.fileno(), [view[got:]], (r.offset >> PAGE_SHIFT) * 8 + got)
-                    if k <= 0:
-                        raise VMError(f"short read of /proc/{self.pid}/pagemap")
-                    got += k
-                first = r.gpa >> PAGE_SHIFT
-                out[first : first + n] = (buf & (PM_PRESENT | PM_SWAPPED)) != 0
-        return out
+        return pagemap_backed(self.pid, self.mem)
 
     def session(self) -> AbstractContextManager[object]:
         from memvirt.dedup.remote import remote_madvise

@@ -10,7 +10,6 @@ backing store never populated (holes of a RAM file, unmapped pages of a QEMU pro
 
 from __future__ import annotations
 
-import os
 import re
 import struct
 from collections.abc import Iterator
@@ -18,7 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from memvirt.errors import BadImage
+from memvirt.errors import BadImage, MemvirtError
+from memvirt.memory.pagemap import pagemap_backed
 from memvirt.memory.source import PAGE_SHIFT, PAGE_SIZE, GuestMemory
 
 NOTE_NAME = b"VMCOREINFO"
@@ -267,30 +267,9 @@ def _present_pfns(mem: GuestMemory) -> np.ndarray | None:
 
 
 def _pagemap_present(pid: int, mem: GuestMemory) -> np.ndarray | None:
-    """Present-or-swapped bits (63, 62) of ``/proc/PID/pagemap`` over the RAM mapping.
-
-    Readable without privileges (only the frame numbers are hidden); one 8-byte entry per page.
-    """
-    present = np.zeros(mem.max_pfn, dtype=bool)
+    """Present-or-swapped pages of the RAM mapping (readable without privileges: only the
+    frame numbers are hidden); None where the pagemap can't be read."""
     try:
-        fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
-    except OSError:
+        return pagemap_backed(pid, mem)
+    except (MemvirtError, OSError):
         return None
-    try:
-        for r in mem.regions:
-            n = r.size >> PAGE_SHIFT
-            entries = np.empty(n, dtype="<u8")
-            view = memoryview(entries).cast("B")
-            got = 0
-            while got < len(view):
-                k = os.preadv(fd, [view[got:]], (r.offset >> PAGE_SHIFT) * 8 + got)
-                if k <= 0:
-                    return None
-                got += k
-            first = r.gpa >> PAGE_SHIFT
-            present[first : first + n] = (entries >> np.uint64(62)) != 0
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    return present

@@ -36,6 +36,26 @@ def find_ram_mapping(pid: int, ram_size: int) -> int:
     return hits[0]
 
 
+def find_file_mapping(pid: int, path: str, size: int, private: bool) -> tuple[int, int]:
+    """``(start, end)`` host addresses of process ``pid``'s writable mapping of ``size`` bytes of
+    file ``path`` (also after the file was unlinked), private (copy-on-write) or shared."""
+    real = os.path.realpath(path)
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            lines = f.read().splitlines()
+    except (FileNotFoundError, ProcessLookupError):
+        raise NotFound(f"no process {pid}") from None
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or not fields[1].startswith("rw") or (fields[1][3] == "p") != private:
+            continue
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if hi - lo == size and fields[5].removesuffix(" (deleted)") in (path, real):
+            return lo, hi
+    kind = "private" if private else "shared"
+    raise BadImage(f"process {pid} has no {kind} mapping of {path} ({size} bytes)")
+
+
 def guess_ram_size(pid: int) -> int:
     """The guest RAM size of a QEMU process from its command line (``-m``), for ``pid:N`` sources."""
     try:

@@ -35,7 +35,7 @@ from memvirt.migrate.fingerprint import ZERO_HASH, hash_pages
 from memvirt.migrate.protocol import Channel, Kind, ProtocolError, server_handshake
 from memvirt.paths import ram_dir
 from memvirt.qemu.monitor import Monitor
-from memvirt.qemu.vm import VM, VMConfig, check_name, qemu_argv, vms_root
+from memvirt.qemu.vm import VM, VMConfig, check_name, launch_qemu, vms_root
 
 PAGE = 4096
 IGNORE_SHARED = [{"capability": "x-ignore-shared", "state": True}]
@@ -158,8 +158,7 @@ def start_target(setup: dict[str, Any], log: Log, ignore_shared: bool = True) ->
         finally:
             os.close(fd)
         _watchdog(vm)
-        proc = subprocess.run(qemu_argv(vm, image, incoming="defer"), capture_output=True, text=True,
-                              stdin=subprocess.DEVNULL)
+        proc = launch_qemu(vm, image, incoming="defer")
         pidfile = vdir / "qemu.pid"
         if pidfile.exists():
             config.pid = int(pidfile.read_text().strip() or 0)

@@ -28,6 +28,7 @@ from memvirt.memory.source import GuestMemory, Region
 from memvirt.paths import ram_dir, state_home
 from memvirt.qemu.accel import choose_accel, qemu_binary
 from memvirt.qemu.channel import GuestChannel, Result
+from memvirt.qemu.memcg import MemCgroup
 from memvirt.qemu.monitor import Monitor
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -236,6 +237,19 @@ class VM:
             return CloneMemory(self.config.pid, self.config.backing, self.config.memory, self.regions)
         return ProcMemory(self.config.pid, self.config.memory, self.regions)
 
+    def ram_mapping(self) -> tuple[int, int]:
+        """``(host address, size)`` of the guest RAM inside the QEMU process, whatever backs it."""
+        from memvirt.memory.procmem import find_file_mapping, find_ram_mapping
+
+        self.require_alive()
+        c = self.config
+        if c.ram == "anonymous":
+            return find_ram_mapping(c.pid, c.memory), c.memory
+        size = max(r.offset + r.size for r in self.regions)
+        path, private = (c.backing, True) if c.ram == "cow" else (c.ram_path, False)
+        start, _ = find_file_mapping(c.pid, path, size, private)
+        return start, size
+
     def discard(self) -> None:
         """Remove a half-made VM (a failed clone or migration target): its QEMU, also one whose
         pid was never saved, its RAM file and its state."""
@@ -270,7 +284,15 @@ class VM:
                     time.sleep(0.05)
         if self.config.ram_path:
             Path(self.config.ram_path).unlink(missing_ok=True)
+        group = self.memcg()
+        if group is not None:
+            group.remove()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def memcg(self) -> MemCgroup | None:
+        """The memory cgroup QEMU runs in, if the host gave it one (see :mod:`memvirt.qemu.memcg`)."""
+        path = self.config.extra.get("memcg")
+        return MemCgroup.load(path) if path else None
 
 
 def qemu_argv(vm: VM, image: Image, incoming: str | None = None) -> list[str]:
@@ -303,6 +325,16 @@ def qemu_argv(vm: VM, image: Image, incoming: str | None = None) -> list[str]:
         "-device", "pvpanic", "-action", "panic=pause",
         "-daemonize", "-pidfile", str(d / "qemu.pid"),
     ] + (["-incoming", incoming] if incoming else [])
+
+
+def launch_qemu(vm: VM, image: Image, incoming: str | None = None,
+                pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """Run QEMU (it daemonizes) inside the VM's own memory cgroup, recorded in its config."""
+    group = MemCgroup.create(vm.name, vm.dir)
+    if group is not None:
+        vm.config.extra["memcg"] = str(group.path)
+    return subprocess.run(qemu_argv(vm, image, incoming), capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          pass_fds=pass_fds, preexec_fn=group.enter if group is not None else None)
 
 
 def start_vm(
@@ -338,11 +370,14 @@ def start_vm(
         regions=rammap.to_dict(rammap.pc_ram_map(memory)), started=time.time(),
     )
     vm = VM(config)
-    proc = subprocess.run(qemu_argv(vm, image), capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    proc = launch_qemu(vm, image)
     if proc.returncode != 0:
         shutil.rmtree(vdir, ignore_errors=True)
         if ram_path:
             Path(ram_path).unlink(missing_ok=True)
+        group = vm.memcg()
+        if group is not None:
+            group.remove()
         msg = proc.stderr.strip().splitlines()
         raise VMError(f"QEMU failed to start VM {name!r}: {msg[-1] if msg else 'exit ' + str(proc.returncode)}")
     config.pid = int((vdir / "qemu.pid").read_text().strip())

@@ -1,0 +1,1 @@
+"""Adaptive memory compression: track each VM's working set and keep only it resident."""
