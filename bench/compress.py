@@ -70,6 +70,7 @@ def run_policy(vm: Any, policy: str, args: argparse.Namespace, static_limit: int
     """Both phases under one policy; a row per control interval."""
     from memvirt.compress import tiers
     from memvirt.compress.controller import Controller, Policy
+    from memvirt.errors import MemvirtError
 
     ctl = None
     if policy != "none":
@@ -80,7 +81,11 @@ def run_policy(vm: Any, policy: str, args: argparse.Namespace, static_limit: int
     t_start = time.monotonic()
 
     def record(phase: int, action: str, wss: int, swapped: int, resident: int) -> None:
-        n = int(vm.exec(f"cat {COUNTER}").text)
+        try:
+            n = int(vm.exec(f"cat {COUNTER}", timeout=max(2.0, args.interval)).check("counter").text)
+        except MemvirtError:
+            n = rows[-1]["passes"] if rows else 0
+            action += " (guest not answering)"
         st = tiers.zram_stats(zram.zram) if zram else {}
         rows.append({"t": time.monotonic() - t_start, "phase": phase, "passes": n, "cpu": qemu_cpu(vm.config.pid),
                      "usage": group.usage(), "limit": group.limit(), "wss": wss, "swapped": swapped,

@@ -180,6 +180,26 @@ def test_adaptive_compression_follows_the_working_set(workload: tuple[VM, VM], t
         v.exec(f"echo {HOT} > {PHASE}")
 
 
+def test_a_cap_below_the_working_set_stalls_the_guest_but_never_kills_it(workload: tuple[VM, VM],
+                                                                          tier: tiers.Tiers) -> None:
+    """A static cap far below what the guest touches (an operator's mistake): the kernel would
+    OOM-kill QEMU under a hard limit; memvirt's cap only makes it wait, and lifting it lets it go on."""
+    vm = workload[1]
+    group = vm.memcg()
+    ctl = Controller([vm], Policy("static", limit=HOT), interval=1.0, method="referenced")
+    try:
+        ctl.run(6)
+        assert vm.alive(), "QEMU was killed under the cap"
+    finally:
+        ctl.close()
+    n0 = int(vm.exec(f"cat {COUNTER}", timeout=120).check("counter").text)
+    time.sleep(3)
+    assert int(vm.exec(f"cat {COUNTER}").check("counter").text) > n0, "the workload did not go on"
+    res = vm.exec(f"datacheck verify --state {DATACHECK}", timeout=120)
+    assert res.rc == 0 and res.text.startswith("OK"), res.text
+    assert "oom_kill_disable 0" in (group.path / "memory.oom_control").read_text() if group.version == 1 else True
+
+
 def test_damon_in_use_by_another_tool_is_refused() -> None:
     with damon.Damon(1) as first:
         first.set_frames(0, [0x1000])
@@ -207,10 +227,11 @@ def _decider(policy: Policy) -> tuple[Controller, Callable[..., tuple[int, str]]
     st = _VMState(VM(VMConfig(name="unit", memory=1 << 30)), None, None)  # type: ignore[arg-type]
 
     def decide(wss: int, resident: int, usage: int, limit: int, refaulted: int = 0, ratio: float | None = 2.0,
-               fill: float = 0.5, swapped: int = 0, share: int = 1 << 62, stall: float = 0.0) -> tuple[int, str]:
+               fill: float = 0.5, swapped: int = 0, share: int = 1 << 62, stall: float = 0.0,
+               oom: bool = False) -> tuple[int, str]:
         st.limit = limit
         est = Estimate(0.0, wss, resident, swapped, resident + swapped, "unit")
-        return ctl._decide(st, est, usage, refaulted, ratio, fill, share, stall)
+        return ctl._decide(st, est, usage, refaulted, ratio, fill, share, stall, oom)
 
     decide.state = st  # type: ignore[attr-defined]
     return ctl, decide
@@ -246,6 +267,8 @@ def test_policy_backs_off_fast_and_shrinks_slowly() -> None:
                   share=200 * MIB)[1] == "shrink"
     # Tiny changes are not worth a reclaim pass.
     assert decide(100 * MIB, 100 * MIB, 160 * MIB, 179 * MIB)[1] == "steady"
+    # Tasks waiting at the cap: up by a quarter of RAM at once.
+    assert decide(100 * MIB, 100 * MIB, 160 * MIB, 160 * MIB, oom=True) == (416 * MIB, "back off: stuck at the limit")
 
 
 def test_static_and_none_policies_never_move_the_limit() -> None:

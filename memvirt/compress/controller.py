@@ -176,7 +176,8 @@ class Controller:
         return ratio, fill, capacity // max(len(self.states), 1)
 
     def _decide(self, st: _VMState, est: Estimate, usage: int, refaulted: int, ratio: float | None,
-                fill: float = 0.0, share: int = UNLIMITED, stall: float = 0.0) -> tuple[int, str]:
+                fill: float = 0.0, share: int = UNLIMITED, stall: float = 0.0,
+                oom: bool = False) -> tuple[int, str]:
         p = self.policy
         if p.name == "none":
             return st.limit, "measure"
@@ -184,6 +185,10 @@ class Controller:
             return int(p.limit or 0), "static"
         overhead = max(0, usage - est.resident)
         target = overhead + int(est.wss * (1 + p.margin)) + HEADROOM
+        if oom:
+            st.hold = HOLD_INTERVALS
+            st.floor, st.floor_age = st.limit, 0
+            return max(target, st.limit + int(p.shrink_step * st.vm.config.memory)), "back off: stuck at the limit"
         if refaulted > max(PRESSURE_FLOOR, 0.02 * est.wss):
             st.hold = HOLD_INTERVALS
             base = min(st.limit, usage + refaulted)
@@ -221,13 +226,14 @@ class Controller:
         for st in self.states:
             est = st.tracker.measure(share if (self.method == "referenced" or not slept) else 0.0)
             slept = True
-            usage, refaulted, stall = est.resident, 0, 0.0
+            usage, refaulted, stall, oom = est.resident, 0, 0.0, False
             if st.group is not None:
+                oom = st.group.under_oom()
                 usage = st.group.usage()
                 refaults, _ = st.group.counters()
                 refaulted, st.refaults = (refaults - st.refaults) * PAGE_SIZE, refaults
                 stall = st.group.stall()
-            limit, action = self._decide(st, est, usage, refaulted, ratio, fill, fair, stall)
+            limit, action = self._decide(st, est, usage, refaulted, ratio, fill, fair, stall, oom)
             if st.group is not None and limit != st.limit:
                 try:
                     st.group.set_limit(None if limit >= UNLIMITED else limit)

@@ -81,18 +81,41 @@ class MemCgroup:
         """Bytes charged now: the VM's resident RAM plus QEMU's own memory."""
         return int(self._file("memory.usage_in_bytes", "memory.current").read_text())
 
+    def _limit_file(self) -> Path:
+        return self._file("memory.limit_in_bytes", "memory.high")
+
     def limit(self) -> int:
-        text = self._file("memory.limit_in_bytes", "memory.max").read_text().strip()
+        text = self._limit_file().read_text().strip()
         return UNLIMITED if text == "max" else min(int(text), UNLIMITED)
 
     def set_limit(self, nbytes: int | None) -> None:
-        """Cap resident memory (None: no cap). Lowering it reclaims at once: cold pages go to swap."""
-        f = self._file("memory.limit_in_bytes", "memory.max")
+        """Cap resident memory (None: no cap). Lowering it reclaims at once: cold pages go to swap.
+
+        A cap must never cost the VM its life: a hard limit below what the guest touches makes
+        the kernel OOM-kill QEMU. So on v2 the cap is ``memory.high`` (reclaim and throttle,
+        never kill) and on v1 the group's OOM killer is disabled while a cap is set (QEMU waits,
+        :meth:`under_oom` tells, and raising the cap lets it go on).
+        """
         value = ("max" if self.version == 2 else "-1") if nbytes is None else str(int(nbytes))
         try:
-            f.write_text(value)
+            if self.version == 1 and nbytes is not None:
+                (self.path / "memory.oom_control").write_text("1")
+            self._limit_file().write_text(value)
+            if self.version == 1 and nbytes is None:
+                (self.path / "memory.oom_control").write_text("0")
         except OSError as e:
             raise MemvirtError(f"setting the memory limit of {self.path.name} failed: {e.strerror}") from None
+
+    def under_oom(self) -> bool:
+        """True while the group's tasks wait for memory the cap does not allow (v1 with the OOM
+        killer disabled; v2's ``memory.high`` throttles instead, which :meth:`stall` shows)."""
+        if self.version != 1:
+            return False
+        try:
+            text = (self.path / "memory.oom_control").read_text()
+        except OSError:
+            return False
+        return "under_oom 1" in text
 
     def stat(self) -> dict[str, int]:
         out = {}
