@@ -176,7 +176,7 @@ def main() -> int:
     base = {p: phase_figures(runs["none"], p, args.settle) for p in (1, 2)}
     table = Table(title=f"compression: {args.memory / MIB:.0f} MiB VM, hot {args.hot / MIB:.0f} MiB -> "
                         f"{2 * args.hot / MIB:.0f} MiB, cold {args.cold / MIB:.0f} MiB text")
-    for col in ("policy", "phase", "usage MiB", "saved MiB (net of zram)", "cold reclaimed", "rate /s",
+    for col in ("policy", "phase", "usage MiB", "saved MiB (net of zram)", "swapped / cold set", "rate /s",
                 "slowdown (wall)", "slowdown (per CPU-s)", "worst 1-s rate", "controller CPU"):
         table.add_column(col, justify="right")
     summary: dict[str, Any] = {}
