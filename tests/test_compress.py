@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -200,6 +202,28 @@ def test_a_cap_below_the_working_set_stalls_the_guest_but_never_kills_it(workloa
     res = vm.exec(f"datacheck verify --state {DATACHECK}", timeout=120)
     assert res.rc == 0 and res.text.startswith("OK"), res.text
     assert "oom_kill_disable 0" in (group.path / "memory.oom_control").read_text() if group.version == 1 else True
+
+
+def test_a_killed_controller_leaves_no_cap_and_no_kdamond(workload: tuple[VM, VM], tier: tiers.Tiers) -> None:
+    """``memvirt compress`` SIGKILLed mid-run: its watchdog lifts the cap and turns DAMON off."""
+    vm = workload[1]
+    group = vm.memcg()
+    proc = subprocess.Popen([sys.executable, "-m", "memvirt", "compress", vm.name, "--policy", "static",
+                             "--limit", "700M"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while group.limit() >= 1 << 60 or int(Path(damon.KDAMONDS / "nr_kdamonds").read_text()) == 0:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.2)
+        assert group.limit() == 700 * MIB
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while group.limit() < 1 << 60 or int(Path(damon.KDAMONDS / "nr_kdamonds").read_text()) != 0:
+        assert time.monotonic() < deadline, "the cap or the kdamonds outlived the killed controller"
+        time.sleep(0.2)
+    assert vm.exec("true").rc == 0
 
 
 def test_damon_in_use_by_another_tool_is_refused() -> None:

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from memvirt.compress import damon as damon_mod
-from memvirt.compress import tiers
+from memvirt.compress import tiers, watchdog
 from memvirt.compress.damon import Damon
 from memvirt.compress.wss import DamonTracker, Estimate, ReferencedTracker, Tracker
 from memvirt.errors import MemvirtError, UsageError
@@ -146,6 +146,8 @@ class Controller:
             us = int(interval * 1e6)
             self.damon = Damon(len(vms), sample_us=max(us // SAMPLES_PER_INTERVAL, 5000), aggr_us=us)
         self.states: list[_VMState] = []
+        limited = [str(g.path) for g in groups if g is not None and policy.name != "none"]
+        self._watchdog = watchdog.spawn(limited, self.damon is not None) if (limited or self.damon) else None
         try:
             for i, (vm, group) in enumerate(zip(vms, groups, strict=True)):
                 tracker: Tracker = (DamonTracker(vm, self.damon, i, samples, seed=i) if self.damon
@@ -274,6 +276,10 @@ class Controller:
         if self.damon is not None:
             self.damon.close()
             self.damon = None
+        if self._watchdog is not None:
+            self._watchdog.terminate()
+            self._watchdog.wait()
+            self._watchdog = None
 
     def summary(self) -> list[dict[str, Any]]:
         """Per VM: resident at start and at the end, least and mean resident, working set, refaults."""
