@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from memvirt import __version__
-from memvirt.cli import dedup, image, mem, migrate, vm
+from memvirt.cli import dedup, image, mem, migrate, pm, vm
 from memvirt.cli.clone import clone
 from memvirt.cli.demo import demo
 from memvirt.cli.inspect import inspect
@@ -32,6 +32,7 @@ app.add_typer(dedup.app, name="dedup")
 app.add_typer(dedup.ksm_app, name="ksm")
 app.command("migrate")(migrate.migrate)
 app.command("receive")(migrate.receive)
+app.add_typer(pm.app, name="pm")
 app.command("demo")(demo)
 
 

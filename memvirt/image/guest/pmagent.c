@@ -7,7 +7,8 @@
  *   pmagent recv --listen IP:PORT [--disk DEV] [--store DEV] [--timeout S]
  *   pmagent netbench send --to IP:PORT --bytes N | recv --listen IP:PORT
  *
- * The key (hex, >= 16 bytes) comes from $PMAGENT_KEY, never the command line.
+ * The key (hex, >= 16 bytes) comes from the file $PMAGENT_KEY_FILE (read, then
+ * removed) or $PMAGENT_KEY, never from the command line.
  *
  * Stream: frames  hdr{type u8, flags u8, 0 u16, len u32, seq u64} payload
  * tag[32], tag = HMAC-SHA256(K_dir, hdr|payload), K_dir = HMAC(key, label)
@@ -201,11 +202,21 @@ static void disk_keys(struct chan *disk, const struct chan *net)
 
 static int load_keys(struct chan *c, int is_source)
 {
-    const char *hex = getenv("PMAGENT_KEY");
+    const char *hex = getenv("PMAGENT_KEY"), *path = getenv("PMAGENT_KEY_FILE");
+    char text[300] = "";
     uint8_t key[128];
     size_t n = 0;
+    if (path) {
+        FILE *f = fopen(path, "r");
+        if (!f || !fgets(text, sizeof text, f))
+            return fail("cannot read the key file %s", path);
+        fclose(f);
+        unlink(path);
+        text[strcspn(text, "\r\n")] = 0;
+        hex = text;
+    }
     if (!hex || parse_hex(hex, key, sizeof key, &n) || n < 16)
-        return fail("no key: set PMAGENT_KEY to at least 32 hex digits");
+        return fail("no key: set PMAGENT_KEY_FILE or PMAGENT_KEY (at least 32 hex digits)");
     unsigned len = 32;
     uint8_t a[32], b[32];
     HMAC(EVP_sha256(), key, n, (const uint8_t *)"memvirt-pm source->target", 25, a, &len);
@@ -213,6 +224,7 @@ static int load_keys(struct chan *c, int is_source)
     memcpy(c->ksend, is_source ? a : b, 32);
     memcpy(c->krecv, is_source ? b : a, 32);
     OPENSSL_cleanse(key, sizeof key);
+    OPENSSL_cleanse(text, sizeof text);
     return 0;
 }
 
@@ -1171,7 +1183,7 @@ static int usage(void)
             "                    [--disk DEV] [--shrink]\n"
             "       pmagent recv --listen IP:PORT [--disk DEV] [--store DEV] [--timeout S]\n"
             "       pmagent netbench send --to IP:PORT --bytes N | netbench recv --listen IP:PORT\n"
-            "  the key comes from $PMAGENT_KEY (hex)\n");
+            "  the key (hex) comes from the file $PMAGENT_KEY_FILE or $PMAGENT_KEY\n");
     return 2;
 }
 
