@@ -1174,6 +1174,68 @@ static int cmd_netbench(int sender, const char *ep, uint64_t bytes, int timeout)
     return done == bytes || !sender ? 0 : 1;
 }
 
+/* --- CPU cost of each stage of the stream, on this machine ------------------ */
+
+static double rate(double t0, size_t n)
+{
+    return n / (now() - t0) / 1e6;
+}
+
+/* MB/s of each per-byte step, over a 2:1-compressible, partly zero buffer like an image. */
+static int cmd_speed(size_t mib)
+{
+    size_t n = mib << 20, bound = ZSTD_compressBound(CHUNK_PAGES * PAGE);
+    uint8_t *buf = malloc(n), *dst = malloc(bound), *back = malloc(CHUNK_PAGES * PAGE), tag[TAG];
+    uint64_t x = 88172645463325252ull, acc = 0;
+    for (size_t i = 0; i < n / 8; i++) {
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        ((uint64_t *)buf)[i] = (i / 512) % 5 == 0 ? 0 : (i % 2 ? x : i);
+    }
+    double t = now();
+    for (size_t o = 0; o < n; o += PAGE)
+        acc += is_zero(buf + o);
+    printf("zero-check %.0f\n", rate(t, n));
+    t = now();
+    for (size_t o = 0; o < n; o += PAGE)
+        acc += XXH3_64bits(buf + o, PAGE);
+    printf("xxh3-page %.0f\n", rate(t, n));
+    t = now();
+    acc += XXH3_128bits(buf, n).low64;
+    printf("xxh3-128 %.0f\n", rate(t, n));
+    struct fhdr h = {F_DATA, 0, 0, CHUNK_PAGES * PAGE, 0};
+    uint8_t key[32] = {1};
+    t = now();
+    for (size_t o = 0; o < n; o += CHUNK_PAGES * PAGE)
+        mac(key, &h, buf + o, tag);
+    printf("hmac-sha256 %.0f\n", rate(t, n));
+    size_t clen = 0;
+    t = now();
+    for (size_t o = 0; o < n; o += CHUNK_PAGES * PAGE)
+        clen += LZ4_compress_default((char *)buf + o, (char *)dst, CHUNK_PAGES * PAGE, bound);
+    printf("lz4 %.0f ratio=%.2f\n", rate(t, n), (double)n / clen);
+    int c1 = LZ4_compress_default((char *)buf, (char *)dst, CHUNK_PAGES * PAGE, bound);
+    t = now();
+    for (size_t o = 0; o < n; o += CHUNK_PAGES * PAGE)
+        acc += LZ4_decompress_safe((char *)dst, (char *)back, c1, CHUNK_PAGES * PAGE);
+    printf("lz4-decompress %.0f\n", rate(t, n));
+    ZSTD_CCtx *z = ZSTD_createCCtx();
+    clen = 0;
+    t = now();
+    for (size_t o = 0; o < n; o += CHUNK_PAGES * PAGE)
+        clen += ZSTD_compressCCtx(z, dst, bound, buf + o, CHUNK_PAGES * PAGE, 1);
+    printf("zstd-1 %.0f ratio=%.2f\n", rate(t, n), (double)n / clen);
+    size_t z1 = ZSTD_compressCCtx(z, dst, bound, buf, CHUNK_PAGES * PAGE, 1);
+    t = now();
+    for (size_t o = 0; o < n; o += CHUNK_PAGES * PAGE)
+        acc += ZSTD_decompress(back, CHUNK_PAGES * PAGE, dst, z1);
+    printf("zstd-decompress %.0f\n", rate(t, n));
+    t = now();
+    for (size_t o = 0; o < n; o += CHUNK_PAGES * PAGE)
+        memcpy(back, buf + o, CHUNK_PAGES * PAGE);
+    printf("memcpy %.0f\n", rate(t, n));
+    return acc == 42;
+}
+
 /* --- main ------------------------------------------------------------------ */
 
 static int usage(void)
@@ -1183,6 +1245,7 @@ static int usage(void)
             "                    [--disk DEV] [--shrink]\n"
             "       pmagent recv --listen IP:PORT [--disk DEV] [--store DEV] [--timeout S]\n"
             "       pmagent netbench send --to IP:PORT --bytes N | netbench recv --listen IP:PORT\n"
+            "       pmagent speed [MIB]   (MB/s of each stream stage on this machine)\n"
             "  the key (hex) comes from the file $PMAGENT_KEY_FILE or $PMAGENT_KEY\n");
     return 2;
 }
@@ -1202,6 +1265,8 @@ int main(int argc, char **argv)
     if (argc < 2)
         return usage();
     const char *cmd = argv[1];
+    if (!strcmp(cmd, "speed"))
+        return cmd_speed(argc > 2 ? strtoul(argv[2], NULL, 10) : 64);
     int bench = !strcmp(cmd, "netbench"), first = bench ? 3 : 2;
     if (bench && argc < 3)
         return usage();
