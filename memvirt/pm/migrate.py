@@ -187,6 +187,7 @@ class _Migration:
             r.wire_bytes = int(sent.num("wire"))
             r.disk_bytes = int(sent.num("disk"))
             r.pages = {k: int(sent.num(k)) for k in ("literal", "zero", "ref")}
+            r.source_stages = {k: sent.num(k) for k in ("read", "scan", "compress", "send")}
         pre = ev("source", "precopied")
         if pre:
             r.precopy_pages = int(pre.num("pages"))
@@ -211,6 +212,6 @@ class _Migration:
             lan.wipe_shared_disk(dst.config.lan)
         dst.channel.wait_ready(60, dst.alive)
         try:
-            dst.exec(f"rm -f {KEY_FILE}", timeout=10)
+            dst.exec(f"rm -f {KEY_FILE}; {lan.announce_script(self.report.address)}", timeout=10)
         except MemvirtError:
             pass

@@ -27,6 +27,9 @@ class PMReport:
     wire_bytes: int = 0
     disk_bytes: int = 0
     pages: dict[str, int] = field(default_factory=dict)
+    source_stages: dict[str, float] = field(default_factory=dict)
+    """Seconds the frozen source spent reading the image, scanning pages (zero, hash, lookup),
+    compressing, and sending (MAC and socket or disk writes)."""
     precopy_pages: int = 0
     precopy_wire_bytes: int = 0
     precopy_seconds: float = 0.0

@@ -125,7 +125,17 @@ def configure_script(mac: str, ip: str) -> str:
     return (
         f'for d in /sys/class/net/*; do [ "$(cat $d/address)" = {mac} ] && dev=${{d##*/}}; done; '
         f'[ -n "$dev" ] || {{ echo "no NIC with MAC {mac}"; exit 1; }}; '
-        f"ip addr flush dev $dev && ip addr add {ip}/{SUBNET.prefixlen} dev $dev && ip link set $dev up"
+        f"ip addr flush dev $dev && ip addr add {ip}/{SUBNET.prefixlen} dev $dev && ip link set $dev up && "
+        f"(setsid arping -U -c 1 -I $dev {ip} >/dev/null 2>&1 < /dev/null &)"
+    )
+
+
+def announce_script(ip: str) -> str:
+    """Guest shell for a machine that just moved to new hardware: forget the neighbours it knew
+    (an address may now belong to another MAC) and tell the LAN where ``ip`` lives now."""
+    return (
+        f"dev=$(ip -o -4 addr show | awk '$4 ~ /^{ip}\\//{{print $2}}'); [ -n \"$dev\" ] || exit 0; "
+        f"ip neigh flush dev $dev; (setsid arping -U -c 2 -I $dev {ip} >/dev/null 2>&1 < /dev/null &)"
     )
 
 

@@ -17,7 +17,9 @@
  * (iterative: live copy of RAM read from /proc/kcore, pages the target keeps
  * on its store disk)], then HELLO (image size), DATA frames (pages: literal,
  * zero, or a reference to a stored page; literals compressed), END (image
- * bytes, XXH3-128 of the image). Disk scheme: HELLO..END go to the shared
+ * bytes, image checksum: XXH3-128 of the list of every page's XXH3-64, so the
+ * source hashes each page once for both the references and the checksum).
+ * Disk scheme: HELLO..END go to the shared
  * disk and one DISK frame on the network says where. The target answers
  * READY to OPEN and ACK (or ERR) to END; it acks only once the whole image
  * is written to /dev/snapshot, checksummed, and its own FREEZE succeeded.
@@ -49,6 +51,7 @@
 #include <sys/reboot.h>
 #include <sys/socket.h>
 #include <sys/time.h>
+#include <sys/uio.h>
 #include <sys/utsname.h>
 #include <time.h>
 #include <unistd.h>
@@ -542,6 +545,21 @@ static int table_get(const struct table *t, uint64_t k, uint32_t *v)
     return 0;
 }
 
+static uint64_t zero_hash;
+
+/* Each page's XXH3-64 (zero pages: a constant), fed to the image checksum. */
+static uint64_t page_hash(const uint8_t *pg, int zero, XXH3_state_t *sum)
+{
+    uint64_t h = zero ? zero_hash : XXH3_64bits(pg, PAGE);
+    XXH3_128bits_update(sum, &h, sizeof h);
+    return h;
+}
+
+/* Seconds spent per stage of the final stream, reported with the "sent" event. */
+struct stages {
+    double read, scan, compress, send;
+};
+
 /* --- source: live copy for the iterative scheme ---------------------------- */
 
 struct kseg {
@@ -656,12 +674,19 @@ struct source_opts {
     int scheme, codec, shrink;
 };
 
-/* Read up to n bytes of the image (the kernel hands it out a page per read). */
+/*
+ * Read up to n bytes of the image. The kernel hands it out a page per read
+ * call; a readv of page-sized pieces gets many pages per system call.
+ */
 static ssize_t read_image(int fd, uint8_t *buf, size_t n)
 {
     size_t got = 0;
+    struct iovec iov[CHUNK_PAGES];
     while (got < n) {
-        ssize_t r = read(fd, buf + got, n - got);
+        int k = 0;
+        for (size_t o = got; o < n && k < (int)CHUNK_PAGES; o += PAGE)
+            iov[k++] = (struct iovec){buf + o, PAGE};
+        ssize_t r = readv(fd, iov, k);
         if (r < 0 && errno == EINTR)
             continue;
         if (r < 0)
@@ -675,7 +700,7 @@ static ssize_t read_image(int fd, uint8_t *buf, size_t n)
 
 /* Stream the image (HELLO, DATA..., END) from /dev/snapshot into c. */
 static int stream_image(struct chan *c, int snap, int codec, uint64_t image_bytes, const struct table *sent,
-                        uint64_t *counts)
+                        uint64_t *counts, struct stages *st)
 {
     struct hello_msg hm = {image_bytes};
     if (send_frame(c, F_HELLO, 0, &hm, sizeof hm))
@@ -690,14 +715,16 @@ static int stream_image(struct chan *c, int snap, int codec, uint64_t image_byte
     if (!raw || !lit || !frame || !z || !sum)
         return fail("out of memory for the stream buffers");
     for (;;) {
+        double t0 = now();
         ssize_t got = read_image(snap, raw, CHUNK_PAGES * PAGE);
+        double t1 = now();
+        st->read += t1 - t0;
         if (got < 0)
             return fail("reading the image failed: %s", strerror(errno));
         if (got == 0)
             break;
         if (got % PAGE)
             return fail("image read returned a partial page");
-        XXH3_128bits_update(sum, raw, got);
         total += got;
         unsigned n = got / PAGE, nlit = 0, nref = 0;
         struct data_head *dh = (struct data_head *)frame;
@@ -706,10 +733,12 @@ static int stream_image(struct chan *c, int snap, int codec, uint64_t image_byte
         for (unsigned i = 0; i < n; i++) {
             const uint8_t *pg = raw + (size_t)i * PAGE;
             uint32_t slot;
-            if (is_zero(pg)) {
+            int zero = is_zero(pg);
+            uint64_t hsh = page_hash(pg, zero, sum);
+            if (zero) {
                 kinds[i] = K_ZERO;
                 counts[1]++;
-            } else if (sent && table_get(sent, XXH3_64bits(pg, PAGE), &slot)) {
+            } else if (sent && table_get(sent, hsh, &slot)) {
                 kinds[i] = K_REF;
                 refs[nref++] = slot;
                 counts[2]++;
@@ -720,6 +749,8 @@ static int stream_image(struct chan *c, int snap, int codec, uint64_t image_byte
             }
         }
         memcpy(kinds + n, refs, nref * 4);
+        double t2 = now();
+        st->scan += t2 - t1;
         uint8_t *cdst = kinds + n + nref * 4;
         size_t clen = (size_t)nlit * PAGE;
         if (nlit && codec == C_LZ4)
@@ -731,8 +762,11 @@ static int stream_image(struct chan *c, int snap, int codec, uint64_t image_byte
         if ((nlit && clen == 0) || (codec == C_ZSTD && ZSTD_isError(clen)))
             return fail("compression failed");
         *dh = (struct data_head){n, nref, (uint32_t)clen, nlit * PAGE};
+        double t3 = now();
+        st->compress += t3 - t2;
         if (send_frame(c, F_DATA, codec, frame, sizeof *dh + n + nref * 4 + clen))
             return -1;
+        st->send += now() - t3;
     }
     if (total != image_bytes)
         return fail("image is %llu bytes, the kernel announced %llu", (unsigned long long)total,
@@ -826,8 +860,9 @@ static int cmd_send(const struct source_opts *o)
     event("created seconds=%.3f image=%llu", t2 - t1, (unsigned long long)image_bytes);
 
     uint64_t counts[3] = {0, 0, 0}, wire0 = net.wire;
+    struct stages stg = {0, 0, 0, 0};
     if (o->scheme == S_DISK) {
-        if (stream_image(&disk, snap, o->codec, image_bytes, NULL, counts) || chan_flush(&disk)) {
+        if (stream_image(&disk, snap, o->codec, image_bytes, NULL, counts, &stg) || chan_flush(&disk)) {
             if (!*errmsg || !strncmp(errmsg, "sending", 7))
                 fail("writing the image to %s failed: %s", o->disk, strerror(errno));
             goto thaw;
@@ -836,13 +871,14 @@ static int cmd_send(const struct source_opts *o)
         struct disk_msg dm = {disk.dpos};
         if (send_frame(&net, F_DISK, 0, &dm, sizeof dm))
             goto thaw;
-    } else if (stream_image(&net, snap, o->codec, image_bytes, sent.keys ? &sent : NULL, counts)) {
+    } else if (stream_image(&net, snap, o->codec, image_bytes, sent.keys ? &sent : NULL, counts, &stg)) {
         goto thaw;
     }
     double t3 = now();
-    event("sent literal=%llu zero=%llu ref=%llu wire=%llu disk=%llu seconds=%.3f", (unsigned long long)counts[0],
-          (unsigned long long)counts[1], (unsigned long long)counts[2], (unsigned long long)(net.wire - wire0),
-          (unsigned long long)disk.wire, t3 - t2);
+    event("sent literal=%llu zero=%llu ref=%llu wire=%llu disk=%llu seconds=%.3f read=%.3f scan=%.3f compress=%.3f "
+          "send=%.3f", (unsigned long long)counts[0], (unsigned long long)counts[1], (unsigned long long)counts[2],
+          (unsigned long long)(net.wire - wire0), (unsigned long long)disk.wire, t3 - t2, stg.read, stg.scan,
+          stg.compress, stg.send);
     struct pollfd p = {net.fd, POLLIN, 0};
     if (poll(&p, 1, 300 * 1000) != 1) {
         fail("the target did not acknowledge within 300 s");
@@ -911,8 +947,12 @@ static int decompress(int codec, const uint8_t *src, size_t clen, uint8_t *dst, 
 
 static int write_snapshot(int snap, const uint8_t *p, size_t n, int first)
 {
+    struct iovec iov[CHUNK_PAGES];
     while (n) {
-        ssize_t w = write(snap, p, n);
+        int k = 0;
+        for (size_t o = 0; o < n && k < (int)CHUNK_PAGES; o += PAGE)
+            iov[k++] = (struct iovec){(uint8_t *)p + o, PAGE};
+        ssize_t w = writev(snap, iov, k);
         if (w < 0 && errno == EINTR)
             continue;
         if (w <= 0) {
@@ -998,7 +1038,8 @@ static int receive_image(struct chan *c, struct store *st, uint64_t *image_out)
             goto bad;
         }
         size_t n = (size_t)dh->npages * PAGE;
-        XXH3_128bits_update(sum, raw, n);
+        for (unsigned i = 0; i < dh->npages; i++)
+            page_hash(raw + (size_t)i * PAGE, kinds[i] == K_ZERO, sum);
         if (write_snapshot(snap, raw, n, total == 0))
             goto bad;
         total += n;
@@ -1261,6 +1302,8 @@ static int pick(const char *v, const char **names, int n)
 int main(int argc, char **argv)
 {
     t_start = now();
+    static const uint8_t zeros[PAGE];
+    zero_hash = XXH3_64bits(zeros, PAGE);
     signal(SIGPIPE, SIG_IGN);
     if (argc < 2)
         return usage();
