@@ -393,10 +393,14 @@ static int expect(struct chan *c, int type, struct fhdr *h, uint8_t **buf, size_
     return 0;
 }
 
+/* Tell the peer why we stop (best effort: the reason survives a failed send). */
 static void send_err(struct chan *c)
 {
+    char why[sizeof errmsg];
+    memcpy(why, errmsg, sizeof why);
     if (c->fd >= 0 && !c->disk)
-        send_frame(c, F_ERR, 0, errmsg, strlen(errmsg) + 1);
+        send_frame(c, F_ERR, 0, why, strlen(why) + 1);
+    memcpy(errmsg, why, sizeof why);
 }
 
 /* --- helpers ------------------------------------------------------------- */
