@@ -188,6 +188,7 @@ def pair(image: Image, vm_factory) -> Iterator[tuple[VM, VM]]:  # noqa: ANN001
     names, lan = (f"pm-s{n}", f"pm-t{n}"), f"pm-lan{n}"
     with ThreadPoolExecutor(2) as pool:
         src, dst = pool.map(lambda n: vm_factory(n, image, memory=512 << 20, lan_name=lan), names)
+    assert src.config.extra["lan_ip"] != dst.config.extra["lan_ip"]
     src.exec_background(WORKLOAD, "/tmp/pm-memtouch.log")
     src.exec_background(f"datacheck write --size 24M --seed 21 --state {DATACHECK}", "/tmp/pm-dc.log")
     deadline = time.monotonic() + 60

@@ -56,6 +56,8 @@ def migrate(
         vm.require_alive()
     if not src.config.lan or src.config.lan != dst.config.lan:
         raise PMRefused(f"{source!r} and {target!r} must be on the same VM LAN (start both with --lan NAME)")
+    if src.config.extra.get("lan_ip") == dst.config.extra.get("lan_ip"):
+        raise PMRefused(f"{source!r} and {target!r} have the same LAN address {src.config.extra.get('lan_ip')}")
     check_pair(read_facts(src), read_facts(dst), scheme)
     held = lan.lock(src.config.lan)
     try:

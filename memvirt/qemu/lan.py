@@ -23,6 +23,8 @@ import ipaddress
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -85,6 +87,16 @@ def lock(lan: str) -> int:
         os.close(fd)
         raise UsageError(f"another migration is using LAN {lan!r}") from None
     return fd
+
+
+@contextmanager
+def allocation_lock(lan: str) -> Iterator[None]:
+    """Held while a VM picks its address and saves it, so VMs started together differ."""
+    path = lan_dir(lan) / "alloc.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def allocate(vm: VM, members: list[VM]) -> None:

@@ -360,8 +360,9 @@ def start_vm(
     )
     vm = VM(config)
     if lan_name:
-        lan.allocate(vm, lan_members(lan_name))
-        vm.save()
+        with lan.allocation_lock(lan_name):
+            lan.allocate(vm, lan_members(lan_name))
+            vm.save()
     proc = subprocess.run(qemu_argv(vm, image), capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
         shutil.rmtree(vdir, ignore_errors=True)
