@@ -190,6 +190,9 @@ class _Migration:
             r.disk_bytes = int(sent.num("disk"))
             r.pages = {k: int(sent.num(k)) for k in ("literal", "zero", "ref")}
             r.source_stages = {k: sent.num(k) for k in ("read", "scan", "compress", "send")}
+        received = ev("target", "received")
+        if received:
+            r.target_stages = {k: received.num(k) for k in ("recv", "decompress", "store", "hash", "write")}
         pre = ev("source", "precopied")
         if pre:
             r.precopy_pages = int(pre.num("pages"))

@@ -30,6 +30,9 @@ class PMReport:
     source_stages: dict[str, float] = field(default_factory=dict)
     """Seconds the frozen source spent reading the image, scanning pages (zero, hash, lookup),
     compressing, and sending (MAC and socket or disk writes)."""
+    target_stages: dict[str, float] = field(default_factory=dict)
+    """Seconds the target spent waiting for and checking frames, decompressing, reading its store
+    disk, hashing pages for the checksum, and writing them to /dev/snapshot."""
     precopy_pages: int = 0
     precopy_wire_bytes: int = 0
     precopy_seconds: float = 0.0

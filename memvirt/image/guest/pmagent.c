@@ -973,8 +973,13 @@ static int write_snapshot(int snap, const uint8_t *p, size_t n, int first)
     return 0;
 }
 
+/* Seconds the target spent per stage: waiting and MAC checks, decompression, store reads, hashing, writing. */
+struct rstages {
+    double recv, decompress, store, hash, write;
+};
+
 /* Receive HELLO, DATA..., END from c into /dev/snapshot; returns the open fd. */
-static int receive_image(struct chan *c, struct store *st, uint64_t *image_out)
+static int receive_image(struct chan *c, struct store *st, uint64_t *image_out, struct rstages *rs)
 {
     struct fhdr h;
     uint8_t *buf = NULL, *raw = aligned(CHUNK_PAGES * PAGE), *lit = malloc(CHUNK_PAGES * PAGE);
@@ -992,8 +997,11 @@ static int receive_image(struct chan *c, struct store *st, uint64_t *image_out)
     XXH3_128bits_reset(sum);
     uint64_t total = 0;
     for (;;) {
+        double t0 = now();
         if (recv_frame(c, &h, &buf, &cap))
             goto bad;
+        double t1 = now();
+        rs->recv += t1 - t0;
         if (h.type == F_END)
             break;
         if (h.type != F_DATA || h.len < sizeof(struct data_head)) {
@@ -1013,6 +1021,8 @@ static int receive_image(struct chan *c, struct store *st, uint64_t *image_out)
         const uint8_t *cdata = kinds + dh->npages + dh->nref * 4;
         if (dh->rawlit && decompress(h.flags, cdata, dh->clen, lit, dh->rawlit))
             goto bad;
+        double t2 = now();
+        rs->decompress += t2 - t1;
         unsigned li = 0, ri = 0;
         for (unsigned i = 0; i < dh->npages; i++) {
             uint8_t *dst = raw + (size_t)i * PAGE;
@@ -1042,10 +1052,15 @@ static int receive_image(struct chan *c, struct store *st, uint64_t *image_out)
             goto bad;
         }
         size_t n = (size_t)dh->npages * PAGE;
+        double t3 = now();
+        rs->store += t3 - t2;
         for (unsigned i = 0; i < dh->npages; i++)
             page_hash(raw + (size_t)i * PAGE, kinds[i] == K_ZERO, sum);
+        double t4 = now();
+        rs->hash += t4 - t3;
         if (write_snapshot(snap, raw, n, total == 0))
             goto bad;
+        rs->write += now() - t4;
         total += n;
     }
     if (h.len != sizeof(struct end_msg)) {
@@ -1152,12 +1167,14 @@ static int cmd_recv(const struct target_opts *o)
     double t1 = now();
     event("receiving");
     uint64_t image_bytes = 0;
-    int snap = receive_image(src, &st, &image_bytes);
+    struct rstages rs = {0, 0, 0, 0, 0};
+    int snap = receive_image(src, &st, &image_bytes, &rs);
     if (snap < 0)
         goto failed;
     double t2 = now();
-    event("received image=%llu wire=%llu seconds=%.3f", (unsigned long long)image_bytes,
-          (unsigned long long)(src->wire), t2 - t1);
+    event("received image=%llu wire=%llu seconds=%.3f recv=%.3f decompress=%.3f store=%.3f hash=%.3f write=%.3f",
+          (unsigned long long)image_bytes, (unsigned long long)(src->wire), t2 - t1, rs.recv, rs.decompress,
+          rs.store, rs.hash, rs.write);
     if (ioctl(snap, SNAPSHOT_FREEZE, 0)) {
         fail("freezing the target failed: %s", strerror(errno));
         close(snap);
