@@ -11,7 +11,7 @@ with its one-line error and the bench boots a new machine to go on. The goal fro
 512 MiB machine with 200 MiB in use moves with a downtime under 5 s under TCG.
 
 ``python bench/pm.py [--used 200M] [--schemes memory,disk,iterative] [--codecs lz4,zstd,none]
-[--json FILE]``
+[--shrink] [--json FILE]``
 """
 
 from __future__ import annotations
@@ -83,11 +83,11 @@ def health(vm: VM) -> str:
         return f"{e.__class__.__name__}: {e}"
 
 
-def hop(src: VM, dst: VM, scheme: str, codec: str) -> dict[str, Any]:
+def hop(src: VM, dst: VM, scheme: str, codec: str, shrink: bool) -> dict[str, Any]:
     row: dict[str, Any] = {"scheme": scheme, "compress": codec, "used_before": used(src)}
     row["link_bytes_per_s"] = round(measure_link(src, dst))
     try:
-        rep = migrate(src.name, dst.name, scheme, codec)
+        rep = migrate(src.name, dst.name, scheme, codec, shrink)
     except MemvirtError as e:
         row["error"] = str(e)
         return row
@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--used", type=size_arg, default=200 << 20, help="memory in use on the machine")
     ap.add_argument("--schemes", default="memory,disk,iterative")
     ap.add_argument("--codecs", default="lz4,zstd,none")
+    ap.add_argument("--shrink", action="store_true", help="PREF_IMAGE_SIZE 0: the smallest image")
     ap.add_argument("--json", type=Path, default=RESULTS / "pm.json")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -112,7 +113,7 @@ def main() -> None:
             for codec in args.codecs.split(","):
                 n += 1
                 dst = boot(f"pm-bench-{n}")
-                row = hop(src, dst, scheme, codec)
+                row = hop(src, dst, scheme, codec, args.shrink)
                 results["hops"].append(row)
                 print_row(row)
                 write_json(args.json, results)

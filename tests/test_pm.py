@@ -63,7 +63,7 @@ def test_checks_refuse_mismatch_missing_hibernation_and_oversized_images() -> No
     with pytest.raises(PMRefused, match="memory size mismatch"):
         check_pair(_facts("a"), _facts("b", mem_total=900 << 20), "memory")
     with pytest.raises(PMFailed, match="image too large for free memory"):
-        check_pair(_facts("a", mem_free=200 << 20), _facts("b"), "memory")
+        check_pair(_facts("a", mem_free=250 << 20), _facts("b"), "memory")
     with pytest.raises(PMRefused, match="no memvirt-shared disk"):
         check_pair(_facts("a"), _facts("b", disks={}), "disk")
 

@@ -61,6 +61,13 @@ class Facts:
         reserved memory included (measured: 172 MiB image for 175 MiB estimated)."""
         return self.ram - self.mem_free
 
+    @property
+    def image_limit(self) -> int:
+        """The largest image the kernel can make here without swap: its snapshot copy must fit in
+        free pages, so about half of what it manages (hibernate_preallocate_memory's max_size;
+        measured: 200 MiB images work, 252 MiB fail with ENOMEM on a 512 MiB machine)."""
+        return self.mem_total // 2 - (4 << 20)
+
 
 def parse_facts(name: str, ram: int, text: str) -> Facts:
     """Facts from the output of :data:`FACTS_SCRIPT`."""
@@ -99,12 +106,12 @@ def check_pair(src: Facts, dst: Facts, scheme: str) -> None:
         raise PMRefused(
             f"memory size mismatch: {src.name!r} has {src.mem_total >> 20} MiB, {dst.name!r} {dst.mem_total >> 20} MiB"
         )
-    need = src.image_estimate
-    if need > src.mem_free or need + IMAGE_MARGIN > dst.mem_available:
+    need, cap = src.image_estimate, src.image_limit
+    if need > cap or need + IMAGE_MARGIN > dst.mem_available:
         raise PMFailed(
-            f"image too large for free memory: about {need >> 20} MiB image, {src.mem_free >> 20} MiB free on "
-            f"{src.name!r}, {dst.mem_available >> 20} MiB available on {dst.name!r} (without swap the kernel "
-            "needs a free page for every page it saves)"
+            f"image too large for free memory: about {need >> 20} MiB image, at most {cap >> 20} MiB fit on "
+            f"{src.name!r} and {(dst.mem_available - IMAGE_MARGIN) >> 20} MiB on {dst.name!r} (without swap the "
+            "kernel needs a free page for every page it saves: free some memory on the source)"
         )
     wanted = {"disk": [SHARED_SERIAL], "iterative": [STORE_SERIAL]}.get(scheme, [])
     for serial in wanted:

@@ -140,7 +140,9 @@ class _Migration:
                 e = self._seen(role, name)
                 if e:
                     tgt = self._seen("target", "failed")
-                    why = tgt.fields.get("error") if tgt else e.fields.get("error")
+                    why = e.fields.get("error", "")
+                    if tgt and (why.startswith("peer failed") or why.startswith("sending failed")):
+                        why = tgt.fields.get("error", why)  # the target stopped first and said why
                     raise PMFailed(f"migration failed, {self.src.name!r} runs on: {why}")
             if not self.src.alive() and not self._seen("source", "acked"):
                 raise PMFailed(f"{self.src.name!r} died during the migration (see {self.src.serial_log})")
