@@ -920,22 +920,41 @@ struct target_opts {
 };
 
 #define WINDOW_PAGES 512u
+#define CACHE_PAGES 256u
 
 /*
  * Pages the source sent before its freeze, on the store disk by slot. The
  * image asks for them in slot order, mostly, so they are read back through a
  * 2 MiB window: a small O_DIRECT read costs about as much as a large one.
+ * References behind the window (duplicates of an earlier page) go through a
+ * small direct-mapped cache, as the same few pages come back again and again.
  */
 struct store {
     int fd;
     uint64_t slots, cap;
-    uint8_t *win;
+    uint8_t *win, *cache;
     uint64_t win_first, win_count;
+    int64_t cache_slot[CACHE_PAGES];
 };
 
 static const uint8_t *store_page(struct store *st, uint32_t slot)
 {
-    if (slot < st->win_first || slot >= st->win_first + st->win_count) {
+    if (slot < st->win_first) {
+        unsigned c = slot % CACHE_PAGES;
+        if (!st->cache) {
+            if (!(st->cache = aligned((size_t)CACHE_PAGES * PAGE)))
+                return NULL;
+            memset(st->cache_slot, 0xff, sizeof st->cache_slot);
+        }
+        uint8_t *pg = st->cache + (size_t)c * PAGE;
+        if (st->cache_slot[c] != slot) {
+            if (pread(st->fd, pg, PAGE, (uint64_t)slot * PAGE) != PAGE)
+                return NULL;
+            st->cache_slot[c] = slot;
+        }
+        return pg;
+    }
+    if (slot >= st->win_first + st->win_count) {
         uint64_t count = st->slots - slot < WINDOW_PAGES ? st->slots - slot : WINDOW_PAGES;
         if (!st->win && !(st->win = aligned((size_t)WINDOW_PAGES * PAGE)))
             return NULL;
@@ -1113,7 +1132,7 @@ static int cmd_recv(const struct target_opts *o)
     struct fhdr h;
     uint8_t *buf = NULL;
     size_t cap = 0;
-    struct store st = {-1, 0, 0, NULL, 0, 0};
+    struct store st = {.fd = -1};
     if (load_keys(&net, 0))
         goto failed;
     if ((net.fd = accept_one(o->listen, o->timeout)) < 0)
