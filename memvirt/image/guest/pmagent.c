@@ -63,6 +63,8 @@
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
 #include <zstd.h>
+/* TCG emulates SSE2 with helper calls: XXH3's scalar path is the faster one in a guest without KVM. */
+#define XXH_VECTOR XXH_SCALAR
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
