@@ -144,6 +144,11 @@ class _Migration:
                     if tgt and (why.startswith("peer failed") or why.startswith("sending failed")):
                         why = tgt.fields.get("error", why)  # the target stopped first and said why
                     raise PMFailed(f"migration failed, {self.src.name!r} runs on: {why}")
+            lost = self._seen("target", "failed")
+            if lost and self._seen("target", "restoring"):
+                # The only window without a way back: the source had its ack and powered off.
+                raise PMFailed(f"{self.dst.name!r} acknowledged the image but could not restore it "
+                               f"({lost.fields.get('error')}); {self.src.name!r} has powered off")
             if not self.src.alive() and not self._seen("source", "acked"):
                 raise PMFailed(f"{self.src.name!r} died during the migration (see {self.src.serial_log})")
             if not self.dst.alive():
