@@ -144,6 +144,7 @@ def _open(ram_ok: bool = True, release: str | None = None) -> bytes:
     ("wrong-type", "unexpected frame type"),
     ("kernel", "kernel mismatch"),
     ("memory", "memory size mismatch"),
+    ("peer-error", "peer failed"),
 ])
 def test_agent_rejects_bad_streams(host_pmagent: Path, case: str, needle: str) -> None:
     rx = Receiver(host_pmagent)
@@ -157,6 +158,7 @@ def test_agent_rejects_bad_streams(host_pmagent: Path, case: str, needle: str) -
         "wrong-type": stream.encode(k, stream.Frame.HELLO, struct.pack("<Q", 1 << 20), 0),
         "kernel": stream.encode(k, stream.Frame.OPEN, _open(release="5.10.0-99-amd64"), 0),
         "memory": stream.encode(k, stream.Frame.OPEN, _open(ram_ok=False), 0),
+        "peer-error": stream.encode(k, stream.Frame.ERR, b"", 0),
     }[case]
     if case == "tampered":
         frame[40] ^= 1  # type: ignore[index]

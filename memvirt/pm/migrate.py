@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from memvirt.errors import MemvirtError, UsageError
 from memvirt.pm.events import ConsoleTail, Event
-from memvirt.pm.facts import PMFailed, PMRefused, check_pair, read_facts
+from memvirt.pm.facts import Facts, PMFailed, PMRefused, check_pair, read_facts
 from memvirt.pm.report import PMReport
 from memvirt.qemu import lan
 from memvirt.qemu.vm import VM
@@ -58,10 +58,11 @@ def migrate(
         raise PMRefused(f"{source!r} and {target!r} must be on the same VM LAN (start both with --lan NAME)")
     if src.config.extra.get("lan_ip") == dst.config.extra.get("lan_ip"):
         raise PMRefused(f"{source!r} and {target!r} have the same LAN address {src.config.extra.get('lan_ip')}")
-    check_pair(read_facts(src), read_facts(dst), scheme)
+    facts = read_facts(src), read_facts(dst)
+    check_pair(*facts, scheme)
     held = lan.lock(src.config.lan)
     try:
-        return _Migration(src, dst, scheme, compress, shrink, progress or (lambda e: None)).run(timeout)
+        return _Migration(src, dst, scheme, compress, shrink, progress or (lambda e: None)).run(timeout, *facts)
     finally:
         os.close(held)
 
@@ -88,20 +89,19 @@ class _Migration:
     def _seen(self, role: str, name: str) -> Event | None:
         return self.events.get((role, name))
 
-    def run(self, timeout: float) -> PMReport:
+    def run(self, timeout: float, src_facts: Facts, dst_facts: Facts) -> PMReport:
         src, dst, r = self.src, self.dst, self.report
         t0 = time.monotonic()
         key = secrets.token_hex(32)
         port = 20000 + secrets.randbelow(30000)
-        dst_facts_disks = read_facts(dst).disks
         ip = dst.config.extra["lan_ip"]
         recv = f"pmagent recv --listen {ip}:{port} --timeout {int(LISTEN_TIMEOUT + 30)}"
         send = f"pmagent send --to {ip}:{port} --scheme {r.scheme} --compress {r.compress}"
         if r.scheme == "disk":
-            recv += f" --disk {dst_facts_disks[lan.SHARED_SERIAL]}"
-            send += f" --disk {read_facts(src).disks[lan.SHARED_SERIAL]}"
+            recv += f" --disk {dst_facts.disks[lan.SHARED_SERIAL]}"
+            send += f" --disk {src_facts.disks[lan.SHARED_SERIAL]}"
         if r.scheme == "iterative":
-            recv += f" --store {dst_facts_disks[lan.STORE_SERIAL]}"
+            recv += f" --store {dst_facts.disks[lan.STORE_SERIAL]}"
         if r.shrink:
             send += " --shrink"
         _give_key(dst, key)

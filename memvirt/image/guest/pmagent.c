@@ -380,8 +380,10 @@ static int recv_frame(struct chan *c, struct fhdr *h, uint8_t **buf, size_t *cap
     if (h->seq != c->rseq++)
         return fail("frame out of sequence");
     if (h->type == F_ERR) {
-        (*buf)[h->len ? h->len - 1 : 0] = 0;
-        return fail("peer failed: %.*s", (int)h->len, (char *)*buf);
+        if (!h->len)
+            return fail("peer failed");
+        (*buf)[h->len - 1] = 0;
+        return fail("peer failed: %s", (char *)*buf);
     }
     return 0;
 }
