@@ -29,6 +29,7 @@ from memvirt.image.build import Image
 from memvirt.pm import stream
 from memvirt.pm.events import parse_line
 from memvirt.pm.facts import Facts, PMFailed, PMRefused, check_pair
+from memvirt.qemu import lan
 from memvirt.qemu.vm import VM
 
 COUNTER = "/tmp/pm.count"
@@ -233,6 +234,8 @@ def test_machine_moves_and_its_workload_continues(pair: tuple[VM, VM], scheme: s
         assert r["precopy_pages"] > 0 and r["pages"]["ref"] > r["pages"]["literal"]
     if scheme == "disk":
         assert r["disk_bytes"] > 0 and r["wire_bytes"] < 4096
+        shared = lan.lan_dir(dst.config.lan) / "shared.raw"
+        assert shared.stat().st_blocks == 0, "the machine's image must not stay on the shared disk"
     assert not src.alive() and not src.dir.exists(), "the powered-off source must be gone"
     moved = VM.load(dst.name)
     assert moved.config.extra["lan_ip"] == src_ip and moved.config.extra["pm_migrated_from"]["name"] == src.name
@@ -251,6 +254,8 @@ def _refusals(src: VM, dst: VM) -> None:
     assert_one_line_error(memvirt("pm", "migrate", src.name, "--to", src.name), 2, "same VM")
     assert_one_line_error(memvirt("pm", "migrate", src.name, "--to", dst.name, "--scheme", "pigeon"),
                           2, "--scheme must be one of")
+    ok = memvirt("pm", "check", src.name, "--to", dst.name, "--scheme", "iterative", "--json")
+    assert ok.returncode == 0 and json.loads(ok.stdout)["image_limit_bytes"] > json.loads(ok.stdout)["image_estimate_bytes"]
     real = read_facts(dst)
     assert real.hibernation and real.pmagent
     check_pair(read_facts(src), real, "iterative")

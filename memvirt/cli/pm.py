@@ -90,6 +90,28 @@ def migrate(
     ])
 
 
+@app.command("check")
+def check(
+    source: Annotated[str, typer.Argument(help="The machine to move.")],
+    to: Annotated[str, typer.Option("--to", help="The machine to move it to.")],
+    scheme: Annotated[str, typer.Option(help=f"Scheme to check for: {', '.join(SCHEMES)}.")] = "memory",
+    json_: JsonOpt = False,
+) -> None:
+    """Check that SOURCE can move onto TO (same kernel and RAM, hibernation, the image fits) without
+    freezing anything; exit 0 if it can, else one line saying why."""
+    from memvirt.pm.facts import IMAGE_MARGIN
+    from memvirt.pm.migrate import preflight
+
+    _, _, (s, d) = preflight(source, to, scheme)
+    info = {"source": source, "target": to, "kernel": s.release, "image_estimate_bytes": s.image_estimate,
+            "image_limit_bytes": min(s.image_limit, d.mem_available - IMAGE_MARGIN), "ok": True}
+    if json_:
+        emit_json(info)
+    else:
+        out.print(f"{source} -> {to}: ok (kernel {s.release}; image about {human(s.image_estimate)}, "
+                  f"at most {human(info['image_limit_bytes'])} fits)")
+
+
 @app.command("link")
 def link(
     source: Annotated[str, typer.Argument(help="Sending VM.")],

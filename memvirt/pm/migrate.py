@@ -45,10 +45,20 @@ def migrate(
     On success the VM named ``target`` runs the source's machine and ``source`` is gone; on
     failure :class:`PMFailed` is raised and the source runs on.
     """
-    if scheme not in SCHEMES:
-        raise UsageError(f"--scheme must be one of {', '.join(SCHEMES)}, not {scheme!r}")
     if compress not in CODECS:
         raise UsageError(f"--compress must be one of {', '.join(CODECS)}, not {compress!r}")
+    src, dst, facts = preflight(source, target, scheme)
+    held = lan.lock(src.config.lan)
+    try:
+        return _Migration(src, dst, scheme, compress, shrink, progress or (lambda e: None)).run(timeout, *facts)
+    finally:
+        os.close(held)
+
+
+def preflight(source: str, target: str, scheme: str = "memory") -> tuple[VM, VM, tuple[Facts, Facts]]:
+    """Load both machines and refuse a migration that cannot work; nothing is frozen."""
+    if scheme not in SCHEMES:
+        raise UsageError(f"--scheme must be one of {', '.join(SCHEMES)}, not {scheme!r}")
     src, dst = VM.load(source), VM.load(target)
     if src.name == dst.name:
         raise UsageError("source and target are the same VM")
@@ -60,11 +70,7 @@ def migrate(
         raise PMRefused(f"{source!r} and {target!r} have the same LAN address {src.config.extra.get('lan_ip')}")
     facts = read_facts(src), read_facts(dst)
     check_pair(*facts, scheme)
-    held = lan.lock(src.config.lan)
-    try:
-        return _Migration(src, dst, scheme, compress, shrink, progress or (lambda e: None)).run(timeout, *facts)
-    finally:
-        os.close(held)
+    return src, dst, facts
 
 
 def _give_key(vm: VM, key: str) -> None:
