@@ -246,14 +246,17 @@ def test_machine_moves_and_its_workload_continues(pair: tuple[VM, VM], scheme: s
 
 
 def _refusals(src: VM, dst: VM) -> None:
-    """Cheap refusals on a real pair: unknown or identical machines, a bad scheme, and a kernel
-    without hibernation support (the real machine's facts with /dev/snapshot hidden)."""
+    """Cheap refusals on a real pair: unknown or identical machines, a bad scheme, cloning or
+    live-migrating a LAN machine, and a kernel without hibernation support (the real machine's
+    facts with /dev/snapshot hidden)."""
     from memvirt.pm.facts import read_facts
 
     assert_one_line_error(memvirt("pm", "migrate", "pm-nonexistent", "--to", dst.name), 2, "no VM named")
     assert_one_line_error(memvirt("pm", "migrate", src.name, "--to", src.name), 2, "same VM")
     assert_one_line_error(memvirt("pm", "migrate", src.name, "--to", dst.name, "--scheme", "pigeon"),
                           2, "--scheme must be one of")
+    assert_one_line_error(memvirt("clone", src.name), 2, "is on VM LAN")
+    assert_one_line_error(memvirt("migrate", src.name, "--to", "127.0.0.1:9", "--insecure"), 2, "is on VM LAN")
     ok = memvirt("pm", "check", src.name, "--to", dst.name, "--scheme", "iterative", "--json")
     assert ok.returncode == 0 and json.loads(ok.stdout)["image_limit_bytes"] > json.loads(ok.stdout)["image_estimate_bytes"]
     real = read_facts(dst)
