@@ -930,44 +930,48 @@ struct target_opts {
  * Pages the source sent before its freeze, on the store disk by slot. The
  * image asks for them in slot order, mostly, so they are read back through a
  * 2 MiB window: a small O_DIRECT read costs about as much as a large one.
- * References behind the window (duplicates of an earlier page) go through a
- * small direct-mapped cache, as the same few pages come back again and again.
+ * The window moves only where the stream of references goes on (a miss right
+ * after the previous reference); an isolated reference elsewhere (a duplicate
+ * of another page, a page that moved) is read alone into a small
+ * direct-mapped cache, so it neither drags the window away nor misses twice.
  */
 struct store {
     int fd;
     uint64_t slots, cap;
     uint8_t *win, *cache;
-    uint64_t win_first, win_count;
+    uint64_t win_first, win_count, last;
     int64_t cache_slot[CACHE_PAGES];
 };
 
 static const uint8_t *store_page(struct store *st, uint32_t slot)
 {
-    if (slot < st->win_first) {
-        unsigned c = slot % CACHE_PAGES;
-        if (!st->cache) {
-            if (!(st->cache = aligned((size_t)CACHE_PAGES * PAGE)))
-                return NULL;
-            memset(st->cache_slot, 0xff, sizeof st->cache_slot);
-        }
-        uint8_t *pg = st->cache + (size_t)c * PAGE;
-        if (st->cache_slot[c] != slot) {
-            if (pread(st->fd, pg, PAGE, (uint64_t)slot * PAGE) != PAGE)
-                return NULL;
-            st->cache_slot[c] = slot;
-        }
+    uint64_t prev = st->last;
+    st->last = slot;
+    if (slot >= st->win_first && slot < st->win_first + st->win_count)
+        return st->win + (size_t)(slot - st->win_first) * PAGE;
+    if (!st->cache) {
+        if (!(st->cache = aligned((size_t)CACHE_PAGES * PAGE)))
+            return NULL;
+        memset(st->cache_slot, 0xff, sizeof st->cache_slot);
+    }
+    unsigned c = slot % CACHE_PAGES;
+    uint8_t *pg = st->cache + (size_t)c * PAGE;
+    if (st->cache_slot[c] == slot)
+        return pg;
+    if (st->win_count && !(slot > prev && slot - prev <= 8)) {
+        if (pread(st->fd, pg, PAGE, (uint64_t)slot * PAGE) != PAGE)
+            return NULL;
+        st->cache_slot[c] = slot;
         return pg;
     }
-    if (slot >= st->win_first + st->win_count) {
-        uint64_t count = st->slots - slot < WINDOW_PAGES ? st->slots - slot : WINDOW_PAGES;
-        if (!st->win && !(st->win = aligned((size_t)WINDOW_PAGES * PAGE)))
-            return NULL;
-        if (pread(st->fd, st->win, count * PAGE, (uint64_t)slot * PAGE) != (ssize_t)(count * PAGE))
-            return NULL;
-        st->win_first = slot;
-        st->win_count = count;
-    }
-    return st->win + (size_t)(slot - st->win_first) * PAGE;
+    uint64_t count = st->slots - slot < WINDOW_PAGES ? st->slots - slot : WINDOW_PAGES;
+    if (!st->win && !(st->win = aligned((size_t)WINDOW_PAGES * PAGE)))
+        return NULL;
+    if (pread(st->fd, st->win, count * PAGE, (uint64_t)slot * PAGE) != (ssize_t)(count * PAGE))
+        return NULL;
+    st->win_first = slot;
+    st->win_count = count;
+    return st->win;
 }
 
 static int store_pages(struct store *st, unsigned npages, const uint8_t *pages)
