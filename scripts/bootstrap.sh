@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static gcc libc6-dev make cpio kmod makedumpfile
-              xz-utils zstd python3-venv python3-pip ca-certificates)
+              xz-utils zstd python3-venv python3-pip ca-certificates
+              liblz4-dev libzstd-dev libxxhash-dev libssl-dev)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -79,13 +79,23 @@ def datacheck_page(seed: int, index: int) -> bytes:
 # build
 
 
-def _programs() -> list[tuple[str, str]]:
+def _programs() -> list[tuple[str, str, list[str]]]:
+    """(name, source, link flags) per line of programs.txt, as the image builder reads it."""
     out = []
     for line in (GUEST_DIR / "programs.txt").read_text().splitlines():
-        if line.strip():
-            name, src = line.split()
-            out.append((name, src))
+        if line.strip() and not line.startswith("#"):
+            name, src, *flags = line.split()
+            out.append((name, src, flags))
     return out
+
+
+def _compiler_warnings(stderr: str) -> str:
+    """Warnings about the program itself: glibc's notes that a static libcrypto may call dlopen or
+    the resolver (code paths pmagent never takes) are the linker's, not the program's."""
+    lines = stderr.strip().splitlines()
+    noise = [i for i, line in enumerate(lines) if "statically linked applications requires at runtime" in line]
+    drop = set(noise) | {i - 1 for i in noise if i and "in function" in lines[i - 1]}
+    return "\n".join(line for i, line in enumerate(lines) if i not in drop)
 
 
 @pytest.fixture(scope="session")
@@ -100,25 +110,25 @@ def bins(tmp_path_factory) -> dict[str, Path]:
     if r.returncode != 0:
         pytest.skip(f"static glibc not available: {r.stderr.strip()}")
     result = {}
-    for name, src in _programs():
+    for name, src, flags in _programs():
         out = d / name
         r = subprocess.run(
-            [gcc, *CFLAGS, "-o", str(out), str(GUEST_DIR / src)],
+            [gcc, *CFLAGS, "-o", str(out), str(GUEST_DIR / src), *flags],
             capture_output=True,
             text=True,
         )
         assert r.returncode == 0, f"{src} failed to compile:\n{r.stderr}"
-        assert r.stderr.strip() == "", f"{src} compiled with warnings:\n{r.stderr}"
+        assert _compiler_warnings(r.stderr) == "", f"{src} compiled with warnings:\n{r.stderr}"
         result[name] = out
     return result
 
 
 def test_programs_txt():
     progs = _programs()
-    names = [n for n, _ in progs]
-    assert {"datacheck", "memtouch", "physaddr"} <= set(names)
+    names = [n for n, _, _ in progs]
+    assert {"datacheck", "memtouch", "physaddr", "pmagent"} <= set(names)
     assert len(names) == len(set(names))
-    for _, src in progs:
+    for _, src, _ in progs:
         assert (GUEST_DIR / src).is_file()
 
 

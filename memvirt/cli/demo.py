@@ -2,8 +2,10 @@
 
 Boots the default guest, starts a memory workload in it, shows its memory map, inspects it from
 the host (no agent, no debug symbols) beside the guest's own figures, gives its free pages back
-to the host, keeps only its working set resident with the cold rest compressed, clones it lazily (copy-on-write), live-migrates it (memvirt beside QEMU's own
-precopy), and stops it.
+to the host, keeps only its working set resident with the cold rest compressed, clones it lazily
+(copy-on-write), live-migrates it (memvirt beside QEMU's own precopy), and stops it. Then two
+machines on a VM LAN show physical-machine migration: one moves onto the other through its
+kernel's hibernation image (``--no-pm`` skips it).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from memvirt.cli.compress import demo_compress, print_demo_compress
 from memvirt.cli.dedup import demo_reclaim, print_demo_reclaim
 from memvirt.cli.migrate import demo_migration, print_demo_migration
 from memvirt.cli.output import emit_json, human, out, spinner, table
+from memvirt.cli.pm import demo_pm, print_demo_pm
 from memvirt.image.build import find_image
 from memvirt.introspect import CLASSES, Introspector
 from memvirt.introspect.groundtruth import FrozenFigures
@@ -33,6 +36,7 @@ def demo(
     image: Annotated[str | None, typer.Option(help="Image or kernel series (default: Debian 6.1).")] = None,
     name: Annotated[str, typer.Option(help="Name of the demo VM.")] = "memvirt-demo",
     map_: Annotated[Path, typer.Option("--map", help="Where to draw the guest's memory map.")] = Path("memvirt-demo-map.png"),
+    pm: Annotated[bool, typer.Option("--pm/--no-pm", help="Also show physical-machine migration (two more boots).")] = True,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Boot the default guest; inspect, reclaim, compress, clone and live-migrate it from the host; stop it."""
@@ -58,6 +62,9 @@ def demo(
             report["migration"] = demo_migration(name)
     finally:
         vm.stop()
+    if pm:
+        with spinner("physical-machine migration: two machines on a LAN, one moves onto the other"):
+            report["pm"] = demo_pm(name, image)
     if json_:
         emit_json(report)
     else:
@@ -136,3 +143,5 @@ def _print(name: str, report: dict) -> None:
               f"{'runs on' if c['workload_runs_on'] else 'NOT running'}; private RAM {human(c['private_bytes'])} of "
               f"{human(c['memory'])}, the rest shared copy-on-write with {name}'s {human(c['template_ram_bytes'])} RAM file")
     print_demo_migration(report["migration"])
+    if "pm" in report:
+        print_demo_pm(report["pm"])

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from memvirt import __version__
-from memvirt.cli import compress, dedup, image, mem, migrate, vm
+from memvirt.cli import compress, dedup, image, mem, migrate, pm, vm
 from memvirt.cli.clone import clone
 from memvirt.cli.demo import demo
 from memvirt.cli.inspect import inspect
@@ -35,6 +35,7 @@ app.command("receive")(migrate.receive)
 app.command("wss")(compress.wss)
 app.command("compress")(compress.compress)
 app.add_typer(compress.tier_app, name="tier")
+app.add_typer(pm.app, name="pm")
 app.command("demo")(demo)
 
 

@@ -30,7 +30,7 @@ def vm_info(vm: VM) -> dict[str, object]:
         "image": c.image, "uptime": round(time.time() - c.started, 1),
         "regions": c.regions, "serial_log": str(vm.serial_log), "qmp": str(vm.qmp_path),
         "role": c.role or ("clone" if c.clone_of else ""), "clone_of": c.clone_of or None,
-        "lazy": c.ram == "cow" if c.clone_of else None, "clones": [v.name for v in vm.lazy_clones()] if vm.is_template else [],
+        "lazy": c.ram == "cow" if c.clone_of else None, "lan": c.lan or None, "lan_ip": c.extra.get("lan_ip"), "clones": [v.name for v in vm.lazy_clones()] if vm.is_template else [],
     }
 
 
@@ -58,6 +58,9 @@ def start(
         str | None, typer.Option(help="A command to start in the guest once it is up (e.g. 'memtouch --hot 64M').")
     ] = None,
     append: Annotated[str, typer.Option(help="Extra kernel command-line arguments.")] = "",
+    lan: Annotated[
+        str | None, typer.Option(help="Join this VM LAN (a private segment on loopback; see 'memvirt pm').")
+    ] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Boot a guest and wait until its command channel answers."""
@@ -65,7 +68,7 @@ def start(
     with spinner("preparing image"):
         img = find_image(image)
     with spinner(f"booting {name} ({human(size)}, {img.release})"):
-        vm = start_vm(name, img, memory=size, cpus=cpus, ram=ram, append=append)
+        vm = start_vm(name, img, memory=size, cpus=cpus, ram=ram, append=append, lan_name=lan or "")
         if workload:
             pid = vm.exec_background(workload, "/tmp/workload.log")
             vm.config.extra["workload"] = {"command": workload, "pid": pid, "log": "/tmp/workload.log"}

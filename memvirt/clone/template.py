@@ -50,6 +50,9 @@ def check_cloneable(vm: VM) -> None:
         raise UsageError(f"VM {vm.name!r} has {c.ram} RAM: only a VM started with --ram shared can be cloned")
     if not vm.alive():
         raise UsageError(f"VM {vm.name!r} is not running (its QEMU exited): only a live VM can be cloned")
+    if c.lan:
+        raise UsageError(f"VM {vm.name!r} is on VM LAN {c.lan!r}: clones would share its NIC's MAC and disks; "
+                         "clone a VM started without --lan")
 
 
 def wait_migration(mon: Monitor, what: str, timeout: float = MIGRATE_TIMEOUT) -> None:

@@ -68,9 +68,11 @@ def _static_busybox() -> Path:
     raise NotFound("no static busybox found: install Debian's busybox-static package")
 
 
-def _program_list() -> list[tuple[str, str]]:
+def _program_list() -> list[tuple[str, str, list[str]]]:
+    """(name, source, link flags) per line of ``programs.txt``: ``NAME SOURCE [FLAGS...]``."""
     text = _guest_file("programs.txt").decode()
-    return [tuple(line.split()[:2]) for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    rows = [line.split() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return [(r[0], r[1], r[2:]) for r in rows]
 
 
 def _compile_programs(workdir: Path) -> dict[str, bytes]:
@@ -79,16 +81,16 @@ def _compile_programs(workdir: Path) -> dict[str, bytes]:
     if cc is None:
         raise NotFound("no C compiler found: install Debian's gcc and libc6-dev")
     out: dict[str, bytes] = {}
-    for name, source in _program_list():
+    for name, source, flags in _program_list():
         src = workdir / source
         src.write_bytes(_guest_file(source))
         binary = workdir / name
         proc = subprocess.run(
-            [cc, "-O2", "-static", "-s", "-Wall", "-Wextra", "-o", str(binary), str(src)],
+            [cc, "-O2", "-static", "-s", "-Wall", "-Wextra", "-o", str(binary), str(src), *flags],
             capture_output=True, text=True,
         )
         if proc.returncode != 0:
-            raise MemvirtError(f"compiling guest program {name} failed: {proc.stderr.strip()[:500]}")
+            raise MemvirtError(f"compiling guest program {name} failed: {proc.stderr.strip()[-500:]}")
         out[name] = binary.read_bytes()
     return out
 
@@ -104,7 +106,7 @@ def build_image(kernel: Kernel, force: bool = False) -> Image:
     """Build (or reuse) the image for ``kernel``."""
     busybox = _static_busybox().read_bytes()
     guest_sources = [_guest_file(n) for n in ("init", "memvirt-agent", "programs.txt")]
-    guest_sources += [_guest_file(src) for _, src in _program_list()]
+    guest_sources += [_guest_file(src) for _, src, _ in _program_list()]
     mods = kmod.resolve(kernel.modules, kmod.GUEST_MODULES) if kernel.modules else []
     name = f"{kernel.release}-{_digest(busybox, kernel.vmlinuz.read_bytes(), *guest_sources, *(m for _, m in mods))}"
     dest = cache_home() / "images" / name

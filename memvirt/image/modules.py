@@ -17,8 +17,8 @@ from elftools.elf.elffile import ELFFile
 
 from memvirt.errors import MemvirtError
 
-GUEST_MODULES = ("virtio_pci", "virtio_console", "qemu_fw_cfg", "virtio_net", "virtio_balloon")
-"""What the guest init loads: command channel, VMCOREINFO export to QEMU dumps, network, balloon."""
+GUEST_MODULES = ("virtio_pci", "virtio_console", "qemu_fw_cfg", "virtio_net", "virtio_balloon", "virtio_blk")
+"""What the guest init loads: command channel, VMCOREINFO export to QEMU dumps, network, balloon, disks."""
 
 _SUFFIXES = (".ko", ".ko.xz", ".ko.zst")
 

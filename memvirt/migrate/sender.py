@@ -83,6 +83,9 @@ def check_source(vm: VM) -> str:
         raise UsageError(f"VM {vm.name!r} has {c.ram} RAM: memvirt migrates VMs started with --ram shared")
     if vm.is_template:
         raise UsageError(f"VM {vm.name!r} is a frozen template backing clones: migrate a clone or resume it first")
+    if c.lan:
+        raise UsageError(f"VM {vm.name!r} is on VM LAN {c.lan!r}, which a receiving host does not have: "
+                         f"move it within the LAN with 'memvirt pm migrate {vm.name} --to OTHER'")
     vm.require_alive()
     status = vm.status()
     if status not in ("running", "paused"):

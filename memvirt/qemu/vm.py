@@ -26,6 +26,7 @@ from memvirt.image.build import Image
 from memvirt.memory import rammap
 from memvirt.memory.source import GuestMemory, Region
 from memvirt.paths import ram_dir, state_home
+from memvirt.qemu import lan
 from memvirt.qemu.accel import choose_accel, qemu_binary
 from memvirt.qemu.channel import GuestChannel, Result
 from memvirt.qemu.memcg import MemCgroup
@@ -45,7 +46,8 @@ class VMConfig:
 
     ``role`` is ``template`` while the VM is frozen to back clones; ``clone_of`` names the template
     a clone came from; a lazy clone (``ram="cow"``) maps ``backing``, its template's RAM file,
-    copy-on-write and has no RAM file of its own.
+    copy-on-write and has no RAM file of its own. ``lan`` names the VM LAN it is on
+    (:mod:`memvirt.qemu.lan`; its address and MAC are ``extra["lan_ip"]``/``extra["lan_mac"]``).
     """
 
     name: str
@@ -64,6 +66,7 @@ class VMConfig:
     role: str = ""
     clone_of: str = ""
     backing: str = ""
+    lan: str = ""
 
 
 def vms_root() -> Path:
@@ -288,11 +291,26 @@ class VM:
         if group is not None:
             group.remove()
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self.config.lan:
+            lan.release(self, lan_members(self.config.lan))
 
     def memcg(self) -> MemCgroup | None:
         """The memory cgroup QEMU runs in, if the host gave it one (see :mod:`memvirt.qemu.memcg`)."""
         path = self.config.extra.get("memcg")
         return MemCgroup.load(path) if path else None
+
+
+def lan_members(name: str) -> list[VM]:
+    """The VMs on LAN ``name``."""
+    found = []
+    for d in sorted(vms_root().iterdir()):
+        try:
+            v = VM.load(d.name) if (d / "vm.json").exists() else None
+        except MemvirtError:
+            continue
+        if v and v.config.lan == name:
+            found.append(v)
+    return found
 
 
 def qemu_argv(vm: VM, image: Image, incoming: str | None = None) -> list[str]:
@@ -324,7 +342,7 @@ def qemu_argv(vm: VM, image: Image, incoming: str | None = None) -> list[str]:
         "-device", "vmcoreinfo",
         "-device", "pvpanic", "-action", "panic=pause",
         "-daemonize", "-pidfile", str(d / "qemu.pid"),
-    ] + (["-incoming", incoming] if incoming else [])
+    ] + (lan.qemu_args(vm) if c.lan else []) + (["-incoming", incoming] if incoming else [])
 
 
 def launch_qemu(vm: VM, image: Image, incoming: str | None = None,
@@ -345,8 +363,10 @@ def start_vm(
     ram: str = "shared",
     append: str = "",
     wait: bool = True,
+    lan_name: str = "",
 ) -> VM:
-    """Boot a VM and (by default) wait until its command channel answers."""
+    """Boot a VM and (by default) wait until its command channel answers; with ``lan_name`` it
+    joins that VM LAN and gets its address there."""
     check_name(name)
     if ram not in RAM_MODES:
         raise UsageError(f"--ram must be one of {', '.join(RAM_MODES)}, not {ram!r}")
@@ -368,8 +388,13 @@ def start_vm(
         name=name, memory=memory, cpus=cpus, ram=ram, image=str(image.path), kernel_release=image.release,
         accel=choose_accel(image.vmlinuz), append=append, ram_path=ram_path,
         regions=rammap.to_dict(rammap.pc_ram_map(memory)), started=time.time(),
+        lan=lan.check_lan_name(lan_name) if lan_name else "",
     )
     vm = VM(config)
+    if lan_name:
+        with lan.allocation_lock(lan_name):
+            lan.allocate(vm, lan_members(lan_name))
+            vm.save()
     proc = launch_qemu(vm, image)
     if proc.returncode != 0:
         shutil.rmtree(vdir, ignore_errors=True)
@@ -385,6 +410,8 @@ def start_vm(
     if wait:
         try:
             vm.channel.wait_ready(BOOT_TIMEOUT, vm.alive)
+            if lan_name:
+                lan.configure(vm)
         except Exception:
             tail = _tail(vm.serial_log)
             vm.stop()

@@ -1,0 +1,235 @@
+"""Orchestrate one physical-machine migration from the host: checks, agents, events, names.
+
+The host never touches the image: it checks both machines, hands both agents a fresh key over
+the command channel, starts the target's receiver and then the source's sender, and follows
+their console events until the restored machine runs on the target or the source has thawed.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Callable
+
+from memvirt.errors import MemvirtError, UsageError
+from memvirt.pm.events import ConsoleTail, Event
+from memvirt.pm.facts import Facts, PMFailed, PMRefused, check_pair, read_facts
+from memvirt.pm.report import PMReport
+from memvirt.qemu import lan
+from memvirt.qemu.vm import VM
+
+SCHEMES = ("memory", "disk", "iterative")
+CODECS = ("lz4", "zstd", "none")
+KEY_FILE = "/run/memvirt-pm.key"
+RECV_LOG = "/tmp/pmagent-recv.log"
+SEND_LOG = "/tmp/pmagent-send.log"
+LISTEN_TIMEOUT = 30.0
+THAW_TIMEOUT = 200.0
+"""The source's sockets time out after 120 s; by then it has thawed on its own."""
+
+Progress = Callable[[Event], None]
+
+
+def migrate(
+    source: str,
+    target: str,
+    scheme: str = "memory",
+    compress: str = "lz4",
+    shrink: bool = False,
+    timeout: float = 600.0,
+    progress: Progress | None = None,
+) -> PMReport:
+    """Move the running machine ``source`` onto machine ``target`` (both VMs on one LAN).
+
+    On success the VM named ``target`` runs the source's machine and ``source`` is gone; on
+    failure :class:`PMFailed` is raised and the source runs on.
+    """
+    if compress not in CODECS:
+        raise UsageError(f"--compress must be one of {', '.join(CODECS)}, not {compress!r}")
+    src, dst, facts = preflight(source, target, scheme)
+    held = lan.lock(src.config.lan)
+    try:
+        return _Migration(src, dst, scheme, compress, shrink, progress or (lambda e: None)).run(timeout, *facts)
+    finally:
+        os.close(held)
+
+
+def preflight(source: str, target: str, scheme: str = "memory") -> tuple[VM, VM, tuple[Facts, Facts]]:
+    """Load both machines and refuse a migration that cannot work; nothing is frozen."""
+    if scheme not in SCHEMES:
+        raise UsageError(f"--scheme must be one of {', '.join(SCHEMES)}, not {scheme!r}")
+    src, dst = VM.load(source), VM.load(target)
+    if src.name == dst.name:
+        raise UsageError("source and target are the same VM")
+    for vm in (src, dst):
+        vm.require_alive()
+    if not src.config.lan or src.config.lan != dst.config.lan:
+        raise PMRefused(f"{source!r} and {target!r} must be on the same VM LAN (start both with --lan NAME)")
+    if src.config.extra.get("lan_ip") == dst.config.extra.get("lan_ip"):
+        raise PMRefused(f"{source!r} and {target!r} have the same LAN address {src.config.extra.get('lan_ip')}")
+    facts = read_facts(src), read_facts(dst)
+    check_pair(*facts, scheme)
+    return src, dst, facts
+
+
+def _give_key(vm: VM, key: str) -> None:
+    vm.exec(f"umask 077 && printf '%s\\n' {key} > {KEY_FILE}").check("handing over the key")
+
+
+class _Migration:
+    def __init__(self, src: VM, dst: VM, scheme: str, compress: str, shrink: bool, progress: Progress):
+        self.src, self.dst = src, dst
+        self.report = PMReport(src.name, dst.name, scheme, compress, shrink, ram_bytes=src.config.memory)
+        self.progress = progress
+        self.events: dict[tuple[str, str], Event] = {}
+        self.tails = [ConsoleTail(src.serial_log), ConsoleTail(dst.serial_log)]
+
+    def _poll(self) -> None:
+        for tail in self.tails:
+            for e in tail.poll():
+                if e.role in ("source", "target", "resumed"):
+                    self.events.setdefault((e.role, e.name), e)
+                    self.progress(e)
+
+    def _seen(self, role: str, name: str) -> Event | None:
+        return self.events.get((role, name))
+
+    def run(self, timeout: float, src_facts: Facts, dst_facts: Facts) -> PMReport:
+        src, dst, r = self.src, self.dst, self.report
+        t0 = time.monotonic()
+        key = secrets.token_hex(32)
+        port = 20000 + secrets.randbelow(30000)
+        ip = dst.config.extra["lan_ip"]
+        recv = f"pmagent recv --listen {ip}:{port} --timeout {int(LISTEN_TIMEOUT + 30)}"
+        send = f"pmagent send --to {ip}:{port} --scheme {r.scheme} --compress {r.compress}"
+        if r.scheme == "disk":
+            recv += f" --disk {dst_facts.disks[lan.SHARED_SERIAL]}"
+            send += f" --disk {src_facts.disks[lan.SHARED_SERIAL]}"
+        if r.scheme == "iterative":
+            recv += f" --store {dst_facts.disks[lan.STORE_SERIAL]}"
+        if r.shrink:
+            send += " --shrink"
+        _give_key(dst, key)
+        _give_key(src, key)
+        rx_pid = dst.exec_background(f"PMAGENT_KEY_FILE={KEY_FILE} exec {recv}", RECV_LOG)
+        try:
+            self._await_listening()
+            src.exec_background(f"PMAGENT_KEY_FILE={KEY_FILE} exec {send}", SEND_LOG)
+            self._follow(t0 + timeout, rx_pid)
+        except BaseException:
+            self._clean_up_failure(rx_pid)
+            raise
+        self._fill_report(t0)
+        self._adopt()
+        return r
+
+    def _await_listening(self) -> None:
+        deadline = time.monotonic() + LISTEN_TIMEOUT
+        while not self._seen("target", "listening"):
+            self._poll()
+            failed = self._seen("target", "failed")
+            if failed:
+                raise PMFailed(f"the receiver on {self.dst.name!r} failed: {failed.fields.get('error')}")
+            if time.monotonic() > deadline:
+                raise PMFailed(f"the receiver on {self.dst.name!r} did not start (see {RECV_LOG} there)")
+            time.sleep(0.05)
+
+    def _follow(self, deadline: float, rx_pid: int) -> None:
+        """Until the machine runs on the target, or the source reports it thawed."""
+        killed = False
+        while True:
+            self._poll()
+            if self._seen("resumed", "running"):
+                return
+            for role, name in (("source", "thawed"), ("source", "failed")):
+                e = self._seen(role, name)
+                if e:
+                    tgt = self._seen("target", "failed")
+                    why = e.fields.get("error", "")
+                    if tgt and (why.startswith("peer failed") or why.startswith("sending failed")):
+                        why = tgt.fields.get("error", why)  # the target stopped first and said why
+                    raise PMFailed(f"migration failed, {self.src.name!r} runs on: {why}")
+            lost = self._seen("target", "failed")
+            if lost and self._seen("target", "restoring"):
+                # The only window without a way back: the source had its ack and powered off.
+                raise PMFailed(f"{self.dst.name!r} acknowledged the image but could not restore it "
+                               f"({lost.fields.get('error')}); {self.src.name!r} has powered off")
+            if not self.src.alive() and not self._seen("source", "acked"):
+                raise PMFailed(f"{self.src.name!r} died during the migration (see {self.src.serial_log})")
+            if not self.dst.alive():
+                raise PMFailed(f"{self.dst.name!r} died during the migration (see {self.dst.serial_log})")
+            if time.monotonic() > deadline and not killed:
+                # Ending the receiver makes the source's stream fail, so the source thaws.
+                self._kill_receiver(rx_pid)
+                killed, deadline = True, time.monotonic() + THAW_TIMEOUT
+            elif time.monotonic() > deadline:
+                raise PMFailed(f"no outcome within the timeout; check {self.src.name!r} and {self.dst.name!r}")
+            time.sleep(0.02)
+
+    def _kill_receiver(self, rx_pid: int) -> None:
+        try:
+            self.dst.exec(f"kill {rx_pid} 2>/dev/null; rm -f {KEY_FILE}", timeout=10)
+        except MemvirtError:
+            pass
+
+    def _clean_up_failure(self, rx_pid: int) -> None:
+        """The source thaws by itself; make sure the receiver is gone and no key is left."""
+        if self.dst.alive() and not self._seen("target", "restoring"):
+            self._kill_receiver(rx_pid)
+        if self.src.alive():
+            try:
+                self.src.channel.wait_ready(60, self.src.alive)
+                self.src.exec(f"rm -f {KEY_FILE}", timeout=10)
+            except MemvirtError:
+                pass
+
+    def _fill_report(self, t0: float) -> None:
+        r, ev = self.report, self._seen
+        freezing, frozen, created = ev("source", "freezing"), ev("source", "frozen"), ev("source", "created")
+        sent, restoring, running = ev("source", "sent"), ev("target", "restoring"), ev("resumed", "running")
+        if not (freezing and frozen and created and restoring and running):
+            raise MemvirtError("the migration succeeded but its events are incomplete (serial logs)")
+        r.used_bytes = int(freezing.num("used"))
+        r.image_bytes = int(created.num("image"))
+        r.freeze_seconds = frozen.num("seconds")
+        r.create_seconds = created.num("seconds")
+        r.transfer_seconds = restoring.at - created.at
+        r.restore_seconds = running.at - restoring.at
+        r.downtime_seconds = running.at - freezing.at
+        r.total_seconds = running.at - t0
+        if sent:
+            r.wire_bytes = int(sent.num("wire"))
+            r.disk_bytes = int(sent.num("disk"))
+            r.pages = {k: int(sent.num(k)) for k in ("literal", "zero", "ref")}
+            r.source_stages = {k: sent.num(k) for k in ("read", "scan", "compress", "send")}
+        received = ev("target", "received")
+        if received:
+            r.target_stages = {k: received.num(k) for k in ("recv", "decompress", "store", "hash", "write")}
+        pre = ev("source", "precopied")
+        if pre:
+            r.precopy_pages = int(pre.num("pages"))
+            r.precopy_wire_bytes = int(pre.num("wire"))
+            r.precopy_seconds = pre.num("seconds")
+
+    def _adopt(self) -> None:
+        """Names after success: DST is the machine now; the source VM, powered off, is removed."""
+        src, dst = self.src, self.dst
+        deadline = time.monotonic() + 30
+        while src.alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        moved = {k: src.config.extra[k] for k in ("workload",) if k in src.config.extra}
+        dst.config.extra.update(moved)
+        dst.config.extra["lan_ip"] = src.config.extra.get("lan_ip", "")
+        dst.config.extra["lan_guest_mac"] = src.config.extra.get("lan_mac", "")
+        dst.config.extra["pm_migrated_from"] = {"name": src.name, "at": time.time()}
+        dst.save()
+        self.report.address = dst.config.extra["lan_ip"]
+        src.stop()
+        if self.report.scheme == "disk":
+            lan.wipe_shared_disk(dst.config.lan)
+        dst.channel.wait_ready(60, dst.alive)
+        try:
+            dst.exec(f"rm -f {KEY_FILE}; {lan.announce_script(self.report.address)}", timeout=10)
+        except MemvirtError:
+            pass
