@@ -125,3 +125,35 @@ def size_arg(text: str) -> int:
         return parse_size(text)
     except Exception as e:  # memvirt's BadImage is not a ValueError
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+COUNTER = "/tmp/bench.count"
+DATACHECK = "/tmp/bench.dc"
+
+
+def start_workload(vm: Any, memtouch: str, datacheck_size: int) -> None:
+    """Start ``memtouch`` (with a counter file) and ``datacheck`` in a guest; wait until both run."""
+    vm.exec_background(f"{memtouch} --counter-file {COUNTER}", "/tmp/bench-mt.log")
+    vm.exec_background(f"datacheck write --size {datacheck_size >> 20}M --seed 5 --state {DATACHECK}",
+                       "/tmp/bench-dc.log")
+    deadline = time.monotonic() + 300
+    while vm.exec(f"test -s {COUNTER} && test -f {DATACHECK} && grep -q ready /tmp/bench-mt.log").rc:
+        if time.monotonic() > deadline:
+            raise RuntimeError("workload did not start")
+        time.sleep(0.5)
+
+
+def guest_health(vm: Any) -> str:
+    """'' if the guest runs on (answers, its counter advances, its data verifies), else what is wrong."""
+    from memvirt.errors import MemvirtError
+
+    try:
+        vm.channel.wait_ready(60, vm.alive)
+        a = int(vm.exec(f"cat {COUNTER}").check("counter").text)
+        time.sleep(1.0)
+        if int(vm.exec(f"cat {COUNTER}").check("counter").text) <= a:
+            return "counter stopped"
+        res = vm.exec(f"datacheck verify --state {DATACHECK}")
+        return "" if res.rc == 0 else f"datacheck: {res.text.strip()}"
+    except (MemvirtError, ValueError) as e:
+        return f"{e.__class__.__name__}: {e}"

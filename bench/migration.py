@@ -20,7 +20,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ os.environ.setdefault("MEMVIRT_SECRET", secrets.token_hex(32))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, machine_info, write_json  # noqa: E402
+from common import RESULTS, guest_health, machine_info, start_workload, write_json  # noqa: E402
 
 from memvirt.image.build import default_image  # noqa: E402
 from memvirt.migrate.qemu_native import qemu_migrate  # noqa: E402
@@ -39,8 +38,6 @@ from memvirt.migrate.sender import migrate  # noqa: E402
 from memvirt.qemu.accel import qemu_binary  # noqa: E402
 from memvirt.qemu.vm import VM, start_vm  # noqa: E402
 
-COUNTER = "/tmp/bench.count"
-DC = "/tmp/bench.dc"
 SCENARIOS: dict[str, dict[str, Any]] = {
     "idle": {"memory": 512 << 20, "label": "idle 512 MiB", "workload": None,
              "prepare": "memtouch --hot 256M --content text --duration 1 > /dev/null 2>&1"},
@@ -53,35 +50,10 @@ ENGINES = ["memvirt", "memvirt-no-elide", "qemu-plain", "qemu-xbzrle", "qemu-mul
 QEMU_TIMEOUT = 180.0
 
 
-def _counter(vm: VM) -> int:
-    return int(vm.exec(f"cat {COUNTER}").check("counter").text)
-
-
 def setup_guest(name: str, sc: dict[str, Any]) -> VM:
     vm = start_vm(name, default_image("6.1"), memory=sc["memory"])
-    work = sc["workload"] or "memtouch --hot 4M --dirty-rate 64K"
-    vm.exec_background(f"{work} --counter-file {COUNTER}", "/tmp/bench-mt.log")
-    vm.exec_background(f"datacheck write --size 16M --seed 5 --state {DC}", "/tmp/bench-dc.log")
-    deadline = time.monotonic() + 300
-    while vm.exec(f"test -s {COUNTER} && test -f {DC} && grep -q ready /tmp/bench-mt.log").rc:
-        if time.monotonic() > deadline:
-            raise RuntimeError("workload did not start")
-        time.sleep(0.5)
+    start_workload(vm, sc["workload"] or "memtouch --hot 4M --dirty-rate 64K", 16 << 20)
     return vm
-
-
-def check_guest(vm: VM) -> str:
-    """'' if the guest is healthy (answers, counter advances, data verifies), else what is wrong."""
-    try:
-        vm.channel.wait_ready(60, vm.alive)
-        a = _counter(vm)
-        time.sleep(1.0)
-        if _counter(vm) <= a:
-            return "counter stopped"
-        res = vm.exec(f"datacheck verify --state {DC}")
-        return "" if res.rc == 0 else f"datacheck: {res.text.strip()}"
-    except Exception as e:  # noqa: BLE001
-        return f"{e.__class__.__name__}: {e}"
 
 
 def hop_memvirt(src: VM, dst: str, elide: bool) -> dict[str, Any]:
@@ -107,7 +79,7 @@ def run_hop(vm: VM, engine: str, dst: str, sc: dict[str, Any]) -> tuple[dict[str
     else:
         res = qemu_migrate(vm, dst, engine.removeprefix("qemu-"), QEMU_TIMEOUT)
     new = VM.load(dst) if (Path(os.environ["MEMVIRT_HOME"]) / "vms" / dst / "vm.json").exists() else vm
-    res["guest"] = check_guest(new) if new.alive() else "target gone"
+    res["guest"] = guest_health(new) if new.alive() else "target gone"
     return res, new
 
 
