@@ -63,7 +63,12 @@ def test_checks_refuse_mismatch_missing_hibernation_and_oversized_images() -> No
         check_pair(_facts("a", snapshot=False), _facts("b"), "memory")
     with pytest.raises(PMRefused, match="memory size mismatch"):
         check_pair(_facts("a"), _facts("b", mem_total=900 << 20), "memory")
-    with pytest.raises(PMFailed, match="image too large for free memory"):
+    assert check_pair(_facts("a"), _facts("b"), "memory") is False, "an image that fits needs no zram"
+    full = _facts("a", mem_free=250 << 20, zram=True)
+    assert check_pair(full, _facts("b"), "memory") is True, "zram is added when the image would not fit"
+    with pytest.raises(PMFailed, match="image too large for free memory.*migrate with --zram"):
+        check_pair(full, _facts("b"), "memory", zram=False)
+    with pytest.raises(PMRefused, match="cannot add zram swap .no zram module"):
         check_pair(_facts("a", mem_free=250 << 20), _facts("b"), "memory")
     with pytest.raises(PMRefused, match="no memvirt-shared disk"):
         check_pair(_facts("a"), _facts("b", disks={}), "disk")
