@@ -126,6 +126,8 @@ class _Migration:
             r.zram_device = zr.add(src, src_facts.ram)
         rx_pid = -1
         try:
+            if r.zram:
+                r.preswap_seconds = zr.preswap(src, src_facts.ram, src_facts.image_limit)
             _give_key(dst, key)
             _give_key(src, key)
             rx_pid = dst.exec_background(f"PMAGENT_KEY_FILE={KEY_FILE} exec {recv}", RECV_LOG)

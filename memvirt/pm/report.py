@@ -48,6 +48,8 @@ class PMReport:
     zram: bool = False
     """Compressed swap in the source's RAM was added for the migration (and removed after)."""
     zram_device: str = ""
+    preswap_seconds: float = 0.0
+    """Swapping into zram while the source still ran (not downtime)."""
     swapped_bytes: int = 0
     """Swapped into zram while the image was made (the source's swap use, frozen)."""
     zram_stats: ZramStats | None = None
