@@ -17,6 +17,7 @@ with its one-line error and the bench boots a new machine to go on. The goal fro
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -103,16 +104,19 @@ def main() -> None:
     ap.add_argument("--codecs", default="lz4,zstd,none")
     ap.add_argument("--shrink", action="store_true", help="PREF_IMAGE_SIZE 0: the smallest image")
     ap.add_argument("--json", type=Path, default=RESULTS / "pm.json")
+    ap.add_argument("--prefix", default="pm-bench", help="VM and LAN name prefix")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    global LAN
+    LAN = args.prefix
     results: dict[str, Any] = {"machine": machine_info(qemu_binary()), "used_target": args.used, "hops": []}
     n = 0
     try:
-        src = setup_source(f"pm-bench-{n}", args.used)
+        src = setup_source(f"{args.prefix}-{n}", args.used)
         for scheme in args.schemes.split(","):
             for codec in args.codecs.split(","):
                 n += 1
-                dst = boot(f"pm-bench-{n}")
+                dst = boot(f"{args.prefix}-{n}")
                 row = hop(src, dst, scheme, codec, args.shrink)
                 results["hops"].append(row)
                 print_row(row)
@@ -124,10 +128,10 @@ def main() -> None:
                 if not src.alive() or health(src):
                     src.stop()
                     n += 1
-                    src = setup_source(f"pm-bench-{n}", args.used)
+                    src = setup_source(f"{args.prefix}-{n}", args.used)
     finally:
         for v in VM.all():
-            if v.name.startswith("pm-bench-"):
+            if v.name.startswith(f"{args.prefix}-"):
                 v.stop()
     write_json(args.json, results)
     print_table(results)
@@ -143,6 +147,8 @@ def print_row(r: dict[str, Any]) -> None:
           f"create {r['create_seconds']:.2f}, transfer {r['transfer_seconds']:.2f}, restore {r['restore_seconds']:.2f}); "
           f"source read {st.get('read', 0):.2f} scan {st.get('scan', 0):.2f} compress {st.get('compress', 0):.2f} "
           f"send {st.get('send', 0):.2f}; target " + " ".join(f"{k} {v:.2f}" for k, v in r.get("target_stages", {}).items())
+          + (f"; zram: preswap {r['preswap_seconds']:.1f} s, {r['swapped_bytes'] >> 20} MiB swapped at the snapshot, "
+             f"stored/compressed {json.dumps(r['zram_stats'])}" if r.get("zram") else "")
           + f"; guest {r['guest']}", flush=True)
 
 

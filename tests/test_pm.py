@@ -35,6 +35,8 @@ from memvirt.qemu.vm import VM
 COUNTER = "/tmp/pm.count"
 DATACHECK = "/tmp/pm.dc"
 WORKLOAD = f"memtouch --hot 16M --cold 32M --content mix --dirty-rate 1M --counter-file {COUNTER}"
+WORKLOAD_FULL = f"memtouch --hot 16M --cold 150M --content mix --dirty-rate 1M --counter-file {COUNTER}"
+"""With the datacheck file and the system, about 200 MiB in use: above what hibernates without swap."""
 KEY = bytes(range(32))
 _PAIRS = itertools.count(1)
 
@@ -63,7 +65,12 @@ def test_checks_refuse_mismatch_missing_hibernation_and_oversized_images() -> No
         check_pair(_facts("a", snapshot=False), _facts("b"), "memory")
     with pytest.raises(PMRefused, match="memory size mismatch"):
         check_pair(_facts("a"), _facts("b", mem_total=900 << 20), "memory")
-    with pytest.raises(PMFailed, match="image too large for free memory"):
+    assert check_pair(_facts("a"), _facts("b"), "memory") is False, "an image that fits needs no zram"
+    full = _facts("a", mem_free=250 << 20, zram=True)
+    assert check_pair(full, _facts("b"), "memory") is True, "zram is added when the image would not fit"
+    with pytest.raises(PMFailed, match="image too large for free memory.*migrate with --zram"):
+        check_pair(full, _facts("b"), "memory", zram=False)
+    with pytest.raises(PMRefused, match="cannot add zram swap .no zram module"):
         check_pair(_facts("a", mem_free=250 << 20), _facts("b"), "memory")
     with pytest.raises(PMRefused, match="no memvirt-shared disk"):
         check_pair(_facts("a"), _facts("b", disks={}), "disk")
@@ -184,21 +191,25 @@ def test_agent_authenticates_its_answer_and_refuses_an_oversized_image(host_pmag
 
 # --- real guests ------------------------------------------------------------------------------
 
-@pytest.fixture
-def pair(image: Image, vm_factory) -> Iterator[tuple[VM, VM]]:  # noqa: ANN001
-    """Two fresh 512 MiB guests on one LAN, booted side by side; the first runs a workload."""
+def _boot_pair(image: Image, vm_factory, workload: str) -> tuple[VM, VM]:  # noqa: ANN001
+    """Two fresh 512 MiB guests on one LAN, booted side by side; the first runs ``workload``."""
     n = next(_PAIRS)
     names, lan = (f"pm-s{n}", f"pm-t{n}"), f"pm-lan{n}"
     with ThreadPoolExecutor(2) as pool:
         src, dst = pool.map(lambda n: vm_factory(n, image, memory=512 << 20, lan_name=lan), names)
     assert src.config.extra["lan_ip"] != dst.config.extra["lan_ip"]
-    src.exec_background(WORKLOAD, "/tmp/pm-memtouch.log")
+    src.exec_background(workload, "/tmp/pm-memtouch.log")
     src.exec_background(f"datacheck write --size 24M --seed 21 --state {DATACHECK}", "/tmp/pm-dc.log")
-    deadline = time.monotonic() + 60
-    while src.exec(f"test -s {COUNTER} && test -f {DATACHECK}").rc != 0:
+    deadline = time.monotonic() + 120
+    while src.exec(f"test -s {COUNTER} && test -f {DATACHECK} && grep -q ready /tmp/pm-memtouch.log").rc != 0:
         assert time.monotonic() < deadline, "workload did not start"
         time.sleep(0.3)
-    yield src, dst
+    return src, dst
+
+
+@pytest.fixture
+def pair(image: Image, vm_factory) -> Iterator[tuple[VM, VM]]:  # noqa: ANN001
+    yield _boot_pair(image, vm_factory, WORKLOAD)
 
 
 def _counter(vm: VM) -> int:
@@ -245,6 +256,30 @@ def test_machine_moves_and_its_workload_continues(pair: tuple[VM, VM], scheme: s
     assert ip.text.strip() == "1", "the machine keeps its address"
 
 
+@pytest.mark.timeout(900)
+def test_machine_more_than_half_full_moves_through_zram(image: Image, vm_factory) -> None:  # noqa: ANN001
+    """About 200 MiB in use of 512 MiB (realistic mixed content): without swap the kernel cannot
+    make the image (ENOMEM), so memvirt adds zram swap on the source, the image is made to fit,
+    the machine and its swapped pages continue on the target, and the zram device is gone after."""
+    src, dst = _boot_pair(image, vm_factory, WORKLOAD_FULL)
+    used = src.exec("awk '/^MemTotal:/ {t = $2} /^MemFree:/ {f = $2} END {print (t - f) * 1024}' /proc/meminfo").text
+    assert int(used) > 190 << 20, used
+    check = json.loads(memvirt("pm", "check", src.name, "--to", dst.name, "--json").stdout)
+    assert check["zram"] is True and check["image_estimate_bytes"] > check["image_limit_bytes"]
+    before = _counter(src)
+    proc = memvirt("pm", "migrate", src.name, "--to", dst.name, "--json", timeout=800)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["zram"] and r["swapped_bytes"] > 0 and not r["zram_error"], r
+    assert r["image_bytes"] < check["image_estimate_bytes"], "the kernel must have shrunk the image into zram"
+    z = r["zram_stats"]
+    assert z["stored_bytes"] > z["compressed_bytes"] > 0, z
+    moved = VM.load(dst.name)
+    assert moved.exec("hostname").text.strip() == src.name
+    _assert_runs_on(moved, before)
+    assert "zram" not in moved.exec("cat /proc/swaps").text, "memvirt's zram swap must be gone after the migration"
+
+
 def _refusals(src: VM, dst: VM) -> None:
     """Cheap refusals on a real pair: unknown or identical machines, a bad scheme, cloning or
     live-migrating a LAN machine, and a kernel without hibernation support (the real machine's
@@ -268,12 +303,12 @@ def _refusals(src: VM, dst: VM) -> None:
 
 @pytest.mark.timeout(600)
 def test_failed_transfer_leaves_the_source_running(pair: tuple[VM, VM]) -> None:
-    """The target's receiver dies mid-stream: the source thaws and its workload goes on; the same
-    pair then migrates fine."""
+    """The target's receiver dies mid-stream: the source thaws, its workload goes on and the zram
+    swap added for the migration (forced on) is gone; the same pair then migrates fine."""
     src, dst = pair
     _refusals(src, dst)
     proc = subprocess.Popen([sys.executable, "-m", "memvirt", "pm", "migrate", src.name, "--to", dst.name,
-                             "--compress", "none"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--compress", "none", "--zram"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while "target receiving" not in dst.serial_log.read_text(errors="replace"):
@@ -288,6 +323,7 @@ def test_failed_transfer_leaves_the_source_running(pair: tuple[VM, VM]) -> None:
     assert_error_after_progress(result, 1, "migration failed", f"{src.name!r} runs on")
     assert src.alive() and dst.alive()
     assert "thawed" in src.exec("cat /tmp/pmagent-send.log").text
+    assert "zram" not in src.exec("cat /proc/swaps").text, "the zram swap added for the migration must be gone"
     _assert_runs_on(src, 0)
     assert dst.exec("hostname").text.strip() == dst.name, "the target must be untouched"
     proc2 = memvirt("pm", "migrate", src.name, "--to", dst.name, "--json", timeout=500)

@@ -52,6 +52,9 @@ def migrate(
     shrink: Annotated[bool, typer.Option("--shrink/--no-shrink", help="Ask the kernel for the smallest image "
                                          "(PREF_IMAGE_SIZE 0: page cache dropped before the snapshot).")] = False,
     timeout: Annotated[float, typer.Option(help="Give up (the source thaws) after this many seconds.")] = 600.0,
+    zram: Annotated[bool | None, typer.Option("--zram/--no-zram", help="Add compressed swap in SOURCE's RAM for "
+                                              "the migration, so an image above half of RAM fits (default: only "
+                                              "when it would not fit without).")] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Move the running machine SOURCE onto machine TO through its kernel's hibernation image.
@@ -68,7 +71,7 @@ def migrate(
         if line and not json_:
             err.print(f"pm: {line}", markup=False, highlight=False)
 
-    r = run(source, to, scheme, compress, shrink, timeout, progress)
+    r = run(source, to, scheme, compress, shrink, timeout, progress, zram)
     if json_:
         emit_json(r.to_json())
         return
@@ -87,7 +90,9 @@ def migrate(
         ["pre-copied while running", f"{r.precopy_pages} pages, {human(r.precopy_wire_bytes)} in {r.precopy_seconds:.1f} s"
          if r.scheme == "iterative" else "-"],
         ["total time", f"{r.total_seconds:.2f} s"],
-    ])
+    ] + ([["zram swap (added, removed after)", f"{human(r.swapped_bytes)} swapped in at the snapshot"
+           + (f", {human(r.zram_stats.compressed_bytes)} compressed" if r.zram_stats else f"; {r.zram_error}")]]
+         if r.zram else []))
 
 
 @app.command("check")
@@ -102,14 +107,14 @@ def check(
     from memvirt.pm.facts import IMAGE_MARGIN
     from memvirt.pm.migrate import preflight
 
-    _, _, (s, d) = preflight(source, to, scheme)
+    _, _, (s, d), zram = preflight(source, to, scheme)
     info = {"source": source, "target": to, "kernel": s.release, "image_estimate_bytes": s.image_estimate,
-            "image_limit_bytes": min(s.image_limit, d.mem_available - IMAGE_MARGIN), "ok": True}
+            "image_limit_bytes": min(s.image_limit, d.mem_available - IMAGE_MARGIN), "zram": zram, "ok": True}
     if json_:
         emit_json(info)
     else:
         out.print(f"{source} -> {to}: ok (kernel {s.release}; image about {human(s.image_estimate)}, "
-                  f"at most {human(info['image_limit_bytes'])} fits)")
+                  f"at most {human(info['image_limit_bytes'])} fits{'; needs zram swap' if zram else ''})")
 
 
 @app.command("link")

@@ -19,6 +19,7 @@ echo "version=$(uname -v)"
 echo "power_state=$(cat /sys/power/state 2>/dev/null)"
 [ -c /dev/snapshot ] && echo snapshot=1 || echo snapshot=0
 command -v pmagent >/dev/null && echo pmagent=1 || echo pmagent=0
+[ -e /sys/class/zram-control/hot_add ] && echo zram=1 || echo zram=0
 awk '/^(MemTotal|MemFree|MemAvailable):/ {print $1 "=" $2 * 1024}' /proc/meminfo | tr -d :
 for b in /sys/block/vd*; do [ -f "$b/serial" ] && echo "disk_$(cat "$b/serial")=/dev/${b##*/}"; done
 true
@@ -50,6 +51,8 @@ class Facts:
     mem_free: int
     mem_available: int
     disks: dict[str, str]
+    zram: bool = False
+    """zram can be added (module loaded): swap in RAM for an image above :attr:`image_limit`."""
 
     @property
     def hibernation(self) -> bool:
@@ -77,7 +80,7 @@ def parse_facts(name: str, ram: int, text: str) -> Facts:
             name=name, release=kv["release"], version=kv["version"], power_state=kv.get("power_state", ""),
             snapshot=kv.get("snapshot") == "1", pmagent=kv.get("pmagent") == "1", ram=ram,
             mem_total=int(kv["MemTotal"]), mem_free=int(kv["MemFree"]), mem_available=int(kv["MemAvailable"]),
-            disks={k[5:]: v for k, v in kv.items() if k.startswith("disk_")},
+            disks={k[5:]: v for k, v in kv.items() if k.startswith("disk_")}, zram=kv.get("zram") == "1",
         )
     except (KeyError, ValueError):
         raise MemvirtError(f"VM {name!r} did not report its kernel and memory: {text.strip()[:200]}") from None
@@ -87,8 +90,13 @@ def read_facts(vm: VM) -> Facts:
     return parse_facts(vm.name, vm.config.memory, vm.exec(FACTS_SCRIPT, timeout=30).check("reading machine facts").text)
 
 
-def check_pair(src: Facts, dst: Facts, scheme: str) -> None:
-    """Refuse a migration that cannot work, before anything is frozen."""
+def check_pair(src: Facts, dst: Facts, scheme: str, zram: bool | None = None) -> bool:
+    """Refuse a migration that cannot work, before anything is frozen; whether it needs zram.
+
+    ``zram`` None: add zram swap only when the image would not fit without it (it costs downtime
+    to compress pages into it, and without it such a migration fails for certain); True/False
+    forces it on or off.
+    """
     for f in (src, dst):
         if not f.hibernation:
             raise PMRefused(
@@ -107,14 +115,22 @@ def check_pair(src: Facts, dst: Facts, scheme: str) -> None:
             f"memory size mismatch: {src.name!r} has {src.mem_total >> 20} MiB, {dst.name!r} {dst.mem_total >> 20} MiB"
         )
     need, cap = src.image_estimate, src.image_limit
+    use_zram = need > cap if zram is None else zram
+    if use_zram and not src.zram:
+        raise PMRefused(f"{src.name!r} cannot add zram swap (no zram module): its image predates zram support "
+                        "(rebuild it)")
+    if use_zram:
+        need = min(need, cap)  # the kernel swaps into zram until the image fits
     if need > cap or need + IMAGE_MARGIN > dst.mem_available:
+        hint = "migrate with --zram, or free some memory on the source" if need > cap else "free some memory there"
         raise PMFailed(
             f"image too large for free memory: about {need >> 20} MiB image, at most {cap >> 20} MiB fit on "
             f"{src.name!r} and {(dst.mem_available - IMAGE_MARGIN) >> 20} MiB on {dst.name!r} (without swap the "
-            "kernel needs a free page for every page it saves: free some memory on the source)"
+            f"kernel needs a free page for every page it saves: {hint})"
         )
     wanted = {"disk": [SHARED_SERIAL], "iterative": [STORE_SERIAL]}.get(scheme, [])
     for serial in wanted:
         for f in (src, dst):
             if serial not in f.disks:
                 raise PMRefused(f"{f.name!r} has no {serial} disk: start both machines with --lan")
+    return use_zram

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 from memvirt.errors import MemvirtError, UsageError
+from memvirt.pm import zram as zr
 from memvirt.pm.events import ConsoleTail, Event
 from memvirt.pm.facts import Facts, PMFailed, PMRefused, check_pair, read_facts
 from memvirt.pm.report import PMReport
@@ -39,24 +40,33 @@ def migrate(
     shrink: bool = False,
     timeout: float = 600.0,
     progress: Progress | None = None,
+    zram: bool | None = None,
 ) -> PMReport:
     """Move the running machine ``source`` onto machine ``target`` (both VMs on one LAN).
+
+    ``zram``: compressed swap in the source's RAM for the migration (None: only if the image would
+    not fit without it; see :mod:`memvirt.pm.zram`).
 
     On success the VM named ``target`` runs the source's machine and ``source`` is gone; on
     failure :class:`PMFailed` is raised and the source runs on.
     """
     if compress not in CODECS:
         raise UsageError(f"--compress must be one of {', '.join(CODECS)}, not {compress!r}")
-    src, dst, facts = preflight(source, target, scheme)
+    src, dst, facts, use_zram = preflight(source, target, scheme, zram)
     held = lan.lock(src.config.lan)
     try:
-        return _Migration(src, dst, scheme, compress, shrink, progress or (lambda e: None)).run(timeout, *facts)
+        m = _Migration(src, dst, scheme, compress, shrink, progress or (lambda e: None))
+        m.report.zram = use_zram
+        return m.run(timeout, *facts)
     finally:
         os.close(held)
 
 
-def preflight(source: str, target: str, scheme: str = "memory") -> tuple[VM, VM, tuple[Facts, Facts]]:
-    """Load both machines and refuse a migration that cannot work; nothing is frozen."""
+def preflight(
+    source: str, target: str, scheme: str = "memory", zram: bool | None = None
+) -> tuple[VM, VM, tuple[Facts, Facts], bool]:
+    """Load both machines and refuse a migration that cannot work; nothing is frozen. The last
+    item says whether the migration needs zram swap on the source."""
     if scheme not in SCHEMES:
         raise UsageError(f"--scheme must be one of {', '.join(SCHEMES)}, not {scheme!r}")
     src, dst = VM.load(source), VM.load(target)
@@ -69,8 +79,8 @@ def preflight(source: str, target: str, scheme: str = "memory") -> tuple[VM, VM,
     if src.config.extra.get("lan_ip") == dst.config.extra.get("lan_ip"):
         raise PMRefused(f"{source!r} and {target!r} have the same LAN address {src.config.extra.get('lan_ip')}")
     facts = read_facts(src), read_facts(dst)
-    check_pair(*facts, scheme)
-    return src, dst, facts
+    use_zram = check_pair(*facts, scheme, zram)
+    return src, dst, facts, use_zram
 
 
 def _give_key(vm: VM, key: str) -> None:
@@ -110,10 +120,17 @@ class _Migration:
             recv += f" --store {dst_facts.disks[lan.STORE_SERIAL]}"
         if r.shrink:
             send += " --shrink"
-        _give_key(dst, key)
-        _give_key(src, key)
-        rx_pid = dst.exec_background(f"PMAGENT_KEY_FILE={KEY_FILE} exec {recv}", RECV_LOG)
+        elif r.zram:
+            send += f" --image-size {src_facts.image_limit - zr.MARGIN}"
+        if r.zram:
+            r.zram_device = zr.add(src, src_facts.ram)
+        rx_pid = -1
         try:
+            if r.zram:
+                r.preswap_seconds = zr.preswap(src, src_facts.ram, src_facts.image_limit)
+            _give_key(dst, key)
+            _give_key(src, key)
+            rx_pid = dst.exec_background(f"PMAGENT_KEY_FILE={KEY_FILE} exec {recv}", RECV_LOG)
             self._await_listening()
             src.exec_background(f"PMAGENT_KEY_FILE={KEY_FILE} exec {send}", SEND_LOG)
             self._follow(t0 + timeout, rx_pid)
@@ -174,13 +191,16 @@ class _Migration:
             pass
 
     def _clean_up_failure(self, rx_pid: int) -> None:
-        """The source thaws by itself; make sure the receiver is gone and no key is left."""
-        if self.dst.alive() and not self._seen("target", "restoring"):
+        """The source thaws by itself; make sure the receiver is gone, no key is left and the
+        source has no zram swap of ours."""
+        if rx_pid > 0 and self.dst.alive() and not self._seen("target", "restoring"):
             self._kill_receiver(rx_pid)
         if self.src.alive():
             try:
                 self.src.channel.wait_ready(60, self.src.alive)
                 self.src.exec(f"rm -f {KEY_FILE}", timeout=10)
+                if self.report.zram:
+                    zr.remove(self.src)
             except MemvirtError:
                 pass
 
@@ -192,6 +212,7 @@ class _Migration:
             raise MemvirtError("the migration succeeded but its events are incomplete (serial logs)")
         r.used_bytes = int(freezing.num("used"))
         r.image_bytes = int(created.num("image"))
+        r.swapped_bytes = int(created.num("swapped"))
         r.freeze_seconds = frozen.num("seconds")
         r.create_seconds = created.num("seconds")
         r.transfer_seconds = restoring.at - created.at
@@ -233,3 +254,8 @@ class _Migration:
             dst.exec(f"rm -f {KEY_FILE}; {lan.announce_script(self.report.address)}", timeout=10)
         except MemvirtError:
             pass
+        if self.report.zram:
+            try:
+                self.report.zram_stats = zr.remove(dst)
+            except MemvirtError as e:
+                self.report.zram_error = str(e)

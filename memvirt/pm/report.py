@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from memvirt.pm.zram import ZramStats
+
 
 @dataclass
 class PMReport:
@@ -43,6 +45,15 @@ class PMReport:
     downtime_seconds: float = 0.0
     total_seconds: float = 0.0
     address: str = ""
+    zram: bool = False
+    """Compressed swap in the source's RAM was added for the migration (and removed after)."""
+    zram_device: str = ""
+    preswap_seconds: float = 0.0
+    """Swapping into zram while the source still ran (not downtime)."""
+    swapped_bytes: int = 0
+    """Swapped into zram while the image was made (the source's swap use, frozen)."""
+    zram_stats: ZramStats | None = None
+    zram_error: str = ""
 
     @property
     def stream_bytes(self) -> int:

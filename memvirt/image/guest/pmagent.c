@@ -3,7 +3,7 @@
  * kernel's userland hibernation interface (/dev/snapshot). Part of memvirt.
  *
  *   pmagent send --to IP:PORT [--scheme memory|disk|iterative]
- *                [--compress none|lz4|zstd] [--disk DEV] [--shrink]
+ *                [--compress none|lz4|zstd] [--disk DEV] [--shrink | --image-size BYTES]
  *   pmagent recv --listen IP:PORT [--disk DEV] [--store DEV] [--timeout S]
  *   pmagent netbench send --to IP:PORT --bytes N | recv --listen IP:PORT
  *
@@ -679,7 +679,8 @@ static int precopy(struct chan *c, int codec, struct table *sent, uint64_t *page
 
 struct source_opts {
     const char *to, *disk;
-    int scheme, codec, shrink;
+    int scheme, codec;
+    long long image_size; /* PREF_IMAGE_SIZE, or -1: the kernel's own preference */
 };
 
 /*
@@ -835,8 +836,8 @@ static int cmd_send(const struct source_opts *o)
         fail("cannot open /dev/snapshot: %s", strerror(errno));
         goto failed_early;
     }
-    if (o->shrink)
-        ioctl(snap, SNAPSHOT_PREF_IMAGE_SIZE, 0UL);
+    if (o->image_size >= 0)
+        ioctl(snap, SNAPSHOT_PREF_IMAGE_SIZE, (unsigned long)o->image_size);
     event("freezing used=%llu", (unsigned long long)(meminfo("MemTotal") - meminfo("MemFree")));
     sync();
     double t0 = now();
@@ -865,7 +866,8 @@ static int cmd_send(const struct source_opts *o)
     double t2 = now();
     uint64_t image_bytes = 0;
     ioctl(snap, SNAPSHOT_GET_IMAGE_SIZE, &image_bytes);
-    event("created seconds=%.3f image=%llu", t2 - t1, (unsigned long long)image_bytes);
+    event("created seconds=%.3f image=%llu swapped=%llu", t2 - t1, (unsigned long long)image_bytes,
+          (unsigned long long)(meminfo("SwapTotal") - meminfo("SwapFree")));
 
     uint64_t counts[3] = {0, 0, 0}, wire0 = net.wire;
     struct stages stg = {0, 0, 0, 0};
@@ -1348,7 +1350,7 @@ static int usage(void)
 {
     fprintf(stderr,
             "usage: pmagent send --to IP:PORT [--scheme memory|disk|iterative] [--compress none|lz4|zstd]\n"
-            "                    [--disk DEV] [--shrink]\n"
+            "                    [--disk DEV] [--shrink | --image-size BYTES]\n"
             "       pmagent recv --listen IP:PORT [--disk DEV] [--store DEV] [--timeout S]\n"
             "       pmagent netbench send --to IP:PORT --bytes N | netbench recv --listen IP:PORT\n"
             "       pmagent speed [MIB]   (MB/s of each stream stage on this machine)\n"
@@ -1378,13 +1380,13 @@ int main(int argc, char **argv)
     int bench = !strcmp(cmd, "netbench"), first = bench ? 3 : 2;
     if (bench && argc < 3)
         return usage();
-    struct source_opts so = {NULL, NULL, S_MEMORY, C_LZ4, 0};
+    struct source_opts so = {NULL, NULL, S_MEMORY, C_LZ4, -1};
     struct target_opts to = {NULL, NULL, NULL, 600};
     uint64_t bytes = 64u << 20;
     for (int i = first; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--shrink")) {
-            so.shrink = 1;
+            so.image_size = 0;
             continue;
         }
         if (!v)
@@ -1400,6 +1402,8 @@ int main(int argc, char **argv)
             to.store = v;
         else if (!strcmp(a, "--timeout"))
             to.timeout = atoi(v);
+        else if (!strcmp(a, "--image-size"))
+            so.image_size = strtoll(v, NULL, 10);
         else if (!strcmp(a, "--bytes"))
             bytes = strtoull(v, NULL, 10);
         else if (!strcmp(a, "--scheme")) {
