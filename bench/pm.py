@@ -21,7 +21,6 @@ import json
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ os.environ.setdefault("MEMVIRT_RAM_DIR", "/dev/shm/bench-pm-ram")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, machine_info, size_arg, write_json  # noqa: E402
+from common import RESULTS, guest_health, machine_info, size_arg, start_workload, write_json  # noqa: E402
 
 from memvirt.errors import MemvirtError  # noqa: E402
 from memvirt.image.build import default_image  # noqa: E402
@@ -40,8 +39,6 @@ from memvirt.qemu.accel import qemu_binary  # noqa: E402
 from memvirt.qemu.vm import VM, start_vm  # noqa: E402
 
 LAN = "pm-bench"
-COUNTER = "/tmp/bench.count"
-DC = "/tmp/bench.dc"
 DC_SIZE = 16 << 20
 
 
@@ -60,28 +57,9 @@ def setup_source(name: str, target_used: int) -> VM:
     vm = boot(name)
     extra = max(16 << 20, target_used - used(vm) - DC_SIZE)
     hot = min(32 << 20, extra // 4)
-    vm.exec_background(f"memtouch --hot {hot >> 20}M --cold {(extra - hot) >> 20}M --content mix --dirty-rate 1M "
-                       f"--counter-file {COUNTER}", "/tmp/bench-mt.log")
-    vm.exec_background(f"datacheck write --size {DC_SIZE >> 20}M --seed 5 --state {DC}", "/tmp/bench-dc.log")
-    deadline = time.monotonic() + 300
-    while vm.exec(f"test -s {COUNTER} && test -f {DC} && grep -q ready /tmp/bench-mt.log").rc:
-        if time.monotonic() > deadline:
-            raise RuntimeError("workload did not start")
-        time.sleep(0.5)
+    start_workload(vm, f"memtouch --hot {hot >> 20}M --cold {(extra - hot) >> 20}M --content mix --dirty-rate 1M",
+                   DC_SIZE)
     return vm
-
-
-def health(vm: VM) -> str:
-    """'' if the machine runs on (answers, counter advances, data verifies), else what is wrong."""
-    try:
-        a = int(vm.exec(f"cat {COUNTER}").text)
-        time.sleep(1.0)
-        if int(vm.exec(f"cat {COUNTER}").text) <= a:
-            return "counter stopped"
-        res = vm.exec(f"datacheck verify --state {DC}")
-        return "" if res.rc == 0 else f"datacheck: {res.text.strip()}"
-    except (MemvirtError, ValueError) as e:
-        return f"{e.__class__.__name__}: {e}"
 
 
 def hop(src: VM, dst: VM, scheme: str, codec: str, shrink: bool) -> dict[str, Any]:
@@ -93,7 +71,7 @@ def hop(src: VM, dst: VM, scheme: str, codec: str, shrink: bool) -> dict[str, An
         row["error"] = str(e)
         return row
     row.update(rep.to_json())
-    row["guest"] = health(VM.load(dst.name)) or "ok"
+    row["guest"] = guest_health(VM.load(dst.name)) or "ok"
     return row
 
 
@@ -125,7 +103,7 @@ def main() -> None:
                     src = VM.load(dst.name)
                     continue
                 dst.stop()  # untouched by the failed hop; the source thawed and runs on
-                if not src.alive() or health(src):
+                if not src.alive() or guest_health(src):
                     src.stop()
                     n += 1
                     src = setup_source(f"{args.prefix}-{n}", args.used)
