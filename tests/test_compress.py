@@ -167,14 +167,17 @@ def test_adaptive_compression_follows_the_working_set(workload: tuple[VM, VM], t
         for v in workload:
             v.exec(f"echo {2 * HOT} > {PHASE}").check("phase change")
         n_before = len(samples)
-        control(10)
+        control(20)
         after = samples[n_before:]
-        followed = [i for i, s in enumerate(after) if s.limit - (s.usage - s.resident) >= 2 * HOT]
-        assert followed and followed[0] <= 5, "the limit did not follow the doubled hot set within 5 intervals"
+        followed = [i for i, s in enumerate(after) if s.limit - (s.usage - s.resident) >= 0.95 * 2 * HOT]
+        assert followed and followed[0] <= 8, (
+            f"the limit did not follow the doubled hot set within 8 intervals ({_trace(after)})")
         assert abs(_settled(after) - 2 * HOT) <= 0.15 * 2 * HOT
         doubled = _relative_rate(workload, WINDOW, control)
     finally:
         ctl.close()
+        for v in workload:
+            v.exec(f"echo {HOT} > {PHASE}")
     assert statistics.median(x.refaulted for x in samples[-6:]) <= 0.01 * 2 * HOT, _trace(samples[n_before:])
     assert doubled >= SPEED_TOLERANCE * baseline, (
         f"slowdown did not recover after the phase change: {doubled:.3f} vs {baseline:.3f} of the twin's speed "
@@ -182,8 +185,6 @@ def test_adaptive_compression_follows_the_working_set(workload: tuple[VM, VM], t
     assert vm.memcg().limit() >= 1 << 60, "closing the controller must lift the VM's limit"
     res = vm.exec(f"datacheck verify --state {DATACHECK}", timeout=120)
     assert res.rc == 0 and res.text.startswith("OK"), f"data changed after compression: {res.text}"
-    for v in workload:
-        v.exec(f"echo {HOT} > {PHASE}")
 
 
 def test_a_cap_below_the_working_set_stalls_the_guest_but_never_kills_it(workload: tuple[VM, VM],
@@ -199,8 +200,10 @@ def test_a_cap_below_the_working_set_stalls_the_guest_but_never_kills_it(workloa
     finally:
         ctl.close()
     n0 = int(vm.exec(f"cat {COUNTER}", timeout=120).check("counter").text)
-    time.sleep(3)
-    assert int(vm.exec(f"cat {COUNTER}").check("counter").text) > n0, "the workload did not go on"
+    deadline = time.monotonic() + 60
+    while int(vm.exec(f"cat {COUNTER}").check("counter").text) <= n0:
+        assert time.monotonic() < deadline, "the workload did not go on within 60 s of lifting the cap"
+        time.sleep(1)
     res = vm.exec(f"datacheck verify --state {DATACHECK}", timeout=120)
     assert res.rc == 0 and res.text.startswith("OK"), res.text
     assert "oom_kill_disable 0" in (group.path / "memory.oom_control").read_text() if group.version == 1 else True
