@@ -1,7 +1,7 @@
 """Working-set tracking and adaptive compression on a real guest, with the host's real DAMON,
 memory cgroups and zram.
 
-One 768 MiB guest runs memtouch with a known hot set and a larger cold set of text (which
+One 1 GiB guest runs memtouch with a known hot set and a larger cold set of text (which
 compresses about 2:1), plus datacheck's incompressible pattern as more cold data. The host
 settings the tests touch (swap, zram, DAMON, the VM's cgroup limit) are put back even when a
 test fails.
@@ -71,7 +71,7 @@ def workload(image: Image) -> Iterator[tuple[VM, VM]]:
     vms: list[VM] = []
     try:
         for name in ("compress-guest", "compress-twin"):
-            vms.append(start_vm(name, image, memory=768 * MIB, wait=False))
+            vms.append(start_vm(name, image, memory=1024 * MIB, wait=False))
         if vms[0].memcg() is None:
             pytest.skip("the host offers no writable memory cgroup controller")
         for vm in vms:
@@ -259,10 +259,10 @@ def _decider(policy: Policy) -> tuple[Controller, Callable[..., tuple[int, str]]
 
     def decide(wss: int, resident: int, usage: int, limit: int, refaulted: int = 0, ratio: float | None = 2.0,
                fill: float = 0.5, swapped: int = 0, share: int = 1 << 62, stall: float = 0.0,
-               oom: bool = False) -> tuple[int, str]:
+               oom: bool = False, hits: int = 0) -> tuple[int, str]:
         st.limit = limit
         est = Estimate(0.0, wss, resident, swapped, resident + swapped, "unit")
-        return ctl._decide(st, est, usage, refaulted, ratio, fill, share, stall, oom)
+        return ctl._decide(st, est, usage, refaulted, ratio, fill, share, stall, oom, hits)
 
     decide.state = st  # type: ignore[attr-defined]
     return ctl, decide
@@ -298,6 +298,10 @@ def test_policy_backs_off_fast_and_shrinks_slowly() -> None:
                   share=200 * MIB)[1] == "shrink"
     # Tiny changes are not worth a reclaim pass.
     assert decide(100 * MIB, 100 * MIB, 160 * MIB, 179 * MIB)[1] == "steady"
+    # A guest stuck at its cap looks idle (it touches nothing) but keeps hitting the cap: pressure.
+    decide.state.last_wss = 190 * MIB  # type: ignore[attr-defined]
+    assert decide(2 * MIB, 150 * MIB, 213 * MIB, 213 * MIB, hits=5000)[1] == "back off: stuck at the limit"
+    decide.state.last_wss = 0  # type: ignore[attr-defined]
     # Tasks waiting at the cap: up by a quarter of RAM at once.
     assert decide(100 * MIB, 100 * MIB, 160 * MIB, 160 * MIB, oom=True) == (416 * MIB, "back off: stuck at the limit")
 

@@ -105,6 +105,8 @@ class _VMState:
     hold: int = 0
     floor: int = UNLIMITED
     floor_age: int = 0
+    cap_hits: int = 0
+    last_wss: int = 0
     samples: list[Sample] = field(default_factory=list)
 
 
@@ -157,6 +159,7 @@ class Controller:
                 if group is not None:
                     st.refaults = group.counters()[0]
                     st.limit = group.limit()
+                    st.cap_hits = group.cap_hits()
                 self.states.append(st)
             if self.damon:
                 self.damon.start()
@@ -179,7 +182,7 @@ class Controller:
 
     def _decide(self, st: _VMState, est: Estimate, usage: int, refaulted: int, ratio: float | None,
                 fill: float = 0.0, share: int = UNLIMITED, stall: float = 0.0,
-                oom: bool = False) -> tuple[int, str]:
+                oom: bool = False, hits: int = 0) -> tuple[int, str]:
         p = self.policy
         if p.name == "none":
             return st.limit, "measure"
@@ -187,7 +190,9 @@ class Controller:
             return int(p.limit or 0), "static"
         overhead = max(0, usage - est.resident)
         target = overhead + int(est.wss * (1 + p.margin)) + HEADROOM
-        if oom:
+        collapsed = est.wss < st.last_wss / 2
+        at_cap = usage >= min(st.limit, UNLIMITED) - max(DEADBAND, st.vm.config.memory // 100)
+        if oom or collapsed and (at_cap or hits * PAGE_SIZE > max(PRESSURE_FLOOR, 0.02 * est.wss)):
             st.hold = HOLD_INTERVALS
             st.floor, st.floor_age = st.limit, 0
             return max(target, st.limit + int(p.shrink_step * st.vm.config.memory)), "back off: stuck at the limit"
@@ -228,14 +233,17 @@ class Controller:
         for st in self.states:
             est = st.tracker.measure(share if (self.method == "referenced" or not slept) else 0.0)
             slept = True
-            usage, refaulted, stall, oom = est.resident, 0, 0.0, False
+            usage, refaulted, stall, oom, hits = est.resident, 0, 0.0, False, 0
             if st.group is not None:
                 oom = st.group.under_oom()
+                total_hits = st.group.cap_hits()
+                hits, st.cap_hits = total_hits - st.cap_hits, total_hits
                 usage = st.group.usage()
                 refaults, _ = st.group.counters()
                 refaulted, st.refaults = (refaults - st.refaults) * PAGE_SIZE, refaults
                 stall = st.group.stall()
-            limit, action = self._decide(st, est, usage, refaulted, ratio, fill, fair, stall, oom)
+            limit, action = self._decide(st, est, usage, refaulted, ratio, fill, fair, stall, oom, hits)
+            st.last_wss = max(est.wss, st.last_wss // 2)
             if st.group is not None and limit != st.limit:
                 try:
                     st.group.set_limit(None if limit >= UNLIMITED else limit)

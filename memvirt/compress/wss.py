@@ -122,6 +122,8 @@ class DamonTracker:
         self.idx = np.empty(0, dtype=np.int64)
         self.prev_frames = np.empty(0, dtype=np.uint64)
         self.sampled_backed = 0
+        self.fraction = 1.0
+        self.stale = True
         self.fresh = True
 
     def _draw(self, entries: np.ndarray) -> None:
@@ -133,6 +135,7 @@ class DamonTracker:
         self.sampled_backed = len(candidates)
         self.prev_frames = frames(entries[self.idx])
         self.damon.set_frames(self.index, self.prev_frames)
+        self.stale = True
         self.fresh = True
 
     def start(self) -> None:
@@ -147,6 +150,12 @@ class DamonTracker:
         refaulted = int(np.count_nonzero((now != 0) & (now != self.prev_frames)))
         k = len(self.idx)
         fraction = min(1.0, (accessed + refaulted) / k) if k else 0.0
+        if self.stale:
+            # DAMON's first aggregation over newly set frames is not complete yet: its count says
+            # nothing, and reading it as "nothing accessed" would starve a growing guest.
+            fraction = max(fraction, self.fraction)
+            self.stale = False
+        self.fraction = fraction
         est = Estimate(time.monotonic() - self.t0, int(fraction * nbacked * PAGE_SIZE), resident * PAGE_SIZE,
                        swapped * PAGE_SIZE, nbacked * PAGE_SIZE, self.method, k, accessed, refaulted, self.vm.name)
         moved = np.count_nonzero(now != self.prev_frames) / max(k, 1)
@@ -155,6 +164,7 @@ class DamonTracker:
         elif moved > RESAMPLE_DRIFT:
             self.prev_frames = now
             self.damon.set_frames(self.index, now)
+            self.stale = True
         else:
             self.prev_frames = now
         return est

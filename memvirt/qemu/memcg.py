@@ -106,6 +106,20 @@ class MemCgroup:
         except OSError as e:
             raise MemvirtError(f"setting the memory limit of {self.path.name} failed: {e.strerror}") from None
 
+    def cap_hits(self) -> int:
+        """How often the group has run into its cap (v1 ``memory.failcnt``, v2 ``high`` events):
+        a group held at its cap hits it on every page it asks for."""
+        try:
+            if self.version == 1:
+                return int((self.path / "memory.failcnt").read_text())
+            for line in (self.path / "memory.events").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "high":
+                    return int(value)
+        except (OSError, ValueError):
+            pass
+        return 0
+
     def under_oom(self) -> bool:
         """True while the group's tasks wait for memory the cap does not allow (v1 with the OOM
         killer disabled; v2's ``memory.high`` throttles instead, which :meth:`stall` shows)."""
