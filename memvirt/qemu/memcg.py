@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,8 +167,13 @@ class MemCgroup:
             return []
 
     def remove(self) -> None:
-        """Delete the group once its tasks are gone (a group with tasks is left alone)."""
-        try:
-            self.path.rmdir()
-        except OSError:
-            pass
+        """Delete the group once its tasks are gone (a group with tasks is left alone). A QEMU that
+        just exited may still be listed for a moment, so this waits up to a second for it."""
+        for _ in range(20):
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.05)
