@@ -4,7 +4,7 @@ Pass 1 reads all RAM in 64 MiB chunks and, with numpy only, finds the all-zero p
 *sample hash* of every page: 16 words from 16 different cache lines, multiplied by fixed odd
 constants and summed. Two identical pages have equal samples, so a page whose sample no other
 page shares is unique without further work. Pass 2 hashes just the pages whose samples collide,
-over the whole page (XXH64, in C), which confirms (or splits) each candidate group. Measured
+over the whole page (XXH3-64, in C), which confirms (or splits) each candidate group. Measured
 here: the sample hash runs at ~12 GB/s, a full-page hash at ~1-5 GB/s; reading the source is
 the bound.
 """
@@ -81,7 +81,7 @@ def collisions(prints: list[Fingerprints]) -> list[np.ndarray]:
 
 def hash_pass(mem: GuestMemory, fp: Fingerprints, which: np.ndarray, progress: Progress | None = None,
               done: int = 0, total: int = 0) -> None:
-    """Pass 2 over one source: the full-page hash (XXH64, the C loop migration uses) of the pages
+    """Pass 2 over one source: the full-page hash (XXH3-64, the C loop migration uses) of the pages
     at indices ``which`` into ``fp.full``."""
     want = np.zeros(len(fp.pfns), dtype=bool)
     want[which] = True

@@ -55,25 +55,35 @@ class RamFileMemory(GuestMemory):
     def _fill(self, offset: int, out: memoryview) -> None:
         pread_into(self._fd, offset, out, str(self.path))
 
-    def populated_pfns(self) -> np.ndarray:
+    def populated_pfns(self, grown_from: np.ndarray | None = None) -> np.ndarray:
         """Boolean array over guest frames: True where the file has data (not a hole).
 
         A frame the guest never touched is a hole in the file; found with SEEK_DATA/SEEK_HOLE
-        per extent, not per page.
+        per extent, not per page (a swapped-out page counts as data). With ``grown_from`` (an
+        earlier answer) only its holes are probed: a running guest only fills holes, so a
+        repeated question costs what the holes cost, not the whole file.
         """
-        present = np.zeros(self.max_pfn, dtype=bool)
+        present = np.zeros(self.max_pfn, dtype=bool) if grown_from is None else grown_from.copy()
         for r in self.regions:
-            pos, end = r.offset, r.offset + r.size
-            while pos < end:
-                try:
-                    data = os.lseek(self._fd, pos, os.SEEK_DATA)
-                except OSError:
-                    break
-                if data >= end:
-                    break
-                hole = min(os.lseek(self._fd, data, os.SEEK_HOLE), end)
-                first = (r.gpa + data - r.offset) >> PAGE_SHIFT
-                last = (r.gpa + hole - r.offset + 4095) >> PAGE_SHIFT
-                present[first:last] = True
-                pos = hole
+            p0 = r.gpa >> PAGE_SHIFT
+            if grown_from is None:
+                spans = [(r.offset, r.offset + r.size)]
+            else:
+                hole = ~grown_from[p0:p0 + (r.size >> PAGE_SHIFT)]
+                edges = np.flatnonzero(np.diff(np.concatenate(([False], hole, [False])).astype(np.int8)))
+                spans = [(r.offset + (a << PAGE_SHIFT), r.offset + (b << PAGE_SHIFT))
+                         for a, b in edges.reshape(-1, 2).tolist()]
+            for pos, end in spans:
+                while pos < end:
+                    try:
+                        data = os.lseek(self._fd, pos, os.SEEK_DATA)
+                    except OSError:
+                        break
+                    if data >= end:
+                        break
+                    hole = min(os.lseek(self._fd, data, os.SEEK_HOLE), end)
+                    first = (r.gpa + data - r.offset) >> PAGE_SHIFT
+                    last = (r.gpa + hole - r.offset + 4095) >> PAGE_SHIFT
+                    present[first:last] = True
+                    pos = hole
         return present

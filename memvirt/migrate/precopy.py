@@ -26,15 +26,20 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import xxhash
 
+from memvirt.errors import MemvirtError
 from memvirt.memory.ramfile import RamFileMemory
 from memvirt.migrate import codec
 from memvirt.migrate.fingerprint import ZERO_HASH, hash_pages
-from memvirt.migrate.protocol import Kind
+from memvirt.migrate.protocol import QUEUE_DEPTH, Kind
 
 PAGE = 4096
 BATCH_PAGES = 256
 DUP_CHECK = 4096
 MAX_PAIRS = 1 << 20
+RING = QUEUE_DEPTH + 3
+"""Batch buffers reused in turn: a DATA frame may be queued (QUEUE_DEPTH) or on the socket (1)
+while the next is read, so a buffer comes round again only after its frame was sent. Reusing
+them spares the page faults of a fresh megabyte per batch."""
 
 Send = Callable[[Kind, list[bytes | memoryview]], int]
 """Sends one frame made of the given pieces; returns its size on the wire."""
@@ -75,6 +80,15 @@ class Tracker:
         self.ram = np.zeros(self.max_pfn, dtype=bool)
         for a, b in mem.pfn_ranges():
             self.ram[a:b] = True
+        self._populated = np.zeros(self.max_pfn, dtype=bool)
+        self._ring = [np.empty((BATCH_PAGES, PAGE), dtype=np.uint8) for _ in range(RING)]
+        self._turn = 0
+        self._views: list[tuple[int, int, np.ndarray]] = []
+        for r in mem.regions:
+            view = mem.view(r.gpa, r.size)
+            if view is None:
+                raise MemvirtError(f"{mem.describe()} cannot be mapped for migration")
+            self._views.append((r.gpa // PAGE, r.end // PAGE, view.reshape(-1, PAGE)))
 
     def digest(self) -> str:
         """What the target must hold, in one value: XXH3-128 over ``held``."""
@@ -84,13 +98,12 @@ class Tracker:
         """Fingerprint of every frame now (free pages, file holes and non-RAM count as zero);
         also how many pages were read."""
         cur = np.full(self.max_pfn, ZERO_HASH, dtype=np.uint64)
-        skip = free | ~self.mem.populated_pfns()
+        self._populated = self.mem.populated_pfns(self._populated if self._populated.any() else None)
+        skip = free | ~self._populated
         hashed = 0
-        for r in self.mem.regions:
-            p0, p1 = r.gpa // PAGE, r.end // PAGE
-            view = self.mem.view(r.gpa, r.size)
+        for p0, p1, pages in self._views:
             sk = skip[p0:p1]
-            h = hash_pages(view, sk)
+            h = hash_pages(pages.reshape(-1), sk)
             cur[p0:p1] = np.where(sk, np.uint64(ZERO_HASH), h)
             hashed += int((~sk).sum())
         return cur, hashed
@@ -117,6 +130,7 @@ class Tracker:
         st.discarded, st.zero = len(discard), len(zero)
         for batch in _split(data, BATCH_PAGES):
             st.wire_bytes += self._send_data(batch, send)
+        self.chooser.pause()
         st.data, st.data_bytes = len(data), len(data) * PAGE
         for part in range(0, len(dst), MAX_PAIRS):
             d, s = dst[part:part + MAX_PAIRS], src[part:part + MAX_PAIRS]
@@ -130,10 +144,10 @@ class Tracker:
     def _all_zero(self, pfns: np.ndarray) -> np.ndarray:
         """Which of these pages (fingerprint of zero) really are all zero; holes need no reading."""
         ok = np.ones(len(pfns), dtype=bool)
-        populated = self.mem.populated_pfns()[pfns] if len(pfns) else ok
+        populated = self._populated[pfns] if len(pfns) else ok
         idx = np.flatnonzero(populated)
         for part in _split(idx, DUP_CHECK):
-            ok[part] = ~self.mem.read_pages(pfns[part]).any(axis=1)
+            ok[part] = ~self._read(pfns[part]).any(axis=1)
         return ok
 
     def _dups(self, cand: np.ndarray, cur: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -161,19 +175,31 @@ class Tracker:
         src = np.concatenate((ref_src, rep[is_dup]))
         same = np.ones(len(dst), dtype=bool)
         for part in _split(np.arange(len(dst)), DUP_CHECK):
-            same[part] = (self.mem.read_pages(dst[part]) == self.mem.read_pages(src[part])).all(axis=1)
+            same[part] = (self._read(dst[part]) == self._read(src[part])).all(axis=1)
         data = np.sort(np.concatenate((rest[~is_dup], dst[~same])))
         return data, dst[same], src[same]
 
+    def _read(self, pfns: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Copies of the pages ``pfns`` (all populated: a mapping's read of a hole would allocate
+        it), gathered from the mapped RAM file in one vectorized step per region."""
+        out = np.empty((len(pfns), PAGE), dtype=np.uint8) if out is None else out[:len(pfns)]
+        for p0, p1, pages in self._views:
+            sel = (pfns >= p0) & (pfns < p1)
+            if sel.all():
+                np.take(pages, pfns - p0, axis=0, out=out)
+                break
+            out[sel] = pages[pfns[sel] - p0]
+        return out
+
     def _send_data(self, batch: np.ndarray, send: Send) -> int:
-        pages = self.mem.read_pages(batch)
+        """Read, fingerprint, compress and send one batch; the frame may still be queued for the
+        socket (its buffer is not reused before it was sent, see :data:`RING`)."""
+        self._turn = (self._turn + 1) % RING
+        pages = self._read(batch, self._ring[self._turn])
         self.held[batch] = hash_pages(pages.reshape(-1))
         c, blob = self.chooser.encode(memoryview(pages.reshape(-1)))
         starts, lengths = codec.runs(batch)
-        t = time.perf_counter()
-        n = send(Kind.DATA, codec.encode_data(c, starts, lengths, blob))
-        self.chooser.note_send(n, time.perf_counter() - t)
-        return n
+        return send(Kind.DATA, codec.encode_data(c, starts, lengths, blob))
 
 
 def _split(a: np.ndarray, n: int) -> Iterator[np.ndarray]:

@@ -1,19 +1,22 @@
-"""The migration wire protocol: versioned, framed, every frame authenticated.
+"""The migration wire protocol: versioned, framed, every frame encrypted and authenticated.
 
 Handshake (HMAC-SHA256 challenge-response over a shared secret; no secret ever crosses the wire)::
 
     client -> HELLO      "MVMG" version:u16 flags:u8 client_nonce[32]
     server -> CHALLENGE  "MVMG" version:u16 flags:u8 server_nonce[32] HMAC(secret, "server"|cn|sn)
     client -> AUTH       HMAC(secret, "client"|cn|sn)
-    server -> OK frame   (the first MAC'd frame: the client knows it was accepted)
+    server -> OK frame   (the first sealed frame: the client knows it was accepted)
 
 Each side proves it knows the secret and checks the other's proof with ``hmac.compare_digest``;
 a peer that fails is disconnected before it can send a frame. Then every frame is
-``kind:u8 length:u32 payload tag[32]`` where the tag is HMAC-SHA256 under a per-direction session
-key (derived from the secret and both nonces) over an implicit sequence number, the header and
-the payload: a forged, replayed, reordered, truncated or reflected frame fails its MAC and ends
-the session. ``--insecure`` uses a well-known secret, so peers still frame and version-check but
-prove nothing; both sides must choose it, a secure peer refuses an insecure one.
+``kind:u8 length:u32 ciphertext[length] tag[16]``: the payload sealed with AES-256-GCM under a
+per-direction session key (derived from the secret and both nonces, so fresh for every session),
+the nonce being the frame's sequence number and the header the associated data. A forged,
+replayed, reordered, truncated or reflected frame fails to open and ends the session, and guest
+memory never crosses the wire in the clear. (AES-GCM runs at several GB/s with AES-NI, six
+times HMAC-SHA256's pace here.) ``--insecure`` uses a well-known secret, so peers still frame
+and version-check but prove and hide nothing; both sides must choose it, a secure peer refuses
+an insecure one.
 """
 
 from __future__ import annotations
@@ -22,28 +25,36 @@ import hashlib
 import hmac
 import json
 import os
+import queue
 import secrets
 import socket
 import struct
+import threading
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from memvirt.errors import MemvirtError, UsageError
 
 Buffer = bytes | bytearray | memoryview
 
 MAGIC = b"MVMG"
-VERSION = 1
+VERSION = 2
 FLAG_INSECURE = 1
 INSECURE_SECRET = b"memvirt-migrate-insecure"
 NONCE = 32
-TAG = 32
+PROOF = 32
+TAG = 16
 MAX_FRAME = 128 << 20
 SMALL_FRAME = 64 << 10
+QUEUE_DEPTH = 4
+"""Frames a :class:`SendQueue` holds before its caller waits."""
 HEADER = struct.Struct("!BI")
 HELLO = struct.Struct(f"!4sHB{NONCE}s")
-CHALLENGE = struct.Struct(f"!4sHB{NONCE}s{TAG}s")
+CHALLENGE = struct.Struct(f"!4sHB{NONCE}s{PROOF}s")
 DEFAULT_PORT = 4444
 SECRET_ENV = "MEMVIRT_SECRET"
 
@@ -68,7 +79,7 @@ class Kind(IntEnum):
 
 
 class ProtocolError(MemvirtError):
-    """The peer broke the protocol: bad MAC, malformed or unexpected frame, lost connection."""
+    """The peer broke the protocol: a frame that fails to open, malformed or unexpected frame, lost connection."""
 
 
 class AuthError(ProtocolError):
@@ -119,11 +130,11 @@ def _mac(key: bytes, label: bytes, cn: bytes, sn: bytes) -> bytes:
 
 
 class Channel:
-    """One authenticated session: framed, MAC'd, sequence-numbered messages over a socket."""
+    """One authenticated session: framed, sealed (AES-256-GCM), sequence-numbered messages over a socket."""
 
     def __init__(self, sock: socket.socket, send_key: bytes, recv_key: bytes, timeout: float):
         self.sock = sock
-        self._send_key, self._recv_key = send_key, recv_key
+        self._seal, self._open = AESGCM(send_key), AESGCM(recv_key)
         self._send_seq = self._recv_seq = 0
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.bytes_sent = self.bytes_received = 0
@@ -138,31 +149,21 @@ class Channel:
     def settimeout(self, timeout: float) -> None:
         self.sock.settimeout(timeout)
 
-    def _tag(self, key: bytes, seq: int, header: bytes, pieces: list[Buffer]) -> bytes:
-        h = hmac.new(key, seq.to_bytes(8, "big") + header, hashlib.sha256)
-        for p in pieces:
-            h.update(p)
-        return h.digest()
-
     def send(self, kind: Kind, payload: Buffer | list[Buffer] = b"") -> int:
-        """Send one frame made of ``payload`` (a buffer or a list of pieces, sent without joining
-        them); returns its size on the wire."""
-        pieces = payload if isinstance(payload, list) else [payload]
-        n = sum(memoryview(p).nbytes for p in pieces)
-        if n > MAX_FRAME:
-            raise ProtocolError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
+        """Seal and send one frame made of ``payload`` (a buffer or a list of pieces); returns its
+        size on the wire."""
+        pieces = _pieces(payload)
+        n = _payload_size(pieces)
         header = HEADER.pack(kind, n)
-        tag = self._tag(self._send_key, self._send_seq, header, pieces)
+        plain = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        sealed = self._seal.encrypt(_nonce(self._send_seq), plain, header)
         self._send_seq += 1
         try:
             if n < SMALL_FRAME:
-                self.sock.sendall(b"".join([header, *pieces, tag]))
+                self.sock.sendall(header + sealed)
             else:
                 self.sock.sendall(header)
-                for p in pieces:
-                    if memoryview(p).nbytes:
-                        self.sock.sendall(p)
-                self.sock.sendall(tag)
+                self.sock.sendall(sealed)
         except TimeoutError:
             raise ProtocolError("the peer stopped reading (send timed out)") from None
         except OSError as e:
@@ -179,15 +180,16 @@ class Channel:
 
     def recv(self, *expect: Kind) -> tuple[Kind, bytes]:
         """The next frame; an ERROR frame raises :class:`PeerError`, a kind not in ``expect``
-        (when given) or a bad MAC raises :class:`ProtocolError`."""
+        (when given) or a frame that fails to open raises :class:`ProtocolError`."""
         header = _recv_exact(self.sock, HEADER.size)
         kind_no, n = HEADER.unpack(header)
         if n > MAX_FRAME:
             raise ProtocolError(f"malformed frame: length {n} exceeds the {MAX_FRAME}-byte limit")
-        payload = _recv_exact(self.sock, n)
-        tag = _recv_exact(self.sock, TAG)
-        if not hmac.compare_digest(tag, self._tag(self._recv_key, self._recv_seq, header, [payload])):
-            raise AuthError("frame failed authentication (bad MAC: forged, corrupted or out of order)")
+        sealed = _recv_exact(self.sock, n + TAG)
+        try:
+            payload = self._open.decrypt(_nonce(self._recv_seq), sealed, header)
+        except InvalidTag:
+            raise AuthError("frame failed authentication (bad tag: forged, corrupted or out of order)") from None
         self._recv_seq += 1
         self.bytes_received += HEADER.size + n + TAG
         try:
@@ -218,7 +220,90 @@ class Channel:
             pass
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def _nonce(seq: int) -> bytes:
+    return seq.to_bytes(12, "big")
+
+
+def _pieces(payload: Buffer | list[Buffer]) -> list[Buffer]:
+    return payload if isinstance(payload, list) else [payload]
+
+
+def _payload_size(pieces: list[Buffer]) -> int:
+    n = sum(memoryview(p).nbytes for p in pieces)
+    if n > MAX_FRAME:
+        raise ProtocolError(f"frame of {n} bytes exceeds the {MAX_FRAME}-byte limit")
+    return n
+
+
+class SendQueue:
+    """Sends a channel's frames on a thread of their own, so sealing and the socket overlap the
+    caller reading and compressing the next batch (both release the GIL).
+
+    While it is open every frame must go through it, in order. A send that failed on the thread
+    is raised by the next :meth:`send` or by :meth:`flush`, which also waits until all queued
+    frames are on the socket: call it before waiting for the peer's answer."""
+
+    def __init__(self, chan: Channel, depth: int = QUEUE_DEPTH):
+        self.chan = chan
+        self._q: queue.Queue[tuple[Kind, list[Buffer]] | None] = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._dropping = False
+        self._thread = threading.Thread(target=self._run, name="memvirt-send", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._q.get()) is not None:
+            if self._error is None and not self._dropping:
+                try:
+                    self.chan.send(*item)
+                except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                    self._error = e
+            self._q.task_done()
+        self._q.task_done()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def send(self, kind: Kind, payload: Buffer | list[Buffer] = b"") -> int:
+        """Queue one frame (its buffers must not change until sent); returns its size on the wire."""
+        self._check()
+        pieces = _pieces(payload)
+        n = _payload_size(pieces)
+        self._q.put((kind, pieces))
+        return HEADER.size + n + TAG
+
+    def send_json_sized(self, kind: Kind, obj: Any) -> int:
+        return self.send(kind, json.dumps(obj).encode())
+
+    def flush(self) -> None:
+        self._q.join()
+        self._check()
+
+    def close(self) -> None:
+        """Send what is queued and stop the thread; raises what a send raised."""
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+        self._check()
+
+    def abort(self, wait: float = 5.0) -> bool:
+        """Drop what is queued and stop the thread; False if it is still stuck in a send after
+        ``wait`` seconds (then the channel is unusable: shut its socket down)."""
+        self._dropping = True
+        try:
+            while True:
+                self._q.get_nowait()
+                self._q.task_done()
+        except queue.Empty:
+            pass
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join(wait)
+        return not self._thread.is_alive()
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | bytearray:
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
@@ -232,7 +317,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
         if k == 0:
             raise ProtocolError("connection closed by the peer")
         got += k
-    return bytes(buf)
+    return bytes(buf) if n < SMALL_FRAME else buf
 
 
 def _keys(secret: bytes, cn: bytes, sn: bytes) -> tuple[bytes, bytes]:
@@ -285,7 +370,7 @@ def server_handshake(sock: socket.socket, secret: bytes | None, timeout: float) 
     if magic != MAGIC:
         raise ProtocolError("the peer is not a memvirt sender (bad magic)")
     sn = secrets.token_bytes(NONCE)
-    proof = _mac(key, b"memvirt-migrate server", cn, sn) if version == VERSION and cflags == flags else bytes(TAG)
+    proof = _mac(key, b"memvirt-migrate server", cn, sn) if version == VERSION and cflags == flags else bytes(PROOF)
     try:
         sock.sendall(CHALLENGE.pack(MAGIC, VERSION, flags, sn, proof))
     except OSError as e:
@@ -294,7 +379,7 @@ def server_handshake(sock: socket.socket, secret: bytes | None, timeout: float) 
         raise ProtocolError(f"protocol version mismatch: sender speaks v{version}, this memvirt v{VERSION}")
     if cflags != flags:
         raise AuthError("refused an insecure sender" if cflags else "the sender requires a secret; this receiver runs --insecure")
-    answer = _recv_exact(sock, TAG)
+    answer = _recv_exact(sock, PROOF)
     if not hmac.compare_digest(answer, _mac(key, b"memvirt-migrate client", cn, sn)):
         raise AuthError("refused a sender that failed authentication")
     c2s, s2c = _keys(key, cn, sn)

@@ -1,10 +1,10 @@
 """The receiving end: starts a matching VM waiting for device state, writes RAM into its fresh RAM
 file as frames arrive, verifies, and only then loads the device state and resumes it.
 
-The target QEMU is started with ``-incoming defer`` before any RAM arrives (its start-up stays
-out of the downtime) and does not run a single guest instruction until the sender said GO after
+The target QEMU is started with ``-incoming defer`` while the first RAM arrives (its start-up
+overlaps the first round and stays out of the downtime) and does not run a single guest instruction until the sender said GO after
 the receiver checked that its RAM matches what the sender meant to send (the XXH3-128 of both
-sides' per-page fingerprints). On any failure before the target runs - a bad MAC, a malformed
+sides' per-page fingerprints). On any failure before the target runs - a frame that fails to open, a malformed
 frame, the sender gone - the receiver kills that QEMU and deletes its RAM file and state. Should
 the receiver itself be killed, its watchdog (:mod:`memvirt.migrate.watchdog`) does the same.
 """
@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ import numpy as np
 import xxhash
 
 from memvirt.errors import MemvirtError, UsageError, VMError
-from memvirt.image.build import load_image
+from memvirt.image.build import Image, load_image
 from memvirt.memory import rammap
 from memvirt.memory.source import Region
 from memvirt.migrate import codec
@@ -129,6 +130,18 @@ class TargetRam:
 def start_target(setup: dict[str, Any], log: Log, ignore_shared: bool = True) -> VM:
     """A QEMU matching the source's machine, on a fresh RAM file, waiting with ``-incoming defer``
     (``ignore_shared=False`` for QEMU's own migration, which carries the RAM in its stream)."""
+    vm, image = prepare_target(setup)
+    try:
+        launch_target(vm, image, log, ignore_shared)
+    except BaseException:
+        vm.discard()
+        raise
+    return vm
+
+
+def prepare_target(setup: dict[str, Any]) -> tuple[VM, Image]:
+    """The target VM's state and its fresh (all-holes) RAM file, watched by a watchdog; its QEMU
+    is not started yet, so RAM can be written while it starts."""
     try:
         name = check_name(str(setup["name"]))
         memory, cpus = int(setup["memory"]), int(setup["cpus"])
@@ -158,22 +171,26 @@ def start_target(setup: dict[str, Any], log: Log, ignore_shared: bool = True) ->
         finally:
             os.close(fd)
         _watchdog(vm)
-        proc = launch_qemu(vm, image, incoming="defer")
-        pidfile = vdir / "qemu.pid"
-        if pidfile.exists():
-            config.pid = int(pidfile.read_text().strip() or 0)
-            vm.save()
-        if proc.returncode != 0:
-            msg = proc.stderr.strip().splitlines()
-            raise VMError(f"QEMU failed to start target VM {name!r}: {msg[-1] if msg else proc.returncode}")
-        with vm.monitor() as mon:
-            mon.command("migrate-set-capabilities",
-                        capabilities=[{"capability": "x-ignore-shared", "state": ignore_shared}])
     except BaseException:
         vm.discard()
         raise
-    log(f"target VM {name!r} started (pid {config.pid}), waiting for RAM")
-    return vm
+    return vm, image
+
+
+def launch_target(vm: VM, image: Image, log: Log, ignore_shared: bool = True) -> None:
+    """Start the prepared target's QEMU with ``-incoming defer``: it maps the RAM file but runs
+    no guest instruction until device state is loaded and it is told ``cont``."""
+    proc = launch_qemu(vm, image, incoming="defer")
+    pidfile = vm.dir / "qemu.pid"
+    if pidfile.exists():
+        vm.config.pid = int(pidfile.read_text().strip() or 0)
+        vm.save()
+    if proc.returncode != 0:
+        msg = proc.stderr.strip().splitlines()
+        raise VMError(f"QEMU failed to start target VM {vm.name!r}: {msg[-1] if msg else proc.returncode}")
+    with vm.monitor() as mon:
+        mon.command("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": ignore_shared}])
+    log(f"target VM {vm.name!r} started (pid {vm.config.pid}), waiting for RAM")
 
 
 def _watchdog(vm: VM) -> None:
@@ -217,14 +234,15 @@ def receive_one(chan: Channel, peer: str, log: Log, hold_file: Path | None = Non
     t0 = time.perf_counter()
     setup = chan.recv_json(Kind.SETUP)
     res = Received(name=str(setup.get("name", "?")), source=str(setup.get("source", "?")), peer=peer)
-    vm = start_target(setup, log)
+    vm, image = prepare_target(setup)
     ram: TargetRam | None = None
     mon: Monitor | None = None
     running = False
+    pool = ThreadPoolExecutor(1, thread_name_prefix="memvirt-target")
     try:
-        mon = vm.monitor()
+        qemu = pool.submit(launch_target, vm, image, log)
         ram = TargetRam(Path(vm.config.ram_path), vm.regions)
-        chan.send_json(Kind.READY, {"name": vm.name, "pid": vm.config.pid})
+        chan.send_json(Kind.READY, {"name": vm.name})
         state = b""
         while True:
             kind, payload = chan.recv(Kind.DATA, Kind.ZERO, Kind.DISCARD, Kind.DUP, Kind.ROUND_END, Kind.DEVSTATE)
@@ -239,6 +257,8 @@ def receive_one(chan: Channel, peer: str, log: Log, hold_file: Path | None = Non
                 res.pages["dup"] += ram.copy(dst, src)
             elif kind == Kind.ROUND_END:
                 res.rounds += 1
+                if qemu.done():
+                    qemu.result()
             else:
                 state = payload
                 break
@@ -246,6 +266,8 @@ def receive_one(chan: Channel, peer: str, log: Log, hold_file: Path | None = Non
         if commit.get("digest") != ram.digest():
             raise ProtocolError("the target's RAM does not match what the sender sent (final digest differs)")
         ram.close()
+        qemu.result()
+        mon = vm.monitor()
         _load_device_state(vm, mon, state)
         _hold(hold_file, log)
         chan.send_json(Kind.VERIFIED, {"digest": commit["digest"]})
@@ -260,6 +282,7 @@ def receive_one(chan: Channel, peer: str, log: Log, hold_file: Path | None = Non
         chan.send_json(Kind.RUNNING, {"name": vm.name, "pid": vm.config.pid})
         mon.close()
     except BaseException as e:
+        pool.shutdown(wait=True)
         if ram is not None:
             ram.close()
         if mon is not None:
@@ -269,6 +292,7 @@ def receive_one(chan: Channel, peer: str, log: Log, hold_file: Path | None = Non
         msg = str(e) if isinstance(e, MemvirtError) else f"{e.__class__.__name__}: {e}"
         chan.send_error(f"receiver: {msg}; target VM removed" if not running else f"receiver: {msg}")
         raise
+    pool.shutdown()
     res.bytes_received = chan.bytes_received
     res.seconds = time.perf_counter() - t0
     res.ok = True

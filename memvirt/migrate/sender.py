@@ -16,6 +16,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from memvirt.errors import MemvirtError, UsageError, VMError
 from memvirt.memory.ramfile import RamFileMemory
 from memvirt.migrate.codec import CodecChooser
 from memvirt.migrate.precopy import PAGE, Round, Tracker
-from memvirt.migrate.protocol import Channel, Kind, PeerError, ProtocolError, client_handshake
+from memvirt.migrate.protocol import Channel, Kind, PeerError, ProtocolError, SendQueue, client_handshake
 from memvirt.migrate.receiver import IGNORE_SHARED
 from memvirt.qemu.monitor import Monitor
 from memvirt.qemu.vm import VM, check_name
@@ -54,6 +55,8 @@ class Report:
     setup_seconds: float = 0.0
     bootstrap_seconds: float = 0.0
     total_seconds: float = 0.0
+    """From connecting to the target confirming its guest runs (what QEMU's ``total-time`` counts)."""
+    source_stop_seconds: float = 0.0
     downtime_seconds: float = 0.0
     final_round_seconds: float = 0.0
     codecs: dict[str, int] = field(default_factory=dict)
@@ -70,7 +73,8 @@ class Report:
             "rounds": len(self.rounds), "stop_reason": self.stop_reason, "pages": self.pages(),
             "wire_bytes": self.wire_bytes, "devstate_bytes": self.devstate_bytes,
             "setup_seconds": round(self.setup_seconds, 3), "bootstrap_seconds": round(self.bootstrap_seconds, 3),
-            "total_seconds": round(self.total_seconds, 3), "downtime_seconds": round(self.downtime_seconds, 4),
+            "total_seconds": round(self.total_seconds, 3), "source_stop_seconds": round(self.source_stop_seconds, 3),
+            "downtime_seconds": round(self.downtime_seconds, 4),
             "final_round_seconds": round(self.final_round_seconds, 4), "downtime_target": self.downtime_target,
             "codecs": self.codecs, "per_round": [r.to_json() for r in self.rounds],
         }
@@ -118,11 +122,18 @@ def _estimate(st: Round) -> float:
     return st.scan_seconds + st.hash_seconds + st.changed * per_page + FIXED_DOWNTIME
 
 
-def _save_device_state(vm: VM, mon: Monitor) -> bytes:
-    """The source's device state (RAM excluded by ``x-ignore-shared``); leaves it ``postmigrate``."""
+def _start_device_state(vm: VM, mon: Monitor) -> Path:
+    """Have the paused source save its device state (RAM excluded by ``x-ignore-shared``) to a
+    file, in QEMU's own thread while the final round runs here; it ends ``postmigrate``."""
     path = vm.dir / "outgoing.state"
+    path.unlink(missing_ok=True)
+    mon.command("migrate", uri=f"exec:cat > {shlex.quote(str(path))}", timeout=DEVSTATE_TIMEOUT)
+    return path
+
+
+def _finish_device_state(vm: VM, mon: Monitor, path: Path) -> bytes:
+    """Wait for the save :func:`_start_device_state` began; the state's bytes."""
     try:
-        mon.command("migrate", uri=f"exec:cat > {shlex.quote(str(path))}", timeout=DEVSTATE_TIMEOUT)
         deadline = time.monotonic() + DEVSTATE_TIMEOUT
         while (st := mon.command("query-migrate")).get("status") != "completed":
             if st.get("status") in ("failed", "cancelled"):
@@ -156,6 +167,7 @@ def migrate(
     except OSError as e:
         raise MemvirtError(f"cannot reach a receiver at {host}:{port}: {e.strerror or e}") from None
     chan: Channel | None = None
+    queue: SendQueue | None = None
     mon: Monitor | None = None
     paused = False
     try:
@@ -178,7 +190,8 @@ def migrate(
                 intro = Introspector(mem)
                 report.bootstrap_seconds = time.perf_counter() - t
             tracker = Tracker(mem, chooser)
-            send = chan.send
+            queue = SendQueue(chan)
+            send = queue.send
 
             def one_round(final: bool) -> Round:
                 t = time.perf_counter()
@@ -186,8 +199,10 @@ def migrate(
                 scan = time.perf_counter() - t
                 st = tracker.run(len(report.rounds), free, send, final)
                 st.scan_seconds = scan
-                st.seconds += scan
-                st.wire_bytes += chan.send_json_sized(Kind.ROUND_END, {"round": st.index, "final": final})
+                st.wire_bytes += queue.send_json_sized(Kind.ROUND_END, {"round": st.index, "final": final})
+                if final:
+                    queue.close()
+                st.seconds = time.perf_counter() - t
                 report.rounds.append(st)
                 if progress:
                     progress(st)
@@ -213,9 +228,10 @@ def migrate(
                 paused = True
             else:
                 report.stop_reason = "the source was paused: one round"
+            devpath = _start_device_state(vm, mon)
             one_round(True)
             report.final_round_seconds = time.perf_counter() - t_pause
-        devstate = _save_device_state(vm, mon)
+        devstate = _finish_device_state(vm, mon, devpath)
         mon.close()
         mon = None
         report.devstate_bytes = len(devstate)
@@ -226,6 +242,8 @@ def migrate(
         chan.recv_json(Kind.RUNNING)
         report.downtime_seconds = time.perf_counter() - t_pause if state == "running" else 0.0
     except BaseException as e:
+        if queue is not None and not queue.abort():
+            chan = None
         if chan is not None and not isinstance(e, PeerError):
             chan.send_error(f"sender: {e}")
         (chan.sock if chan is not None else sock).close()
@@ -240,8 +258,10 @@ def migrate(
     report.wire_bytes = chan.bytes_sent + chan.bytes_received
     report.codecs = dict(chooser.used)
     chan.close()
-    vm.stop()
     report.total_seconds = time.perf_counter() - t0
+    t = time.perf_counter()
+    vm.stop()
+    report.source_stop_seconds = time.perf_counter() - t
     return report
 
 
