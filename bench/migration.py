@@ -1,14 +1,14 @@
 """Migration: QEMU's native precopy beside memvirt's engine, same guest and workload, one run.
 
 Each scenario boots one guest and migrates it hop after hop on this host (target of one hop is
-the source of the next), once per engine: memvirt with free-page elision, memvirt without it,
+the source of the next), once per engine (``idle1g`` caps both engines to a 1 Gbit/s link): memvirt with free-page elision, memvirt without it,
 QEMU plain precopy, QEMU with xbzrle, QEMU with multifd (2 channels). QEMU gets
 ``max-bandwidth`` 4 GiB/s (its 32 MiB/s default would make it look worse than it is) and
 ``downtime-limit`` 300 ms, memvirt ``--downtime 300``. After every hop the guest must answer,
 its counter must advance and ``datacheck verify`` must pass. Then a reliability loop migrates a
 dirtying guest N times with memvirt and N times with QEMU plain.
 
-``python bench/migration.py [--scenarios idle,half2g,dirty] [--reliability 20] [--json FILE]
+``python bench/migration.py [--scenarios idle,idle1g,half2g,dirty] [--reliability 20] [--json FILE]
 [--png FILE]``
 """
 
@@ -38,9 +38,14 @@ from memvirt.migrate.sender import migrate  # noqa: E402
 from memvirt.qemu.accel import qemu_binary  # noqa: E402
 from memvirt.qemu.vm import VM, start_vm  # noqa: E402
 
+GBIT = 125_000_000
+"""A 1 Gbit/s link in bytes per second: both engines are capped to it (QEMU's ``max-bandwidth``,
+memvirt's ``--max-bandwidth``) where a scenario says so; elsewhere loopback is the link."""
 SCENARIOS: dict[str, dict[str, Any]] = {
     "idle": {"memory": 512 << 20, "label": "idle 512 MiB", "workload": None,
              "prepare": "memtouch --hot 256M --content text --duration 1 > /dev/null 2>&1"},
+    "idle1g": {"memory": 512 << 20, "label": "idle 512 MiB, 1 Gbit/s", "workload": None, "bandwidth": GBIT,
+               "prepare": "memtouch --hot 256M --content text --duration 1 > /dev/null 2>&1"},
     "half2g": {"memory": 2 << 30, "label": "2 GiB, 1 GiB in use",
                "workload": "memtouch --hot 32M --cold 992M --content mix --dirty-rate 1M", "prepare": None},
     "dirty": {"memory": 512 << 20, "label": "512 MiB dirtying 50 MB/s",
@@ -56,28 +61,30 @@ def setup_guest(name: str, sc: dict[str, Any]) -> VM:
     return vm
 
 
-def hop_memvirt(src: VM, dst: str, elide: bool) -> dict[str, Any]:
+def hop_memvirt(src: VM, dst: str, elide: bool, bandwidth: int) -> dict[str, Any]:
     port = 47100 + secrets.randbelow(800)
     rx = subprocess.Popen([sys.executable, "-m", "memvirt", "receive", "--listen", f"127.0.0.1:{port}",
                            "--timeout", "300"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     rx.stderr.readline()
     try:
-        rep = migrate(src.name, "127.0.0.1", port, os.environ["MEMVIRT_SECRET"].encode(), dst, elide_free=elide)
+        rep = migrate(src.name, "127.0.0.1", port, os.environ["MEMVIRT_SECRET"].encode(), dst, elide_free=elide,
+                      max_bandwidth=bandwidth)
         rx.wait(60)
     finally:
         if rx.poll() is None:
             rx.kill()
     return {"bytes": rep.wire_bytes, "total_s": rep.total_seconds, "downtime_ms": rep.downtime_seconds * 1000,
-            "rounds": len(rep.rounds), "converged": True, "detail": rep.stop_reason}
+            "rounds": len(rep.rounds), "converged": True, "detail": rep.stop_reason, "throttle": rep.max_throttle,
+            "codecs": rep.codecs}
 
 
 def run_hop(vm: VM, engine: str, dst: str, sc: dict[str, Any]) -> tuple[dict[str, Any], VM]:
     if sc.get("prepare"):
         vm.exec(sc["prepare"], timeout=120)
     if engine.startswith("memvirt"):
-        res = hop_memvirt(vm, dst, engine == "memvirt")
+        res = hop_memvirt(vm, dst, engine == "memvirt", sc.get("bandwidth", 0))
     else:
-        res = qemu_migrate(vm, dst, engine.removeprefix("qemu-"), QEMU_TIMEOUT)
+        res = qemu_migrate(vm, dst, engine.removeprefix("qemu-"), QEMU_TIMEOUT, sc.get("bandwidth") or 4 << 30)
     new = VM.load(dst) if (Path(os.environ["MEMVIRT_HOME"]) / "vms" / dst / "vm.json").exists() else vm
     res["guest"] = guest_health(new) if new.alive() else "target gone"
     return res, new
@@ -85,7 +92,7 @@ def run_hop(vm: VM, engine: str, dst: str, sc: dict[str, Any]) -> tuple[dict[str
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--scenarios", default="idle,half2g,dirty")
+    ap.add_argument("--scenarios", default="idle,idle1g,half2g,dirty")
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--reliability", type=int, default=20)
     ap.add_argument("--json", type=Path, default=RESULTS / "migration.json")

@@ -408,6 +408,58 @@ def test_receiver_killed_at_switch_over_resumes_source(source_guest, host_b) -> 
     assert _leftovers(host_b) == ["hold"] or _leftovers(host_b) == []
 
 
+def test_throttle_slows_the_guest_and_leaves_it_running(source_guest) -> None:  # noqa: ANN001
+    """Auto-converge's duty cycle: held half the time, the guest's workload advances clearly
+    slower than unthrottled over the same wall time; closed, the guest runs."""
+    from memvirt.migrate.throttle import Throttle
+
+    def progress(seconds: float) -> int:
+        a = _counter(source_guest)
+        time.sleep(seconds)
+        return _counter(source_guest) - a
+
+    free = progress(3.0)
+    th = Throttle(source_guest)
+    try:
+        assert th.harder() == pytest.approx(0.2)
+        while th.share < 0.6:
+            th.harder()
+        held = progress(3.0)
+    finally:
+        th.close()
+    assert source_guest.status() == "running"
+    assert held < 0.75 * free, (held, free)
+    _assert_runs_on(source_guest)
+
+
+@pytest.mark.parametrize("committed", [False, True])
+def test_source_guard_resumes_a_held_source_unless_committed(source_guest, committed) -> None:  # noqa: ANN001
+    """The sender dies while its source is paused: the guard resumes it, but never once the
+    target was told to run (the guest must not run twice)."""
+    from memvirt.migrate.watchdog import COMMITTED
+
+    mark = source_guest.dir / COMMITTED
+    sender = subprocess.Popen(["sleep", "0.5"])
+    guard = subprocess.Popen([sys.executable, "-m", "memvirt.migrate.watchdog", "source", str(sender.pid),
+                              str(source_guest.dir)])
+    try:
+        if committed:
+            mark.touch()
+        with source_guest.monitor() as mon:
+            mon.command("stop")
+        sender.wait()
+        guard.wait(30)
+        time.sleep(0.3)
+        assert source_guest.status() == ("paused" if committed else "running")
+    finally:
+        mark.unlink(missing_ok=True)
+        guard.kill()
+        with source_guest.monitor() as mon:
+            if mon.status() == "paused":
+                mon.command("cont")
+    _assert_runs_on(source_guest)
+
+
 def test_usage_errors(source_guest) -> None:  # noqa: ANN001
     """No secret: refused (secure by default), exit 2; bad endpoint, exit 2; nobody listening, exit 1."""
     env = {k: v for k, v in os.environ.items() if k != "MEMVIRT_SECRET"}

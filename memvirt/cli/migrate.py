@@ -14,6 +14,7 @@ from memvirt.errors import MemvirtError
 from memvirt.migrate.codec import CHOICES
 from memvirt.migrate.precopy import PAGE, Round
 from memvirt.migrate.protocol import DEFAULT_PORT, SECRET_ENV, load_secret, parse_endpoint
+from memvirt.units import parse_size
 
 SecretOpt = Annotated[
     Path | None, typer.Option("--secret-file", help=f"Shared secret (else ${SECRET_ENV}); both ends need the same.")
@@ -30,6 +31,7 @@ def migrate(
     codec: Annotated[str, typer.Option(help=f"Page compression: {', '.join(CHOICES)}.")] = "auto",
     free: Annotated[bool, typer.Option("--elide-free/--no-elide-free", help="Skip pages the guest holds free.")] = True,
     max_rounds: Annotated[int, typer.Option(help="Most precopy rounds before the switch-over.")] = 30,
+    max_bandwidth: Annotated[str, typer.Option(help="Most bytes per second to send, e.g. 100M (0: no cap).")] = "0",
     secret_file: SecretOpt = None,
     insecure: InsecureOpt = False,
     json_: JsonOpt = False,
@@ -48,9 +50,11 @@ def migrate(
         if not json_:
             tag = "final" if st.final else f"round {st.index + 1}"
             err.print(f"{tag}: {st.changed} changed, {st.free} free, sent {st.data} data, {st.zero} zero, "
-                      f"{st.dup} dup, {st.discarded} punched, {human(st.wire_bytes)} in {st.seconds * 1000:.0f} ms")
+                      f"{st.dup} dup, {st.discarded} punched, {human(st.wire_bytes)} in {st.seconds * 1000:.0f} ms"
+                      + (f", guest throttled {st.throttle:.0%}" if st.throttle else ""))
 
-    report = run(name, host, port, secret, as_, downtime / 1000, codec, free, max_rounds, progress)
+    report = run(name, host, port, secret, as_, downtime / 1000, codec, free, max_rounds, progress,
+                 parse_size(max_bandwidth))
     if json_:
         emit_json(report.to_json())
         return
@@ -68,6 +72,7 @@ def migrate(
         ["codecs", ", ".join(f"{k} x{v}" for k, v in report.codecs.items()) or "-"],
         ["total time", f"{report.total_seconds:.2f} s"],
         ["downtime", f"{report.downtime_seconds * 1000:.0f} ms (target {report.downtime_target * 1000:.0f} ms)"],
+        ["guest throttled (auto-converge)", f"up to {report.max_throttle:.0%}" if report.max_throttle else "no"],
     ])
 
 

@@ -60,6 +60,7 @@ class Round:
     data_bytes: int = 0
     wire_bytes: int = 0
     hashed: int = 0
+    throttle: float = 0.0
     scan_seconds: float = 0.0
     hash_seconds: float = 0.0
     send_seconds: float = 0.0

@@ -30,6 +30,7 @@ import secrets
 import socket
 import struct
 import threading
+import time
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,10 @@ class Channel:
         self.sock = sock
         self._seal, self._open = AESGCM(send_key), AESGCM(recv_key)
         self._send_seq = self._recv_seq = 0
+        self.max_rate = 0.0
+        """Bytes per second this side may send (0: as fast as the link goes), like QEMU's
+        ``max-bandwidth``: a migration must not starve the network it shares."""
+        self._due = 0.0
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.bytes_sent = self.bytes_received = 0
         sock.settimeout(timeout)
@@ -169,7 +174,17 @@ class Channel:
         except OSError as e:
             raise ProtocolError(f"connection lost while sending: {e.strerror or e}") from None
         self.bytes_sent += HEADER.size + n + TAG
+        self._pace(HEADER.size + n + TAG)
         return HEADER.size + n + TAG
+
+    def _pace(self, size: int) -> None:
+        """Wait until ``size`` bytes would have crossed a link of :attr:`max_rate`."""
+        if self.max_rate <= 0:
+            return
+        now = time.monotonic()
+        self._due = max(self._due, now) + size / self.max_rate
+        if self._due > now:
+            time.sleep(self._due - now)
 
     def send_json(self, kind: Kind, obj: Any) -> None:
         self.send(kind, json.dumps(obj).encode())
@@ -248,6 +263,9 @@ class SendQueue:
         self._q: queue.Queue[tuple[Kind, list[Buffer]] | None] = queue.Queue(depth)
         self._error: BaseException | None = None
         self._dropping = False
+        self.sent_bytes = 0
+        self.busy_seconds = 0.0
+        """Bytes the thread put on the socket and the time it spent doing so: the link's pace."""
         self._thread = threading.Thread(target=self._run, name="memvirt-send", daemon=True)
         self._thread.start()
 
@@ -255,11 +273,17 @@ class SendQueue:
         while (item := self._q.get()) is not None:
             if self._error is None and not self._dropping:
                 try:
-                    self.chan.send(*item)
+                    t = time.perf_counter()
+                    self.sent_bytes += self.chan.send(*item)
+                    self.busy_seconds += time.perf_counter() - t
                 except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
                     self._error = e
             self._q.task_done()
         self._q.task_done()
+
+    def rate(self) -> float:
+        """Bytes per second the link took while there was something to send (0 before any)."""
+        return self.sent_bytes / self.busy_seconds if self.busy_seconds > 0.01 else 0.0
 
     def _check(self) -> None:
         if self._error is not None:

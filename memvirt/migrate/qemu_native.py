@@ -18,8 +18,10 @@ from memvirt.qemu.vm import VM
 CAPS = {"plain": [], "xbzrle": ["xbzrle"], "multifd": ["multifd"]}
 
 
-def qemu_migrate(src: VM, dst: str, variant: str = "plain", timeout: float = 180.0) -> dict[str, Any]:
+def qemu_migrate(src: VM, dst: str, variant: str = "plain", timeout: float = 180.0,
+                 max_bandwidth: int = 4 << 30) -> dict[str, Any]:
     """Migrate ``src`` to a new local VM ``dst`` with QEMU's precopy; the source is stopped on success.
+    ``max_bandwidth`` is QEMU's parameter of that name (bytes per second).
 
     Returns bytes (``ram.transferred``), total_s, downtime_ms, rounds (``dirty-sync-count``),
     converged."""
@@ -37,7 +39,7 @@ def qemu_migrate(src: VM, dst: str, variant: str = "plain", timeout: float = 180
                 if "multifd" in caps:
                     m.command("migrate-set-parameters", **{"multifd-channels": 2})
             tm.command("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
-            sm.command("migrate-set-parameters", **{"max-bandwidth": 4 << 30, "downtime-limit": 300})
+            sm.command("migrate-set-parameters", **{"max-bandwidth": max_bandwidth, "downtime-limit": 300})
             t0 = time.perf_counter()
             sm.command("migrate", uri=f"tcp:127.0.0.1:{port}")
             while (st := sm.command("query-migrate"))["status"] not in ("completed", "failed", "cancelled"):

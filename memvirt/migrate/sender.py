@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shlex
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from memvirt.migrate.codec import CodecChooser
 from memvirt.migrate.precopy import PAGE, Round, Tracker
 from memvirt.migrate.protocol import Channel, Kind, PeerError, ProtocolError, SendQueue, client_handshake
 from memvirt.migrate.receiver import IGNORE_SHARED
+from memvirt.migrate.throttle import Throttle
+from memvirt.migrate.watchdog import COMMITTED, spawn_source_guard
 from memvirt.qemu.monitor import Monitor
 from memvirt.qemu.vm import VM, check_name
 
@@ -48,6 +51,7 @@ class Report:
     peer: str
     elide_free: bool
     downtime_target: float
+    max_bandwidth: float = 0.0
     rounds: list[Round] = field(default_factory=list)
     stop_reason: str = ""
     wire_bytes: int = 0
@@ -59,6 +63,8 @@ class Report:
     source_stop_seconds: float = 0.0
     downtime_seconds: float = 0.0
     final_round_seconds: float = 0.0
+    max_throttle: float = 0.0
+    """Largest share of time the guest was held to make precopy converge (auto-converge)."""
     codecs: dict[str, int] = field(default_factory=dict)
 
     def pages(self) -> dict[str, int]:
@@ -76,6 +82,7 @@ class Report:
             "total_seconds": round(self.total_seconds, 3), "source_stop_seconds": round(self.source_stop_seconds, 3),
             "downtime_seconds": round(self.downtime_seconds, 4),
             "final_round_seconds": round(self.final_round_seconds, 4), "downtime_target": self.downtime_target,
+            "max_bandwidth": self.max_bandwidth, "max_throttle": self.max_throttle,
             "codecs": self.codecs, "per_round": [r.to_json() for r in self.rounds],
         }
 
@@ -114,12 +121,15 @@ def _free_mask(intro: object | None, n: int, live: bool) -> np.ndarray:
     return free
 
 
-def _estimate(st: Round) -> float:
-    """Seconds a final round now would take: the same fingerprinting, and sending what changed
-    during one round at this round's pace."""
+def _estimate(st: Round, link_rate: float) -> float:
+    """Seconds a final round now would take: the same census and fingerprinting, and sending what
+    changed during this round at the pace the link showed (bytes per page as this round sent them)."""
     moved = st.data + st.zero + st.dup + st.discarded
-    per_page = st.send_seconds / moved if moved else 0.0
-    return st.scan_seconds + st.hash_seconds + st.changed * per_page + FIXED_DOWNTIME
+    if link_rate > 0 and moved:
+        send = st.changed * (st.wire_bytes / moved) / link_rate
+    else:
+        send = st.changed * (st.send_seconds / moved if moved else 0.0)
+    return _floor(st) + send
 
 
 def _start_device_state(vm: VM, mon: Monitor) -> Path:
@@ -149,9 +159,12 @@ def _finish_device_state(vm: VM, mon: Monitor, path: Path) -> bytes:
 def migrate(
     name: str, host: str, port: int, secret: bytes | None, target_name: str | None = None,
     downtime: float = 0.3, codec: str = "auto", elide_free: bool = True, max_rounds: int = 30,
-    progress: Progress | None = None,
+    progress: Progress | None = None, max_bandwidth: float = 0.0,
 ) -> Report:
-    """Migrate VM ``name`` to the receiver at ``host:port``; on success the source is stopped."""
+    """Migrate VM ``name`` to the receiver at ``host:port``; on success the source is stopped.
+    ``max_bandwidth`` (bytes per second, 0 for none) caps what is sent, as QEMU's parameter does."""
+    if max_bandwidth < 0:
+        raise UsageError("--max-bandwidth must not be negative")
     if downtime <= 0:
         raise UsageError("--downtime must be positive")
     if max_rounds < 1:
@@ -160,7 +173,7 @@ def migrate(
     vm = VM.load(name)
     state = check_source(vm)
     target = check_name(target_name or name)
-    report = Report(name, target, f"{host}:{port}", elide_free, downtime)
+    report = Report(name, target, f"{host}:{port}", elide_free, downtime, max_bandwidth)
     t0 = time.perf_counter()
     try:
         sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
@@ -169,9 +182,13 @@ def migrate(
     chan: Channel | None = None
     queue: SendQueue | None = None
     mon: Monitor | None = None
-    paused = False
+    throttle: Throttle | None = None
+    paused = committed = False
+    (vm.dir / COMMITTED).unlink(missing_ok=True)
+    guard = spawn_source_guard(vm.dir) if state == "running" else None
     try:
         chan = client_handshake(sock, secret, SESSION_TIMEOUT)
+        chan.max_rate = max_bandwidth
         c = vm.config
         chan.send_json(Kind.SETUP, {
             "name": target, "source": name, "memory": c.memory, "cpus": c.cpus, "image": c.image,
@@ -199,6 +216,7 @@ def migrate(
                 scan = time.perf_counter() - t
                 st = tracker.run(len(report.rounds), free, send, final)
                 st.scan_seconds = scan
+                st.throttle = throttle.share if throttle is not None else 0.0
                 st.wire_bytes += queue.send_json_sized(Kind.ROUND_END, {"round": st.index, "final": final})
                 if final:
                     queue.close()
@@ -210,17 +228,27 @@ def migrate(
 
             while state == "running":
                 st = one_round(False)
-                est = _estimate(st)
+                est, floor = _estimate(st, queue.rate()), _floor(st)
                 prev = report.rounds[-2].changed if len(report.rounds) > 1 else None
                 if len(report.rounds) > 1 and est <= downtime:
                     report.stop_reason = f"remainder fits the downtime target (est. {est * 1000:.0f} ms)"
-                elif prev is not None and st.changed >= SHRINK * prev and len(report.rounds) > 2:
-                    report.stop_reason = f"dirty set stopped shrinking ({st.changed} pages changed; est. {est * 1000:.0f} ms)"
                 elif len(report.rounds) >= max_rounds:
-                    report.stop_reason = f"--max-rounds {max_rounds} reached"
-                else:
+                    report.stop_reason = f"--max-rounds {max_rounds} reached (est. {est * 1000:.0f} ms)"
+                elif prev is None or st.changed < SHRINK * prev or len(report.rounds) < 3:
                     continue
+                elif floor > downtime:
+                    report.stop_reason = (f"dirty set stopped shrinking, and fingerprinting the pages in use alone "
+                                          f"takes {floor * 1000:.0f} ms (est. {est * 1000:.0f} ms)")
+                elif throttle is None or not throttle.at_max:
+                    throttle = throttle or Throttle(vm)
+                    report.max_throttle = throttle.harder()
+                    continue
+                else:
+                    report.stop_reason = f"dirty set stopped shrinking with the guest throttled to {throttle.share:.0%}"
                 break
+            if throttle is not None:
+                throttle.close()
+                throttle = None
             mon = vm.monitor()
             t_pause = time.perf_counter()
             if state == "running":
@@ -238,6 +266,8 @@ def migrate(
         chan.send(Kind.DEVSTATE, devstate)
         chan.send_json(Kind.COMMIT, {"digest": tracker.digest(), "rounds": len(report.rounds)})
         chan.recv_json(Kind.VERIFIED)
+        (vm.dir / COMMITTED).touch()
+        committed = True
         chan.send_json(Kind.GO, {"resume": state == "running"})
         chan.recv_json(Kind.RUNNING)
         report.downtime_seconds = time.perf_counter() - t_pause if state == "running" else 0.0
@@ -247,10 +277,18 @@ def migrate(
         if chan is not None and not isinstance(e, PeerError):
             chan.send_error(f"sender: {e}")
         (chan.sock if chan is not None else sock).close()
-        if paused:
+        if throttle is not None:
+            _quietly(throttle.close)
+        if paused and not committed:
             _resume(vm, mon)
         if mon is not None:
             mon.close()
+        _end_guard(guard)
+        if committed:
+            raise MemvirtError(
+                f"migration of {name!r}: the target was told to run but did not confirm ({e}); {name!r} is left "
+                f"paused here so the guest never runs twice: check {target!r} on the receiver, then "
+                f"'memvirt vm stop {name}' (or 'memvirt vm resume {name}' if the target is gone)") from None
         if isinstance(e, ProtocolError | MemvirtError):
             where = "receiver" if isinstance(e, PeerError) else "link" if isinstance(e, ProtocolError) else "source"
             raise MemvirtError(f"migration of {name!r} failed ({where}: {e}); {name!r} runs on here, unchanged") from None
@@ -260,9 +298,29 @@ def migrate(
     chan.close()
     report.total_seconds = time.perf_counter() - t0
     t = time.perf_counter()
+    _end_guard(guard)
     vm.stop()
     report.source_stop_seconds = time.perf_counter() - t
     return report
+
+
+def _floor(st: Round) -> float:
+    """Seconds a final round takes even if nothing changed: the census and fingerprinting every
+    page in use (no soft-dirty bits here), plus the switch-over."""
+    return st.scan_seconds + st.hash_seconds + FIXED_DOWNTIME
+
+
+def _end_guard(guard: subprocess.Popen[bytes] | None) -> None:
+    if guard is not None and guard.poll() is None:
+        guard.terminate()
+        guard.wait()
+
+
+def _quietly(fn: Callable[[], None]) -> None:
+    try:
+        fn()
+    except MemvirtError:
+        pass
 
 
 def _resume(vm: VM, mon: Monitor | None) -> None:

@@ -1,20 +1,28 @@
-"""Removes a partial migration target whose receiver died (killed, crashed) before it ran.
+"""Cleans up after a migration end that died (killed, crashed) halfway.
 
-Run detached by the receiver as ``python -m memvirt.migrate.watchdog RECEIVER_PID VM_DIR``. It
-exits by itself as soon as the target runs (the receiver cleared its ``incoming_by`` mark) or is
-gone, and otherwise when the receiver's pid is gone: then it kills the target's QEMU, which never
-ran a guest instruction, and removes its RAM file and state.
+Receiver: run detached as ``python -m memvirt.migrate.watchdog RECEIVER_PID VM_DIR``. It exits by
+itself as soon as the target runs (the receiver cleared its ``incoming_by`` mark) or is gone, and
+otherwise when the receiver's pid is gone: then it kills the target's QEMU, which never ran a
+guest instruction, and removes its RAM file and state.
+
+Sender: ``python -m memvirt.migrate.watchdog source SENDER_PID VM_DIR``, stopped with SIGTERM when
+the sender is done. If the sender dies first while the source is held (throttled, or paused for
+the switch-over), it resumes the source, unless the sender had already told the target to run
+(the :data:`COMMITTED` mark in VM_DIR): one guest must never run twice.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 POLL = 0.2
+COMMITTED = "migrate.committed"
 
 
 def _alive(pid: int) -> bool:
@@ -43,5 +51,36 @@ def main(receiver: int, vm_dir: Path) -> None:
         time.sleep(POLL)
 
 
+def spawn_source_guard(vm_dir: Path) -> subprocess.Popen[bytes]:
+    """Start the sender's watchdog for this process."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "memvirt.migrate.watchdog", "source", str(os.getpid()), str(vm_dir)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+
+
+def source_main(sender: int, vm_dir: Path) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    while _alive(sender):
+        time.sleep(POLL)
+    if (vm_dir / COMMITTED).exists() or not (vm_dir / "vm.json").exists():
+        return
+    os.environ["MEMVIRT_HOME"] = str(vm_dir.parent.parent)
+    from memvirt.errors import MemvirtError
+    from memvirt.qemu.vm import VM
+
+    try:
+        vm = VM.load(vm_dir.name)
+        if vm.alive():
+            with vm.monitor() as mon:
+                if mon.status() in ("paused", "postmigrate"):
+                    mon.command("cont")
+    except MemvirtError:
+        pass
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]), Path(sys.argv[2]))
+    if sys.argv[1] == "source":
+        source_main(int(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        main(int(sys.argv[1]), Path(sys.argv[2]))
