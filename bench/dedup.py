@@ -18,7 +18,7 @@ Part 2: one guest with ``virtio-balloon-pci,free-page-reporting=on`` (the guest'
 free 2 MiB blocks and QEMU discards them) beside one without a driver where memvirt reclaims:
 same churn, host memory over time.
 
-    python bench/dedup.py [--guests 4] [--memory 1G] [--observe 150] [--churn 600M] [--json FILE]
+    python bench/dedup.py [--guests 4] [--memory 1G] [--observe 150] [--churn 600M] [--json FILE] [--png FILE]
 """
 
 from __future__ import annotations
@@ -234,6 +234,41 @@ def print_rows(rows: list[dict[str, Any]], window: float, bal: dict[str, Any] | 
             console.print(f"{k}: host GiB over time: {pts}")
 
 
+def plot(data: dict[str, Any], png: Path) -> None:
+    """Host memory per mode over time, the saving over no sharing, and reclaim vs the balloon."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = data.get("modes") or {}
+    bal = data.get("balloon")
+    fig, axes = plt.subplots(1, 3 if bal else 2, figsize=(16 if bal else 11, 4.5))
+    base = modes.get("none", {}).get("samples", [])
+    window = data["args"]["window"]
+    for mode, r in modes.items():
+        ts = [x["t"] for x in r["samples"]]
+        color = f"C{MODES.index(mode)}" if mode in MODES else None
+        axes[0].plot(ts, [x["guest_bytes"] / GIB for x in r["samples"]], label=mode, color=color)
+        if base and mode != "none":
+            axes[1].plot(ts, [(at(base, x["t"])["guest_bytes"] - x["guest_bytes"]) / GIB for x in r["samples"]],
+                         label=mode, color=color)
+    axes[0].set(title=f"host memory of {data['args']['guests']} guests", xlabel="s after the workload", ylabel="GiB")
+    axes[1].set(title="saving vs no sharing", xlabel="s after the workload", ylabel="GiB")
+    for ax in axes[:2]:
+        ax.axvline(window, color="k", ls="--", lw=0.8)
+        ax.legend(fontsize=8)
+    if bal:
+        for k, series in bal["series"].items():
+            axes[2].plot([t for t, _ in series], [b / GIB for _, b in series], label=k.replace("_", " "))
+        axes[2].set(title="after a churn: driver vs no driver", xlabel="s", ylabel="GiB")
+        axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    say(f"wrote {png}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--guests", type=int, default=4)
@@ -247,6 +282,7 @@ def main() -> int:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--no-balloon", action="store_true")
     ap.add_argument("--json", default=str(RESULTS / "dedup.json"))
+    ap.add_argument("--png", default=str(RESULTS / "dedup.png"))
     args = ap.parse_args()
     # SIGTERM unwinds like Ctrl-C, so KSM settings and VMs are restored by the finally blocks.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -274,6 +310,7 @@ def main() -> int:
         write_json(Path(args.json).resolve(), data)
     if data["summary"]:
         print_rows(data["summary"], args.window, data["balloon"])
+        plot(data, Path(args.png))
     say(f"figures written to {args.json}")
     return 0
 
