@@ -157,3 +157,60 @@ def guest_health(vm: Any) -> str:
         return "" if res.rc == 0 else f"datacheck: {res.text.strip()}"
     except (MemvirtError, ValueError) as e:
         return f"{e.__class__.__name__}: {e}"
+
+
+def resident(vm: Any) -> int:
+    """Host bytes backing the guest's RAM so far (tmpfs blocks of the RAM file, or QEMU's RssAnon)."""
+    try:
+        if vm.config.ram == "shared":
+            return os.stat(vm.config.ram_path).st_blocks * 512
+        with open(f"/proc/{vm.config.pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def fill_and_pause(vms: list[Any], cmd: str, log: str, timeout: float, say: Callable[[str], None],
+                   meminfo: bool = False) -> dict[str, dict[str, Any]]:
+    """Start ``cmd`` (memtouch) in each guest and pause each as soon as memtouch says ``ready``;
+    per guest: the command, its ready line, seconds to fill, host bytes resident (and the guest's
+    /proc/meminfo lines at ready, with ``meminfo``)."""
+    started = {}
+    for vm in vms:
+        started[vm.name] = (vm.exec_background(cmd, log), time.monotonic())
+        say(f"{vm.name}: {cmd}")
+    info: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout
+    last = 0.0
+    while len(info) < len(vms):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"memtouch was not ready within {timeout:.0f} s")
+        for vm in vms:
+            if vm.name in info:
+                continue
+            pid, t0 = started[vm.name]
+            vm.require_alive()
+            res = vm.exec(f"cat {log}; kill -0 {pid} 2>/dev/null && echo __alive__", timeout=60)
+            ready = [ln for ln in res.text.splitlines() if ln.startswith("memtouch ready")]
+            if ready:
+                mi = vm.exec("grep -E '^(MemTotal|MemFree|Cached|AnonPages|Slab):' /proc/meminfo", timeout=60).text \
+                    if meminfo else ""
+                vm.pause()
+                info[vm.name] = {"command": cmd, "ready_line": ready[0], "fill_s": time.monotonic() - t0,
+                                 "host_resident_bytes": resident(vm)}
+                if meminfo:
+                    info[vm.name]["guest_meminfo_at_ready"] = mi.strip()
+                say(f"{vm.name}: memtouch ready after {info[vm.name]['fill_s']:.0f} s "
+                    f"({info[vm.name]['host_resident_bytes'] / GIB:.2f} GiB resident on the host); paused"
+                    + (f" ({' '.join(mi.split())})" if meminfo else ""))
+            elif "__alive__" not in res.text:
+                raise RuntimeError(f"memtouch exited in {vm.name} before it was ready: {res.text.strip()[-400:]}")
+        if len(info) < len(vms):
+            if time.monotonic() - last >= 15:
+                last = time.monotonic()
+                say("filling: " + ", ".join(f"{vm.name} {resident(vm) / GIB:.2f} GiB" for vm in vms if vm.name not in info))
+            time.sleep(2)
+    return info

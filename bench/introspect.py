@@ -49,7 +49,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from common import GIB, RESULTS, fs_type, machine_info, size_arg, write_json
+from common import GIB, RESULTS, fill_and_pause, fs_type, machine_info, size_arg, write_json
 
 VM_SHARED = "bench-intro"
 VM_ANON = "bench-intro-anon"
@@ -300,55 +300,6 @@ def boot(image: Any, memory: int, names: list[tuple[str, str]], cpus: int) -> li
         raise
     say(f"booted ({vms[0].config.accel})")
     return vms
-
-
-def resident(vm: Any) -> int:
-    try:
-        if vm.config.ram == "shared":
-            return os.stat(vm.config.ram_path).st_blocks * 512
-        with open(f"/proc/{vm.config.pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def fill(vms: list[Any], cmd: str) -> dict[str, Any]:
-    """Start ``cmd`` (memtouch) in each guest and pause each once memtouch says ``ready``."""
-    started = {}
-    for vm in vms:
-        started[vm.name] = (vm.exec_background(cmd, GUEST_LOG), time.monotonic())
-        say(f"{vm.name}: {cmd}")
-    info: dict[str, Any] = {}
-    deadline = time.monotonic() + FILL_TIMEOUT
-    last = 0.0
-    while len(info) < len(vms):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"memtouch was not ready within {FILL_TIMEOUT:.0f} s")
-        for vm in vms:
-            if vm.name in info:
-                continue
-            pid, t0 = started[vm.name]
-            vm.require_alive()
-            res = vm.exec(f"cat {GUEST_LOG}; kill -0 {pid} 2>/dev/null && echo __alive__", timeout=60)
-            ready = [ln for ln in res.text.splitlines() if ln.startswith("memtouch ready")]
-            if ready:
-                meminfo = vm.exec("grep -E '^(MemTotal|MemFree|Cached|AnonPages|Slab):' /proc/meminfo", timeout=60).text
-                vm.pause()
-                info[vm.name] = {"command": cmd, "ready_line": ready[0], "fill_s": time.monotonic() - t0,
-                                 "host_resident_bytes": resident(vm), "guest_meminfo_at_ready": meminfo.strip()}
-                say(f"{vm.name}: memtouch ready after {info[vm.name]['fill_s']:.0f} s; paused "
-                    f"({' '.join(meminfo.split())})")
-            elif "__alive__" not in res.text:
-                raise RuntimeError(f"memtouch exited in {vm.name}: {res.text.strip()[-400:]}")
-        if len(info) < len(vms):
-            if time.monotonic() - last >= 15:
-                last = time.monotonic()
-                say("filling: " + ", ".join(f"{vm.name} {resident(vm) / GIB:.2f} GiB" for vm in vms if vm.name not in info))
-            time.sleep(2)
-    return info
 
 
 # --- dumps and makedumpfile ---------------------------------------------------------------------
@@ -810,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = (f"memtouch --hot {args.hot} --cold {args.fill - args.hot} --dirty-rate {args.dirty_rate} "
                f"--content mix --report 30")
         phase("fill")
-        report["guests"] = fill(vms, cmd)
+        report["guests"] = fill_and_pause(vms, cmd, GUEST_LOG, FILL_TIMEOUT, say, meminfo=True)
 
         # 1. paused guests: rounds of fresh processes, alternating between the sources.
         phase("paused guests: bootstrap and rescans")

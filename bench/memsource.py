@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import GB, GIB, RESULTS, best_of_interleaved, fs_type, machine_info, size_arg, write_json
+from common import GB, GIB, RESULTS, best_of_interleaved, fill_and_pause, fs_type, machine_info, size_arg, write_json
 from rich.console import Console
 from rich.table import Table
 
@@ -181,67 +181,10 @@ def measure(
 # --- guests -------------------------------------------------------------------------------------
 
 
-def resident(vm: Any) -> int:
-    """Host bytes backing the guest's RAM so far (tmpfs blocks of the RAM file, or QEMU's RssAnon)."""
-    try:
-        if vm.config.ram == "shared":
-            return os.stat(vm.config.ram_path).st_blocks * 512
-        with open(f"/proc/{vm.config.pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def fill_guests(vms: list[Any], fill: int) -> dict[str, dict[str, Any]]:
-    """Start memtouch in each guest; pause each as soon as its ``ready`` line appears."""
-    cold = fill - HOT
-    cmd = f"memtouch --hot {HOT} --cold {cold} --content mix --report 30"
-    started: dict[str, tuple[int, float]] = {}
-    for vm in vms:
-        pid = vm.exec_background(cmd, GUEST_LOG)
-        started[vm.name] = (pid, time.monotonic())
-        say(f"{vm.name}: {cmd} (guest pid {pid})")
-    info: dict[str, dict[str, Any]] = {}
-    deadline = time.monotonic() + FILL_TIMEOUT
-    last_print = 0.0
-    while len(info) < len(vms):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"memtouch did not fill {fill / GIB:.1f} GiB within {FILL_TIMEOUT:.0f} s")
-        for vm in vms:
-            if vm.name in info:
-                continue
-            pid, t_start = started[vm.name]
-            vm.require_alive()
-            res = vm.exec(f"cat {GUEST_LOG}; kill -0 {pid} 2>/dev/null && echo __alive__", timeout=60)
-            ready = [ln for ln in res.text.splitlines() if ln.startswith("memtouch ready")]
-            if ready:
-                vm.pause()
-                info[vm.name] = {
-                    "command": cmd,
-                    "ready_line": ready[0],
-                    "fill_s": time.monotonic() - t_start,
-                    "host_resident_bytes": resident(vm),
-                }
-                say(
-                    f"{vm.name}: filled in {info[vm.name]['fill_s']:.0f} s "
-                    f"({resident(vm) / GIB:.2f} GiB resident on the host); paused"
-                )
-            elif "__alive__" not in res.text:
-                raise RuntimeError(f"memtouch exited in {vm.name} before it was ready: {res.text.strip()[-400:]}")
-        if len(info) < len(vms) and time.monotonic() - last_print >= 10:
-            last_print = time.monotonic()
-            say(
-                "filling: "
-                + ", ".join(
-                    f"{vm.name} {resident(vm) / GIB:.2f}/{fill / GIB:.2f} GiB" for vm in vms if vm.name not in info
-                )
-            )
-        if len(info) < len(vms):
-            time.sleep(2)
-    return info
+    """Fill each guest with memtouch (``fill`` bytes, mixed content); each is paused once ready."""
+    cmd = f"memtouch --hot {HOT} --cold {fill - HOT} --content mix --report 30"
+    return fill_and_pause(vms, cmd, GUEST_LOG, FILL_TIMEOUT, say)
 
 
 def boot(image: Any, memory: int) -> list[Any]:
