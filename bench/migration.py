@@ -15,11 +15,13 @@ dirtying guest N times with memvirt and N times with QEMU plain.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import signal
 import subprocess
 import sys
+import textwrap
 import traceback
 from pathlib import Path
 from typing import Any
@@ -97,7 +99,13 @@ def main() -> None:
     ap.add_argument("--reliability", type=int, default=20)
     ap.add_argument("--json", type=Path, default=RESULTS / "migration.json")
     ap.add_argument("--png", type=Path, default=RESULTS / "migration.png")
+    ap.add_argument("--replot", action="store_true", help="Only print the table and plot from --json.")
     args = ap.parse_args()
+    if args.replot:
+        results = json.loads(args.json.read_text())
+        print_table(results)
+        plot(results, args.png)
+        return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results: dict[str, Any] = {"machine": machine_info(qemu_binary()), "scenarios": {}, "reliability": {}}
     hop = 0
@@ -189,7 +197,8 @@ def plot(results: dict[str, Any], png: Path) -> None:
         for i, engine in enumerate(ENGINES):
             vals = [(sc["engines"].get(engine, {}).get(key) or 0) * scale for sc in scs]
             ax.bar([x + i * width for x in range(len(scs))], vals, width, label=engine)
-        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(scs))], [sc["label"] for sc in scs], fontsize=8)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(scs))],
+                      [textwrap.fill(sc["label"], 14) for sc in scs], fontsize=8)
         ax.set_title(title)
         if key == "downtime_ms":
             ax.axhline(300, color="k", ls="--", lw=0.8)
