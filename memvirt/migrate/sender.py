@@ -5,8 +5,10 @@ QEMU moves only device state: both QEMUs have ``x-ignore-shared``, so the source
 (to a local file, read back and sent in a DEVSTATE frame) leaves its RAM file out; the receiver
 feeds it to the target only after all RAM was written and verified. Until the target confirms,
 every failure (the receiver refusing or dying, the connection dropping, a malformed or forged
-frame) resumes the source if this migration paused it: the source's RAM is only ever read, so it
-runs on unchanged.
+frame) resumes the source if this migration paused or throttled it: the source's RAM is only
+ever read, so it runs on unchanged. If the sender itself dies, its watchdog resumes the source.
+Once GO was sent the target may run, so from then on the source is never resumed automatically:
+a guest must not run twice.
 """
 
 from __future__ import annotations
