@@ -7,8 +7,9 @@ watch for ``--observe`` seconds, sampling every ``--interval``:
 
 * ``none``: KSM off;
 * ``stock``: KSM at the kernel's defaults (100 pages per 20 ms, no zero-page merging);
-* ``memvirt``: KSM at the same rate (so no more ksmd CPU) with ``use_zero_pages``, plus a
-  ``reclaim`` pass over every guest at each sample (free pages discarded, race-safe).
+* ``memvirt``: KSM with ``use_zero_pages``, paced (``pages_to_scan`` at most stock's, set at
+  each sample) to the share of a CPU stock's ksmd used in the window, plus a ``reclaim`` pass
+  over every guest at each sample (free pages discarded, race-safe).
 
 Host memory of the guests is the sum of the proportional set size (Pss) of the QEMU RAM
 mappings; a mode's saving is the ``none`` mode's memory minus its own at the same time. Also:
@@ -101,7 +102,7 @@ def usage(vms: list[Any]) -> int:
     return sum(host_usage(vm) for vm in vms)
 
 
-def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_mode(mode: str, args: argparse.Namespace, budget: float | None = None) -> dict[str, Any]:
     from memvirt.dedup import ksm
     from memvirt.dedup.reclaim import Reclaimer
 
@@ -127,12 +128,15 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
                 time.sleep(0.2)
         with ksm.configured(**settings):
             t0, cpu0 = time.monotonic(), ksm.ksmd_cpu_seconds()
+            pacer = ksm.Pacer(budget) if budget else None
             reclaimed = 0
             while True:
                 for r in recs:
                     rep = r.run()
                     reclaimed += rep.reclaimed_bytes
                     pauses += rep.pauses_ms
+                if pacer is not None:
+                    pacer.step()
                 t = time.monotonic() - t0
                 samples.append({"t": round(t, 1), "guest_bytes": usage(vms), "ksm_saving_bytes": ksm.saving_bytes(),
                                 "reclaimed_bytes": reclaimed, "ksmd_cpu_s": round(ksm.ksmd_cpu_seconds() - cpu0, 3)})
@@ -144,7 +148,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
                 if t >= args.observe:
                     break
                 time.sleep(max(0.0, args.interval - (time.monotonic() - t0 - t)))
-        return {"mode": mode, "settings": settings, "samples": samples,
+        return {"mode": mode, "settings": settings, "ksmd_cpu_budget": budget, "samples": samples,
                 "pause_max_ms": round(max(pauses), 2) if pauses else None,
                 "pauses": len(pauses), "guest_memory": args.memory}
     finally:
@@ -152,6 +156,15 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
             r.close()
         for vm in vms:
             vm.stop()
+
+
+def _stock_share(stock: dict[str, Any] | None, window: float) -> float | None:
+    """The share of a CPU stock KSM's ksmd used in the window: memvirt's ksmd budget, so it
+    uses no more CPU (None without a stock run: memvirt then runs at the stock rate)."""
+    if not stock:
+        return None
+    w = at(stock["samples"], window)
+    return w["ksmd_cpu_s"] / w["t"] if w["t"] > 0 and w["ksmd_cpu_s"] > 0 else None
 
 
 def at(samples: list[dict[str, Any]], t: float) -> dict[str, Any]:
@@ -300,7 +313,8 @@ def main() -> int:
     data: dict[str, Any] = {"machine": info, "args": {k: v for k, v in vars(args).items()}}
     try:
         for mode in args.modes.split(","):
-            results[mode] = run_mode(mode, args)
+            results[mode] = run_mode(mode, args, _stock_share(results.get("stock"), args.window)
+                                     if mode == "memvirt" else None)
         data["modes"] = results
         data["summary"] = summarize(results, args.window) if "none" in results else None
         data["balloon"] = None if args.no_balloon else balloon(args)

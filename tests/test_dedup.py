@@ -216,3 +216,19 @@ def test_ksm_run_reclaims_and_restores(anon_guest, guest, ksm_restored):
     vms = {v["name"]: v for v in json.loads(status.stdout)["vms"]}
     assert vms[anon_guest.name]["mergeable"] and not vms[guest.name]["mergeable"]
     assert_one_line_error(dedup_cli("ksm", "run", guest.name, "--duration", "1"), 2, "anonymous")
+    assert_one_line_error(dedup_cli("ksm", "run", anon_guest.name, "--ksmd-cpu", "lots"), 2, "share of one CPU")
+
+
+def test_ksm_pacer_holds_ksmd_to_a_cpu_budget(anon_guest, ksm_restored):
+    """With a budget far below what the stock rate costs, the pacer cuts pages_to_scan to what
+    fits, and ksmd's CPU share over the paced intervals stays near the budget."""
+    proc = dedup_cli("ksm", "run", anon_guest.name, "--duration", "10", "--interval", "2", "--no-reclaim",
+                     "--pages-to-scan", "2000", "--sleep-ms", "10", "--ksmd-cpu", "1%", "--json")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["settings"]["ksmd_cpu_budget"] == pytest.approx(0.01)
+    paces = [s["pages_to_scan"] for s in r["samples"]]
+    assert paces[0] == 2000 and min(paces[1:]) < 2000, paces
+    a, b = r["samples"][2], r["samples"][-1]
+    assert (b["ksmd_cpu_seconds"] - a["ksmd_cpu_seconds"]) / (b["t"] - a["t"]) < 0.05
+    assert ksm.settings() == ksm_restored

@@ -168,13 +168,16 @@ def ksm_run(
     pages_to_scan: Annotated[int, typer.Option(help="KSM pages per wake-up (stock: 100).")] = 100,
     sleep_ms: Annotated[int, typer.Option(help="KSM sleep between wake-ups in ms (stock: 20).")] = 20,
     zero_pages: Annotated[bool, typer.Option("--zero-pages/--no-zero-pages", help="Merge zero pages with the zero page.")] = True,
+    ksmd_cpu: Annotated[str | None, typer.Option(help="Keep ksmd within this share of one CPU, e.g. 0.5% "
+                                                       "(pages_to_scan set each interval, at most --pages-to-scan).")] = None,
     keep: Annotated[bool, typer.Option("--keep/--restore", help="Leave KSM running with these settings at the end.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Run KSM over the guests with introspection's help and report its saving over time.
 
     Free guest pages are discarded (so they cost nothing and KSM's passes skip them) and zero pages
-    merge with the zero page; KSM runs at the rate given (stock by default: no more ksmd CPU).
+    merge with the zero page; KSM runs at the rate given (stock by default), or with --ksmd-cpu as
+    fast as that CPU budget allows (never faster than the rate given).
     KSM's previous settings come back at the end unless --keep.
     """
     from memvirt.dedup import ksm
@@ -196,12 +199,16 @@ def ksm_run(
         cm = ksm.configured(run=1, pages_to_scan=pages_to_scan, sleep_millisecs=sleep_ms,
                             use_zero_pages=int(zero_pages))
         before = stack.enter_context(cm) if not keep else _apply(ksm, pages_to_scan, sleep_ms, zero_pages)
+        pacer = ksm.Pacer(_share(ksmd_cpu), pages_to_scan) if ksmd_cpu else None
         t0, cpu0, reclaimed = time.monotonic(), ksm.ksmd_cpu_seconds(), 0
         while True:
             for r in recs:
                 reclaimed += r.run().reclaimed_bytes
+            if pacer is not None:
+                pacer.step()
             s = ksm.sample(t0, [host_usage(vm) for vm in vms])
-            row = {**s.to_json(), "reclaimed_bytes": reclaimed, "ksmd_cpu_seconds": round(s.ksmd_cpu - cpu0, 3)}
+            row = {**s.to_json(), "reclaimed_bytes": reclaimed, "ksmd_cpu_seconds": round(s.ksmd_cpu - cpu0, 3),
+                   "pages_to_scan": pacer.pages if pacer is not None else pages_to_scan}
             samples.append(row)
             if not json_:
                 out.print(f"{row['t']:7.1f} s  guests hold {human(row['guest_bytes'])}  KSM saves "
@@ -211,10 +218,19 @@ def ksm_run(
                 break
             time.sleep(min(interval, max(duration - s.t, 0.05)))
     report = {"vms": names, "settings": {"pages_to_scan": pages_to_scan, "sleep_millisecs": sleep_ms,
-                                         "use_zero_pages": int(zero_pages), "reclaim": reclaim_free},
+                                         "use_zero_pages": int(zero_pages), "reclaim": reclaim_free,
+                                         "ksmd_cpu_budget": _share(ksmd_cpu) if ksmd_cpu else None},
               "restored": not keep, "previous": before, "samples": samples}
     if json_:
         emit_json(report)
+
+
+def _share(text: str) -> float:
+    """``0.5%`` or ``0.005`` -> 0.005 (a share of one CPU)."""
+    try:
+        return float(text.removesuffix("%")) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise UsageError(f"--ksmd-cpu takes a share of one CPU such as 0.5% or 0.005, not {text!r}") from None
 
 
 def _apply(ksm, pages_to_scan: int, sleep_ms: int, zero_pages: bool) -> dict[str, int]:  # noqa: ANN001
