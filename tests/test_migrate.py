@@ -218,8 +218,9 @@ def test_codec_chooser_tries_each_then_keeps_the_fastest(monkeypatch) -> None:  
 
 
 def test_send_queue_keeps_order_and_reports_a_dead_link() -> None:
-    """Frames queued for the sending thread arrive in order and open on the other side; a send
-    that fails on the thread is raised to the caller, not lost."""
+    """Frames queued for the sending thread arrive in order and open on the other side (into the
+    channel's reused buffers or fresh ones); a send that fails on the thread is raised to the
+    caller, not lost."""
     from memvirt.migrate.protocol import SendQueue, server_handshake
 
     srv = socket.create_server(("127.0.0.1", 0))
@@ -228,8 +229,11 @@ def test_send_queue_keeps_order_and_reports_a_dead_link() -> None:
     def serve() -> None:
         conn, _ = srv.accept()
         chan = server_handshake(conn, b"k" * 32, 10)
-        for _ in range(20):
-            got.append(chan.recv(Kind.DATA)[1])
+        held = []
+        for i in range(20):
+            payload = chan.recv(Kind.DATA, borrow=i % 4 < 2)[1]
+            got.append(bytes(payload))
+            held[:] = [payload]  # a borrowed view still held when the next, larger frame comes in
         conn.close()
 
     t = threading.Thread(target=serve)

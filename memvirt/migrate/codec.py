@@ -84,7 +84,7 @@ def encode_data(codec: int, starts: np.ndarray, lengths: np.ndarray, blob: bytes
     return [head, starts.astype(">u8").tobytes(), lengths.astype(">u4").tobytes(), blob]
 
 
-def decode_data(payload: bytes) -> tuple[int, np.ndarray, np.ndarray, memoryview]:
+def decode_data(payload: bytes | memoryview) -> tuple[int, np.ndarray, np.ndarray, memoryview]:
     """(codec, run starts, run lengths, blob) of a DATA frame; malformed input raises ProtocolError."""
     if len(payload) < DATA_HEAD.size:
         raise ProtocolError("malformed DATA frame: too short")
@@ -102,7 +102,7 @@ def encode_pairs(a: np.ndarray, b: np.ndarray) -> bytes:
     return struct.pack("!I", len(a)) + a.astype(">u8").tobytes() + b.astype(">u8").tobytes()
 
 
-def decode_pairs(payload: bytes, what: str) -> tuple[np.ndarray, np.ndarray]:
+def decode_pairs(payload: bytes | memoryview, what: str) -> tuple[np.ndarray, np.ndarray]:
     if len(payload) < 4:
         raise ProtocolError(f"malformed {what} frame: too short")
     (n,) = struct.unpack_from("!I", payload)

@@ -95,7 +95,7 @@ class TargetRam:
             raise ProtocolError(f"malformed {what} frame: pages outside guest RAM")
         return self._offs[i] + (starts - self._starts[i]) * PAGE
 
-    def write(self, starts: np.ndarray, lengths: np.ndarray, data: bytes) -> int:
+    def write(self, starts: np.ndarray, lengths: np.ndarray, data: bytes | memoryview) -> int:
         offs = self._offsets(starts, lengths, "DATA")
         view = memoryview(data)
         pos = 0
@@ -245,7 +245,8 @@ def receive_one(chan: Channel, peer: str, log: Log, hold_file: Path | None = Non
         chan.send_json(Kind.READY, {"name": vm.name})
         state = b""
         while True:
-            kind, payload = chan.recv(Kind.DATA, Kind.ZERO, Kind.DISCARD, Kind.DUP, Kind.ROUND_END, Kind.DEVSTATE)
+            kind, payload = chan.recv(Kind.DATA, Kind.ZERO, Kind.DISCARD, Kind.DUP, Kind.ROUND_END, Kind.DEVSTATE,
+                                      borrow=True)
             if kind == Kind.DATA:
                 c, starts, lengths, blob = codec.decode_data(payload)
                 res.pages["data"] += ram.write(starts, lengths, codec.decompress(c, blob, int(lengths.sum()) * PAGE))
@@ -260,7 +261,7 @@ def receive_one(chan: Channel, peer: str, log: Log, hold_file: Path | None = Non
                 if qemu.done():
                     qemu.result()
             else:
-                state = payload
+                state = bytes(payload)
                 break
         commit = chan.recv_json(Kind.COMMIT)
         if commit.get("digest") != ram.digest():
