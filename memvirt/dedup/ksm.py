@@ -66,9 +66,24 @@ def counters() -> dict[str, int]:
 
 def saving_bytes(c: dict[str, int] | None = None) -> int:
     """Memory KSM saves now: pages mapped to a shared KSM page beyond its one copy, plus pages it
-    replaced with the zero page."""
+    replaced with the zero page (summed over live processes: the global ``ksm_zero_pages`` of
+    this kernel keeps counting pages of processes long gone)."""
     c = counters() if c is None else c
-    return (c.get("pages_sharing", 0) + c.get("ksm_zero_pages", 0)) * PAGE_SIZE
+    zero = zero_pages_held()
+    return (c.get("pages_sharing", 0) + (c.get("ksm_zero_pages", 0) if zero is None else zero)) * PAGE_SIZE
+
+
+def zero_pages_held() -> int | None:
+    """KSM zero pages mapped by live processes (``/proc/*/ksm_stat``), None where the kernel has no
+    per-process figures."""
+    total, seen = 0, False
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            st = process_stat(int(pid))
+            if "ksm_zero_pages" in st:
+                seen = True
+                total += st["ksm_zero_pages"]
+    return total if seen else None
 
 
 @contextmanager
