@@ -444,8 +444,8 @@ def test_source_guard_resumes_a_held_source_unless_committed(source_guest, commi
 
     mark = source_guest.dir / COMMITTED
     sender = subprocess.Popen(["sleep", "0.5"])
-    guard = subprocess.Popen([sys.executable, "-m", "memvirt.migrate.watchdog", "source", str(sender.pid),
-                              str(source_guest.dir)])
+    guard = subprocess.Popen([sys.executable, "-m", "memvirt.migrate.watchdog", str(sender.pid),
+                              str(source_guest.dir), "source"])
     try:
         if committed:
             mark.touch()

@@ -32,6 +32,7 @@ from memvirt.compress.damon import Damon
 from memvirt.compress.wss import DamonTracker, Estimate, ReferencedTracker, Tracker
 from memvirt.errors import MemvirtError, UsageError
 from memvirt.memory.source import PAGE_SIZE
+from memvirt.procs import end_watchdog
 from memvirt.qemu.memcg import UNLIMITED, MemCgroup
 from memvirt.qemu.vm import VM
 
@@ -284,10 +285,8 @@ class Controller:
         if self.damon is not None:
             self.damon.close()
             self.damon = None
-        if self._watchdog is not None:
-            self._watchdog.terminate()
-            self._watchdog.wait()
-            self._watchdog = None
+        end_watchdog(self._watchdog)
+        self._watchdog = None
 
     def summary(self) -> list[dict[str, Any]]:
         """Per VM: resident at start and at the end, least and mean resident, working set, refaults."""

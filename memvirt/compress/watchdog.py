@@ -9,28 +9,24 @@ goes away first, the watchdog lifts the groups' caps and turns DAMON off.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
 
-from memvirt.migrate.watchdog import _alive
+from memvirt.procs import pid_alive, spawn_watchdog
 
 POLL = 0.5
 
 
 def spawn(groups: list[str], damon: bool) -> subprocess.Popen[bytes]:
     """Start the watchdog for this process."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "memvirt.compress.watchdog", str(os.getpid()), "1" if damon else "0", *groups],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    return spawn_watchdog("memvirt.compress.watchdog", "1" if damon else "0", *groups)
 
 
 def main(pid: int, damon: bool, groups: list[str]) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    while _alive(pid):
+    while pid_alive(pid):
         time.sleep(POLL)
     from memvirt.compress.damon import KDAMONDS
     from memvirt.errors import MemvirtError

@@ -2,10 +2,10 @@
 
 A DATA frame carries a batch of page runs and one compressed blob of their bytes:
 ``codec:u8 nruns:u32 starts:u64[n] lengths:u32[n] blob``. Compression is lz4 (fast, ~2:1) or
-zstd level 1 (slower, denser); :class:`CodecChooser` picks per batch the one that moves pages
-fastest given the compression speed it measured and the bandwidth the link showed, re-probing
-now and then because the guest's content and the link change. On a link faster than the
-compressor (loopback, 10 GbE on a slow core) that is no compression at all.
+zstd level 1 (slower, denser) or none; :class:`CodecChooser` keeps the one under which pages
+moved fastest in timed trials, trying the others again now and then because the guest's content
+and the link change. On a link faster than the compressor (loopback, 10 GbE on a slow core)
+that is no compression at all.
 """
 
 from __future__ import annotations

@@ -81,7 +81,8 @@ class Tracker:
         self.ram = np.zeros(self.max_pfn, dtype=bool)
         for a, b in mem.pfn_ranges():
             self.ram[a:b] = True
-        self._populated = np.zeros(self.max_pfn, dtype=bool)
+        self._populated: np.ndarray | None = None
+        """Frames the RAM file backs, as of the last round (only the holes are probed again)."""
         self._ring = [np.empty((BATCH_PAGES, PAGE), dtype=np.uint8) for _ in range(RING)]
         self._turn = 0
         self._views: list[tuple[int, int, np.ndarray]] = []
@@ -99,8 +100,8 @@ class Tracker:
         """Fingerprint of every frame now (free pages, file holes and non-RAM count as zero);
         also how many pages were read."""
         cur = np.full(self.max_pfn, ZERO_HASH, dtype=np.uint64)
-        self._populated = self.mem.populated_pfns(self._populated if self._populated.any() else None)
-        skip = free | ~self._populated
+        populated = self._populated = self.mem.populated_pfns(self._populated)
+        skip = free | ~populated
         hashed = 0
         for p0, p1, pages in self._views:
             sk = skip[p0:p1]
@@ -145,7 +146,7 @@ class Tracker:
     def _all_zero(self, pfns: np.ndarray) -> np.ndarray:
         """Which of these pages (fingerprint of zero) really are all zero; holes need no reading."""
         ok = np.ones(len(pfns), dtype=bool)
-        populated = self._populated[pfns] if len(pfns) else ok
+        populated = self._populated[pfns] if len(pfns) and self._populated is not None else ok
         idx = np.flatnonzero(populated)
         for part in _split(idx, DUP_CHECK):
             ok[part] = ~self._read(pfns[part]).any(axis=1)

@@ -211,7 +211,7 @@ class Channel:
         """The next frame; an ERROR frame raises :class:`PeerError`, a kind not in ``expect``
         (when given) or a frame that fails to open raises :class:`ProtocolError`. With ``borrow``
         a large payload is a view of the channel's buffer, valid until the next ``recv``."""
-        header = bytes(_recv_into(self.sock, memoryview(bytearray(HEADER.size))))
+        header = _recv_exact(self.sock, HEADER.size)
         kind_no, n = HEADER.unpack(header)
         if n > MAX_FRAME:
             raise ProtocolError(f"malformed frame: length {n} exceeds the {MAX_FRAME}-byte limit")
@@ -366,8 +366,6 @@ def _recv_into(sock: socket.socket, view: memoryview) -> memoryview:
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(_recv_into(sock, memoryview(bytearray(n))))
-
-
 
 
 def _gather(pieces: list[Buffer], buf: bytearray, n: int) -> memoryview:

@@ -2,11 +2,12 @@
 file as frames arrive, verifies, and only then loads the device state and resumes it.
 
 The target QEMU is started with ``-incoming defer`` while the first RAM arrives (its start-up
-overlaps the first round and stays out of the downtime) and does not run a single guest instruction until the sender said GO after
-the receiver checked that its RAM matches what the sender meant to send (the XXH3-128 of both
-sides' per-page fingerprints). On any failure before the target runs - a frame that fails to open, a malformed
-frame, the sender gone - the receiver kills that QEMU and deletes its RAM file and state. Should
-the receiver itself be killed, its watchdog (:mod:`memvirt.migrate.watchdog`) does the same.
+overlaps the first round and stays out of the downtime) and does not run a single guest
+instruction until the sender said GO after the receiver checked that its RAM matches what the
+sender meant to send (the XXH3-128 of both sides' per-page fingerprints). On any failure before
+the target runs - a frame that fails to open, a malformed frame, the sender gone - the receiver
+kills that QEMU and deletes its RAM file and state. Should the receiver itself be killed, its
+watchdog (:mod:`memvirt.migrate.watchdog`) does the same.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import ctypes
 import os
 import shlex
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +34,7 @@ from memvirt.migrate import codec
 from memvirt.migrate.fingerprint import ZERO_HASH, hash_pages
 from memvirt.migrate.protocol import Channel, Kind, ProtocolError, server_handshake
 from memvirt.paths import ram_dir
+from memvirt.procs import spawn_watchdog
 from memvirt.qemu.monitor import Monitor
 from memvirt.qemu.vm import VM, VMConfig, check_name, launch_qemu, vms_root
 
@@ -195,10 +195,7 @@ def launch_target(vm: VM, image: Image, log: Log, ignore_shared: bool = True) ->
 
 def _watchdog(vm: VM) -> None:
     """A detached process that removes the partial VM if this receiver dies before it runs."""
-    subprocess.Popen(
-        [sys.executable, "-m", "memvirt.migrate.watchdog", str(os.getpid()), str(vm.dir)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    spawn_watchdog("memvirt.migrate.watchdog", str(vm.dir))
 
 
 

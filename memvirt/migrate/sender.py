@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import shlex
 import socket
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from memvirt.migrate.protocol import Channel, Kind, PeerError, ProtocolError, Se
 from memvirt.migrate.receiver import IGNORE_SHARED
 from memvirt.migrate.throttle import Throttle
 from memvirt.migrate.watchdog import COMMITTED, spawn_source_guard
+from memvirt.procs import end_watchdog
 from memvirt.qemu.monitor import Monitor
 from memvirt.qemu.vm import VM, check_name
 
@@ -285,7 +285,7 @@ def migrate(
             _resume(vm, mon)
         if mon is not None:
             mon.close()
-        _end_guard(guard)
+        end_watchdog(guard)
         if committed:
             raise MemvirtError(
                 f"migration of {name!r}: the target was told to run but did not confirm ({e}); {name!r} is left "
@@ -300,7 +300,7 @@ def migrate(
     chan.close()
     report.total_seconds = time.perf_counter() - t0
     t = time.perf_counter()
-    _end_guard(guard)
+    end_watchdog(guard)
     vm.stop()
     report.source_stop_seconds = time.perf_counter() - t
     return report
@@ -310,12 +310,6 @@ def _floor(st: Round) -> float:
     """Seconds a final round takes even if nothing changed: the census and fingerprinting every
     page in use (no soft-dirty bits here), plus the switch-over."""
     return st.scan_seconds + st.hash_seconds + FIXED_DOWNTIME
-
-
-def _end_guard(guard: subprocess.Popen[bytes] | None) -> None:
-    if guard is not None and guard.poll() is None:
-        guard.terminate()
-        guard.wait()
 
 
 def _quietly(fn: Callable[[], None]) -> None:

@@ -5,7 +5,7 @@ itself as soon as the target runs (the receiver cleared its ``incoming_by`` mark
 otherwise when the receiver's pid is gone: then it kills the target's QEMU, which never ran a
 guest instruction, and removes its RAM file and state.
 
-Sender: ``python -m memvirt.migrate.watchdog source SENDER_PID VM_DIR``, stopped with SIGTERM when
+Sender: ``python -m memvirt.migrate.watchdog SENDER_PID VM_DIR source``, stopped with SIGTERM when
 the sender is done. If the sender dies first while the source is held (throttled, or paused for
 the switch-over), it resumes the source, unless the sender had already told the target to run
 (the :data:`COMMITTED` mark in VM_DIR): one guest must never run twice.
@@ -21,16 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+from memvirt.procs import pid_alive, spawn_watchdog
+
 POLL = 0.2
 COMMITTED = "migrate.committed"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 def main(receiver: int, vm_dir: Path) -> None:
@@ -44,7 +38,7 @@ def main(receiver: int, vm_dir: Path) -> None:
             return
         if config.get("extra", {}).get(INCOMING) != receiver:
             return
-        if not _alive(receiver):
+        if not pid_alive(receiver):
             os.environ["MEMVIRT_HOME"] = str(vm_dir.parent.parent)
             VM.load(vm_dir.name).discard()
             return
@@ -53,15 +47,12 @@ def main(receiver: int, vm_dir: Path) -> None:
 
 def spawn_source_guard(vm_dir: Path) -> subprocess.Popen[bytes]:
     """Start the sender's watchdog for this process."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "memvirt.migrate.watchdog", "source", str(os.getpid()), str(vm_dir)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    return spawn_watchdog("memvirt.migrate.watchdog", str(vm_dir), "source")
 
 
 def source_main(sender: int, vm_dir: Path) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    while _alive(sender):
+    while pid_alive(sender):
         time.sleep(POLL)
     if (vm_dir / COMMITTED).exists() or not (vm_dir / "vm.json").exists():
         return
@@ -80,7 +71,7 @@ def source_main(sender: int, vm_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "source":
-        source_main(int(sys.argv[2]), Path(sys.argv[3]))
+    if sys.argv[3:] == ["source"]:
+        source_main(int(sys.argv[1]), Path(sys.argv[2]))
     else:
         main(int(sys.argv[1]), Path(sys.argv[2]))

@@ -26,6 +26,7 @@ from memvirt.image.build import Image
 from memvirt.memory import rammap
 from memvirt.memory.source import GuestMemory, Region
 from memvirt.paths import ram_dir, state_home
+from memvirt.procs import pid_alive
 from memvirt.qemu import lan
 from memvirt.qemu.accel import choose_accel, qemu_binary
 from memvirt.qemu.channel import GuestChannel, Result
@@ -79,17 +80,6 @@ def check_name(name: str) -> str:
     if not NAME_RE.match(name):
         raise UsageError(f"invalid VM name {name!r}: use letters, digits, '.', '_' or '-' (max 64)")
     return name
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 class VM:
@@ -168,7 +158,7 @@ class VM:
         tmp.rename(self.dir / "vm.json")
 
     def alive(self) -> bool:
-        return _pid_alive(self.config.pid)
+        return pid_alive(self.config.pid)
 
     def status(self) -> str:
         """``running``, ``paused`` (or another QEMU run state), or ``dead``."""
