@@ -13,6 +13,7 @@ watchdog (:mod:`memvirt.migrate.watchdog`) does the same.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import shlex
 import socket
@@ -76,8 +77,14 @@ class TargetRam:
         self._starts = np.array([r.gpa // PAGE for r in regions], dtype=np.int64)
         self._ends = np.array([r.end // PAGE for r in regions], dtype=np.int64)
         self._offs = np.array([r.offset for r in regions], dtype=np.int64)
+        self._map: mmap.mmap | None = None
+        self._pages: np.ndarray | None = None
 
     def close(self) -> None:
+        self._pages = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -113,18 +120,23 @@ class TargetRam:
         return int(lengths.sum())
 
     def copy(self, dst: np.ndarray, src: np.ndarray) -> int:
-        """``dst <- src`` page copies, all sources read before any destination is written."""
+        """``dst <- src`` page copies through a mapping of the file, vectorized: all sources are
+        gathered before any destination is written."""
         ones = np.ones(len(dst), dtype=np.int64)
-        soffs, doffs = self._offsets(src, ones, "DUP"), self._offsets(dst, ones, "DUP")
-        buf = bytearray(PAGE * len(dst))
-        view = memoryview(buf)
-        for k, off in enumerate(soffs.tolist()):
-            if os.preadv(self.fd, [view[k * PAGE:(k + 1) * PAGE]], off) != PAGE:
-                raise MemvirtError("short read from the target RAM file")
-        for k, off in enumerate(doffs.tolist()):
-            os.pwrite(self.fd, view[k * PAGE:(k + 1) * PAGE], off)
+        sidx = self._offsets(src, ones, "DUP") // PAGE
+        didx = self._offsets(dst, ones, "DUP") // PAGE
+        pages = self._mapped()
+        pages[didx] = pages[sidx]
         self.held[dst] = self.held[src]
         return len(dst)
+
+    def _mapped(self) -> np.ndarray:
+        """The file mapped read-write as ``(pages, 4096)`` (made on first use)."""
+        if self._map is None:
+            self._map = mmap.mmap(self.fd, 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self._pages = np.frombuffer(self._map, dtype=np.uint8).reshape(-1, PAGE)
+        assert self._pages is not None
+        return self._pages
 
 
 def start_target(setup: dict[str, Any], log: Log, ignore_shared: bool = True) -> VM:
