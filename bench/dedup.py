@@ -118,17 +118,17 @@ def run_mode(mode: str, args: argparse.Namespace, budget: float | None = None) -
         settings = {"none": {"run": 0}, "stock": {"run": 1, **ksm.STOCK},
                     "memvirt": {"run": 1, **ksm.STOCK, "use_zero_pages": 1}}[mode]
         samples, pauses = [], []
-        with ksm.configured(run=0):
-            ksm.write("run", 2)
+        with ksm.configured(run=0) as borrowed:
+            borrowed.set(ksm.KSM / "run", 2)
             # The guests' own zero pages, not the global counter: this kernel's ksm_zero_pages
             # keeps pages of processes long gone (858 here with no process holding any).
             deadline = time.monotonic() + 120
             while (ksm.read("pages_sharing") or any(ksm.process_stat(vm.config.pid).get("ksm_zero_pages")
                                                     for vm in vms)) and time.monotonic() < deadline:
                 time.sleep(0.2)
-        with ksm.configured(**settings):
+        with ksm.configured(**settings) as borrowed:
             t0, cpu0 = time.monotonic(), ksm.ksmd_cpu_seconds()
-            pacer = ksm.Pacer(budget) if budget else None
+            pacer = ksm.Pacer(budget, borrowed=borrowed) if budget else None
             reclaimed = 0
             while True:
                 for r in recs:

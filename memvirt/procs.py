@@ -4,8 +4,10 @@ command that dies halfway (a killed migration end, a killed compression controll
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+from types import FrameType
 
 
 def pid_alive(pid: int) -> bool:
@@ -33,3 +35,20 @@ def end_watchdog(proc: subprocess.Popen[bytes] | None) -> None:
     if proc is not None and proc.poll() is None:
         proc.terminate()
         proc.wait()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so every ``finally`` runs as for Ctrl-C: limits
+    lifted, host settings restored, guests this process started stopped."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    # A second SIGTERM must not cut the clean-up the first one started (SIGKILL still works,
+    # and the watchdogs cover it).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated()
+
+
+def terminate_like_interrupt() -> None:
+    """Make SIGTERM end this process the way Ctrl-C does (see :class:`Terminated`)."""
+    signal.signal(signal.SIGTERM, _raise_terminated)

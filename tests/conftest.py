@@ -2,12 +2,18 @@
 
 Guests are slow to boot under TCG (~10 s), so one 512 MiB guest per RAM mode is shared by the
 whole session; tests that harm their guest boot their own through ``vm_factory``.
+
+No guest outlives the session: SIGTERM unwinds it like Ctrl-C (fixtures torn down, every VM
+stopped), and a reaper process stops them and removes the state and RAM folders if pytest is
+killed outright. The host's own DAMON users (kdamond 0 on these hosts) must be exactly as they
+were when the session ends.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,15 +25,37 @@ _RAM = Path("/dev/shm") / f"memvirt-test-{os.getpid()}"
 os.environ["MEMVIRT_HOME"] = str(_STATE)
 os.environ["MEMVIRT_RAM_DIR"] = str(_RAM)
 
+from memvirt.compress import damon  # noqa: E402
 from memvirt.image.build import Image, default_image  # noqa: E402
+from memvirt.procs import end_watchdog  # noqa: E402
+from memvirt.qemu import reaper  # noqa: E402
 from memvirt.qemu.vm import VM, start_vm  # noqa: E402
+
+_REAPER = reaper.spawn(reaper.EVERY, str(_STATE), str(_RAM))
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt("SIGTERM")
+
+
+signal.signal(signal.SIGTERM, _interrupt)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    for vm in VM.all():
-        vm.stop(force=True)
+    reaper.reap(reaper.EVERY)
     shutil.rmtree(_STATE, ignore_errors=True)
     shutil.rmtree(_RAM, ignore_errors=True)
+    end_watchdog(_REAPER)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def host_damon_untouched() -> Iterator[None]:
+    """Another tool's kdamonds (state, pid, operations, schemes) are the same after the session."""
+    before = [k for k in damon.kdamonds() if k.state == "on"]
+    yield
+    after = [k for k in damon.kdamonds() if k.index in {b.index for b in before}]
+    assert after == before, f"the host's DAMON changed during the tests: {before} -> {after}"
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,8 @@ host really holds less (RAM file blocks, QEMU's Pss) — while the guest allocat
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -232,3 +234,48 @@ def test_ksm_pacer_holds_ksmd_to_a_cpu_budget(anon_guest, ksm_restored):
     a, b = r["samples"][2], r["samples"][-1]
     assert (b["ksmd_cpu_seconds"] - a["ksmd_cpu_seconds"]) / (b["t"] - a["t"]) < 0.05
     assert ksm.settings() == ksm_restored
+
+
+def test_ksm_run_stops_rather_than_fight_another_tuner(anon_guest, ksm_restored):
+    """Another tool changes pages_to_scan while ``ksm run`` paces ksmd: memvirt stops with one
+    line, leaves that tool's value alone and puts back the settings it still holds."""
+    proc = subprocess.Popen([sys.executable, "-m", "memvirt", "ksm", "run", anon_guest.name, "--duration", "60",
+                             "--interval", "1", "--no-reclaim", "--ksmd-cpu", "5%"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while ksm.read("run") != 1 or ksm.read("use_zero_pages") != 1:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.1)
+        time.sleep(1.5)
+        (ksm.KSM / "pages_to_scan").write_text("777\n")
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1 and "another tool changed" in lines[0], stderr
+    assert "pages_to_scan" in lines[0] and "Traceback" not in stderr
+    now = ksm.settings()
+    assert now["pages_to_scan"] == 777, "the other tool's value must stay"
+    assert {k: v for k, v in now.items() if k != "pages_to_scan"} == {
+        k: v for k, v in ksm_restored.items() if k != "pages_to_scan"}, "memvirt's other settings were not restored"
+
+
+def test_a_killed_ksm_run_gives_the_settings_back(anon_guest, ksm_restored):
+    """``ksm run`` SIGKILLed: its watchdog puts KSM's settings back from the journal."""
+    proc = subprocess.Popen([sys.executable, "-m", "memvirt", "ksm", "run", anon_guest.name, "--duration", "60",
+                             "--no-reclaim", "--pages-to-scan", "321", "--sleep-ms", "7"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while ksm.read("run") != 1 or ksm.read("pages_to_scan") != 321:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 15
+    while ksm.settings() != ksm_restored:
+        assert time.monotonic() < deadline, f"KSM settings not restored after SIGKILL: {ksm.settings()}"
+        time.sleep(0.2)

@@ -46,7 +46,7 @@ def _row(s: Any) -> str:
 
 
 def _loop(names: list[str], policy: Any, interval: float, duration: float | None, method: str, samples: int,
-          json_: bool, plot: Path | None, title: str) -> dict[str, Any]:
+          json_: bool, plot: Path | None, title: str, owns_tier: bool = False) -> dict[str, Any]:
     from memvirt.compress.controller import Controller, choose_method
     from memvirt.compress.plot import draw_timeline
 
@@ -55,7 +55,9 @@ def _loop(names: list[str], policy: Any, interval: float, duration: float | None
         raise UsageError("--duration must be positive")
     vms = [VM.load(n) for n in names]
     with spinner("sampling guest pages"):
-        ctl = Controller(vms, policy, interval, method, samples)
+        ctl = Controller(vms, policy, interval, method, samples, owns_tier=owns_tier)
+    if ctl.method_notice:
+        err.print(f"memvirt: notice: {ctl.method_notice}", markup=False)
     stop = _Stop()
     rows: list[Any] = []
 
@@ -72,7 +74,8 @@ def _loop(names: list[str], policy: Any, interval: float, duration: float | None
     finally:
         cpu = ctl.cpu_seconds()
         ctl.close()
-    report = {"policy": policy.name, "method": ctl.method, "interval": interval, "controller_cpu_s": round(cpu, 3),
+    report = {"policy": policy.name, "method": ctl.method, "method_notice": ctl.method_notice,
+              "interval": interval, "controller_cpu_s": round(cpu, 3),
               "vms": ctl.summary(), "samples": [s.to_json() for s in rows]}
     if plot is not None and rows:
         report["plot"] = str(draw_timeline(rows, plot, title))
@@ -120,24 +123,40 @@ def compress(
     samples: Annotated[int, typer.Option(help="Guest pages DAMON watches per VM.")] = 4096,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON at the end.")] = False,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG of working set, resident and limit.")] = None,
+    keep_tier: Annotated[bool, typer.Option("--keep-tier/--release-tier",
+                                            help="Leave a zram tier this command set up in place at the end.")] = False,
 ) -> None:
     """Keep each VM's resident memory near its working set plus a margin; compress the cold rest.
 
-    Cold guest pages go to zram (set up if needed; 'memvirt tier down' removes it) by lowering
-    the VM's memory-cgroup limit, so the host kernel picks its least recently used pages.
-    Refaults raise the limit at once. On exit the limits are lifted; compressed pages come back
-    when the guest touches them.
+    Cold guest pages go to zram by lowering the VM's memory-cgroup limit, so the host kernel
+    picks its least recently used pages. Refaults raise the limit at once. On exit (also on
+    Ctrl-C, SIGTERM, or by a watchdog after SIGKILL) the limits are lifted, and a zram tier this
+    command had to set up is taken down again (its pages come back into RAM) unless --keep-tier;
+    one set up by 'memvirt tier up' stays, its compressed pages coming back when touched.
     """
-    from memvirt.compress import tiers
+    from memvirt.compress import damon, tiers
     from memvirt.compress.controller import Policy, choose_method
 
     pol = Policy(policy, _percent(margin), parse_size(limit) if limit else None)
     choose_method(method)
     for name in names:
         VM.load(name).require_alive()
+    had_tier, had_swap = tiers.status()["up"], bool(tiers.active_swaps())
     t = tiers.up(algorithm=algorithm)
-    err.print(f"compressed tier: /dev/{t.zram} ({t.algorithm}, up to {human(t.mem_limit)} of host RAM)")
-    report = _loop(names, pol, interval, duration, method, samples, json_, plot, f"memvirt compress ({policy})")
+    owns = not had_tier and not keep_tier
+    err.print(f"compressed tier: /dev/{t.zram} ({t.algorithm}, up to {human(t.mem_limit)} of host RAM"
+              + (", taken down at the end)" if owns else ")"))
+    if not had_swap:
+        for k in damon.pageout_schemes():
+            err.print(f"memvirt: notice: with swap on, {k.describe()} of another tool now also pages out idle "
+                      "memory of every process, other VMs' RAM included", markup=False)
+    try:
+        report = _loop(names, pol, interval, duration, method, samples, json_, plot, f"memvirt compress ({policy})",
+                       owns_tier=owns)
+    except BaseException:
+        if owns:
+            tiers.down()
+        raise
     st = tiers.status()
     report["zram"] = st.get("zram")
     report["ratio"] = st.get("ratio")
@@ -209,22 +228,22 @@ def demo_compress(vm: VM, seconds: float = 12.0) -> dict[str, Any]:
     from memvirt.compress import tiers
     from memvirt.compress.controller import Controller, Policy
 
-    had_tiers = tiers.load() is not None
+    owns = not tiers.status()["up"]
     t = tiers.up()
     try:
-        ctl = Controller([vm], Policy("adaptive"), interval=1.0)
-        try:
-            ctl.run(seconds)
-            st = tiers.zram_stats(t.zram)
-            summary = ctl.summary()[0]
-            method = ctl.method
-        finally:
-            ctl.close()
-    finally:
-        if not had_tiers:
+        ctl = Controller([vm], Policy("adaptive"), interval=1.0, owns_tier=owns)
+    except BaseException:
+        if owns:
             tiers.down()
-    return {**summary, "method": method, "algorithm": t.algorithm, "zram_orig": st["orig_data_size"],
-            "zram_used": st["mem_used_total"], "seconds": seconds}
+        raise
+    try:
+        ctl.run(seconds)
+        st = tiers.zram_stats(t.zram)
+        summary = ctl.summary()[0]
+    finally:
+        ctl.close()
+    return {**summary, "method": ctl.method, "method_notice": ctl.method_notice, "algorithm": t.algorithm,
+            "zram_orig": st["orig_data_size"], "zram_used": st["mem_used_total"], "seconds": seconds}
 
 
 def print_demo_compress(c: dict[str, Any]) -> None:
@@ -232,4 +251,5 @@ def print_demo_compress(c: dict[str, Any]) -> None:
     out.print(f"[bold]Compression[/] ({c['method']} working set, {c['algorithm']} zram): working set "
               f"{human(c['wss_last'])}; guest RAM resident {human(c['resident_first'])} -> {human(c['resident_last'])}; "
               f"{human(c['zram_orig'])} of cold pages held in {human(c['zram_used'])} of zram ({ratio:.1f}:1); "
-              f"refaulted {human(c['refaulted_total'])} in {c['intervals']} intervals")
+              f"refaulted {human(c['refaulted_total'])} in {c['intervals']} intervals"
+              + (f" ({c['method_notice']})" if c.get("method_notice") else ""))

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from memvirt.cli.output import byte_progress, emit_json, human, out, spinner, table
-from memvirt.errors import UsageError
+from memvirt.errors import MemvirtError, UsageError
 from memvirt.qemu.vm import VM
 
 app = typer.Typer(help="Find duplicate, zero and free pages within and across guests and dumps.",
@@ -193,17 +193,26 @@ def ksm_run(
         if vm.config.ram != "anonymous":
             raise UsageError(f"VM {vm.name!r} has {vm.config.ram} RAM: KSM merges only anonymous RAM "
                              "(start it with --ram anonymous)")
+    ksm.refuse_other_tuners()
     samples = []
+    before = ksm.settings()
     with ExitStack() as stack:
         recs = [stack.enter_context(Reclaimer(vm)) for vm in vms] if reclaim_free else []
-        cm = ksm.configured(run=1, pages_to_scan=pages_to_scan, sleep_millisecs=sleep_ms,
-                            use_zero_pages=int(zero_pages))
-        before = stack.enter_context(cm) if not keep else _apply(ksm, pages_to_scan, sleep_ms, zero_pages)
-        pacer = ksm.Pacer(_share(ksmd_cpu), pages_to_scan) if ksmd_cpu else None
+        borrowed = None
+        if keep:
+            _apply(ksm, pages_to_scan, sleep_ms, zero_pages)
+        else:
+            borrowed = stack.enter_context(ksm.configured(run=1, pages_to_scan=pages_to_scan,
+                                                          sleep_millisecs=sleep_ms, use_zero_pages=int(zero_pages)))
+        pacer = ksm.Pacer(_share(ksmd_cpu), pages_to_scan, borrowed) if ksmd_cpu else None
         t0, cpu0, reclaimed = time.monotonic(), ksm.ksmd_cpu_seconds(), 0
         while True:
             for r in recs:
                 reclaimed += r.run().reclaimed_bytes
+            if borrowed is not None:
+                for path, mine, now in borrowed.check():
+                    raise MemvirtError(f"another tool changed {path} ({mine} -> {now}) while memvirt drove KSM; "
+                                       "memvirt stops rather than fight it (its other settings are restored)")
             if pacer is not None:
                 pacer.step()
             s = ksm.sample(t0, [host_usage(vm) for vm in vms])
@@ -233,12 +242,10 @@ def _share(text: str) -> float:
         raise UsageError(f"--ksmd-cpu takes a share of one CPU such as 0.5% or 0.005, not {text!r}") from None
 
 
-def _apply(ksm, pages_to_scan: int, sleep_ms: int, zero_pages: bool) -> dict[str, int]:  # noqa: ANN001
-    before = ksm.settings()
+def _apply(ksm, pages_to_scan: int, sleep_ms: int, zero_pages: bool) -> None:  # noqa: ANN001
     for k, v in (("pages_to_scan", pages_to_scan), ("sleep_millisecs", sleep_ms), ("use_zero_pages", int(zero_pages))):
         ksm.write(k, v)
     ksm.write("run", 1)
-    return before
 
 
 @ksm_app.command("stop")

@@ -14,6 +14,7 @@ from memvirt.cli.demo import demo
 from memvirt.cli.inspect import inspect
 from memvirt.cli.output import err
 from memvirt.errors import MemvirtError
+from memvirt.procs import Terminated, terminate_like_interrupt
 
 app = typer.Typer(
     help="memvirt: manage the memory of Linux QEMU/KVM guests from the host.\n\n"
@@ -55,12 +56,20 @@ def _root(
 
 
 def main() -> None:
-    """Run the CLI; memvirt errors print one line and exit with their code, never a traceback."""
+    """Run the CLI; memvirt errors print one line and exit with their code, never a traceback.
+
+    SIGTERM unwinds like Ctrl-C, so a command stopped by a service manager or ``kill`` restores
+    what it borrowed from the host and stops the guests it started (exit 143).
+    """
+    terminate_like_interrupt()
     try:
         app()
     except MemvirtError as e:
         err.print(f"memvirt: error: {e}", markup=False, highlight=False)
         sys.exit(e.exit_code)
+    except Terminated:
+        err.print("memvirt: terminated")
+        sys.exit(143)
     except KeyboardInterrupt:
         err.print("memvirt: interrupted")
         sys.exit(130)

@@ -21,6 +21,7 @@ kernel's page-granular LRU, not a guess from samples. The policies:
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -119,39 +120,60 @@ def _group(vm: VM) -> MemCgroup:
     return group
 
 
-def choose_method(method: str) -> str:
+def choose_method(method: str) -> tuple[str, str | None]:
+    """The tracker to use and, when ``auto`` could not have DAMON, why (a one-line notice).
+
+    ``damon`` asked for on a host where memvirt can't have it is an error naming the other user:
+    memvirt never stops or reconfigures a kdamond it did not start.
+    """
     if method not in METHODS:
         raise UsageError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
-    if method == "auto":
-        return "damon" if damon_mod.available() else "referenced"
-    return method
+    if method == "referenced":
+        return method, None
+    reason = damon_mod.unavailable_reason()
+    if reason is None:
+        return "damon", None
+    if method == "damon":
+        raise UsageError(f"--method damon: {reason}; memvirt never stops or reconfigures another tool's kdamond "
+                         "(use --method referenced)")
+    return "referenced", f"working set from referenced bits, not DAMON: {reason}"
 
 
 class Controller:
     """Tracks and (per ``policy``) limits a set of running VMs; :meth:`run` is the loop."""
 
     def __init__(self, vms: list[VM], policy: Policy, interval: float = 1.0, method: str = "auto",
-                 samples: int = 4096):
+                 samples: int = 4096, owns_tier: bool = False):
+        """``owns_tier``: the caller set up the zram tier for this run; :meth:`close` takes it down
+        (its pages come back into RAM), as the watchdog does if this process is killed."""
         if interval < 0.2:
             raise UsageError("--interval must be at least 0.2 s")
         if not vms:
             raise UsageError("name at least one VM")
         self.policy, self.interval = policy, interval
+        self.owns_tier = owns_tier
+        self._watchdog: subprocess.Popen[bytes] | None = None
         self._cpu0 = time.process_time()
-        self.method = choose_method(method)
+        self.method, self.method_notice = choose_method(method)
         for vm in vms:
             vm.require_alive()
             if vm.is_template:
                 raise UsageError(f"VM {vm.name!r} is a frozen template: its memory backs clones, compress those")
         groups = [_group(vm) for vm in vms] if policy.name != "none" else [vm.memcg() for vm in vms]
         self.damon: Damon | None = None
-        if self.method == "damon":
-            us = int(interval * 1e6)
-            self.damon = Damon(len(vms), sample_us=max(us // SAMPLES_PER_INTERVAL, 5000), aggr_us=us)
         self.states: list[_VMState] = []
-        limited = [str(g.path) for g in groups if g is not None and policy.name != "none"]
-        self._watchdog = watchdog.spawn(limited, self.damon is not None) if (limited or self.damon) else None
+        # Each group's cap as found (an operator's own, or none) is what comes back at the end.
+        self._found = {str(g.path): g.limit() for g in groups if g is not None}
+        limited = [f"{g.path}={self._found[str(g.path)]}" for g in groups if g is not None and policy.name != "none"]
+        kdamonds = len(vms) if self.method == "damon" else 0
+        # The watchdog is up before anything it undoes exists: no window where a kill leaves a cap,
+        # a kdamond or the tier behind.
+        self._watchdog = (watchdog.spawn(limited, kdamonds, owns_tier) if (limited or kdamonds or owns_tier)
+                          else None)
         try:
+            if kdamonds:
+                us = int(interval * 1e6)
+                self.damon = Damon(kdamonds, sample_us=max(us // SAMPLES_PER_INTERVAL, 5000), aggr_us=us)
             for i, (vm, group) in enumerate(zip(vms, groups, strict=True)):
                 tracker: Tracker = (DamonTracker(vm, self.damon, i, samples, seed=i) if self.damon
                                     else ReferencedTracker(vm))
@@ -274,19 +296,27 @@ class Controller:
         return own + (self.damon.cpu_seconds() if self.damon else 0.0)
 
     def close(self, release: bool = True) -> None:
-        """Stop tracking; with ``release``, lift the limits (cold pages stay compressed until touched)."""
+        """Stop tracking; with ``release``, put each VM's cap back as it was found (none, or an
+        operator's own); cold pages stay compressed until touched, unless this run owns the tier:
+        then it is taken down and they come back now."""
         for st in self.states:
             st.tracker.close()
             if release and st.group is not None and self.policy.name != "none":
+                found = self._found.get(str(st.group.path), UNLIMITED)
                 try:
-                    st.group.set_limit(None)
+                    st.group.set_limit(None if found >= UNLIMITED else found)
                 except MemvirtError:
                     pass
         if self.damon is not None:
             self.damon.close()
             self.damon = None
-        end_watchdog(self._watchdog)
-        self._watchdog = None
+        try:
+            if self.owns_tier:
+                self.owns_tier = False
+                tiers.down()
+        finally:
+            end_watchdog(self._watchdog)
+            self._watchdog = None
 
     def summary(self) -> list[dict[str, Any]]:
         """Per VM: resident at start and at the end, least and mean resident, working set, refaults."""

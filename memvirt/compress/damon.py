@@ -8,8 +8,12 @@ estimates working sets by sampling. Each aggregation interval DAMON tells how ma
 bytes were accessed; scaled to the VM's backed pages that is the working-set estimate
 (binomial error: 1.5 % of RAM at 4096 samples, at worst).
 
-One kdamond per VM; DAMON's sysfs is one global tree, so memvirt refuses to touch it while any
-kdamond it did not start is running, and puts ``nr_kdamonds`` back to 0 when done.
+One kdamond per VM. DAMON's sysfs is one global tree and its kdamonds are often another tool's
+(DAMON_RECLAIM, damo, a host's own ``pageout`` scheme started at boot): while any kdamond runs
+the kernel refuses to change ``nr_kdamonds`` (EBUSY), so memvirt can't add its own beside it,
+and it never stops or reconfigures one it did not start. :func:`holder` names the other user;
+working-set tracking then falls back to referenced bits (:mod:`memvirt.compress.wss`).
+memvirt only ever creates kdamonds when none exist, and removes exactly those when done.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +50,79 @@ def _write(path: Path, value: object) -> None:
         raise MemvirtError(f"DAMON refused {value!r} for {path.relative_to(ADMIN)}: {e.strerror}") from None
 
 
-def _running() -> list[int]:
-    n = int((KDAMONDS / "nr_kdamonds").read_text())
-    return [i for i in range(n) if (KDAMONDS / str(i) / "state").read_text().strip() == "on"]
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+@dataclass(frozen=True)
+class Kdamond:
+    """One kdamond as the sysfs tree shows it: enough to name it and to tell it was left alone."""
+
+    index: int
+    state: str
+    pid: int
+    operations: tuple[str, ...]
+    schemes: tuple[str, ...]
+
+    def describe(self) -> str:
+        ops = "/".join(self.operations) or "no context"
+        acts = ", ".join(self.schemes)
+        return f"kdamond {self.index} pid {self.pid} ({ops}{f', {acts} scheme' if acts else ''})"
+
+
+def kdamonds() -> list[Kdamond]:
+    """Every kdamond in the sysfs tree, running or not (empty without DAMON)."""
+    try:
+        n = int(_read(KDAMONDS / "nr_kdamonds") or 0)
+    except ValueError:
+        return []
+    out = []
+    for i in range(n):
+        d = KDAMONDS / str(i)
+        ctxs = d / "contexts"
+        ops, acts = [], []
+        try:
+            nctx = int(_read(ctxs / "nr_contexts") or 0)
+        except ValueError:
+            nctx = 0
+        for c in range(nctx):
+            ops.append(_read(ctxs / str(c) / "operations"))
+            try:
+                nsch = int(_read(ctxs / str(c) / "schemes" / "nr_schemes") or 0)
+            except ValueError:
+                nsch = 0
+            acts += [_read(ctxs / str(c) / "schemes" / str(k) / "action") for k in range(nsch)]
+        try:
+            pid = int(_read(d / "pid") or -1)
+        except ValueError:
+            pid = -1
+        out.append(Kdamond(i, _read(d / "state"), pid, tuple(ops), tuple(acts)))
+    return out
+
+
+def holder() -> Kdamond | None:
+    """The first running kdamond (memvirt's own never outlive it: it creates them only when DAMON
+    is free), or None when DAMON is free for memvirt."""
+    return next((k for k in kdamonds() if k.state == "on"), None)
+
+
+def pageout_schemes() -> list[Kdamond]:
+    """Running kdamonds with a ``pageout`` scheme: with any swap on the host they move idle memory
+    of every process into it, QEMU guest RAM included, whoever set the swap up."""
+    return [k for k in kdamonds() if k.state == "on" and "pageout" in k.schemes]
+
+
+def unavailable_reason() -> str | None:
+    """Why memvirt can't run DAMON here now (one line), or None when it can."""
+    if not available():
+        return "this host kernel has no DAMON sysfs interface (/sys/kernel/mm/damon/admin)"
+    k = holder()
+    if k is not None:
+        return f"DAMON held by another tool: {k.describe()}"
+    return None
 
 
 class Damon:
@@ -55,35 +130,42 @@ class Damon:
     sums the bytes of regions accessed in the last aggregation interval."""
 
     def __init__(self, count: int, sample_us: int = 50_000, aggr_us: int = 1_000_000):
-        if not available():
-            raise UsageError("this host kernel has no DAMON sysfs interface (/sys/kernel/mm/damon/admin)")
-        busy = _running()
-        if busy:
-            raise UsageError(f"DAMON is in use by another tool (kdamond {busy[0]} is on); stop it first")
+        reason = unavailable_reason()
+        if reason is not None:
+            raise UsageError(f"{reason}; memvirt never stops or reconfigures another tool's kdamond "
+                             "(use --method referenced)")
+        if kdamonds():
+            # Left configured but off by another tool: its tree is not memvirt's to overwrite.
+            raise UsageError(f"DAMON is configured by another tool ({kdamonds()[0].describe()}, off); "
+                             "memvirt leaves it as it is (use --method referenced)")
         self.count = count
         self._cpu = 0.0
-        _write(KDAMONDS / "nr_kdamonds", 0)
+        self._owned = False
         _write(KDAMONDS / "nr_kdamonds", count)
-        for i in range(count):
-            ctx = self._ctx(i)
-            _write(KDAMONDS / str(i) / "contexts" / "nr_contexts", 1)
-            ops = (ctx / "avail_operations").read_text().split()
-            if "paddr" not in ops:
-                self.close()
-                raise UsageError(f"this host's DAMON can't monitor physical addresses (it offers {', '.join(ops)})")
-            _write(ctx / "operations", "paddr")
-            attrs = ctx / "monitoring_attrs"
-            _write(attrs / "intervals" / "sample_us", sample_us)
-            _write(attrs / "intervals" / "aggr_us", aggr_us)
-            _write(attrs / "intervals" / "update_us", aggr_us)
-            _write(ctx / "targets" / "nr_targets", 1)
-            _write(ctx / "schemes" / "nr_schemes", 1)
-            scheme = ctx / "schemes" / "0"
-            _write(scheme / "action", "stat")
-            pattern = scheme / "access_pattern"
-            for key, lo, hi in (("sz", 0, MAX_ULONG), ("nr_accesses", 1, MAX_ULONG), ("age", 0, MAX_ULONG)):
-                _write(pattern / key / "max", hi)
-                _write(pattern / key / "min", lo)
+        self._owned = True
+        try:
+            for i in range(count):
+                ctx = self._ctx(i)
+                _write(KDAMONDS / str(i) / "contexts" / "nr_contexts", 1)
+                ops = (ctx / "avail_operations").read_text().split()
+                if "paddr" not in ops:
+                    raise UsageError(f"this host's DAMON can't monitor physical addresses (it offers {', '.join(ops)})")
+                _write(ctx / "operations", "paddr")
+                attrs = ctx / "monitoring_attrs"
+                _write(attrs / "intervals" / "sample_us", sample_us)
+                _write(attrs / "intervals" / "aggr_us", aggr_us)
+                _write(attrs / "intervals" / "update_us", aggr_us)
+                _write(ctx / "targets" / "nr_targets", 1)
+                _write(ctx / "schemes" / "nr_schemes", 1)
+                scheme = ctx / "schemes" / "0"
+                _write(scheme / "action", "stat")
+                pattern = scheme / "access_pattern"
+                for key, lo, hi in (("sz", 0, MAX_ULONG), ("nr_accesses", 1, MAX_ULONG), ("age", 0, MAX_ULONG)):
+                    _write(pattern / key / "max", hi)
+                    _write(pattern / key / "min", lo)
+        except BaseException:
+            self.close()
+            raise
         self.aggr_s = aggr_us / 1e6
 
     def _ctx(self, i: int) -> Path:
@@ -138,24 +220,38 @@ class Damon:
 
     def close(self) -> None:
         """Stop the kdamonds and leave DAMON as memvirt found it (no kdamonds)."""
+        if not getattr(self, "_owned", False):
+            return
         self.cpu_seconds()
-        for i in range(self.count):
-            state = KDAMONDS / str(i) / "state"
-            try:
-                if state.read_text().strip() == "on":
-                    state.write_text("off")
-            except OSError:
-                pass
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                (KDAMONDS / "nr_kdamonds").write_text("0")
-                return
-            except OSError:
-                time.sleep(0.05)
+        release(self.count)
+        self._owned = False
 
     def __enter__(self) -> Damon:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def release(count: int) -> None:
+    """Turn off and remove the ``count`` kdamonds memvirt created; nothing if the tree no longer
+    holds exactly that many (then they are not, or no longer only, memvirt's)."""
+    try:
+        if int((KDAMONDS / "nr_kdamonds").read_text()) != count:
+            return
+    except (OSError, ValueError):
+        return
+    for i in range(count):
+        state = KDAMONDS / str(i) / "state"
+        try:
+            if state.read_text().strip() == "on":
+                state.write_text("off")
+        except OSError:
+            pass
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            (KDAMONDS / "nr_kdamonds").write_text("0")
+            return
+        except OSError:
+            time.sleep(0.05)

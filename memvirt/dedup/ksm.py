@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from memvirt.borrow import Borrowed
 from memvirt.errors import MemvirtError, UsageError
 from memvirt.memory.source import PAGE_SIZE
 
@@ -86,20 +87,44 @@ def zero_pages_held() -> int | None:
     return total if seen else None
 
 
+TUNERS = ("ksmtuned",)
+"""Daemons known to tune KSM on their own: memvirt won't drive KSM beside them."""
+
+
+def other_tuners() -> list[tuple[int, str]]:
+    """Running processes that tune KSM themselves: (pid, name)."""
+    found = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                comm = Path(f"/proc/{p}/comm").read_text().strip()
+            except OSError:
+                continue
+            if comm in TUNERS:
+                found.append((int(p), comm))
+    return found
+
+
+def refuse_other_tuners() -> None:
+    for pid, name in other_tuners():
+        raise UsageError(f"{name} (pid {pid}) tunes KSM on this host; memvirt won't fight it over "
+                         f"{KSM}: stop {name} first")
+
+
 @contextmanager
-def configured(**values: int) -> Iterator[dict[str, int]]:
-    """Apply KSM settings for the duration; the previous ones come back on exit, also on error."""
+def configured(**values: int) -> Iterator[Borrowed]:
+    """Apply KSM settings for the duration, borrowed (:mod:`memvirt.borrow`): on exit, also on
+    error, Ctrl-C, SIGTERM and (by a watchdog) SIGKILL, each comes back to its previous value
+    unless another tool changed it since. ``run`` is written last and restored last."""
     _require()
-    before = settings()
-    try:
+    with Borrowed("ksm") as b:
+        b.guard(order=(str(KSM / "run"),))
         for k, v in values.items():
             if v is not None and k != "run":
-                write(k, v)
+                b.set(KSM / k, v)
         if values.get("run") is not None:
-            write("run", values["run"])
-        yield before
-    finally:
-        restore(before)
+            b.set(KSM / "run", values["run"])
+        yield b
 
 
 def restore(before: dict[str, int]) -> None:
@@ -151,22 +176,36 @@ class Pacer:
 
     MIN_PAGES = 10
 
-    def __init__(self, budget: float, max_pages: int = STOCK["pages_to_scan"]):
+    def __init__(self, budget: float, max_pages: int = STOCK["pages_to_scan"], borrowed: Borrowed | None = None):
         if not 0 < budget <= 1:
             raise UsageError("--ksmd-cpu must be a share of one CPU above 0 and at most 100 %")
         self.budget, self.max_pages = budget, max_pages
         self.pages = max_pages
+        self.borrowed = borrowed
         self._last: tuple[float, float] | None = None
+        self._written: int | None = None
 
     def step(self) -> int:
-        """Measure ksmd's share since the last step, set and return the new ``pages_to_scan``."""
+        """Measure ksmd's share since the last step, set and return the new ``pages_to_scan``.
+
+        If ``pages_to_scan`` is no longer what the last step wrote, another tuner is at work:
+        memvirt stops (MemvirtError) rather than fight it every interval.
+        """
+        current = read("pages_to_scan")
+        if self._written is not None and current != self._written:
+            raise MemvirtError(f"another tool changed {KSM / 'pages_to_scan'} ({self._written} -> {current}) while "
+                               "memvirt paced ksmd; memvirt stops rather than fight it (ksmtuned?)")
         now, cpu = time.monotonic(), ksmd_cpu_seconds()
         if self._last is not None and now - self._last[0] > 0.5:
             share = (cpu - self._last[1]) / (now - self._last[0])
             scale = self.budget / share if share > 0 else 2.0
             self.pages = int(min(self.max_pages, max(self.MIN_PAGES, self.pages * min(scale, 2.0))))
         self._last = (now, cpu)
-        write("pages_to_scan", self.pages)
+        if self.borrowed is not None:
+            self.borrowed.set(KSM / "pages_to_scan", self.pages)
+        else:
+            write("pages_to_scan", self.pages)
+        self._written = self.pages
         return self.pages
 
 
