@@ -39,7 +39,10 @@ def demo(
     pm: Annotated[bool, typer.Option("--pm/--no-pm", help="Also show physical-machine migration (two more boots).")] = True,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Boot the default guest; inspect, reclaim, compress, clone and live-migrate it from the host; stop it."""
+    """Boot the default guest; inspect, reclaim, compress, clone and live-migrate it from the host; stop it.
+
+    QEMU's own migration, shown beside memvirt's, listens unauthenticated on a loopback port for
+    its few seconds: any local process could connect to it meanwhile."""
     report: dict[str, object] = {}
     t0 = time.monotonic()
     with spinner("building the default image (the first run downloads a Debian kernel)"):
