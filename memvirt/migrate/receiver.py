@@ -7,7 +7,12 @@ instruction until the sender said GO after the receiver checked that its RAM mat
 sender meant to send (the XXH3-128 of both sides' per-page fingerprints). On any failure before
 the target runs - a frame that fails to open, a malformed frame, the sender gone - the receiver
 kills that QEMU and deletes its RAM file and state. Should the receiver itself be killed, its
-watchdog (:mod:`memvirt.migrate.watchdog`) does the same.
+watchdog (:mod:`memvirt.migrate.watchdog`) does the same, up to the moment the receiver commits
+(clears its mark, then resumes the target): from then on the target is never removed.
+
+Everything from the peer is checked before use, even after it proved the secret: SETUP field by
+field (:func:`check_setup`), every page run against the RAM regions in exact integers before
+anything is decompressed or written (:meth:`TargetRam.apply`).
 """
 
 from __future__ import annotations
