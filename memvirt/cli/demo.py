@@ -41,8 +41,7 @@ def demo(
 ) -> None:
     """Boot the default guest; inspect, reclaim, compress, clone and live-migrate it from the host; stop it.
 
-    QEMU's own migration, shown beside memvirt's, listens unauthenticated on a loopback port for
-    its few seconds: any local process could connect to it meanwhile."""
+    QEMU's own migration, shown beside memvirt's, listens unauthenticated on a loopback port while it runs."""
     report: dict[str, object] = {}
     t0 = time.monotonic()
     with spinner("building the default image (the first run downloads a Debian kernel)"):

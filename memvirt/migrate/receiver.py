@@ -250,7 +250,10 @@ def check_setup(setup: object) -> Setup:
     memory = number("memory", MIN_MEMORY, max_memory())
     if memory % MIB:
         raise bad("memory must be a whole number of MiB")
-    image_name = Path(text("image", 4096)).name
+    image = setup["image"]
+    if not isinstance(image, str) or len(image) > 4096:
+        raise bad("image must be the image's path on the source (a string)")
+    image_name = image.rpartition("/")[2]  # only the name is used: the folder is this host's cache
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}", image_name):
         raise bad(f"image name {image_name[:80]!r} is not a memvirt image name")
     return Setup(name=name, source=text("source", 256), memory=memory, cpus=number("cpus", 1, MAX_CPUS),
