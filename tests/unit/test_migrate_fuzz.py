@@ -411,6 +411,31 @@ def fuzz_setup(seed: int, cases: int) -> dict[str, int]:
     return counts
 
 
+@pytest.mark.parametrize(("kind", "a", "b"), [
+    ("ZERO", (1 << 63) - 1, 2), ("ZERO", 5, (1 << 64) - 3), ("DISCARD", U64, 1), ("ZERO", 63, 2), ("ZERO", 64, 1),
+    ("ZERO", 0, 0), ("DUP", (1 << 63) + 3, 0), ("DUP", 0, (1 << 64) - 256), ("DATA", (1 << 64) - 1, 2),
+])
+def test_runs_that_wrap_or_leave_ram_are_refused(tmp_path: Path, kind: str, a: int, b: int) -> None:
+    """The int64 wrap-around of the old bounds check, and runs across a region's end or into the
+    hole: a protocol error, and the file is untouched."""
+    from memvirt.migrate.protocol import Kind, ProtocolError
+    from memvirt.migrate.receiver import TargetRam
+
+    path = tmp_path / "ram"
+    path.write_bytes(b"\x5a" * (128 * PAGE))
+    if kind == "DATA":
+        payload = struct.pack("!BIQI", 0, 1, a, b) + bytes(b * PAGE)
+    else:
+        payload = struct.pack("!IQQ", 1, a, b)
+    ram = TargetRam(path, _regions())
+    try:
+        with pytest.raises(ProtocolError, match=f"malformed {kind} frame"):
+            ram.apply(Kind[kind], payload)
+    finally:
+        ram.close()
+    assert path.read_bytes() == b"\x5a" * (128 * PAGE)
+
+
 def _child(folder: str) -> None:
     """The fuzzing child: cap the address space, then run every fuzzer; prints the counts."""
     with open("/proc/self/status") as f:
