@@ -8,6 +8,10 @@ QEMU plain precopy, QEMU with xbzrle, QEMU with multifd (2 channels). QEMU gets
 its counter must advance and ``datacheck verify`` must pass. Then a reliability loop migrates a
 dirtying guest N times with memvirt and N times with QEMU plain.
 
+QEMU's migrations listen unauthenticated and unencrypted on a loopback port (its ``tcp:``
+transport): run the bench on a host whose local users are trusted. memvirt's use a one-off
+secret (``secrets.token_hex(32)``) handed only to its receiver process, never to QEMU.
+
 ``python bench/migration.py [--scenarios idle,idle1g,half2g,dirty] [--reliability 20] [--json FILE]
 [--png FILE]``
 """
@@ -28,7 +32,8 @@ from typing import Any
 
 os.environ.setdefault("MEMVIRT_HOME", "/tmp/bench-mig-state")
 os.environ.setdefault("MEMVIRT_RAM_DIR", "/dev/shm/bench-mig-ram")
-os.environ.setdefault("MEMVIRT_SECRET", secrets.token_hex(32))
+SECRET = os.environ.pop("MEMVIRT_SECRET", "") or secrets.token_hex(32)
+"""The receivers' shared secret: in their environment only, not in this process's (QEMU inherits it)."""
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -66,10 +71,11 @@ def setup_guest(name: str, sc: dict[str, Any]) -> VM:
 def hop_memvirt(src: VM, dst: str, elide: bool, bandwidth: int) -> dict[str, Any]:
     port = 47100 + secrets.randbelow(800)
     rx = subprocess.Popen([sys.executable, "-m", "memvirt", "receive", "--listen", f"127.0.0.1:{port}",
-                           "--timeout", "300"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                           "--timeout", "300"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "MEMVIRT_SECRET": SECRET})
     rx.stderr.readline()
     try:
-        rep = migrate(src.name, "127.0.0.1", port, os.environ["MEMVIRT_SECRET"].encode(), dst, elide_free=elide,
+        rep = migrate(src.name, "127.0.0.1", port, SECRET.encode(), dst, elide_free=elide,
                       max_bandwidth=bandwidth)
         rx.wait(60)
     finally:
@@ -93,7 +99,8 @@ def run_hop(vm: VM, engine: str, dst: str, sc: dict[str, Any]) -> tuple[dict[str
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description="Migration bench: memvirt beside QEMU's own precopy. QEMU's "
+                                 "migrations listen unauthenticated on a loopback port while they run.")
     ap.add_argument("--scenarios", default="idle,idle1g,half2g,dirty")
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--reliability", type=int, default=20)

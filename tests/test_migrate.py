@@ -5,8 +5,9 @@ running, dirtying guest checks the invariant at the moment of pause (the receive
 verified, paused target while the test compares both RAM files against a census of the paused
 source), then that the guest runs on on the target. Fault tests use the shared guest as the
 source and check it runs on after each fault: a peer without the secret, a forged client
-sending a malformed frame, a connection dropped mid-stream, a byte flipped in flight, and a
-receiver killed while the source is paused for the switch-over.
+sending a malformed frame, a connection dropped mid-stream, a byte flipped in flight, a
+receiver killed while the source is paused for the switch-over, and a receiver killed right
+before or after it resumes the target (its watchdog must not kill a target that may have run).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from memvirt.qemu.vm import VM
 
 pytestmark = pytest.mark.guest
 
-SECRET = "migrate-test-secret-0123456789abcdef"
+SECRET = "f21799cfda87af9b4177b25ca50957bbf5cc4764dd7c33b90f6f0aa421af2833"
+OTHER_SECRET = "b50863f97c0105c8b4f418bb9a8b1a4291cfe5da524bce292bfdd173a140af33"
 COUNTER = "/tmp/mig.count"
 DATACHECK = "/tmp/mig.dc"
 WORKLOAD = f"memtouch --hot 16M --cold 32M --content mix --dirty-rate 8M --counter-file {COUNTER}"
@@ -336,11 +338,11 @@ def test_refuses_peers_without_the_secret_and_malformed_frames(source_guest, hos
     a malformed frame: the receiver removes its partial VM and exits 1 with one line."""
     rx = Receiver(host_b, "--count", "1")
     try:
-        for secret in (b"not-the-secret-at-all-0000000000", None):
+        for secret in (OTHER_SECRET.encode(), None):
             with socket.create_connection(("127.0.0.1", rx.port)) as s, pytest.raises(AuthError):
                 client_handshake(s, secret, 10)
         proc = subprocess.run([sys.executable, *_entry(), "migrate", source_guest.name, "--to", f"127.0.0.1:{rx.port}",
-                               "--as", "mg-evil"], env={**os.environ, "MEMVIRT_SECRET": "x" * 32},
+                               "--as", "mg-evil"], env={**os.environ, "MEMVIRT_SECRET": OTHER_SECRET},
                               capture_output=True, text=True, timeout=60)
         assert_error_after_progress(proc, 1, "runs on here, unchanged")
         s = socket.create_connection(("127.0.0.1", rx.port))
@@ -410,6 +412,45 @@ def test_receiver_killed_at_switch_over_resumes_source(source_guest, host_b) -> 
     while _leftovers(host_b) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _leftovers(host_b) == ["hold"] or _leftovers(host_b) == []
+
+
+@pytest.mark.parametrize("point", ["committed", "resumed"])
+def test_receiver_killed_around_cont_keeps_the_target(source_guest, host_b, point) -> None:  # noqa: ANN001
+    """The receiver is SIGKILLed (fault injection at the exact point) after GO, just before or
+    just after it resumes the target: its watchdog must leave the target alone (running after
+    ``cont``, paused before it), since the sender committed and left the source paused."""
+    env = {**host_b, "MEMVIRT_TEST_FAULT": point}
+    rx = Receiver(env)
+    tx = _migrate(source_guest.name, rx.port, "--as", f"mg-{point}")
+    try:
+        out, errs = tx.communicate(timeout=240)
+        assert rx.wait(30) == -signal.SIGKILL, rx.log
+        assert_error_after_progress(subprocess.CompletedProcess(tx.args, tx.returncode, out, errs), 1,
+                                    "never runs twice")
+        time.sleep(2.0)  # ten times the watchdog's poll: it would have acted by now
+        os.environ["MEMVIRT_HOME"], home = host_b["MEMVIRT_HOME"], os.environ["MEMVIRT_HOME"]
+        try:
+            target = VM.load(f"mg-{point}")
+            assert target.status() == ("running" if point == "resumed" else "paused")
+            if point == "committed":
+                with target.monitor() as mon:
+                    mon.command("cont")
+            a = int(target.exec(f"cat {COUNTER}").check("reading the counter").text)
+            time.sleep(1.0)
+            assert int(target.exec(f"cat {COUNTER}").check("reading the counter").text) > a
+            target.stop()
+        finally:
+            os.environ["MEMVIRT_HOME"] = home
+    finally:
+        tx.kill()
+        rx.kill()
+        from memvirt.migrate.watchdog import COMMITTED
+
+        (source_guest.dir / COMMITTED).unlink(missing_ok=True)
+        with source_guest.monitor() as mon:
+            if mon.status() in ("paused", "postmigrate"):
+                mon.command("cont")
+    _assert_runs_on(source_guest)
 
 
 def test_throttle_slows_the_guest_and_leaves_it_running(source_guest) -> None:  # noqa: ANN001

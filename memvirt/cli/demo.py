@@ -110,6 +110,7 @@ def demo(
     """Boot the default guest; inspect, reclaim, compress, clone and live-migrate it from the host; stop it.
 
     Every step that ran is reported even when a later one fails; exit code 1 if any failed.
+    QEMU's own migration, shown beside memvirt's, listens unauthenticated on a loopback port while it runs.
     """
     mem_bytes = parse_size(memory)
     steps = Steps(show=not json_)

@@ -13,13 +13,16 @@ from memvirt.cli.output import emit_json, err, human, out, table
 from memvirt.errors import MemvirtError
 from memvirt.migrate.codec import CHOICES
 from memvirt.migrate.precopy import PAGE, Round
-from memvirt.migrate.protocol import DEFAULT_PORT, SECRET_ENV, load_secret, parse_endpoint
+from memvirt.migrate.protocol import DEFAULT_PORT, SECRET_ENV, SECRET_FORMS, check_insecure, load_secret, parse_endpoint
 from memvirt.units import parse_size
 
 SecretOpt = Annotated[
-    Path | None, typer.Option("--secret-file", help=f"Shared secret (else ${SECRET_ENV}); both ends need the same.")
+    Path | None, typer.Option("--secret-file", help=(
+        f"File holding the shared secret, mode 0600 (else ${SECRET_ENV}, which memvirt removes from its "
+        f"environment at once); both ends need the same: {SECRET_FORMS}."))
 ]
-InsecureOpt = Annotated[bool, typer.Option("--insecure", help="No shared secret: peers are not authenticated.")]
+InsecureOpt = Annotated[bool, typer.Option("--insecure", help=(
+    "No shared secret: peers are not authenticated nor the stream hidden. Loopback addresses only."))]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
@@ -45,6 +48,8 @@ def migrate(
 
     secret = load_secret(secret_file, insecure)
     host, port = parse_endpoint(to)
+    if secret is None:
+        check_insecure(host)
 
     def progress(st: Round) -> None:
         if not json_:
@@ -92,6 +97,8 @@ def receive(
 
     secret = load_secret(secret_file, insecure)
     host, port = parse_endpoint(listen)
+    if secret is None:
+        check_insecure(host)
 
     def log(msg: str) -> None:
         err.print(f"memvirt receive: {msg}", markup=False, highlight=False)
@@ -110,7 +117,9 @@ def receive(
 
 def demo_migration(name: str) -> dict[str, dict[str, object]]:
     """For ``memvirt demo``: migrate VM ``name`` with memvirt (to a separate receiver process, with a
-    one-off secret), then the result with QEMU's own precopy; stops every VM it made, ``name`` too."""
+    one-off secret), then the result with QEMU's own precopy; stops every VM it made, ``name`` too.
+    QEMU's migration listens unauthenticated on a loopback port for its few seconds (as QEMU's
+    ``tcp:`` transport always does): any local process could connect to it meanwhile."""
     import os
     import re
     import secrets

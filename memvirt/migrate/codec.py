@@ -85,15 +85,16 @@ def encode_data(codec: int, starts: np.ndarray, lengths: np.ndarray, blob: bytes
 
 
 def decode_data(payload: bytes | memoryview) -> tuple[int, np.ndarray, np.ndarray, memoryview]:
-    """(codec, run starts, run lengths, blob) of a DATA frame; malformed input raises ProtocolError."""
+    """(codec, run starts, run lengths, blob) of a DATA frame; malformed input raises ProtocolError.
+    Starts and lengths are the peer's numbers as uint64, unchecked: bound them before any sum."""
     if len(payload) < DATA_HEAD.size:
         raise ProtocolError("malformed DATA frame: too short")
     codec, n = DATA_HEAD.unpack_from(payload)
     end = DATA_HEAD.size + 12 * n
     if len(payload) < end:
         raise ProtocolError("malformed DATA frame: run table truncated")
-    starts = np.frombuffer(payload, ">u8", n, DATA_HEAD.size).astype(np.int64)
-    lengths = np.frombuffer(payload, ">u4", n, DATA_HEAD.size + 8 * n).astype(np.int64)
+    starts = np.frombuffer(payload, ">u8", n, DATA_HEAD.size).astype(np.uint64)
+    lengths = np.frombuffer(payload, ">u4", n, DATA_HEAD.size + 8 * n).astype(np.uint64)
     return codec, starts, lengths, memoryview(payload)[end:]
 
 
@@ -103,13 +104,14 @@ def encode_pairs(a: np.ndarray, b: np.ndarray) -> bytes:
 
 
 def decode_pairs(payload: bytes | memoryview, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """The two uint64 arrays of :func:`encode_pairs`, unchecked (bound them before any sum)."""
     if len(payload) < 4:
         raise ProtocolError(f"malformed {what} frame: too short")
     (n,) = struct.unpack_from("!I", payload)
     if len(payload) != 4 + 16 * n:
         raise ProtocolError(f"malformed {what} frame: {len(payload)} bytes for {n} pairs")
-    a = np.frombuffer(payload, ">u8", n, 4).astype(np.int64)
-    b = np.frombuffer(payload, ">u8", n, 4 + 8 * n).astype(np.int64)
+    a = np.frombuffer(payload, ">u8", n, 4).astype(np.uint64)
+    b = np.frombuffer(payload, ">u8", n, 4 + 8 * n).astype(np.uint64)
     return a, b
 
 

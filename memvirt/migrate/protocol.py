@@ -16,18 +16,28 @@ replayed, reordered, truncated or reflected frame fails to open and ends the ses
 memory never crosses the wire in the clear. (AES-GCM runs at several GB/s with AES-NI, six
 times HMAC-SHA256's pace here.) ``--insecure`` uses a well-known secret, so peers still frame
 and version-check but prove and hide nothing; both sides must choose it, a secure peer refuses
-an insecure one.
+an insecure one, and it is refused on any address but loopback.
+
+The server's first proof lets anyone who connects test guesses of the secret offline, so the
+secret must be 32 random bytes (:func:`check_secret`): guessing that is out of reach, no key
+stretching needed. The whole handshake must be over within :data:`HANDSHAKE_TIMEOUT`, however
+slowly the peer trickles its bytes.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
+import ipaddress
 import json
 import os
 import queue
+import re
 import secrets
 import socket
+import stat
 import struct
 import threading
 import time
@@ -58,6 +68,15 @@ HELLO = struct.Struct(f"!4sHB{NONCE}s")
 CHALLENGE = struct.Struct(f"!4sHB{NONCE}s{PROOF}s")
 DEFAULT_PORT = 4444
 SECRET_ENV = "MEMVIRT_SECRET"
+HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a peer has for the whole handshake: one byte a minute must not hold a receiver."""
+MAX_JSON = 1 << 20
+"""Largest JSON control frame (SETUP, COMMIT, ...) accepted."""
+SECRET_BYTES = 32
+SECRET_FORMS = ("64 or more hex digits ('openssl rand -hex 32') or base64 of 32 or more bytes "
+                "('head -c 32 /dev/urandom | base64')")
+"""How a shared secret is written; the same text on both ends."""
+MAX_SECRET_FILE = 4096
 
 
 class Kind(IntEnum):
@@ -95,23 +114,86 @@ def load_secret(secret_file: Path | None, insecure: bool) -> bytes | None:
     """The shared secret from ``--secret-file`` or ``$MEMVIRT_SECRET``; None only with ``--insecure``.
 
     Secure by default: without a secret memvirt refuses to migrate rather than run unauthenticated.
+    ``$MEMVIRT_SECRET`` is removed from the environment here, whichever source is used, so no QEMU
+    or watchdog this process starts inherits it. A secret file others may read is refused (as ssh
+    refuses such a key), and so is a secret that is not 32 random bytes (:func:`check_secret`).
     """
+    env = os.environ.pop(SECRET_ENV, "")
     if insecure:
         if secret_file is not None:
             raise UsageError("--insecure and --secret-file exclude each other")
         return None
     if secret_file is not None:
-        try:
-            secret = secret_file.read_bytes().strip()
-        except OSError as e:
-            raise UsageError(f"cannot read secret file {secret_file}: {e.strerror}") from None
+        secret = _read_secret_file(secret_file)
     else:
-        secret = os.environ.get(SECRET_ENV, "").encode()
+        secret = env.encode(errors="replace").strip()
     if not secret:
-        raise UsageError(f"no shared secret: give --secret-file FILE or set ${SECRET_ENV} (or --insecure on loopback)")
-    if len(secret) < 16:
-        raise UsageError("the shared secret is too short: use at least 16 bytes (e.g. 'openssl rand -hex 32')")
+        raise UsageError(f"no shared secret: give --secret-file FILE or set ${SECRET_ENV} to {SECRET_FORMS} "
+                         f"(or --insecure on loopback)")
+    return check_secret(secret)
+
+
+def _read_secret_file(path: Path) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise UsageError(f"cannot read secret file {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"secret file {path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise UsageError(f"secret file {path} is open to group or others (mode {st.st_mode & 0o777:04o}): "
+                             f"'chmod 600 {path}'")
+        if st.st_uid not in (os.getuid(), 0):
+            raise UsageError(f"secret file {path} belongs to another user (uid {st.st_uid})")
+        data = os.read(fd, MAX_SECRET_FILE + 1)
+    except OSError as e:
+        raise UsageError(f"cannot read secret file {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_SECRET_FILE:
+        raise UsageError(f"secret file {path} is over {MAX_SECRET_FILE} bytes: not a secret")
+    return data.strip()
+
+
+def check_secret(secret: bytes) -> bytes:
+    """``secret`` if it carries 32 random bytes, written as :data:`SECRET_FORMS`; else UsageError.
+
+    The server's first proof is an HMAC over public nonces, so a recorded handshake lets a
+    secret be guessed offline at GPU speed: only a secret nobody can enumerate is safe. The text
+    itself is the key (both ends use the same text); the check only looks at what it encodes,
+    and refuses one whose bytes repeat (``0000...``, a pattern) as not random."""
+    weak = f"the shared secret is too weak: use 32 random bytes written as {SECRET_FORMS}"
+    try:
+        text = secret.decode("ascii")
+    except UnicodeDecodeError:
+        raise UsageError(weak) from None
+    raw: bytes | None = None
+    if re.fullmatch(r"[0-9a-fA-F]+", text):
+        raw = bytes.fromhex(text[:len(text) // 2 * 2])
+    elif re.fullmatch(r"[A-Za-z0-9+/_-]+={0,2}", text):
+        b64 = text.rstrip("=").replace("-", "+").replace("_", "/")
+        try:
+            raw = base64.b64decode(b64 + "=" * (-len(b64) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raw = None
+    if raw is None or len(raw) < SECRET_BYTES:
+        raise UsageError(weak)
+    if len(set(raw)) < SECRET_BYTES // 2:
+        raise UsageError(f"the shared secret does not look random (its bytes repeat): use {SECRET_FORMS}")
     return secret
+
+
+def check_insecure(host: str) -> None:
+    """``--insecure`` only where nobody else can connect: a loopback address."""
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        raise UsageError(f"--insecure is only allowed on loopback (127.0.0.1, ::1), not on {host!r}: "
+                         f"give a shared secret")
 
 
 def parse_endpoint(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
@@ -137,6 +219,10 @@ class Channel:
         self.sock = sock
         self._seal, self._open = AESGCM(send_key), AESGCM(recv_key)
         self._send_seq = self._recv_seq = 0
+        self._send_lock = threading.Lock()
+        """Held from taking a sequence number until the frame is on the socket (with the send
+        buffers): frames from two threads then never share a nonce nor reach the wire out of order.
+        Receiving has one reader by construction (borrowed payloads live until the next recv)."""
         self.max_rate = 0.0
         """Bytes per second this side may send (0: as fast as the link goes), like QEMU's
         ``max-bandwidth``: a migration must not starve the network it shares."""
@@ -159,28 +245,29 @@ class Channel:
 
     def send(self, kind: Kind, payload: Buffer | list[Buffer] = b"") -> int:
         """Seal and send one frame made of ``payload`` (a buffer or a list of pieces); returns its
-        size on the wire."""
+        size on the wire. Safe to call from several threads (one frame at a time)."""
         pieces = _pieces(payload)
         n = _payload_size(pieces)
         header = HEADER.pack(kind, n)
-        nonce = _nonce(self._send_seq)
-        self._send_seq += 1
-        try:
-            if n < SMALL_FRAME:
-                plain = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-                self.sock.sendall(header + self._seal.encrypt(nonce, plain, header))
-            else:
-                plain = _gather(pieces, self._buf("out_plain", n), n)
-                sealed = memoryview(self._buf("out_sealed", n + TAG))[:n + TAG]
-                self._seal.encrypt_into(nonce, plain, header, sealed)
-                self.sock.sendall(header)
-                self.sock.sendall(sealed)
-        except TimeoutError:
-            raise ProtocolError("the peer stopped reading (send timed out)") from None
-        except OSError as e:
-            raise ProtocolError(f"connection lost while sending: {e.strerror or e}") from None
-        self.bytes_sent += HEADER.size + n + TAG
-        self._pace(HEADER.size + n + TAG)
+        with self._send_lock:
+            nonce = _nonce(self._send_seq)
+            self._send_seq += 1
+            try:
+                if n < SMALL_FRAME:
+                    plain = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                    self.sock.sendall(header + self._seal.encrypt(nonce, plain, header))
+                else:
+                    plain = _gather(pieces, self._buf("out_plain", n), n)
+                    sealed = memoryview(self._buf("out_sealed", n + TAG))[:n + TAG]
+                    self._seal.encrypt_into(nonce, plain, header, sealed)
+                    self.sock.sendall(header)
+                    self.sock.sendall(sealed)
+            except TimeoutError:
+                raise ProtocolError("the peer stopped reading (send timed out)") from None
+            except OSError as e:
+                raise ProtocolError(f"connection lost while sending: {e.strerror or e}") from None
+            self.bytes_sent += HEADER.size + n + TAG
+            self._pace(HEADER.size + n + TAG)
         return HEADER.size + n + TAG
 
     def _buf(self, name: str, n: int) -> bytearray:
@@ -240,13 +327,7 @@ class Channel:
 
     def recv_json(self, *expect: Kind) -> dict[str, Any]:
         kind, payload = self.recv(*expect)
-        try:
-            obj = json.loads(payload)
-        except ValueError:
-            raise ProtocolError(f"malformed {kind.name} frame: not JSON") from None
-        if not isinstance(obj, dict):
-            raise ProtocolError(f"malformed {kind.name} frame: not a JSON object")
-        return obj
+        return parse_json(kind, payload)
 
     def send_error(self, message: str) -> None:
         """Tell the peer why we give up (best effort: the connection may already be gone)."""
@@ -254,6 +335,20 @@ class Channel:
             self.send(Kind.ERROR, message.encode()[:4000])
         except ProtocolError:
             pass
+
+
+def parse_json(kind: Kind, payload: bytes | memoryview) -> dict[str, Any]:
+    """A JSON control frame's object; anything else (too large, too deeply nested, not an object)
+    is a :class:`ProtocolError`."""
+    if len(payload) > MAX_JSON:
+        raise ProtocolError(f"malformed {kind.name} frame: {len(payload)} bytes of JSON (limit {MAX_JSON})")
+    try:
+        obj = json.loads(bytes(payload))
+    except (ValueError, RecursionError):
+        raise ProtocolError(f"malformed {kind.name} frame: not JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"malformed {kind.name} frame: not a JSON object")
+    return obj
 
 
 def _nonce(seq: int) -> bytes:
@@ -348,13 +443,21 @@ class SendQueue:
         return not self._thread.is_alive()
 
 
-def _recv_into(sock: socket.socket, view: memoryview) -> memoryview:
-    """Fill ``view`` from the socket; returns it."""
+def _recv_into(sock: socket.socket, view: memoryview, deadline: float | None = None) -> memoryview:
+    """Fill ``view`` from the socket; returns it. With ``deadline`` (a ``time.monotonic()``) the
+    whole read must be over by then, however the bytes trickle in."""
     got, n = 0, len(view)
     while got < n:
         try:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                sock.settimeout(left)
             k = sock.recv_into(view[got:], n - got)
         except TimeoutError:
+            if deadline is not None:
+                raise ProtocolError(f"the handshake took over {HANDSHAKE_TIMEOUT:.0f} s") from None
             raise ProtocolError("the peer went silent (receive timed out)") from None
         except OSError as e:
             raise ProtocolError(f"connection lost: {e.strerror or e}") from None
@@ -364,8 +467,8 @@ def _recv_into(sock: socket.socket, view: memoryview) -> memoryview:
     return view
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    return bytes(_recv_into(sock, memoryview(bytearray(n))))
+def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
+    return bytes(_recv_into(sock, memoryview(bytearray(n)), deadline))
 
 
 def _gather(pieces: list[Buffer], buf: bytearray, n: int) -> memoryview:
@@ -384,18 +487,20 @@ def _keys(secret: bytes, cn: bytes, sn: bytes) -> tuple[bytes, bytes]:
     return _mac(secret, b"memvirt-migrate c2s", cn, sn), _mac(secret, b"memvirt-migrate s2c", cn, sn)
 
 
-def client_handshake(sock: socket.socket, secret: bytes | None, timeout: float) -> Channel:
-    """Authenticate to a receiver (and it to us); returns the session."""
+def client_handshake(sock: socket.socket, secret: bytes | None, timeout: float,
+                     limit: float = HANDSHAKE_TIMEOUT) -> Channel:
+    """Authenticate to a receiver (and it to us) within ``limit`` seconds; returns the session."""
     key = secret if secret is not None else INSECURE_SECRET
     flags = FLAG_INSECURE if secret is None else 0
-    sock.settimeout(timeout)
+    deadline = time.monotonic() + limit
+    sock.settimeout(limit)
     cn = secrets.token_bytes(NONCE)
     try:
         sock.sendall(HELLO.pack(MAGIC, VERSION, flags, cn))
     except OSError as e:
         raise ProtocolError(f"connection lost during the handshake: {e.strerror or e}") from None
     try:
-        magic, version, sflags, sn, proof = CHALLENGE.unpack(_recv_exact(sock, CHALLENGE.size))
+        magic, version, sflags, sn, proof = CHALLENGE.unpack(_recv_exact(sock, CHALLENGE.size, deadline))
     except ProtocolError as e:
         raise ProtocolError(f"the receiver closed the handshake ({e}): is it a memvirt receiver?") from None
     if magic != MAGIC:
@@ -412,25 +517,32 @@ def client_handshake(sock: socket.socket, secret: bytes | None, timeout: float) 
     except OSError as e:
         raise ProtocolError(f"connection lost during the handshake: {e.strerror or e}") from None
     c2s, s2c = _keys(key, cn, sn)
-    chan = Channel(sock, c2s, s2c, timeout)
+    chan = Channel(sock, c2s, s2c, max(0.1, min(timeout, deadline - time.monotonic())))
     try:
         chan.recv(Kind.OK)
+    except PeerError:
+        raise
     except ProtocolError:
         raise AuthError("the receiver refused us (shared secrets differ?)") from None
+    chan.settimeout(timeout)
     return chan
 
 
-def server_handshake(sock: socket.socket, secret: bytes | None, timeout: float) -> Channel:
-    """Check a connecting sender; raises :class:`AuthError` (after closing) if it cannot prove the secret."""
+def server_handshake(sock: socket.socket, secret: bytes | None, timeout: float,
+                     limit: float = HANDSHAKE_TIMEOUT) -> Channel:
+    """Check a connecting sender, all within ``limit`` seconds; raises :class:`AuthError` if it
+    cannot prove the secret, :class:`ProtocolError` if it is too slow or not a memvirt sender.
+    Nothing is allocated or computed for the peer before it proved the secret but two HMACs."""
     key = secret if secret is not None else INSECURE_SECRET
     flags = FLAG_INSECURE if secret is None else 0
-    sock.settimeout(timeout)
-    magic, version, cflags, cn = HELLO.unpack(_recv_exact(sock, HELLO.size))
+    deadline = time.monotonic() + limit
+    magic, version, cflags, cn = HELLO.unpack(_recv_exact(sock, HELLO.size, deadline))
     if magic != MAGIC:
         raise ProtocolError("the peer is not a memvirt sender (bad magic)")
     sn = secrets.token_bytes(NONCE)
     proof = _mac(key, b"memvirt-migrate server", cn, sn) if version == VERSION and cflags == flags else bytes(PROOF)
     try:
+        sock.settimeout(max(0.1, deadline - time.monotonic()))
         sock.sendall(CHALLENGE.pack(MAGIC, VERSION, flags, sn, proof))
     except OSError as e:
         raise ProtocolError(f"connection lost during the handshake: {e.strerror or e}") from None
@@ -438,7 +550,7 @@ def server_handshake(sock: socket.socket, secret: bytes | None, timeout: float) 
         raise ProtocolError(f"protocol version mismatch: sender speaks v{version}, this memvirt v{VERSION}")
     if cflags != flags:
         raise AuthError("refused an insecure sender" if cflags else "the sender requires a secret; this receiver runs --insecure")
-    answer = _recv_exact(sock, PROOF)
+    answer = _recv_exact(sock, PROOF, deadline)
     if not hmac.compare_digest(answer, _mac(key, b"memvirt-migrate client", cn, sn)):
         raise AuthError("refused a sender that failed authentication")
     c2s, s2c = _keys(key, cn, sn)

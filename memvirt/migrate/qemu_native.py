@@ -4,6 +4,11 @@ The target is started like memvirt's (same machine, fresh RAM file, ``-incoming 
 ``x-ignore-shared`` off, so the RAM travels in QEMU's stream over loopback TCP. QEMU gets
 ``max-bandwidth`` 4 GiB/s (its 7.2 default, 32 MiB/s, would only make it slower) and a 300 ms
 ``downtime-limit``; a migration that does not complete in ``timeout`` seconds is cancelled.
+
+This is a local baseline, not a secure transport: the target QEMU listens on a loopback TCP port
+with no authentication and no encryption (QEMU's ``tcp:`` transport), so while it runs any local
+process can connect to it and feed or read guest state. Use it only on a host whose local users
+are trusted; memvirt's own migration authenticates and encrypts every frame.
 """
 
 from __future__ import annotations

@@ -7,7 +7,12 @@ instruction until the sender said GO after the receiver checked that its RAM mat
 sender meant to send (the XXH3-128 of both sides' per-page fingerprints). On any failure before
 the target runs - a frame that fails to open, a malformed frame, the sender gone - the receiver
 kills that QEMU and deletes its RAM file and state. Should the receiver itself be killed, its
-watchdog (:mod:`memvirt.migrate.watchdog`) does the same.
+watchdog (:mod:`memvirt.migrate.watchdog`) does the same, up to the moment the receiver commits
+(clears its mark, then resumes the target): from then on the target is never removed.
+
+Everything from the peer is checked before use, even after it proved the secret: SETUP field by
+field (:func:`check_setup`), every page run against the RAM regions in exact integers before
+anything is decompressed or written (:meth:`TargetRam.apply`).
 """
 
 from __future__ import annotations
@@ -15,14 +20,18 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import queue
+import re
 import shlex
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import xxhash
@@ -33,8 +42,16 @@ from memvirt.memory import rammap
 from memvirt.memory.source import Region
 from memvirt.migrate import codec
 from memvirt.migrate.fingerprint import ZERO_HASH, hash_pages
-from memvirt.migrate.protocol import Channel, Kind, ProtocolError, server_handshake
-from memvirt.paths import ram_dir
+from memvirt.migrate.protocol import (
+    MAX_FRAME,
+    Channel,
+    Kind,
+    ProtocolError,
+    check_insecure,
+    check_secret,
+    server_handshake,
+)
+from memvirt.paths import cache_home, ram_dir
 from memvirt.procs import spawn_watchdog
 from memvirt.qemu.monitor import Monitor
 from memvirt.qemu.vm import VM, VMConfig, check_name, launch_qemu, vms_root
@@ -45,6 +62,15 @@ INCOMING = "incoming_by"
 """``vm.json`` extra key: pid of the receiver still filling this VM (absent once it runs)."""
 SESSION_TIMEOUT = 60.0
 LOAD_TIMEOUT = 60.0
+MAX_HANDSHAKES = 8
+"""Handshakes a receiver runs at once (each over within HANDSHAKE_TIMEOUT)."""
+SETUP_KEYS = {"name", "source", "memory", "cpus", "image", "accel", "append", "regions"}
+ACCELS = ("kvm", "tcg")
+MIB = 1 << 20
+MIN_MEMORY = 64 << 20
+MAX_CPUS = 64
+MAX_APPEND = 1024
+FAULT_ENV = "MEMVIRT_TEST_FAULT"
 _libc = ctypes.CDLL(None, use_errno=True)
 _PUNCH = 0x01 | 0x02
 
@@ -67,12 +93,17 @@ class Received:
 
 
 class TargetRam:
-    """The target's RAM file: pages written, punched and copied, and what each frame now holds."""
+    """The target's RAM file: pages written, punched and copied, and what each frame now holds.
+
+    ``regions`` must be sorted, non-overlapping and page-aligned (:func:`check_setup`); the file is
+    exactly their bytes, and no frame, however crafted, reaches a byte outside them or grows it."""
 
     def __init__(self, path: Path, regions: tuple[Region, ...]):
-        self.fd = os.open(path, os.O_RDWR)
         self.regions = regions
         self.max_pfn = max(r.end for r in regions) // PAGE
+        if self.max_pfn >= 1 << 32:
+            raise ProtocolError("guest RAM map reaches beyond 16 TiB")
+        self.fd = os.open(path, os.O_RDWR)
         self.held = np.full(self.max_pfn, ZERO_HASH, dtype=np.uint64)
         self._starts = np.array([r.gpa // PAGE for r in regions], dtype=np.int64)
         self._ends = np.array([r.end // PAGE for r in regions], dtype=np.int64)
@@ -92,42 +123,66 @@ class TargetRam:
     def digest(self) -> str:
         return xxhash.xxh3_128_hexdigest(self.held.tobytes())
 
-    def _offsets(self, starts: np.ndarray, lengths: np.ndarray, what: str) -> np.ndarray:
-        """File offsets of runs, each of which must lie inside one RAM region."""
-        if len(starts) and (lengths.min() < 1 or starts.min() < 0):
-            raise ProtocolError(f"malformed {what} frame: empty or negative run")
-        i = np.searchsorted(self._starts, starts, side="right") - 1
-        bad = (i < 0) | (starts + lengths > self._ends[np.maximum(i, 0)])
-        if bad.any():
-            raise ProtocolError(f"malformed {what} frame: pages outside guest RAM")
-        return self._offs[i] + (starts - self._starts[i]) * PAGE
+    def apply(self, kind: Kind, payload: bytes | memoryview) -> int:
+        """Carry out one DATA, ZERO, DISCARD or DUP frame; returns the pages it covered. Every run
+        is checked against the regions before anything is decompressed or written, so a malformed
+        frame raises :class:`ProtocolError` and changes nothing."""
+        if kind == Kind.DATA:
+            c, starts, lengths, blob = codec.decode_data(payload)
+            offs, n = self._offsets(starts, lengths, "DATA", min(MAX_FRAME // PAGE, self.max_pfn))
+            return self._write(offs, starts, lengths, codec.decompress(c, blob, n * PAGE))
+        if kind in (Kind.ZERO, Kind.DISCARD):
+            starts, lengths = codec.decode_pairs(payload, kind.name)
+            offs, _ = self._offsets(starts, lengths, kind.name, self.max_pfn)
+            return self._punch(offs, starts, lengths)
+        if kind == Kind.DUP:
+            dst, src = codec.decode_pairs(payload, "DUP")
+            return self._copy(dst, src)
+        raise ProtocolError(f"unexpected {kind.name} frame")
 
-    def write(self, starts: np.ndarray, lengths: np.ndarray, data: bytes | memoryview) -> int:
-        offs = self._offsets(starts, lengths, "DATA")
+    def _offsets(self, starts: np.ndarray, lengths: np.ndarray, what: str, most: int) -> tuple[np.ndarray, int]:
+        """File offsets of runs (peer's uint64s), each of which must lie inside one RAM region, and
+        the pages they cover, at most ``most``. Starts and lengths are bounded by the RAM's size
+        before they are added or multiplied, so no sum can wrap around."""
+        if len(starts) == 0:
+            return np.empty(0, np.int64), 0
+        if int(lengths.min()) < 1 or int(lengths.max()) > self.max_pfn or int(starts.max()) >= self.max_pfn:
+            raise ProtocolError(f"malformed {what} frame: empty run or pages outside guest RAM")
+        starts, lengths = starts.astype(np.int64), lengths.astype(np.int64)
+        i = np.searchsorted(self._starts, starts, side="right") - 1
+        if ((i < 0) | (starts + lengths > self._ends[np.maximum(i, 0)])).any():
+            raise ProtocolError(f"malformed {what} frame: pages outside guest RAM")
+        n = int(lengths.sum())
+        if n > most:
+            raise ProtocolError(f"malformed {what} frame: {n} pages in one frame (at most {most})")
+        return self._offs[i] + (starts - self._starts[i]) * PAGE, n
+
+    def _write(self, offs: np.ndarray, starts: np.ndarray, lengths: np.ndarray, data: bytes | memoryview) -> int:
         view = memoryview(data)
         pos = 0
-        for off, n in zip(offs.tolist(), (lengths * PAGE).tolist(), strict=True):
+        for off, n in zip(offs.tolist(), (lengths.astype(np.int64) * PAGE).tolist(), strict=True):
             os.pwrite(self.fd, view[pos:pos + n], off)
             pos += n
-        self.held[codec.expand(starts, lengths)] = hash_pages(np.frombuffer(data, np.uint8))
+        self.held[codec.expand(starts.astype(np.int64), lengths.astype(np.int64))] = hash_pages(
+            np.frombuffer(data, np.uint8))
         return int(lengths.sum())
 
-    def punch(self, starts: np.ndarray, lengths: np.ndarray, what: str) -> int:
-        for off, n in zip(self._offsets(starts, lengths, what).tolist(), (lengths * PAGE).tolist(), strict=True):
+    def _punch(self, offs: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> int:
+        for off, n in zip(offs.tolist(), (lengths.astype(np.int64) * PAGE).tolist(), strict=True):
             if _libc.fallocate(self.fd, _PUNCH, ctypes.c_int64(off), ctypes.c_int64(n)) != 0:
                 raise MemvirtError(f"cannot punch the target RAM file: {os.strerror(ctypes.get_errno())}")
-        self.held[codec.expand(starts, lengths)] = ZERO_HASH
+        self.held[codec.expand(starts.astype(np.int64), lengths.astype(np.int64))] = ZERO_HASH
         return int(lengths.sum())
 
-    def copy(self, dst: np.ndarray, src: np.ndarray) -> int:
+    def _copy(self, dst: np.ndarray, src: np.ndarray) -> int:
         """``dst <- src`` page copies through a mapping of the file, vectorized: all sources are
         gathered before any destination is written."""
-        ones = np.ones(len(dst), dtype=np.int64)
-        sidx = self._offsets(src, ones, "DUP") // PAGE
-        didx = self._offsets(dst, ones, "DUP") // PAGE
+        ones = np.ones(len(dst), dtype=np.uint64)
+        soff, _ = self._offsets(src, ones, "DUP", self.max_pfn)
+        doff, _ = self._offsets(dst, ones, "DUP", self.max_pfn)
         pages = self._mapped()
-        pages[didx] = pages[sidx]
-        self.held[dst] = self.held[src]
+        pages[doff // PAGE] = pages[soff // PAGE]
+        self.held[dst.astype(np.int64)] = self.held[src.astype(np.int64)]
         return len(dst)
 
     def _mapped(self) -> np.ndarray:
@@ -139,7 +194,108 @@ class TargetRam:
         return self._pages
 
 
-def start_target(setup: dict[str, Any], log: Log, ignore_shared: bool = True) -> VM:
+@dataclass
+class Setup:
+    """A SETUP frame, checked: what the target VM is made from."""
+
+    name: str
+    source: str
+    memory: int
+    cpus: int
+    image: Path
+    accel: str
+    append: str
+    regions: tuple[Region, ...]
+
+
+def check_setup(setup: object) -> Setup:
+    """Validate every field of a SETUP frame, even from an authenticated peer: its strings reach
+    QEMU's command line (``-machine pc,accel=...`` would take a comma as a new option) and its
+    numbers size files and arrays here. Raises :class:`ProtocolError` naming the first bad field.
+
+    The image is looked up by name in this host's own image cache (the peer's path is not used),
+    and the region list must be the ``pc`` machine's map for the memory size, which is what
+    QEMU builds from ``-m``: any other list would write pages where the guest does not see them."""
+    def bad(what: str) -> ProtocolError:
+        return ProtocolError(f"refused SETUP: {what}")
+
+    if not isinstance(setup, dict):
+        raise bad("not a JSON object")
+    extra = set(setup) - SETUP_KEYS
+    if extra:
+        raise bad(f"unknown field {sorted(extra)[0]!r}"[:200])
+    missing = SETUP_KEYS - {"source", "append"} - set(setup)
+    if missing:
+        raise bad(f"missing field {sorted(missing)[0]!r}")
+
+    def text(key: str, limit: int) -> str:
+        v = setup.get(key, "")
+        if not isinstance(v, str) or len(v) > limit or not re.fullmatch(r"[\x20-\x7e]*", v):
+            raise bad(f"{key} must be at most {limit} printable ASCII characters")
+        return v
+
+    def number(key: str, lo: int, hi: int) -> int:
+        v = setup[key]
+        if type(v) is not int or not lo <= v <= hi:
+            raise bad(f"{key} must be a whole number from {lo} to {hi}")
+        return v
+
+    try:
+        name = check_name(text("name", 64))
+    except UsageError as e:
+        raise bad(str(e)) from None
+    accel = setup["accel"]
+    if accel not in ACCELS:
+        raise bad(f"accel must be one of {', '.join(ACCELS)}, not {str(accel)[:40]!r}")
+    memory = number("memory", MIN_MEMORY, max_memory())
+    if memory % MIB:
+        raise bad("memory must be a whole number of MiB")
+    image = setup["image"]
+    if not isinstance(image, str) or len(image) > 4096:
+        raise bad("image must be the image's path on the source (a string)")
+    image_name = image.rpartition("/")[2]  # only the name is used: the folder is this host's cache
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}", image_name):
+        raise bad(f"image name {image_name[:80]!r} is not a memvirt image name")
+    return Setup(name=name, source=text("source", 256), memory=memory, cpus=number("cpus", 1, MAX_CPUS),
+                 image=cache_home() / "images" / image_name, accel=accel, append=text("append", MAX_APPEND),
+                 regions=check_regions(setup["regions"], memory))
+
+
+def check_regions(items: object, memory: int) -> tuple[Region, ...]:
+    """The SETUP region list as Regions: page-aligned, sorted, overlapping neither in guest-physical
+    space nor in the file, summing to ``memory``, and the ``pc`` machine's map for it."""
+    def bad(what: str) -> ProtocolError:
+        return ProtocolError(f"refused SETUP: regions {what}")
+
+    if not isinstance(items, list) or not 1 <= len(items) <= 8:
+        raise bad("must be a list of 1 to 8 regions")
+    regions = []
+    for r in items:
+        if not isinstance(r, dict) or set(r) != {"gpa", "size", "offset"}:
+            raise bad("must each have exactly gpa, size and offset")
+        vals = [r["gpa"], r["size"], r["offset"]]
+        if any(type(v) is not int or not 0 <= v < 1 << 52 or v % PAGE for v in vals) or r["size"] == 0:
+            raise bad("must have page-aligned gpa, size and offset below 4 PiB, and a size")
+        regions.append(Region(*vals))
+    by_gpa = sorted(regions, key=lambda r: r.gpa)
+    by_off = sorted(regions, key=lambda r: r.offset)
+    if by_gpa != regions or any(a.end > b.gpa for a, b in pairwise(by_gpa)):
+        raise bad("overlap or are not in guest-physical order")
+    if any(a.offset + a.size > b.offset for a, b in pairwise(by_off)):
+        raise bad("overlap in the RAM file")
+    if sum(r.size for r in regions) != memory:
+        raise bad(f"add up to {sum(r.size for r in regions)} bytes, not the memory size {memory}")
+    if tuple(regions) != rammap.pc_ram_map(memory):
+        raise bad(f"are not the pc machine's RAM map for {memory >> 20} MiB")
+    return tuple(regions)
+
+
+def max_memory() -> int:
+    """Largest guest received here: this host's RAM (its RAM file lives on tmpfs), at most 1 TiB."""
+    return min(1 << 40, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def start_target(setup: object, log: Log, ignore_shared: bool = True) -> VM:
     """A QEMU matching the source's machine, on a fresh RAM file, waiting with ``-incoming defer``
     (``ignore_shared=False`` for QEMU's own migration, which carries the RAM in its stream)."""
     vm, image = prepare_target(setup)
@@ -151,27 +307,23 @@ def start_target(setup: dict[str, Any], log: Log, ignore_shared: bool = True) ->
     return vm
 
 
-def prepare_target(setup: dict[str, Any]) -> tuple[VM, Image]:
+def prepare_target(setup: object) -> tuple[VM, Image]:
     """The target VM's state and its fresh (all-holes) RAM file, watched by a watchdog; its QEMU
-    is not started yet, so RAM can be written while it starts."""
-    try:
-        name = check_name(str(setup["name"]))
-        memory, cpus = int(setup["memory"]), int(setup["cpus"])
-        regions = rammap.from_dict(setup["regions"])
-        image = load_image(Path(setup["image"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise ProtocolError(f"malformed SETUP frame ({e.__class__.__name__}: {e})") from None
-    vdir = vms_root() / name
+    is not started yet, so RAM can be written while it starts. ``setup`` is checked first
+    (:func:`check_setup`)."""
+    st = check_setup(setup)
+    image = load_image(st.image)
+    vdir = vms_root() / st.name
     try:
         vdir.mkdir()
     except FileExistsError:
-        raise UsageError(f"a VM named {name!r} already exists on the receiving host (migrate with --as NEW)") from None
-    ram_path = ram_dir() / f"{name}.ram"
+        raise UsageError(f"a VM named {st.name!r} already exists on the receiving host (migrate with --as NEW)") from None
+    ram_path = ram_dir() / f"{st.name}.ram"
     config = VMConfig(
-        name=name, memory=memory, cpus=cpus, ram="shared", image=str(image.path), kernel_release=image.release,
-        accel=str(setup["accel"]), append=str(setup.get("append", "")), ram_path=str(ram_path),
-        regions=rammap.to_dict(regions), started=time.time(),
-        extra={INCOMING: os.getpid(), "migrated_from": str(setup.get("source", ""))},
+        name=st.name, memory=st.memory, cpus=st.cpus, ram="shared", image=str(image.path),
+        kernel_release=image.release, accel=st.accel, append=st.append, ram_path=str(ram_path),
+        regions=rammap.to_dict(st.regions), started=time.time(),
+        extra={INCOMING: os.getpid(), "migrated_from": st.source},
     )
     vm = VM(config)
     vm.save()
@@ -179,7 +331,7 @@ def prepare_target(setup: dict[str, Any]) -> tuple[VM, Image]:
         ram_path.unlink(missing_ok=True)
         fd = os.open(ram_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
         try:
-            os.ftruncate(fd, max(r.offset + r.size for r in regions))
+            os.ftruncate(fd, max(r.offset + r.size for r in st.regions))
         finally:
             os.close(fd)
         _watchdog(vm)
@@ -226,6 +378,13 @@ def _load_device_state(vm: VM, mon: Monitor, state: bytes) -> None:
         raise VMError(f"target VM {vm.name!r} is {status} after loading the device state, expected paused")
 
 
+def _fault(point: str) -> None:
+    """Fault injection for tests: SIGKILL this receiver at ``point`` when ``$MEMVIRT_TEST_FAULT``
+    names it (a real kill at an exact moment, which no outside timing can hit)."""
+    if os.environ.get(FAULT_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _hold(hold_file: Path | None, log: Log) -> None:
     """Test hook: with the target verified and paused, create ``hold_file`` and wait until it is removed."""
     if hold_file is None:
@@ -242,11 +401,15 @@ def receive_one(chan: Channel, peer: str, log: Log, hold_file: Path | None = Non
     """Run one authenticated migration session to its end; raises (after cleaning up) on failure."""
     t0 = time.perf_counter()
     setup = chan.recv_json(Kind.SETUP)
-    res = Received(name=str(setup.get("name", "?")), source=str(setup.get("source", "?")), peer=peer)
-    vm, image = prepare_target(setup)
+    res = Received(name=str(setup.get("name", "?"))[:64], source=str(setup.get("source", "?"))[:256], peer=peer)
+    try:
+        vm, image = prepare_target(setup)
+    except Exception as e:
+        chan.send_error(f"receiver: {e}" if isinstance(e, MemvirtError) else f"receiver: {e.__class__.__name__}: {e}")
+        raise
     ram: TargetRam | None = None
     mon: Monitor | None = None
-    running = False
+    committed = False
     pool = ThreadPoolExecutor(1, thread_name_prefix="memvirt-target")
     try:
         qemu = pool.submit(launch_target, vm, image, log)
@@ -256,22 +419,15 @@ def receive_one(chan: Channel, peer: str, log: Log, hold_file: Path | None = Non
         while True:
             kind, payload = chan.recv(Kind.DATA, Kind.ZERO, Kind.DISCARD, Kind.DUP, Kind.ROUND_END, Kind.DEVSTATE,
                                       borrow=True)
-            if kind == Kind.DATA:
-                c, starts, lengths, blob = codec.decode_data(payload)
-                res.pages["data"] += ram.write(starts, lengths, codec.decompress(c, blob, int(lengths.sum()) * PAGE))
-            elif kind in (Kind.ZERO, Kind.DISCARD):
-                starts, lengths = codec.decode_pairs(payload, kind.name)
-                res.pages[kind.name.lower()] += ram.punch(starts, lengths, kind.name)
-            elif kind == Kind.DUP:
-                dst, src = codec.decode_pairs(payload, "DUP")
-                res.pages["dup"] += ram.copy(dst, src)
-            elif kind == Kind.ROUND_END:
+            if kind == Kind.ROUND_END:
                 res.rounds += 1
                 if qemu.done():
                     qemu.result()
-            else:
+            elif kind == Kind.DEVSTATE:
                 state = bytes(payload)
                 break
+            else:
+                res.pages[kind.name.lower()] += ram.apply(kind, payload)
         commit = chan.recv_json(Kind.COMMIT)
         if commit.get("digest") != ram.digest():
             raise ProtocolError("the target's RAM does not match what the sender sent (final digest differs)")
@@ -281,14 +437,20 @@ def receive_one(chan: Channel, peer: str, log: Log, hold_file: Path | None = Non
         _load_device_state(vm, mon, state)
         _hold(hold_file, log)
         chan.send_json(Kind.VERIFIED, {"digest": commit["digest"]})
-        if chan.recv_json(Kind.GO).get("resume", True):
-            mon.command("cont")
-            if (status := mon.status()) != "running":
-                raise VMError(f"target VM {vm.name!r} is {status} after cont")
-        running = True
+        resume = chan.recv_json(Kind.GO).get("resume", True)
+        # The mark goes before cont: once it is gone the watchdog leaves the target alone, so a
+        # receiver killed from here on leaves a target that may run (or waits paused), never
+        # one killed after it ran.
         vm.config.extra.pop(INCOMING, None)
         vm.config.extra["migrated_at"] = time.time()
         vm.save()
+        committed = True
+        _fault("committed")
+        if resume:
+            mon.command("cont")
+            _fault("resumed")
+            if (status := mon.status()) != "running":
+                raise VMError(f"target VM {vm.name!r} is {status} after cont")
         chan.send_json(Kind.RUNNING, {"name": vm.name, "pid": vm.config.pid})
         mon.close()
     except BaseException as e:
@@ -297,10 +459,11 @@ def receive_one(chan: Channel, peer: str, log: Log, hold_file: Path | None = Non
             ram.close()
         if mon is not None:
             mon.close()
-        if not running:
+        if not committed:
             vm.discard()
         msg = str(e) if isinstance(e, MemvirtError) else f"{e.__class__.__name__}: {e}"
-        chan.send_error(f"receiver: {msg}; target VM removed" if not running else f"receiver: {msg}")
+        chan.send_error(f"receiver: {msg}; target VM removed" if not committed
+                        else f"receiver: {msg}; target VM {vm.name!r} left as it is (it may have run)")
         raise
     pool.shutdown()
     res.bytes_received = chan.bytes_received
@@ -315,46 +478,95 @@ def serve(
 ) -> list[Received]:
     """Accept up to ``count`` migrations (failed ones count too) within ``timeout`` seconds.
 
-    Peers that fail the handshake are refused and do not count. Raises if the last migration failed.
+    Handshakes run on threads of their own, up to :data:`MAX_HANDSHAKES` at once, each over within
+    :data:`~memvirt.migrate.protocol.HANDSHAKE_TIMEOUT`: a peer without the secret holds a slot for
+    at most that long and never keeps a good sender waiting (unless it floods every slot; then
+    newcomers are refused at once, not queued). Authenticated sessions are served one after the
+    other, in the order they proved the secret. Peers that fail the handshake are refused and do
+    not count. Raises if the last migration failed.
     """
     if count < 1:
         raise UsageError("--count must be at least 1")
+    if secret is None:
+        check_insecure(host)
+    else:
+        check_secret(secret)
     try:
         srv = socket.create_server((host, port), reuse_port=False)
     except OSError as e:
         raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     results: list[Received] = []
     deadline = time.monotonic() + timeout
-    with srv:
-        bound = srv.getsockname()
-        if listening:
-            listening(bound[0], bound[1])
-        while len(results) < count:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise MemvirtError(f"no sender came in {timeout:.0f} s ({len(results)} of {count} migrations received)")
-            srv.settimeout(left)
+    ready: queue.Queue[tuple[Channel, str]] = queue.Queue()
+    slots = threading.BoundedSemaphore(MAX_HANDSHAKES)
+    lock = threading.Lock()
+    stopped = False
+
+    def handshake(conn: socket.socket, peer: str) -> None:
+        try:
+            chan = server_handshake(conn, secret, SESSION_TIMEOUT)
+        except Exception as e:  # noqa: BLE001 - any failure refuses this peer only
+            log(f"refused {peer}: {e}")
+            conn.close()
+            return
+        finally:
+            slots.release()
+        with lock:
+            if not stopped:
+                ready.put((chan, peer))
+                return
+        chan.send_error("receiver: no longer accepting migrations")
+        chan.close()
+
+    def accept() -> None:
+        while not stopped:
             try:
                 conn, addr = srv.accept()
             except TimeoutError:
                 continue
+            except OSError:
+                return
             peer = f"{addr[0]}:{addr[1]}"
-            try:
-                chan = server_handshake(conn, secret, SESSION_TIMEOUT)
-            except ProtocolError as e:
-                log(f"refused {peer}: {e}")
+            if not slots.acquire(blocking=False):
+                log(f"refused {peer}: {MAX_HANDSHAKES} handshakes already in progress")
                 conn.close()
                 continue
-            try:
-                res = receive_one(chan, peer, log, hold_file)
-                log(f"received {res.name!r} from {peer}: running")
-            except Exception as e:
-                msg = str(e) if isinstance(e, MemvirtError) else f"{e.__class__.__name__}: {e}"
-                res = Received(name="?", source="?", peer=peer, error=msg)
-                log(f"migration from {peer} failed: {msg}")
-            finally:
+            threading.Thread(target=handshake, args=(conn, peer), name="memvirt-handshake", daemon=True).start()
+
+    with srv:
+        srv.settimeout(0.2)
+        bound = srv.getsockname()
+        if listening:
+            listening(bound[0], bound[1])
+        acceptor = threading.Thread(target=accept, name="memvirt-accept", daemon=True)
+        acceptor.start()
+        try:
+            while len(results) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise MemvirtError(f"no sender came in {timeout:.0f} s ({len(results)} of {count} migrations received)")
+                try:
+                    chan, peer = ready.get(timeout=left)
+                except queue.Empty:
+                    continue
+                try:
+                    res = receive_one(chan, peer, log, hold_file)
+                    log(f"received {res.name!r} from {peer}: running")
+                except Exception as e:
+                    msg = str(e) if isinstance(e, MemvirtError) else f"{e.__class__.__name__}: {e}"
+                    res = Received(name="?", source="?", peer=peer, error=msg)
+                    log(f"migration from {peer} failed: {msg}")
+                finally:
+                    chan.close()
+                results.append(res)
+        finally:
+            with lock:
+                stopped = True
+            acceptor.join()
+            while not ready.empty():
+                chan, _ = ready.get()
+                chan.send_error("receiver: no longer accepting migrations")
                 chan.close()
-            results.append(res)
     if not results[-1].ok:
         raise MemvirtError(f"incoming migration failed: {results[-1].error}; the partial VM was removed")
     return results

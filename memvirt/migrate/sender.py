@@ -26,7 +26,16 @@ from memvirt.errors import MemvirtError, UsageError, VMError
 from memvirt.memory.ramfile import RamFileMemory
 from memvirt.migrate.codec import CodecChooser
 from memvirt.migrate.precopy import PAGE, Round, Tracker
-from memvirt.migrate.protocol import Channel, Kind, PeerError, ProtocolError, SendQueue, client_handshake
+from memvirt.migrate.protocol import (
+    Channel,
+    Kind,
+    PeerError,
+    ProtocolError,
+    SendQueue,
+    check_insecure,
+    check_secret,
+    client_handshake,
+)
 from memvirt.migrate.receiver import IGNORE_SHARED
 from memvirt.migrate.throttle import Throttle
 from memvirt.migrate.watchdog import COMMITTED, spawn_source_guard
@@ -171,6 +180,10 @@ def migrate(
         raise UsageError("--downtime must be positive")
     if max_rounds < 1:
         raise UsageError("--max-rounds must be at least 1")
+    if secret is None:
+        check_insecure(host)
+    else:
+        check_secret(secret)
     chooser = CodecChooser(codec)
     vm = VM.load(name)
     state = check_source(vm)

@@ -1,9 +1,10 @@
 """Cleans up after a migration end that died (killed, crashed) halfway.
 
 Receiver: run detached as ``python -m memvirt.migrate.watchdog RECEIVER_PID VM_DIR``. It exits by
-itself as soon as the target runs (the receiver cleared its ``incoming_by`` mark) or is gone, and
-otherwise when the receiver's pid is gone: then it kills the target's QEMU, which never ran a
-guest instruction, and removes its RAM file and state.
+itself as soon as the receiver cleared its ``incoming_by`` mark (which it does before it resumes
+the target, so a target that may have run is never killed) or the VM is gone, and otherwise when
+the receiver's pid is gone: then it kills the target's QEMU, which never ran a guest
+instruction, and removes its RAM file and state.
 
 Sender: ``python -m memvirt.migrate.watchdog SENDER_PID VM_DIR source``, stopped with SIGTERM when
 the sender is done. If the sender dies first while the source is held (throttled, or paused for
