@@ -42,10 +42,19 @@ class Terminated(KeyboardInterrupt):
     lifted, host settings restored, guests this process started stopped."""
 
 
+_terminated: list[bool] = []
+
+
+def terminated() -> bool:
+    """Whether SIGTERM reached this process (typer turns every KeyboardInterrupt into exit 130)."""
+    return bool(_terminated)
+
+
 def _raise_terminated(signum: int, frame: FrameType | None) -> None:
     # A second SIGTERM must not cut the clean-up the first one started (SIGKILL still works,
     # and the watchdogs cover it).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _terminated.append(True)
     raise Terminated()
 
 

@@ -14,7 +14,7 @@ from memvirt.cli.demo import demo
 from memvirt.cli.inspect import inspect
 from memvirt.cli.output import err
 from memvirt.errors import MemvirtError
-from memvirt.procs import Terminated, terminate_like_interrupt
+from memvirt.procs import Terminated, terminate_like_interrupt, terminated
 
 app = typer.Typer(
     help="memvirt: manage the memory of Linux QEMU/KVM guests from the host.\n\n"
@@ -64,6 +64,13 @@ def main() -> None:
     terminate_like_interrupt()
     try:
         app()
+    except SystemExit as e:
+        if e.code == 130:  # typer's exit for a KeyboardInterrupt, after every finally ran
+            if terminated():
+                err.print("memvirt: terminated")
+                sys.exit(143)
+            err.print("memvirt: interrupted")
+        raise
     except MemvirtError as e:
         err.print(f"memvirt: error: {e}", markup=False, highlight=False)
         sys.exit(e.exit_code)
