@@ -53,11 +53,11 @@ class KernelView:
     @classmethod
     def open(
         cls, mem: GuestMemory, hint_gpa: int | None = None, load_btf: bool = True,
-        cached_symbols: Callable[[Vmcoreinfo], Any] | None = None,
+        cached_symbols: Callable[[Vmcoreinfo, Callable[[int, int], np.ndarray]], Any] | None = None,
     ) -> KernelView:
         """Bootstrap from ``mem``; ``hint_gpa`` is a cached VMCOREINFO location to try first.
 
-        ``cached_symbols(vmcoreinfo)`` may return the symbols a previous bootstrap of the same
+        ``cached_symbols(vmcoreinfo, read_va)`` may return the symbols a previous bootstrap of the same
         kernel build used (relocated for this boot); then kallsyms and BTF are not decoded.
         ``timings`` records seconds per step; ``notes`` says where each fact came from.
         """
@@ -74,7 +74,7 @@ class KernelView:
 
         info, pt = _first_consistent_note(mem, hint_gpa, timings)
         notes["vmcoreinfo"] = f"note at GPA {info.gpa:#x}" if info.gpa is not None else "carried by the dump"
-        symbols = cached_symbols(info) if cached_symbols is not None else None
+        symbols = cached_symbols(info, pt.read_va) if cached_symbols is not None else None
         if symbols is not None:
             notes["kallsyms"] = f"{len(symbols)} symbols from the build-id cache"
             load_btf = False
