@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 
-from memvirt.errors import BadImage
+from memvirt.errors import BadImage, GuestStructureError
 from memvirt.introspect.btf import Btf, BtfLayout, read_btf
 from memvirt.introspect.kallsyms import KALLSYMS_TABLES, Kallsyms, read_kallsyms
 from memvirt.introspect.layout import ChainLayout, Layout, LayoutMissing, VmcoreinfoLayout
@@ -161,7 +161,10 @@ class KernelView:
     @property
     def _max_phys(self) -> int:
         key = "NUMBER(MAX_PHYSMEM_BITS)"
-        return 1 << (self.vmcoreinfo.number("MAX_PHYSMEM_BITS") if key in self.vmcoreinfo else 52)
+        bits = self.vmcoreinfo.number("MAX_PHYSMEM_BITS") if key in self.vmcoreinfo else 52
+        if not 32 <= bits <= 64:
+            raise GuestStructureError(f"MAX_PHYSMEM_BITS is {bits}")
+        return 1 << bits
 
     # -- symbols and types -------------------------------------------------------------------
 
