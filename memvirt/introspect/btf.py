@@ -49,7 +49,7 @@ MAX_BTF = 64 << 20
 MAX_DEPTH = 32
 """Nesting of types (anonymous members, arrays of arrays, pointers) followed; C code never nests
 this deep, and the guest writes the type graph, which may have cycles."""
-MAX_MEMBERS_VISITED = 1 << 18
+MAX_MEMBERS_VISITED = 1 << 16
 """Members one lookup through anonymous structs may look at (their fan-out multiplies)."""
 
 

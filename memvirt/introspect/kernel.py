@@ -34,6 +34,9 @@ LayoutSource = Literal["auto", "vmcoreinfo", "btf"]
 # Direct map and vmemmap bases are randomized in PUD_SIZE steps (arch/x86/mm/kaslr.c) and are
 # 1 GiB aligned without KASLR too.
 _PUD_SIZE = 1 << 30
+MAX_NOTES = 64
+"""VMCOREINFO candidates checked: a few earlier boots may leave theirs in RAM, a guest filling
+its RAM with fake notes must not cost a page-table check per page."""
 
 
 @dataclass
@@ -308,7 +311,10 @@ def _first_consistent_note(
     checking = 0.0
     t0 = time.perf_counter()
     try:
-        for _gpa, info in iter_vmcoreinfo(mem, hint_gpa):
+        for tried, (_gpa, info) in enumerate(iter_vmcoreinfo(mem, hint_gpa)):
+            if tried == MAX_NOTES:
+                raise GuestStructureError(f"{MAX_NOTES} VMCOREINFO notes in {mem.describe()} and none maps its own "
+                                          f"kernel; the first said: {first_error}")
             t = time.perf_counter()
             try:
                 return info, _page_table(mem, info)

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cli import assert_one_line_error, memvirt  # noqa: E402
 from test_introspect_bootstrap import (  # noqa: E402
     BTF_VA,
+    DECOY_PA,
     NOTE_PA,
     PGD_PA,
     PHYS_BASE,
@@ -337,6 +338,15 @@ def test_hostile_layout_numbers(case: str) -> None:
     assert_structure_error(bounded(lambda: census(ImageMemory(image)).counts, 256 * MiB, 20), needle)
 
 
+def test_many_fake_notes(good: bytes) -> None:
+    """A guest that fills pages with VMCOREINFO notes of no consistent kernel costs at most
+    64 page-table checks, then one line."""
+    decoy = good[DECOY_PA : DECOY_PA + 4096]  # another boot's KASLR
+    patches = {NOTE_PA: bytes(4096)} | {0xD00000 + 4096 * i: decoy for i in range(200)}
+    outcome = bounded(lambda: KernelView.open(patched(good, patches)), 256 * MiB, 20)
+    assert_structure_error(outcome, "64 VMCOREINFO notes", "none maps its own kernel")
+
+
 def test_hostile_physmem_bits() -> None:
     """``1 << MAX_PHYSMEM_BITS`` with a 30-digit hex exponent would never finish."""
     image = bytes(census_synthetic(**{"NUMBER(MAX_PHYSMEM_BITS)": "0x" + "f" * 30}).mem)
@@ -441,6 +451,20 @@ def test_self_referencing_btf(kind: str) -> None:
     outcome = bounded(lookups, 256 * MiB, 20)
     assert outcome[0] == "ok", outcome
     assert any(isinstance(x, str) and x.startswith(PREFIX) for x in outcome[1]), outcome
+
+
+def test_memsnap_garbage_is_a_guest_error() -> None:
+    """The demo compares with figures the guest prints: garbage there is a GuestError."""
+    from memvirt.errors import GuestError
+    from memvirt.introspect.groundtruth import parse_snapshot
+
+    for text in ("==> /proc/zoneinfo <==\nNode 0, zone Normal\n count: lots\n",
+                 "==> /proc/vmstat <==\nnr_free_pages 1 2\n", "==> /proc/vmstat <==\nnr_free_pages x\n"):
+        with pytest.raises(GuestError, match="memsnap output does not parse"):
+            parse_snapshot(text)
+    big = "==> /proc/vmstat <==\n" + "nr_x 1\n" * 200_000
+    t = time.perf_counter()
+    assert parse_snapshot(big).vmstat == {"nr_x": 1} and time.perf_counter() - t < 5
 
 
 def test_kallsyms_expansion_is_bounded() -> None:
@@ -584,7 +608,11 @@ def _fuzz_cases(n: int, seed: int) -> list[tuple[str, dict[int, bytes] | bytes]]
     hot += [page_pa(p) + o for p in (0x800, 0x900, 0xA00, 0xA01) for o in (0, 8, 24, 40, 48)]
     hot += [kpa(CPU_VA) + o for o in (0, 8, 16)] + [PGD_PA + 8 * i for i in range(512)]
     hot += [PTE_VM + 8 * i for i in range(64)]
-    values = [0, 1, 2**63, 2**64 - 1, 0x7FFFFFFF, VMEMMAP, POB + PCP_PA, lru_va(0xA00), pcp_head_va(0)]
+    hot += [kpa(base.sym[n]) + o for n in ("kallsyms_num_syms", "kallsyms_names", "kallsyms_token_index",
+                                           "kallsyms_token_table", "kallsyms_offsets", "kallsyms_markers")
+            for o in (0, 8, 64, 504)]
+    values = [0, 1, 2**63, 2**64 - 1, 0x7FFFFFFF, VMEMMAP, POB + PCP_PA, lru_va(0xA00), pcp_head_va(0), 4_000_000,
+              0xFFFF_FFFF_FFFF_FF7F]
     cases: list[tuple[str, dict[int, bytes] | bytes]] = []
     for _ in range(n):
         what = rng.choice(["vmcoreinfo", "memory", "memory", "btf"])
