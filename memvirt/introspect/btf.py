@@ -51,6 +51,7 @@ MAX_DEPTH = 32
 this deep, and the guest writes the type graph, which may have cycles."""
 MAX_MEMBERS_VISITED = 1 << 16
 """Members one lookup through anonymous structs may look at (their fan-out multiplies)."""
+MAX_NAME_COPIES = 16
 
 
 @dataclass(frozen=True)
@@ -153,11 +154,17 @@ class Btf:
         return self.strings[off:end].decode("utf-8", "replace")
 
     def _string_offsets(self, name: str) -> list[int]:
+        """Where ``name`` is in the string section: once in a deduplicated blob (pahole's are);
+        a blob repeating it more than a few times is refused, since each hit costs a pass
+        over every type."""
         needle = b"\0" + name.encode() + b"\0"
         out = []
         i = self.strings.find(needle)
         while i >= 0:
             out.append(i + 1)
+            if len(out) > MAX_NAME_COPIES:
+                raise GuestStructureError(f"BTF of {self.source} repeats the string {name!r} more than "
+                                          f"{MAX_NAME_COPIES} times")
             i = self.strings.find(needle, i + 1)
         return out
 

@@ -246,11 +246,12 @@ def store(info: Vmcoreinfo, choice: str, read_va: ReadVA, symbols: RecordingSymb
     if stem is None:
         return None
     kaslr = info.kerneloffset
+    # Only kallsyms addresses: a name kallsyms lacks stays absent, so a later bootstrap falls
+    # back to VMCOREINFO's SYMBOL() as a fresh one does (those may be direct-map addresses,
+    # which KASLR moves by another offset).
     rel: dict[str, int | None] = {}
     for name in sorted(symbols.asked):
         addr = symbols._symbols.get(name)
-        if addr is None and info.has_symbol(name):
-            addr = info.symbol(name)
         rel[name] = None if addr is None else addr - kaslr
     content = content_digest(info, read_va, _btf_span(rel, kaslr))
     folder = _folder(create=True) if content is not None else None

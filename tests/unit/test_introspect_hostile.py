@@ -453,6 +453,16 @@ def test_self_referencing_btf(kind: str) -> None:
     assert any(isinstance(x, str) and x.startswith(PREFIX) for x in outcome[1]), outcome
 
 
+def test_btf_repeated_names() -> None:
+    """BTF strings are deduplicated; a million copies of a name would cost a pass over all
+    types each."""
+    b = BtfBuilder()
+    b.add(STRUCT, "page", 8)
+    b.strings += b"page\0" * 1_000_000
+    outcome = bounded(lambda: BtfLayout(Btf(b.blob(), "repeats")).struct_size("page"), 256 * MiB, 10)
+    assert_structure_error(outcome, "repeats the string 'page'")
+
+
 def test_memsnap_garbage_is_a_guest_error() -> None:
     """The demo compares with figures the guest prints: garbage there is a GuestError."""
     from memvirt.errors import GuestError
