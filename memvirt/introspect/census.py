@@ -364,18 +364,20 @@ class PageScanner:
                         found_orders.append(np.full(len(pfns), p.orders[i], dtype=np.int64))
                         seen += len(pfns) << p.orders[i]
                         continue
-                    steps = 0
+                    walked: list[int] = []
                     while nxt != head_va:
                         pfn, rem = divmod(nxt - self.lru - vbase, self.page_size)
-                        if rem or not 0 <= pfn < self.max_pfn or steps > limit or visited[pfn]:
+                        if rem or not 0 <= pfn < self.max_pfn or len(walked) > limit or visited[pfn]:
                             self._inconsistent(live, warnings, f"per-cpu list {i} of cpu {cpu} in zone {z.key} is broken")
                             break
                         visited[pfn] = 1
-                        heads.append(pfn)
-                        orders.append(p.orders[i])
-                        seen += 1 << p.orders[i]
-                        steps += 1
+                        walked.append(pfn)
                         nxt = lru_next.item(pfn)
+                    else:
+                        # Only a list that reaches its head again counts (as in the C walk).
+                        heads += walked
+                        orders += [p.orders[i]] * len(walked)
+                        seen += len(walked) << p.orders[i]
                 if seen != count:
                     self._inconsistent(live, warnings, f"cpu {cpu} zone {z.key}: pcp count {count}, lists hold {seen}")
         found.append(np.array(heads, dtype=np.int64))
