@@ -224,6 +224,14 @@ def bounded(fn: Callable[[], Any], mem: int = 512 * MiB, seconds: float = 30) ->
     return pickle.loads(data)
 
 
+def test_the_ceilings_hold() -> None:
+    """The harness itself: an allocation past the ceiling fails, a hang is cut short."""
+    assert bounded(lambda: np.ones(1 << 31, dtype=np.uint8).sum(), 256 * MiB, 20)[0] == "MemoryError"
+    assert bounded(lambda: int(np.ones(1 << 20, dtype=np.uint8).sum()), 256 * MiB, 20) == ("ok", 1 << 20)
+    with pytest.raises(AssertionError, match="longer than 1 s"):
+        bounded(lambda: time.sleep(30), 256 * MiB, 1)
+
+
 def assert_structure_error(outcome: tuple[str, Any], *needles: str) -> str:
     """One line, a GuestStructureError, naming what does not add up."""
     assert outcome[0] == "GuestStructureError", outcome
