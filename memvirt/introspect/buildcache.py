@@ -224,15 +224,17 @@ def load(info: Vmcoreinfo, choice: str, read_va: ReadVA) -> tuple[CachedSymbols,
         if not _well_formed(entry, choice) or entry["release"] != info.osrelease:
             log.warning("build-id cache entry %s ignored: malformed", path.name)
             continue
-        why = _contradiction(entry, info)
-        if why is None and not path.name.endswith(f"-{entry['content'][:32]}.json"):
-            why = "its name does not match its content digest"
-        if why is None and content_digest(info, read_va, _btf_span(entry["symbols"], info.kerneloffset)) != entry["content"]:
-            why = "this guest's kallsyms or BTF bytes differ from those it was derived from"
-        if why is not None:
-            log.warning("build-id cache entry %s ignored: %s", path.name, why)
-            continue
-        return CachedSymbols(entry["symbols"], info.kerneloffset), CachedLayout(entry["facts"], entry["sources"])
+        try:
+            why = _contradiction(entry, info)
+            if why is None and not path.name.endswith(f"-{entry['content'][:32]}.json"):
+                why = "its name does not match its content digest"
+            if why is None and content_digest(info, read_va, _btf_span(entry["symbols"], info.kerneloffset)) != entry["content"]:
+                why = "this guest's kallsyms or BTF bytes differ from those it was derived from"
+            if why is None:
+                return CachedSymbols(entry["symbols"], info.kerneloffset), CachedLayout(entry["facts"], entry["sources"])
+        except MemvirtError as e:
+            why = str(e)
+        log.warning("build-id cache entry %s ignored: %s", path.name, why)
     return None
 
 
@@ -245,7 +247,10 @@ def store(info: Vmcoreinfo, choice: str, read_va: ReadVA, symbols: RecordingSymb
     stem = _stem(info, choice)
     if stem is None:
         return None
-    kaslr = info.kerneloffset
+    try:
+        kaslr = info.kerneloffset
+    except MemvirtError:
+        return None
     # Only kallsyms addresses: a name kallsyms lacks stays absent, so a later bootstrap falls
     # back to VMCOREINFO's SYMBOL() as a fresh one does (those may be direct-map addresses,
     # which KASLR moves by another offset).

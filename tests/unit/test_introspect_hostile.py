@@ -46,7 +46,7 @@ from test_introspect_bootstrap import (  # noqa: E402
 )
 
 from memvirt.errors import GuestStructureError, MemvirtError  # noqa: E402
-from memvirt.introspect import Introspector, native  # noqa: E402
+from memvirt.introspect import Introspector, buildcache, native  # noqa: E402
 from memvirt.introspect.btf import ARRAY, PTR, STRUCT, TYPEDEF, Btf, BtfLayout  # noqa: E402
 from memvirt.introspect.census import CODE, PageScanner  # noqa: E402
 from memvirt.introspect.kallsyms import kallsyms_expand_symbols  # noqa: E402
@@ -539,6 +539,44 @@ def test_build_id_traversal(build_id: str, cache: Path, tmp_path: Path) -> None:
     i.scan()
     written = [p for p in tmp_path.rglob("*") if p.is_file()] + list(tmp_path.parent.glob("escaped*"))
     assert written == [] and not cache.exists(), written
+
+
+def test_content_digest_is_the_same_for_every_boot(good: bytes) -> None:
+    """Another boot moves the image by its KASLR offset and relocates kallsyms_relative_base:
+    same digest. Another byte in the tables: another digest."""
+    kv = KernelView.open(ImageMemory(good), hint_gpa=NOTE_PA)
+    info, btf = kv.vmcoreinfo, (kv.symbol("__start_BTF"), kv.symbol("__stop_BTF"))
+    digest = buildcache.content_digest(info, kv.read_va, btf)
+    shift = 0x1E00000
+    moved = Vmcoreinfo.parse("".join(
+        f"{k}={int(v, 16) + shift:x}\n" if k.startswith("SYMBOL(kallsyms") else
+        f"KERNELOFFSET={shift:x}\n" if k == "KERNELOFFSET" else f"{k}={v}\n" for k, v in info.entries.items()).encode())
+    base_va = info.symbol("kallsyms_relative_base")
+
+    def read_moved(va: int, n: int, flip: int | None = None) -> np.ndarray:
+        out = kv.read_va(va - shift, n).copy()
+        rel = base_va + shift - va
+        if 0 <= rel <= n - 8:
+            out[rel : rel + 8].view("<u8")[0] += np.uint64(shift)
+        if flip is not None and 0 <= flip - va < n:
+            out[flip - va] ^= 1
+        return out
+
+    assert buildcache.content_digest(moved, read_moved, (btf[0] + shift, btf[1] + shift)) == digest
+    names = info.symbol("kallsyms_names") + shift + 3
+    assert buildcache.content_digest(moved, lambda va, n: read_moved(va, n, names),
+                                     (btf[0] + shift, btf[1] + shift)) != digest
+    assert buildcache.content_digest(moved, lambda va, n: read_moved(va, n, btf[0] + shift + 40),
+                                     (btf[0] + shift, btf[1] + shift)) != digest
+
+
+def test_build_id_cache_without_kaslr_offset(good: bytes, cache: Path) -> None:
+    """A census whose VMCOREINFO has no usable KERNELOFFSET is not cached, and still answers."""
+    intro(good).scan()
+    s = census_synthetic()
+    put_vmcoreinfo(s, [*census_lines(), "KERNELOFFSET=zz"])
+    i = intro(bytes(s.mem))
+    assert not i.cached and i.scan().counts["free_pcp"] == 2
 
 
 def test_build_id_poisoning(good: bytes, cache: Path) -> None:
