@@ -33,3 +33,16 @@ class VMError(MemvirtError):
 
 class GuestError(MemvirtError):
     """The guest did not answer, or a command in it failed."""
+
+
+class GuestStructureError(BadImage):
+    """The guest kernel's own structures (lists, counts, types) are inconsistent or hostile.
+
+    A :class:`BadImage` (exit code 2): guest memory is input memvirt did not write. The message
+    always reads ``guest kernel structures do not add up: <what>``.
+    """
+
+    PREFIX = "guest kernel structures do not add up: "
+
+    def __init__(self, what: str):
+        super().__init__(what if what.startswith(self.PREFIX) else self.PREFIX + what)

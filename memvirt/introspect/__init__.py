@@ -35,8 +35,8 @@ class Introspector:
         if cache:
             hit: dict[str, object] = {}
 
-            def from_cache(info):  # noqa: ANN001, ANN202
-                found = buildcache.load(info, layouts)
+            def from_cache(info, read_va):  # noqa: ANN001, ANN202
+                found = buildcache.load(info, layouts, read_va)
                 if found is not None:
                     hit["layout"] = found[1]
                     return found[0]
@@ -81,7 +81,7 @@ class Introspector:
         census = self.scanner.scan(live=live, content=content)
         census.timings["bootstrap"] = self.bootstrap_seconds
         if self._to_store is not None:
-            buildcache.store(self.kernel.vmcoreinfo, self.layouts, self._to_store, dict(self.layout.values),
-                             dict(self.layout.provenance))
+            buildcache.store(self.kernel.vmcoreinfo, self.layouts, self.kernel.read_va, self._to_store,
+                             dict(self.layout.values), dict(self.layout.provenance))
             self._to_store = None
         return census

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from memvirt.errors import BadImage
+from memvirt.errors import BadImage, GuestStructureError
 from memvirt.introspect.layout import LayoutMissing
 
 BTF_MAGIC = 0xEB9F
@@ -44,6 +44,14 @@ _QUALIFIERS = {TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG}
 _SIZED = {INT, STRUCT, UNION, ENUM, DATASEC, FLOAT, ENUM64}
 _PATH_PART = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)((?:\[\d+\])*)$")
 _STRUCT_PREFIX = re.compile(r"^(struct|union|enum)\s+")
+MAX_BTF = 64 << 20
+"""A kernel's BTF is ~6 MiB (6.12); a bigger blob is refused before it is read."""
+MAX_DEPTH = 32
+"""Nesting of types (anonymous members, arrays of arrays, pointers) followed; C code never nests
+this deep, and the guest writes the type graph, which may have cycles."""
+MAX_MEMBERS_VISITED = 1 << 16
+"""Members one lookup through anonymous structs may look at (their fan-out multiplies)."""
+MAX_NAME_COPIES = 16
 
 
 @dataclass(frozen=True)
@@ -109,7 +117,7 @@ class Btf:
         info[-1] = 0
         kind = (info >> 24) & 0x1F
         nxt = np.arange(n, dtype=np.int64) + 3 + _TAIL_FIXED[kind] + _TAIL_PER_VLEN[kind] * (info & 0xFFFF)
-        step = nxt.tolist()
+        step = memoryview(nxt)
         starts = []
         append = starts.append
         p = 0
@@ -146,11 +154,17 @@ class Btf:
         return self.strings[off:end].decode("utf-8", "replace")
 
     def _string_offsets(self, name: str) -> list[int]:
+        """Where ``name`` is in the string section: once in a deduplicated blob (pahole's are);
+        a blob repeating it more than a few times is refused, since each hit costs a pass
+        over every type."""
         needle = b"\0" + name.encode() + b"\0"
         out = []
         i = self.strings.find(needle)
         while i >= 0:
             out.append(i + 1)
+            if len(out) > MAX_NAME_COPIES:
+                raise GuestStructureError(f"BTF of {self.source} repeats the string {name!r} more than "
+                                          f"{MAX_NAME_COPIES} times")
             i = self.strings.find(needle, i + 1)
         return out
 
@@ -184,7 +198,7 @@ class Btf:
             if int(self.kind[tid]) not in _QUALIFIERS:
                 return tid
             tid = int(self.size_type[tid])
-        raise BadImage(f"BTF of {self.source} has a typedef cycle")
+        raise GuestStructureError(f"BTF of {self.source} has a typedef cycle")
 
     def sizeof(self, tid: int) -> int:
         """``sizeof`` of a type; :class:`LayoutMissing` for void, functions and forward declarations."""
@@ -195,8 +209,14 @@ class Btf:
         if k == PTR:
             return 8
         if k == ARRAY:
-            elem, _index, nelems = self.array_info(t)
-            return nelems * self.sizeof(elem)
+            count = 1
+            for _ in range(MAX_DEPTH):
+                elem, _index, nelems = self.array_info(t)
+                count *= nelems
+                t = self.resolve(elem)
+                if int(self.kind[t]) != ARRAY:
+                    return count * self.sizeof(t)
+            raise GuestStructureError(f"BTF of {self.source} nests arrays deeper than {MAX_DEPTH} (a cycle?)")
         raise LayoutMissing(f"BTF type {self.type_name(tid)!r} has no size ({KIND_NAMES[k]})")
 
     def array_info(self, tid: int) -> tuple[int, int, int]:
@@ -228,12 +248,27 @@ class Btf:
         return out
 
     def find_member(self, tid: int, name: str) -> Member | None:
-        """Member ``name`` of a struct/union, looking through anonymous members as C does."""
-        for m in self.members(tid):
+        """Member ``name`` of a struct/union, looking through anonymous members as C does.
+
+        The guest writes the types: an anonymous member of its own struct's type (a cycle) or a
+        wide, deep tree of them is a :class:`GuestStructureError`, not a RecursionError."""
+        return self._find_member(tid, name, (), [MAX_MEMBERS_VISITED])
+
+    def _find_member(self, tid: int, name: str, path: tuple[int, ...], budget: list[int]) -> Member | None:
+        t = self.resolve(tid)
+        if t in path or len(path) >= MAX_DEPTH:
+            raise GuestStructureError(f"BTF of {self.source}: anonymous members of type {t} nest "
+                                      f"{'in a cycle' if t in path else f'deeper than {MAX_DEPTH}'}")
+        members = self.members(t)
+        budget[0] -= len(members)
+        if budget[0] < 0:
+            raise GuestStructureError(f"BTF of {self.source}: looking up {name!r} visits more than "
+                                      f"{MAX_MEMBERS_VISITED} anonymous members")
+        for m in members:
             if m.name == name:
                 return m
             if not m.name and int(self.kind[self.resolve(m.type_id)]) in (STRUCT, UNION):
-                inner = self.find_member(m.type_id, name)
+                inner = self._find_member(m.type_id, name, (*path, t), budget)
                 if inner is not None:
                     return Member(inner.name, inner.type_id, m.bit_offset + inner.bit_offset, inner.bitfield_size)
         return None
@@ -316,8 +351,10 @@ class Btf:
             self._enum_table = (np.concatenate(parts_off), np.concatenate(parts_own))
         return self._enum_table
 
-    def type_name(self, tid: int) -> str:
+    def type_name(self, tid: int, depth: int = 0) -> str:
         """A C spelling of a type: ``struct list_head *``, ``unsigned long``, ``struct free_area[11]``."""
+        if depth > MAX_DEPTH:
+            raise GuestStructureError(f"BTF of {self.source}: a type refers to itself or nests deeper than {MAX_DEPTH}")
         k = int(self.kind[tid])
         if tid == 0:
             return "void"
@@ -327,16 +364,16 @@ class Btf:
         if k in (INT, FLOAT, TYPEDEF, FUNC, VAR, DATASEC):
             return self.name(tid)
         if k == PTR:
-            return self.type_name(int(self.size_type[tid])) + " *"
+            return self.type_name(int(self.size_type[tid]), depth + 1) + " *"
         if k == ARRAY:
             elem, _i, nelems = self.array_info(tid)
-            return f"{self.type_name(elem)}[{nelems}]"
+            return f"{self.type_name(elem, depth + 1)}[{nelems}]"
         if k in (CONST, VOLATILE, RESTRICT):
-            return f"{KIND_NAMES[k].lower()} {self.type_name(int(self.size_type[tid]))}"
+            return f"{KIND_NAMES[k].lower()} {self.type_name(int(self.size_type[tid]), depth + 1)}"
         if k == TYPE_TAG:
-            return self.type_name(int(self.size_type[tid]))
+            return self.type_name(int(self.size_type[tid]), depth + 1)
         if k == FUNC_PROTO:
-            return f"{self.type_name(int(self.size_type[tid]))} (*)(...)"
+            return f"{self.type_name(int(self.size_type[tid]), depth + 1)} (*)(...)"
         return KIND_NAMES[k].lower()
 
 
@@ -349,7 +386,7 @@ def read_btf(read_va: Callable[[int, int], np.ndarray], start_va: int, stop_va: 
     size = hdr_len + max(type_off + type_len, str_off + str_len)
     if stop_va is not None and size != stop_va - start_va:
         raise BadImage(f"BTF header invalid in {source}: it claims {size} bytes, __stop_BTF says {stop_va - start_va}")
-    if size > 256 << 20:
+    if size > MAX_BTF:
         raise BadImage(f"BTF header invalid in {source}: {size} bytes")
     return Btf(read_va(start_va, size).tobytes(), source)
 

@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from memvirt.errors import BadImage
+from memvirt.errors import BadImage, GuestStructureError
 from memvirt.introspect import native
 from memvirt.introspect.kernel import KernelView
 from memvirt.introspect.layout import Layout, LayoutMissing
-from memvirt.introspect.mmzone import PcpLayout, Zone, for_each_zone, pcp_lru_offset
+from memvirt.introspect.mmzone import MAX_ORDERS, PcpLayout, Zone, check_range, for_each_zone, pcp_lru_offset
 from memvirt.introspect.pageflags import PageTypes
 from memvirt.introspect.pgtable import UnmappedAddress
 from memvirt.memory.source import PAGE_SHIFT, PAGE_SIZE, GuestMemory
@@ -94,21 +94,27 @@ class PageScanner:
     def __init__(self, kv: KernelView, layout: Layout):
         self.kv = kv
         self.layout = layout
-        self.page_size = layout.struct_size("page")
+        self.page_size = check_range("sizeof(struct page)", layout.struct_size("page"), 16, 4096)
         if self.page_size % 8:
-            raise BadImage(f"sizeof(struct page) is {self.page_size}: not a multiple of 8")
+            raise GuestStructureError(f"sizeof(struct page) is {self.page_size}: not a multiple of 8")
+        # Every field is read inside its struct page (the C loop trusts these offsets).
+        words = self.page_size - 8
+
+        def field(what: str, off: int, last: int = words) -> int:
+            return check_range(f"OFFSET(page.{what})", off, 0, last)
+
         self.col = {
-            "flags": _off(layout, "page", "flags") // 8,
-            "head": _off(layout, "page", "compound_head", "lru") // 8,
-            "mapping": _off(layout, "page", "mapping") // 8,
-            "private": _off(layout, "page", "private") // 8,
+            "flags": field("flags", _off(layout, "page", "flags")) // 8,
+            "head": field("compound_head", _off(layout, "page", "compound_head", "lru")) // 8,
+            "mapping": field("mapping", _off(layout, "page", "mapping")) // 8,
+            "private": field("private", _off(layout, "page", "private")) // 8,
         }
-        self.type_off = _off(layout, "page", "page_type", "_mapcount")
-        self.head_mask = self._head_mask(kv, layout)
+        self.type_off = field("page_type", _off(layout, "page", "page_type", "_mapcount"), self.page_size - 4)
+        self.head_mask = check_range("PG_head_mask", self._head_mask(kv, layout), 0, (1 << 64) - 1)
         self.types = PageTypes.detect(kv.vmcoreinfo, layout)
         self.pcp = PcpLayout.from_layout(layout)
-        self.lru = pcp_lru_offset(layout)
-        self.orders = layout.array_length("zone", "free_area")
+        self.lru = field("lru", pcp_lru_offset(layout))
+        self.orders = check_range("LENGTH(zone.free_area)", layout.array_length("zone", "free_area"), 1, MAX_ORDERS)
         self.max_pfn = kv.mem.max_pfn
         self.runs = self._vmemmap_runs()
         self.block = np.empty((BLOCK_PAGES, self.page_size), dtype=np.uint8)
@@ -281,7 +287,7 @@ class PageScanner:
 
     def _inconsistent(self, live: bool, warnings: list[str], what: str) -> None:
         if not live:
-            raise BadImage(f"guest kernel structures do not add up: {what}")
+            raise GuestStructureError(what)
         warnings.append(f"live scan raced with the guest: {what}")
 
     def _mark(self, classes: np.ndarray, heads: np.ndarray, orders: np.ndarray, code: int) -> None:
@@ -324,7 +330,11 @@ class PageScanner:
 
     def _pcp(self, zones: list[Zone], live: bool, warnings: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Walk every per-cpu free list, following ``lru.next`` through the page array copy.
-        Returns the blocks' first frames and orders."""
+        Returns the blocks' first frames and orders.
+
+        The guest writes the links and the counts: a frame met twice (a cycle, or two lists
+        sharing pages) ends that list as broken, so all walks together take at most one step
+        per frame of RAM, whatever ``pcp->count`` says."""
         heads: list[int] = []
         orders: list[int] = []
         found: list[np.ndarray] = []
@@ -332,17 +342,21 @@ class PageScanner:
         p = self.pcp
         lru_next = self.lru_next
         vbase = self.kv.vmemmap_base
+        visited = np.zeros(self.max_pfn, dtype=np.uint8)
         for z in zones:
             for cpu, va in z.pcp_va.items():
                 raw = self.kv.read_va(va, p.lists + p.nlists * p.list_head_size)
                 count = int(raw[p.count : p.count + 4].view("<i4")[0])
                 z.pcp[cpu] = count
+                # A list holds at most `count` blocks (one more is walked, to report the count), and
+                # no more than the guest has frames.
+                limit = min(max(count, 0), self.max_pfn)
                 seen = 0
                 for i in range(p.nlists):
                     head_va = va + p.lists + i * p.list_head_size
                     nxt = int(raw[p.lists + i * p.list_head_size :][:8].view("<u8")[0])
                     if self.native is not None:
-                        pfns = self._walk_native(nxt, head_va, count)
+                        pfns = self._walk_native(nxt, head_va, limit, visited)
                         if pfns is None:
                             self._inconsistent(live, warnings, f"per-cpu list {i} of cpu {cpu} in zone {z.key} is broken")
                             continue
@@ -350,27 +364,30 @@ class PageScanner:
                         found_orders.append(np.full(len(pfns), p.orders[i], dtype=np.int64))
                         seen += len(pfns) << p.orders[i]
                         continue
-                    steps = 0
+                    walked: list[int] = []
                     while nxt != head_va:
                         pfn, rem = divmod(nxt - self.lru - vbase, self.page_size)
-                        if rem or not 0 <= pfn < self.max_pfn or steps > count:
+                        if rem or not 0 <= pfn < self.max_pfn or len(walked) > limit or visited[pfn]:
                             self._inconsistent(live, warnings, f"per-cpu list {i} of cpu {cpu} in zone {z.key} is broken")
                             break
-                        heads.append(pfn)
-                        orders.append(p.orders[i])
-                        seen += 1 << p.orders[i]
-                        steps += 1
+                        visited[pfn] = 1
+                        walked.append(pfn)
                         nxt = lru_next.item(pfn)
+                    else:
+                        # Only a list that reaches its head again counts (as in the C walk).
+                        heads += walked
+                        orders += [p.orders[i]] * len(walked)
+                        seen += len(walked) << p.orders[i]
                 if seen != count:
                     self._inconsistent(live, warnings, f"cpu {cpu} zone {z.key}: pcp count {count}, lists hold {seen}")
         found.append(np.array(heads, dtype=np.int64))
         found_orders.append(np.array(orders, dtype=np.int64))
         return np.concatenate(found), np.concatenate(found_orders)
 
-    def _walk_native(self, first: int, sentinel: int, count: int) -> np.ndarray | None:
-        out = np.empty(max(count, 0) + 1, dtype=np.int64)
+    def _walk_native(self, first: int, sentinel: int, limit: int, visited: np.ndarray) -> np.ndarray | None:
+        out = np.empty(limit + 1, dtype=np.int64)
         n = self.native.walk_list(self.lru_next.ctypes.data, self.max_pfn, first, sentinel, self.kv.vmemmap_base,
-                                  self.lru, self.page_size, out.ctypes.data, len(out))
+                                  self.lru, self.page_size, out.ctypes.data, len(out), visited.ctypes.data)
         return None if n < 0 else out[:n]
 
 

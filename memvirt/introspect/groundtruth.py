@@ -62,16 +62,16 @@ def parse_zoneinfo(text: str) -> tuple[dict[str, int], dict[str, int]]:
 
 
 def _split(text: str) -> dict[str, str]:
-    parts: dict[str, str] = {}
+    parts: dict[str, list[str]] = {}
     current = None
     for line in text.splitlines():
         m = re.match(r"^==> (.*) <==$", line)
         if m:
             current = m.group(1)
-            parts[current] = ""
+            parts[current] = []
         elif current:
-            parts[current] += line + "\n"
-    return parts
+            parts[current].append(line)
+    return {k: "".join(f"{line}\n" for line in v) for k, v in parts.items()}
 
 
 class FrozenFigures:
@@ -108,7 +108,12 @@ class FrozenFigures:
 
 
 def parse_snapshot(text: str) -> GuestFigures:
+    """The figures in memsnap's output; the guest wrote it, so text that does not parse is a
+    :class:`GuestError`, not a ValueError."""
     parts = _split(text.replace("\r", ""))
-    pcp, free = parse_zoneinfo(parts.get("/proc/zoneinfo", ""))
-    vmstat = {k: int(v) for k, v in (ln.split() for ln in parts.get("/proc/vmstat", "").splitlines() if ln.strip())}
+    try:
+        pcp, free = parse_zoneinfo(parts.get("/proc/zoneinfo", ""))
+        vmstat = {k: int(v) for k, v in (ln.split() for ln in parts.get("/proc/vmstat", "").splitlines() if ln.strip())}
+    except ValueError as e:
+        raise GuestError(f"the guest's memsnap output does not parse: {str(e)[:80]}") from None
     return GuestFigures(parse_meminfo(parts.get("/proc/meminfo", "")), pcp, free, vmstat)

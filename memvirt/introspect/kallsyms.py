@@ -36,6 +36,10 @@ ReadVA = Callable[[int, int], np.ndarray]
 KALLSYMS_TABLES = ("kallsyms_names", "kallsyms_num_syms", "kallsyms_token_table", "kallsyms_token_index")
 _MAX_SYMS = 4_000_000
 _MAX_NAMES_BYTES = 64 << 20
+# KSYM_NAME_LEN is 512 (128 before v6.1): no expanded name is longer, and all of them together
+# stay far below 64 MiB (6.12: ~200k symbols, ~6 MiB), whatever the token table says.
+KSYM_NAME_LEN = 512
+_MAX_EXPANDED = 64 << 20
 _SEP = 256
 _EMPTY = 257
 
@@ -266,6 +270,10 @@ def kallsyms_expand_symbols(blob: np.ndarray, starts: np.ndarray, tokens: list[b
         if np.any(out_len < 0):
             raise BadImage("kallsyms_names has an empty symbol: the tables are inconsistent")
         ends = np.cumsum(out_len, dtype=np.int64)
+        total = int(ends[-1]) if len(ends) else 0
+        if total > min(len(starts) * (KSYM_NAME_LEN + 1), _MAX_EXPANDED):
+            raise BadImage(f"kallsyms names expand to {total} bytes for {len(starts)} symbols: "
+                           "the tables are inconsistent")
         src -= (ends - out_len).astype(np.int32)
         gather = np.repeat(src, out_len)
         gather += np.arange(len(gather), dtype=np.int32)

@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 
-from memvirt.errors import BadImage
+from memvirt.errors import BadImage, GuestStructureError
 from memvirt.introspect.btf import Btf, BtfLayout, read_btf
 from memvirt.introspect.kallsyms import KALLSYMS_TABLES, Kallsyms, read_kallsyms
 from memvirt.introspect.layout import ChainLayout, Layout, LayoutMissing, VmcoreinfoLayout
@@ -34,6 +34,9 @@ LayoutSource = Literal["auto", "vmcoreinfo", "btf"]
 # Direct map and vmemmap bases are randomized in PUD_SIZE steps (arch/x86/mm/kaslr.c) and are
 # 1 GiB aligned without KASLR too.
 _PUD_SIZE = 1 << 30
+MAX_NOTES = 64
+"""VMCOREINFO candidates checked: a few earlier boots may leave theirs in RAM, a guest filling
+its RAM with fake notes must not cost a page-table check per page."""
 
 
 @dataclass
@@ -53,11 +56,11 @@ class KernelView:
     @classmethod
     def open(
         cls, mem: GuestMemory, hint_gpa: int | None = None, load_btf: bool = True,
-        cached_symbols: Callable[[Vmcoreinfo], Any] | None = None,
+        cached_symbols: Callable[[Vmcoreinfo, Callable[[int, int], np.ndarray]], Any] | None = None,
     ) -> KernelView:
         """Bootstrap from ``mem``; ``hint_gpa`` is a cached VMCOREINFO location to try first.
 
-        ``cached_symbols(vmcoreinfo)`` may return the symbols a previous bootstrap of the same
+        ``cached_symbols(vmcoreinfo, read_va)`` may return the symbols a previous bootstrap of the same
         kernel build used (relocated for this boot); then kallsyms and BTF are not decoded.
         ``timings`` records seconds per step; ``notes`` says where each fact came from.
         """
@@ -74,7 +77,7 @@ class KernelView:
 
         info, pt = _first_consistent_note(mem, hint_gpa, timings)
         notes["vmcoreinfo"] = f"note at GPA {info.gpa:#x}" if info.gpa is not None else "carried by the dump"
-        symbols = cached_symbols(info) if cached_symbols is not None else None
+        symbols = cached_symbols(info, pt.read_va) if cached_symbols is not None else None
         if symbols is not None:
             notes["kallsyms"] = f"{len(symbols)} symbols from the build-id cache"
             load_btf = False
@@ -161,7 +164,10 @@ class KernelView:
     @property
     def _max_phys(self) -> int:
         key = "NUMBER(MAX_PHYSMEM_BITS)"
-        return 1 << (self.vmcoreinfo.number("MAX_PHYSMEM_BITS") if key in self.vmcoreinfo else 52)
+        bits = self.vmcoreinfo.number("MAX_PHYSMEM_BITS") if key in self.vmcoreinfo else 52
+        if not 32 <= bits <= 64:
+            raise GuestStructureError(f"MAX_PHYSMEM_BITS is {bits}")
+        return 1 << bits
 
     # -- symbols and types -------------------------------------------------------------------
 
@@ -305,7 +311,10 @@ def _first_consistent_note(
     checking = 0.0
     t0 = time.perf_counter()
     try:
-        for _gpa, info in iter_vmcoreinfo(mem, hint_gpa):
+        for tried, (_gpa, info) in enumerate(iter_vmcoreinfo(mem, hint_gpa)):
+            if tried == MAX_NOTES:
+                raise GuestStructureError(f"{MAX_NOTES} VMCOREINFO notes in {mem.describe()} and none maps its own "
+                                          f"kernel; the first said: {first_error}")
             t = time.perf_counter()
             try:
                 return info, _page_table(mem, info)

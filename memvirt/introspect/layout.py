@@ -83,9 +83,7 @@ class VmcoreinfoLayout(KeyedLayout):
     def _get(self, key: str) -> int:
         if key not in self.info:
             raise LayoutMissing(f"VMCOREINFO lacks {key}: kernel {self.info.entries.get('OSRELEASE', '?')} does not export it")
-        if key.startswith("NUMBER("):
-            return self.info.number(key[7:-1])
-        return int(self.info.get(key))
+        return self.info.integer(key, 0 if key.startswith("NUMBER(") else 10)
 
     def has_member(self, struct: str, path: str) -> bool:
         return f"OFFSET({struct}.{path})" in self.info

@@ -35,6 +35,6 @@ def load() -> ctypes.CDLL | None:
     dll.mark_blocks.restype = None
     dll.count_codes.argtypes = [p, u64, p, u64]
     dll.count_codes.restype = None
-    dll.walk_list.argtypes = [p, u64, u64, u64, u64, u64, u64, p, u64]
+    dll.walk_list.argtypes = [p, u64, u64, u64, u64, u64, u64, p, u64, p]
     dll.walk_list.restype = ctypes.c_int64
     return dll

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from memvirt.errors import BadImage
+from memvirt.errors import BadImage, GuestStructureError
 from memvirt.introspect.layout import Layout, LayoutMissing
 from memvirt.introspect.vmcoreinfo import Vmcoreinfo
 
@@ -71,6 +71,12 @@ class PageTypes:
         table_bit = constant(layout, "PG_table")
         slab_flag = info.number("PG_slab") if "NUMBER(PG_slab)" in info else _enum(layout, "pageflags", "PG_slab")
         return cls(False, buddy, None if table_bit is None else ~table_bit & U32, None, slab_flag, reserved)
+
+    def __post_init__(self) -> None:
+        """Flag numbers index a 64-bit word (a shift by more is undefined in the C census)."""
+        for what, bit in (("PG_slab", self.slab_flag), ("PG_reserved", self.reserved_flag)):
+            if bit is not None and not 0 <= bit < 64:
+                raise GuestStructureError(f"{what} is bit {bit} of a 64-bit page flags word")
 
     def _is_type(self, page_type: np.ndarray, value: int) -> np.ndarray:
         if self.top_byte:

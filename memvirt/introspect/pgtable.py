@@ -11,7 +11,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from memvirt.errors import BadImage
+from memvirt.errors import BadImage, GuestStructureError
 from memvirt.memory.source import GuestMemory
 
 # arch/x86/include/asm/page_64_types.h
@@ -95,8 +95,16 @@ class PageTable:
         """Physical address of ``va``; :class:`UnmappedAddress` if the tables do not map it."""
         return self.walk(va)[0]
 
+    def check_size(self, va: int, size: int) -> None:
+        """Sizes come from guest values: a read larger than the guest's RAM cannot be one of
+        its structures, and must not make the host allocate it."""
+        if not 0 <= size <= self.mem.ram_size:
+            raise GuestStructureError(f"a read of {size} bytes at {va:#x} does not fit in the guest's "
+                                      f"{self.mem.ram_size >> 20} MiB of RAM")
+
     def runs(self, va: int, size: int) -> list[tuple[int, int]]:
         """``[(pa, length), ...]`` covering ``[va, va + size)``, physically contiguous runs merged."""
+        self.check_size(va, size)
         out: list[tuple[int, int]] = []
         pos = 0
         while pos < size:
@@ -111,6 +119,7 @@ class PageTable:
 
     def read_va(self, va: int, size: int) -> np.ndarray:
         """Bytes ``[va, va + size)`` of kernel virtual memory, crossing pages as needed."""
+        self.check_size(va, size)
         out = np.empty(size, dtype=np.uint8)
         pos = 0
         for pa, n in self.runs(va, size):

@@ -35,6 +35,11 @@ _WORD2 = int(np.frombuffer(_NAME_FIELD[4:], "<u8")[0])
 _SCAN_CHUNK = 16 << 20
 _FOUR_GIB = 1 << 32
 _LINE = re.compile(rb"^[A-Z_-]+(\([A-Za-z0-9_.]+\))?=[ -~]*$")
+# A number as the kernel prints one: decimal, hex with or without 0x, optionally negative;
+# at most 40 characters, so int() never meets a megabyte of digits.
+_INT = re.compile(r"^\s*-?(0[xX])?[0-9a-fA-F]{1,32}\s*$")
+BUILD_ID = re.compile(r"[0-9a-f]{40}")
+"""``BUILD-ID`` as ``VMCOREINFO_BUILD_ID()`` prints it: the 20-byte GNU build id in hex."""
 
 
 @dataclass(frozen=True)
@@ -76,25 +81,36 @@ class Vmcoreinfo:
         except KeyError:
             raise BadImage(f"VMCOREINFO lacks {key}: kernel {self.entries.get('OSRELEASE', '?')} does not export it") from None
 
+    def integer(self, key: str, base: int = 10) -> int:
+        """The value of ``key`` as an integer; a value that is not one is a :class:`BadImage`
+        (the guest writes these lines, so a ``ValueError`` must not escape)."""
+        value = self.get(key)
+        try:
+            if not _INT.match(value):
+                raise ValueError
+            return _parse_number(value) if base == 0 else int(value, base)
+        except ValueError:
+            raise BadImage(f"VMCOREINFO {key} is {value[:40]!r}: not a number") from None
+
     def symbol(self, name: str) -> int:
         """``SYMBOL(name)``: a kernel virtual address (printed as bare hex)."""
-        return int(self.get(f"SYMBOL({name})"), 16)
+        return self.integer(f"SYMBOL({name})", 16)
 
     def size(self, name: str) -> int:
-        return int(self.get(f"SIZE({name})"))
+        return self.integer(f"SIZE({name})")
 
     def offset(self, path: str) -> int:
         """``OFFSET(struct.member)``."""
-        return int(self.get(f"OFFSET({path})"))
+        return self.integer(f"OFFSET({path})")
 
     def length(self, path: str) -> int:
-        return int(self.get(f"LENGTH({path})"))
+        return self.integer(f"LENGTH({path})")
 
     def number(self, name: str) -> int:
         """``NUMBER(name)``: signed decimal, except a few the kernel prints as ``0x...`` hex
         (``NUMBER(VMALLOC_START)``: generic since it moved out of arm64/riscv code; present on
         Debian 6.12, absent on 6.1)."""
-        return _parse_number(self.get(f"NUMBER({name})"))
+        return self.integer(f"NUMBER({name})", 0)
 
     def has_symbol(self, name: str) -> bool:
         return f"SYMBOL({name})" in self.entries
@@ -105,17 +121,20 @@ class Vmcoreinfo:
 
     @property
     def build_id(self) -> str | None:
-        """The vmlinux GNU build id (hex), present since v5.9 (commit 0935288c6e00)."""
-        return self.entries.get("BUILD-ID")
+        """The vmlinux GNU build id, present since v5.9 (commit 0935288c6e00); None when absent
+        or not what the kernel prints (``BUILD-ID=%20phN``: 40 lowercase hex digits), since
+        the guest writes it and it names a host cache file."""
+        value = self.entries.get("BUILD-ID")
+        return value if value is not None and BUILD_ID.fullmatch(value) else None
 
     @property
     def page_size(self) -> int:
-        return int(self.get("PAGESIZE"))
+        return self.integer("PAGESIZE")
 
     @property
     def kerneloffset(self) -> int:
         """KASLR displacement of the kernel image (``KERNELOFFSET``, hex; x86 always prints it)."""
-        return int(self.get("KERNELOFFSET"), 16)
+        return self.integer("KERNELOFFSET", 16)
 
     @property
     def phys_base(self) -> int:
@@ -126,13 +145,12 @@ class Vmcoreinfo:
     def pgtable_l5_enabled(self) -> bool:
         """Absent on kernels built without 5-level paging support, which then use 4 levels."""
         key = "NUMBER(pgtable_l5_enabled)"
-        return bool(_parse_number(self.entries[key])) if key in self.entries else False
+        return bool(self.integer(key, 0)) if key in self.entries else False
 
     @property
     def crashtime(self) -> int | None:
         """Seconds since the epoch at the crash; only a crash writes it, live memory has none."""
-        v = self.entries.get("CRASHTIME")
-        return int(v) if v is not None else None
+        return self.integer("CRASHTIME") if "CRASHTIME" in self.entries else None
 
 
 def _parse_number(value: str) -> int:

@@ -106,9 +106,10 @@ void mark_blocks(uint8_t *classes, uint64_t n, const int64_t *start, const int64
                  uint8_t code)
 {
     for (uint64_t k = 0; k < count; k++) {
-        uint64_t s = (uint64_t)start[k], e = s + ((uint64_t)1 << order[k]);
-        if (s >= n)
+        uint64_t s = (uint64_t)start[k], e;
+        if (s >= n || order[k] < 0)
             continue;
+        e = order[k] >= 63 || s + ((uint64_t)1 << order[k]) < s ? n : s + ((uint64_t)1 << order[k]);
         memset(classes + s, code, (e > n ? n : e) - s);
     }
 }
@@ -134,19 +135,23 @@ void count_codes(const uint8_t *classes, uint64_t n, uint64_t *counts, uint64_t 
 /*
  * Follow a list_head chain through struct pages: start at `first` (the list head's next),
  * stop at `sentinel` (the list head's own address). Writes page frame numbers; returns how many,
- * or -1 if a link leaves the array or the list is longer than max_out (a broken list).
+ * or -1 if a link leaves the array, the list is longer than max_out, or it meets a frame
+ * already marked in `visited` (a cycle, or a page on two lists: the guest wrote the links).
+ * Frames walked are marked, so walks sharing `visited` take at most npfn steps in all.
  */
 int64_t walk_list(const uint64_t *lru_next, uint64_t npfn, uint64_t first, uint64_t sentinel,
-                  uint64_t vmemmap, uint64_t lru_off, uint64_t stride, int64_t *out, uint64_t max_out)
+                  uint64_t vmemmap, uint64_t lru_off, uint64_t stride, int64_t *out, uint64_t max_out,
+                  uint8_t *visited)
 {
     uint64_t k = 0, node = first;
 
     while (node != sentinel) {
-        uint64_t rel = node - lru_off - vmemmap;
-        if (node < vmemmap + lru_off || rel % stride || rel / stride >= npfn || k >= max_out)
+        uint64_t rel = node - lru_off - vmemmap, pfn = rel / stride;
+        if (node < vmemmap + lru_off || rel % stride || pfn >= npfn || k >= max_out || visited[pfn])
             return -1;
-        out[k++] = (int64_t)(rel / stride);
-        node = lru_next[rel / stride];
+        visited[pfn] = 1;
+        out[k++] = (int64_t)pfn;
+        node = lru_next[pfn];
     }
     return (int64_t)k;
 }
