@@ -77,8 +77,8 @@ def test_checks_refuse_mismatch_missing_hibernation_and_oversized_images() -> No
 
 
 def test_console_events_parse() -> None:
-    e = parse_line('\rmemvirt-pm: source thawed error="bad MAC: wrong key" t=1.5', 7.0)
-    assert e is not None and (e.role, e.name, e.fields["error"], e.at) == ("source", "thawed", "bad MAC: wrong key", 7.0)
+    e = parse_line('\rmemvirt-pm: source thawed error="bad tag: wrong key" t=1.5', 7.0)
+    assert e is not None and (e.role, e.name, e.fields["error"], e.at) == ("source", "thawed", "bad tag: wrong key", 7.0)
     assert parse_line("[    1.0] virtio_net virtio1 eth0: renamed", 0) is None
 
 
@@ -105,7 +105,7 @@ class Receiver:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        env = {**os.environ, "PMAGENT_KEY": key.hex()}
+        env = {**os.environ, "PMAGENT_KEY": key.hex(), "PMAGENT_NO_CONSOLE": "1"}
         self.proc = subprocess.Popen([str(binary), "recv", "--listen", f"127.0.0.1:{self.port}", "--timeout", "20"],
                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 10
@@ -144,8 +144,8 @@ def _open(ram_ok: bool = True, release: str | None = None) -> bytes:
 
 
 @pytest.mark.parametrize("case, needle", [
-    ("wrong-key", "bad MAC: wrong key or tampered stream"),
-    ("tampered", "bad MAC"),
+    ("wrong-key", "bad tag: wrong key or tampered stream"),
+    ("tampered", "bad tag"),
     ("truncated", "stream truncated"),
     ("oversized", "malformed frame"),
     ("out-of-sequence", "frame out of sequence"),
@@ -183,7 +183,10 @@ def test_agent_authenticates_its_answer_and_refuses_an_oversized_image(host_pmag
     rx.sock.sendall(stream.encode(rx.to_target, stream.Frame.OPEN, _open(), 0))
     kind, payload = rx.read_frame(0)
     assert kind == stream.Frame.READY and stream.READY.unpack(payload)[0] > 0
-    with pytest.raises(stream.StreamError, match="bad MAC"):
+    payload_on_wire = stream.encode(rx.to_target, stream.Frame.OPEN, _open(), 0)[stream.HEADER.size:-stream.TAG]
+    assert _open()[:5] == b"MVPM1" and b"MVPM1" not in payload_on_wire and os.uname().release.encode() not in \
+        payload_on_wire, "the payload must be encrypted"
+    with pytest.raises(stream.StreamError, match="bad tag"):
         stream.decode(rx.to_target, stream.encode(rx.to_source, kind, payload, 0), 0)
     rx.sock.sendall(stream.encode(rx.to_target, stream.Frame.HELLO, stream.HELLO.pack(1 << 50), 1))
     assert "image too large for free memory" in rx.error()
