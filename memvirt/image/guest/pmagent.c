@@ -208,6 +208,10 @@ static int fail(const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(errmsg, sizeof errmsg, fmt, ap);
     va_end(ap);
+    /* It goes into a quoted event field: no quotes, backslashes or control bytes (a peer's words). */
+    for (char *c = errmsg; *c; c++)
+        if ((unsigned char)*c < 0x20 || *c == 0x7f || *c == '"' || *c == '\\')
+            *c = '?';
     return -1;
 }
 
@@ -873,7 +877,27 @@ static int stream_image(struct chan *c, int snap, int codec, uint64_t image_byte
     return send_frame(c, F_END, 0, &em, sizeof em);
 }
 
-enum { V_THAW, V_OFF };
+enum { V_NONE = -1, V_THAW, V_OFF };
+
+/* The host's verdict on the verdict device, if it gave one for this migration. */
+static int read_verdict(const char *dev)
+{
+    static int fd = -1;
+    static uint8_t *b;
+    if (!dev || (!b && !(b = aligned(DISK_ALIGN))))
+        return V_NONE;
+    if (fd < 0 && (fd = open(dev, O_RDONLY | DIRECT | O_CLOEXEC)) < 0)
+        return V_NONE;
+    if (pread(fd, b, DISK_ALIGN, 0) != DISK_ALIGN || memcmp(b, "MVPMVRD1", 8) || (b[8] != 'O' && b[8] != 'T'))
+        return V_NONE;
+    uint8_t want[VERDICT_TAG];
+    unsigned len = VERDICT_TAG;
+    HMAC(EVP_sha256(), kverdict, sizeof kverdict, b, 9, want, &len);
+    if (CRYPTO_memcmp(want, b + 9, VERDICT_TAG))
+        return V_NONE;
+    event("verdict %s", b[8] == 'O' ? "off" : "thaw");
+    return b[8] == 'O' ? V_OFF : V_THAW;
+}
 
 /*
  * The outcome is unknown (the target may have restored): stay frozen until
@@ -885,31 +909,16 @@ static int await_verdict(const char *dev)
     event("uncertain error=\"%s\"", errmsg);
     if (!dev)
         return V_THAW;
-    uint8_t *b = aligned(DISK_ALIGN);
     double last = now();
-    int fd = -1;
-    for (;;) {
-        if (fd < 0)
-            fd = open(dev, O_RDONLY | DIRECT | O_CLOEXEC);
-        if (fd >= 0 && b && pread(fd, b, DISK_ALIGN, 0) == DISK_ALIGN && !memcmp(b, "MVPMVRD1", 8) &&
-            (b[8] == 'O' || b[8] == 'T')) {
-            uint8_t want[VERDICT_TAG];
-            unsigned len = VERDICT_TAG;
-            HMAC(EVP_sha256(), kverdict, sizeof kverdict, b, 9, want, &len);
-            if (!CRYPTO_memcmp(want, b + 9, VERDICT_TAG)) {
-                int v = b[8] == 'O' ? V_OFF : V_THAW;
-                close(fd);
-                free(b);
-                event("verdict %s", v == V_OFF ? "off" : "thaw");
-                return v;
-            }
-        }
+    int v;
+    while ((v = read_verdict(dev)) == V_NONE) {
         if (now() - last > 60) {
             event("awaiting verdict on=%s", dev);
             last = now();
         }
         usleep(100000);
     }
+    return v;
 }
 
 /* Disk scheme, after a failure: the image (a machine's memory) must not stay on the shared disk. */
@@ -1022,8 +1031,21 @@ static int cmd_send(const struct source_opts *o)
           "send=%.3f", (unsigned long long)counts[0], (unsigned long long)counts[1], (unsigned long long)counts[2],
           (unsigned long long)(net.wire - wire0), (unsigned long long)disk.wire, t3 - t2, stg.read, stg.scan,
           stg.compress, stg.send);
+    /* The host may settle it first (it saw the machine run on the target, or the target fail). */
     struct pollfd p = {net.fd, POLLIN, 0};
-    if (poll(&p, 1, 300 * 1000) != 1) {
+    int verdict = V_NONE, ready = 0;
+    for (int i = 0; i < 1500 && !ready && verdict == V_NONE; i++)
+        if (!(ready = poll(&p, 1, 200) == 1))
+            verdict = read_verdict(o->verdict);
+    if (verdict == V_OFF) {
+        event("acked verdict=off");
+        goto power_off;
+    }
+    if (verdict == V_THAW) {
+        fail("no answer from the target, which the host says did not restore");
+        goto thaw_now;
+    }
+    if (!ready) {
         fail("the target did not acknowledge within 300 s");
         goto thaw;
     }
@@ -1041,6 +1063,7 @@ thaw:
         event("acked verdict=off");
         goto power_off;
     }
+thaw_now:
     ioctl(snap, SNAPSHOT_FREE, 0);
     ioctl(snap, SNAPSHOT_UNFREEZE, 0);
     close(snap);
@@ -1593,6 +1616,7 @@ static int pick(const char *v, const char **names, int n)
  * records of u32 network length, u32 disk length, the bytes the source sends,
  * and the shared disk's content (written to DISK first). Prints one line per
  * case, "case N: ERROR", and stops a case that runs for more than 20 s.
+ * "verdict DEV" prints the verdict a waiting source reads from DEV.
  */
 int main(int argc, char **argv)
 {
@@ -1600,8 +1624,16 @@ int main(int argc, char **argv)
     static const uint8_t zeros[PAGE];
     zero_hash = XXH3_64bits(zeros, PAGE);
     signal(SIGPIPE, SIG_IGN);
+    if (argc == 3 && !strcmp(argv[1], "verdict")) { /* what a waiting source makes of a verdict device */
+        struct chan c = {.fd = -1};
+        if (load_keys(&c, 1))
+            return 2;
+        int v = read_verdict(argv[2]);
+        printf("verdict %s\n", v == V_OFF ? "off" : v == V_THAW ? "thaw" : "none");
+        return 0;
+    }
     if (argc != 4) {
-        fprintf(stderr, "usage: pmagent-fuzz CORPUS STORE DISK\n");
+        fprintf(stderr, "usage: pmagent-fuzz CORPUS STORE DISK | verdict DEV\n");
         return 2;
     }
     FILE *f = fopen(argv[1], "rb");
