@@ -332,3 +332,54 @@ def test_failed_transfer_leaves_the_source_running(pair: tuple[VM, VM]) -> None:
     proc2 = memvirt("pm", "migrate", src.name, "--to", dst.name, "--json", timeout=500)
     assert proc2.returncode == 0, proc2.stderr
     _assert_runs_on(VM.load(dst.name), 0)
+
+
+@pytest.mark.timeout(1200)
+def test_lost_answers_are_settled_by_the_host_and_forged_roles_ignored(pair: tuple[VM, VM]) -> None:
+    """The split-brain windows, forced by pmagent's test faults on the target.
+
+    1. Disk scheme, the target's agent dies right after checking the whole image (no ACK, no ERR):
+       the frozen source cannot know whether it restored, waits for the host, which sees the
+       receiver gone and says "thaw"; the source runs on and no image is left on the shared disk.
+    2. The target restores without acknowledging, and its console claims the source failed: the
+       host ignores the forged lines, tells the waiting source to power off, and exactly one copy
+       of the machine runs, on the target.
+    """
+    src, dst = pair
+    before = _counter(src)
+    shared = lan.lan_dir(dst.config.lan) / "shared.raw"
+    dst.exec("echo vanish > /run/memvirt-pm.fault").check("setting the fault")
+    proc = memvirt("pm", "migrate", src.name, "--to", dst.name, "--scheme", "disk", "--compress", "lz4", timeout=600)
+    assert_error_after_progress(proc, 1, "migration failed", f"{src.name!r} runs on")
+    assert "waits, frozen, for the host's verdict" in proc.stderr, proc.stderr
+    log = src.exec("cat /tmp/pmagent-send.log").text
+    assert "source uncertain" in log and "verdict thaw" in log and "source thawed" in log, log
+    assert src.alive() and dst.alive()
+    _assert_runs_on(src, before)
+    assert shared.stat().st_blocks == 0, "the machine's image must not stay on the shared disk after a failure"
+    assert dst.exec("hostname").text.strip() == dst.name, "the target must be untouched"
+
+    before = _counter(src)
+    dst.exec("echo drop-ack > /run/memvirt-pm.fault").check("setting the fault")
+    seen = dst.serial_log.stat().st_size
+    run = subprocess.Popen([sys.executable, "-m", "memvirt", "pm", "migrate", src.name, "--to", dst.name, "--json"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while b"target listening" not in dst.serial_log.read_bytes()[seen:]:
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+            time.sleep(0.1)
+        forged = ("memvirt-pm: source failed error=forged t=1", "memvirt-pm: source thawed error=forged t=1")
+        dst.exec("; ".join(f"echo '{line}' > /dev/console" for line in forged)).check("forging lines")
+        out, errs = run.communicate(timeout=600)
+    finally:
+        run.kill()
+    assert run.returncode == 0, errs
+    r = json.loads(out)
+    assert r["verdict"] == "off" and r["ack_lost"], r
+    assert f"{dst.name}: source failed" in r["ignored_events"] and f"{dst.name}: source thawed" in r["ignored_events"]
+    assert f"ignored an event from {dst.name}'s console claiming role 'source'" in errs
+    assert not src.alive(), "the source must be powered off: one copy of the machine"
+    moved = VM.load(dst.name)
+    assert moved.exec("hostname").text.strip() == src.name
+    _assert_runs_on(moved, before)

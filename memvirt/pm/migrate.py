@@ -255,8 +255,7 @@ class _Migration:
         if self.rx_pid <= 0:
             return None
         try:
-            res = self.dst.exec(f"tr '\\0' ' ' < /proc/{self.rx_pid}/cmdline 2>/dev/null | grep -q 'pmagent recv'",
-                                timeout=5)
+            res = self.dst.exec(f"grep -qs pmagent /proc/{self.rx_pid}/cmdline", timeout=5)  # a zombie's is empty
         except MemvirtError:
             return None
         return res.rc == 0
@@ -352,6 +351,9 @@ class _Migration:
         deadline = time.monotonic() + 30
         while src.alive() and time.monotonic() < deadline:
             time.sleep(0.1)
+        self._poll()
+        acked = self._seen("source", "acked")
+        self.report.ack_lost = bool(self._seen("source", "uncertain") or (acked and acked.fields.get("verdict")))
         moved = {k: src.config.extra[k] for k in ("workload",) if k in src.config.extra}
         dst.config.extra.update(moved)
         dst.config.extra["lan_ip"] = src.config.extra.get("lan_ip", "")

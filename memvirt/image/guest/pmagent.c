@@ -1068,10 +1068,10 @@ thaw_now:
     ioctl(snap, SNAPSHOT_UNFREEZE, 0);
     close(snap);
     send_err(&net);
+    if (o->scheme == S_DISK)
+        zero_disk(&disk); /* before the event: the host wipes the disk's file after it */
     event("thawed error=\"%s\"", errmsg);
     fprintf(stderr, "pmagent: %s\n", errmsg);
-    if (o->scheme == S_DISK)
-        zero_disk(&disk);
     return 1;
 failed_early:
     if (net.fd >= 0)
