@@ -74,6 +74,8 @@ def test_checks_refuse_mismatch_missing_hibernation_and_oversized_images() -> No
         check_pair(_facts("a", mem_free=250 << 20), _facts("b"), "memory")
     with pytest.raises(PMRefused, match="no memvirt-shared disk"):
         check_pair(_facts("a"), _facts("b", disks={}), "disk")
+    with pytest.raises(PMRefused, match="'a' has no memvirt-store disk .where the host's verdict goes"):
+        check_pair(_facts("a", disks={"memvirt-shared": "/dev/vda"}), _facts("b"), "memory")
 
 
 def test_console_events_parse() -> None:

@@ -65,7 +65,8 @@ def migrate(
     An agent inside SOURCE freezes it, has its kernel build the hibernation image and streams it,
     encrypted, authenticated and checksummed, to the agent on TO, which restores it. Afterwards the VM named
     TO runs SOURCE's machine (its processes, hostname, address) and SOURCE is powered off and
-    removed. If anything fails before TO has the complete image, SOURCE thaws and runs on.
+    removed. If anything fails before TO has the complete image, SOURCE thaws and runs on; if TO's
+    answer is lost, memvirt decides from TO's console which one runs (never both).
     """
     from memvirt.pm.migrate import migrate as run
 
