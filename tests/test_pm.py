@@ -248,6 +248,7 @@ def test_machine_moves_and_its_workload_continues(pair: tuple[VM, VM], scheme: s
     assert r["pages"]["zero"] > 0
     if scheme == "iterative":
         assert r["precopy_pages"] > 0 and r["pages"]["ref"] > r["pages"]["literal"]
+        assert lan.store_disk(VM.load(dst.name)).stat().st_blocks == 0, "the pre-copied pages must not stay behind"
     if scheme == "disk":
         assert r["disk_bytes"] > 0 and r["wire_bytes"] < 4096
         shared = lan.lan_dir(dst.config.lan) / "shared.raw"

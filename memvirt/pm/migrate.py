@@ -97,6 +97,19 @@ def preflight(
     return src, dst, facts, use_zram
 
 
+def _wipe_store(vm: VM) -> None:
+    """Drop the pages an iterative migration left on the target's store disk (the source's memory;
+    only needed during the migration). The file stays as large, sparse."""
+    path = lan.store_disk(vm)
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        os.ftruncate(fd, 0)
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
 def _give_key(vm: VM, key: str) -> None:
     vm.exec(f"umask 077 && printf '%s\\n' {key} > {KEY_FILE}").check("handing over the key")
 
@@ -271,12 +284,16 @@ class _Migration:
 
     def _write_verdict_block(self, block: bytes) -> None:
         """Block 0 of the source's store disk (its verdict device; only that machine and the host see it)."""
-        fd = os.open(lan.store_disk(self.src), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        path = lan.store_disk(self.src)
         try:
-            os.pwrite(fd, block, 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.pwrite(fd, block, 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise PMFailed(f"cannot write the host's verdict to {path}: {e.strerror}") from None
 
     def _give_verdict(self, thaw: bool) -> None:
         """Tell the source, if it waits, to thaw or to power off (once: the first verdict stands)."""
@@ -315,6 +332,11 @@ class _Migration:
                 pass
         if self.report.scheme == "disk":
             lan.wipe_shared_disk(self.dst.config.lan)  # the agent zeroes what it wrote, too
+        if self.report.scheme == "iterative" and self.dst.dir.exists():
+            try:
+                _wipe_store(self.dst)
+            except OSError as e:
+                log.warning("could not wipe %s's store disk: %s", self.dst.name, e.strerror)
 
     def _fill_report(self, t0: float) -> None:
         r, ev = self.report, self._seen
@@ -364,6 +386,8 @@ class _Migration:
         src.stop()
         if self.report.scheme == "disk":
             lan.wipe_shared_disk(dst.config.lan)
+        if self.report.scheme == "iterative":
+            _wipe_store(dst)
         dst.channel.wait_ready(60, dst.alive)
         try:
             dst.exec(f"rm -f {KEY_FILE}; {lan.announce_script(self.report.address)}", timeout=10)
