@@ -12,11 +12,12 @@
  * removed) or $PMAGENT_KEY, never from the command line.
  *
  * Stream: frames  hdr{type u8, flags u8, 0 u16, len u32, seq u64} payload
- * tag[16], sealed with ChaCha20-Poly1305 under K_dir = HMAC-SHA256(key, label) per
- * direction: the payload is encrypted (the VM LAN is a multicast group any
- * local process can join), the header is the associated data, and the nonce
- * is the receiver's own frame count (seq, 64-bit little-endian, then 4 zero
- * bytes), so a dropped, replayed or reordered frame fails its tag. Source: OPEN (kernel identity) before the freeze, [PAGE frames
+ * tag[16], sealed with ChaCha20-Poly1305 under K_dir = HMAC-SHA256(key,
+ * label) per direction: the payload is encrypted (the VM LAN is a multicast
+ * group any local process can join), the header is the associated data, and
+ * the nonce is the receiver's own frame count (seq, 64-bit little-endian,
+ * then 4 zero bytes), so a dropped, replayed or reordered frame fails its
+ * tag. Source: OPEN (kernel identity) before the freeze, [PAGE frames
  * (iterative: live copy of RAM read from /proc/kcore, pages the target keeps
  * on its store disk)], then HELLO (image size), DATA frames (pages: literal,
  * zero, or a reference to a stored page; literals compressed), END (image
