@@ -14,6 +14,7 @@ import pytest
 
 from memvirt.errors import MemvirtError
 from memvirt.pm import stream
+from memvirt.pm import zram as zr
 from memvirt.pm.events import MAX_LINE, ConsoleTail, parse_line
 from memvirt.pm.facts import PMFailed
 from memvirt.pm.migrate import _Migration
@@ -198,3 +199,12 @@ def test_no_verdict_while_the_target_may_still_restore(tmp_path: Path) -> None:
     _log(src.serial_log, 'memvirt-pm: source uncertain error="stream truncated" t=5')
     m._arbitrate(wait=0.3)
     assert dst.paused and m.report.verdict == "thaw"
+
+
+def test_garbage_from_the_machine_about_zram_is_one_error(tmp_path: Path) -> None:
+    vm = FakeVM(tmp_path, "pm-s1")
+    vm.exec = lambda script, timeout=30: SimpleNamespace(rc=0, text="stored=lots compressed=1 seconds=x")  # type: ignore[method-assign]
+    with pytest.raises(zr.ZramError, match="reported garbage removing zram swap"):
+        zr.remove(vm)  # type: ignore[arg-type]
+    with pytest.raises(zr.ZramError, match="cannot swap pages into zram"):
+        zr.preswap(vm, 512 << 20, 200 << 20)  # type: ignore[arg-type]
