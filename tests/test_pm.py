@@ -74,11 +74,13 @@ def test_checks_refuse_mismatch_missing_hibernation_and_oversized_images() -> No
         check_pair(_facts("a", mem_free=250 << 20), _facts("b"), "memory")
     with pytest.raises(PMRefused, match="no memvirt-shared disk"):
         check_pair(_facts("a"), _facts("b", disks={}), "disk")
+    with pytest.raises(PMRefused, match="'a' has no memvirt-store disk .where the host's verdict goes"):
+        check_pair(_facts("a", disks={"memvirt-shared": "/dev/vda"}), _facts("b"), "memory")
 
 
 def test_console_events_parse() -> None:
-    e = parse_line('\rmemvirt-pm: source thawed error="bad MAC: wrong key" t=1.5', 7.0)
-    assert e is not None and (e.role, e.name, e.fields["error"], e.at) == ("source", "thawed", "bad MAC: wrong key", 7.0)
+    e = parse_line('\rmemvirt-pm: source thawed error="bad tag: wrong key" t=1.5', 7.0)
+    assert e is not None and (e.role, e.name, e.fields["error"], e.at) == ("source", "thawed", "bad tag: wrong key", 7.0)
     assert parse_line("[    1.0] virtio_net virtio1 eth0: renamed", 0) is None
 
 
@@ -105,7 +107,7 @@ class Receiver:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        env = {**os.environ, "PMAGENT_KEY": key.hex()}
+        env = {**os.environ, "PMAGENT_KEY": key.hex(), "PMAGENT_NO_CONSOLE": "1"}
         self.proc = subprocess.Popen([str(binary), "recv", "--listen", f"127.0.0.1:{self.port}", "--timeout", "20"],
                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 10
@@ -144,8 +146,8 @@ def _open(ram_ok: bool = True, release: str | None = None) -> bytes:
 
 
 @pytest.mark.parametrize("case, needle", [
-    ("wrong-key", "bad MAC: wrong key or tampered stream"),
-    ("tampered", "bad MAC"),
+    ("wrong-key", "bad tag: wrong key or tampered stream"),
+    ("tampered", "bad tag"),
     ("truncated", "stream truncated"),
     ("oversized", "malformed frame"),
     ("out-of-sequence", "frame out of sequence"),
@@ -183,7 +185,10 @@ def test_agent_authenticates_its_answer_and_refuses_an_oversized_image(host_pmag
     rx.sock.sendall(stream.encode(rx.to_target, stream.Frame.OPEN, _open(), 0))
     kind, payload = rx.read_frame(0)
     assert kind == stream.Frame.READY and stream.READY.unpack(payload)[0] > 0
-    with pytest.raises(stream.StreamError, match="bad MAC"):
+    payload_on_wire = stream.encode(rx.to_target, stream.Frame.OPEN, _open(), 0)[stream.HEADER.size:-stream.TAG]
+    assert _open()[:5] == b"MVPM1" and b"MVPM1" not in payload_on_wire and os.uname().release.encode() not in \
+        payload_on_wire, "the payload must be encrypted"
+    with pytest.raises(stream.StreamError, match="bad tag"):
         stream.decode(rx.to_target, stream.encode(rx.to_source, kind, payload, 0), 0)
     rx.sock.sendall(stream.encode(rx.to_target, stream.Frame.HELLO, stream.HELLO.pack(1 << 50), 1))
     assert "image too large for free memory" in rx.error()
@@ -243,6 +248,7 @@ def test_machine_moves_and_its_workload_continues(pair: tuple[VM, VM], scheme: s
     assert r["pages"]["zero"] > 0
     if scheme == "iterative":
         assert r["precopy_pages"] > 0 and r["pages"]["ref"] > r["pages"]["literal"]
+        assert lan.store_disk(VM.load(dst.name)).stat().st_blocks == 0, "the pre-copied pages must not stay behind"
     if scheme == "disk":
         assert r["disk_bytes"] > 0 and r["wire_bytes"] < 4096
         shared = lan.lan_dir(dst.config.lan) / "shared.raw"
@@ -329,3 +335,54 @@ def test_failed_transfer_leaves_the_source_running(pair: tuple[VM, VM]) -> None:
     proc2 = memvirt("pm", "migrate", src.name, "--to", dst.name, "--json", timeout=500)
     assert proc2.returncode == 0, proc2.stderr
     _assert_runs_on(VM.load(dst.name), 0)
+
+
+@pytest.mark.timeout(1200)
+def test_lost_answers_are_settled_by_the_host_and_forged_roles_ignored(pair: tuple[VM, VM]) -> None:
+    """The split-brain windows, forced by pmagent's test faults on the target.
+
+    1. Disk scheme, the target's agent dies right after checking the whole image (no ACK, no ERR):
+       the frozen source cannot know whether it restored, waits for the host, which sees the
+       receiver gone and says "thaw"; the source runs on and no image is left on the shared disk.
+    2. The target restores without acknowledging, and its console claims the source failed: the
+       host ignores the forged lines, tells the waiting source to power off, and exactly one copy
+       of the machine runs, on the target.
+    """
+    src, dst = pair
+    before = _counter(src)
+    shared = lan.lan_dir(dst.config.lan) / "shared.raw"
+    dst.exec("echo vanish > /run/memvirt-pm.fault").check("setting the fault")
+    proc = memvirt("pm", "migrate", src.name, "--to", dst.name, "--scheme", "disk", "--compress", "lz4", timeout=600)
+    assert_error_after_progress(proc, 1, "migration failed", f"{src.name!r} runs on")
+    assert "waits, frozen, for the host's verdict" in proc.stderr, proc.stderr
+    log = src.exec("cat /tmp/pmagent-send.log").text
+    assert "source uncertain" in log and "verdict thaw" in log and "source thawed" in log, log
+    assert src.alive() and dst.alive()
+    _assert_runs_on(src, before)
+    assert shared.stat().st_blocks == 0, "the machine's image must not stay on the shared disk after a failure"
+    assert dst.exec("hostname").text.strip() == dst.name, "the target must be untouched"
+
+    before = _counter(src)
+    dst.exec("echo drop-ack > /run/memvirt-pm.fault").check("setting the fault")
+    seen = dst.serial_log.stat().st_size
+    run = subprocess.Popen([sys.executable, "-m", "memvirt", "pm", "migrate", src.name, "--to", dst.name, "--json"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while b"target listening" not in dst.serial_log.read_bytes()[seen:]:
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+            time.sleep(0.1)
+        forged = ("memvirt-pm: source failed error=forged t=1", "memvirt-pm: source thawed error=forged t=1")
+        dst.exec("; ".join(f"echo '{line}' > /dev/console" for line in forged)).check("forging lines")
+        out, errs = run.communicate(timeout=600)
+    finally:
+        run.kill()
+    assert run.returncode == 0, errs
+    r = json.loads(out)
+    assert r["verdict"] == "off" and r["ack_lost"], r
+    assert f"{dst.name}: source failed" in r["ignored_events"] and f"{dst.name}: source thawed" in r["ignored_events"]
+    assert f"ignored an event from {dst.name}'s console claiming role 'source'" in errs
+    assert not src.alive(), "the source must be powered off: one copy of the machine"
+    moved = VM.load(dst.name)
+    assert moved.exec("hostname").text.strip() == src.name
+    _assert_runs_on(moved, before)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Annotated
 
@@ -34,8 +35,10 @@ def _describe(e: Event) -> str | None:
                             f"({mib('wire')} on the wire) in {f.get('seconds')} s",
         ("target", "received"): f"target verified the image ({mib('image')}) in {f.get('seconds')} s",
         ("target", "restoring"): "target restoring",
-        ("source", "acked"): "source powering off",
+        ("source", "acked"): "source powering off" + (" (host's verdict)" if f.get("verdict") else ""),
         ("resumed", "running"): "the machine runs on the target",
+        ("source", "uncertain"): f"source got no answer from the target ({f.get('error')}): it waits, frozen, "
+                                 "for the host's verdict",
         ("source", "thawed"): f"source thawed: {f.get('error')}",
         ("target", "failed"): f"target failed: {f.get('error')}",
         ("source", "failed"): f"source failed: {f.get('error')}",
@@ -60,9 +63,10 @@ def migrate(
     """Move the running machine SOURCE onto machine TO through its kernel's hibernation image.
 
     An agent inside SOURCE freezes it, has its kernel build the hibernation image and streams it,
-    authenticated and checksummed, to the agent on TO, which restores it. Afterwards the VM named
+    encrypted, authenticated and checksummed, to the agent on TO, which restores it. Afterwards the VM named
     TO runs SOURCE's machine (its processes, hostname, address) and SOURCE is powered off and
-    removed. If anything fails before TO has the complete image, SOURCE thaws and runs on.
+    removed. If anything fails before TO has the complete image, SOURCE thaws and runs on; if TO's
+    answer is lost, memvirt decides from TO's console which one runs (never both).
     """
     from memvirt.pm.migrate import migrate as run
 
@@ -70,6 +74,14 @@ def migrate(
         line = _describe(e)
         if line and not json_:
             err.print(f"pm: {line}", markup=False, highlight=False)
+
+    class _Warnings(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            err.print(f"pm: warning: {record.getMessage()}", markup=False, highlight=False)
+
+    log = logging.getLogger("memvirt.pm")
+    log.addHandler(_Warnings())
+    log.propagate = False
 
     r = run(source, to, scheme, compress, shrink, timeout, progress, zram)
     if json_:

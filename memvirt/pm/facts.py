@@ -128,6 +128,9 @@ def check_pair(src: Facts, dst: Facts, scheme: str, zram: bool | None = None) ->
             f"{src.name!r} and {(dst.mem_available - IMAGE_MARGIN) >> 20} MiB on {dst.name!r} (without swap the "
             f"kernel needs a free page for every page it saves: {hint})"
         )
+    if STORE_SERIAL not in src.disks:
+        raise PMRefused(f"{src.name!r} has no {STORE_SERIAL} disk (where the host's verdict goes if the target's "
+                        "answer is lost): start both machines with --lan")
     wanted = {"disk": [SHARED_SERIAL], "iterative": [STORE_SERIAL]}.get(scheme, [])
     for serial in wanted:
         for f in (src, dst):

@@ -54,6 +54,12 @@ class PMReport:
     """Swapped into zram while the image was made (the source's swap use, frozen)."""
     zram_stats: ZramStats | None = None
     zram_error: str = ""
+    verdict: str = ""
+    """The host's verdict to the source (``off`` or ``thaw``; empty when the agents settled it)."""
+    ack_lost: bool = False
+    """The source did not get the target's answer and waited, frozen, for the host's verdict."""
+    ignored_events: list[str] = field(default_factory=list)
+    """Event lines a console carried for a role its machine does not play (forged), ignored."""
 
     @property
     def stream_bytes(self) -> int:

@@ -102,8 +102,11 @@ def remove(vm: VM, timeout: float = 300.0) -> ZramStats:
     if res.rc != 0:
         raise ZramError(f"cannot remove memvirt's zram swap on {vm.name!r} (rc {res.rc}): {res.text.strip()[:200]}")
     kv = dict(w.split("=", 1) for w in res.text.split() if "=" in w)
-    return ZramStats(int(kv.get("stored", 0)), int(kv.get("compressed", 0)), int(kv.get("pool", 0)),
-                     float(kv.get("seconds", 0)))
+    try:
+        return ZramStats(int(kv.get("stored", 0)), int(kv.get("compressed", 0)), int(kv.get("pool", 0)),
+                         float(kv.get("seconds", 0)))
+    except ValueError:  # the machine's own words: not trusted to be numbers
+        raise ZramError(f"{vm.name!r} reported garbage removing zram swap: {res.text.strip()[:200]!r}") from None
 
 
 def preswap(vm: VM, ram: int, target: int) -> float:
@@ -115,6 +118,9 @@ def preswap(vm: VM, ram: int, target: int) -> float:
     script = PRESWAP.replace("{ram}", str(ram)).replace("{target}", str(target))
     res = vm.exec(script, timeout=300)
     kv = dict(w.split("=", 1) for w in res.text.split() if "=" in w)
-    if res.rc != 0 or "seconds" not in kv:
-        raise ZramError(f"cannot swap pages into zram on {vm.name!r}: {res.text.strip()[:200]}")
-    return float(kv["seconds"])
+    try:
+        if res.rc == 0:
+            return float(kv["seconds"])
+    except (KeyError, ValueError):
+        pass
+    raise ZramError(f"cannot swap pages into zram on {vm.name!r}: {res.text.strip()[:200]!r}")
