@@ -122,6 +122,9 @@ def unavailable_reason() -> str | None:
     k = holder()
     if k is not None:
         return f"DAMON held by another tool: {k.describe()}"
+    left = kdamonds()
+    if left:  # configured and switched off: still another tool's tree, not memvirt's to overwrite
+        return f"DAMON configured by another tool: {left[0].describe()}, off"
     return None
 
 
@@ -134,10 +137,6 @@ class Damon:
         if reason is not None:
             raise UsageError(f"{reason}; memvirt never stops or reconfigures another tool's kdamond "
                              "(use --method referenced)")
-        if kdamonds():
-            # Left configured but off by another tool: its tree is not memvirt's to overwrite.
-            raise UsageError(f"DAMON is configured by another tool ({kdamonds()[0].describe()}, off); "
-                             "memvirt leaves it as it is (use --method referenced)")
         self.count = count
         self._cpu = 0.0
         self._owned = False
