@@ -3,7 +3,7 @@
 QEMU is started inside its VM's group: a page is charged to the group of the task that first
 touched it, and this kernel no longer moves charges when a task changes group
 (``move_charge_at_immigrate`` is gone), so a VM started outside a group can't be put under a
-limit later. Both hierarchies are handled: cgroup v2 (``memory.max``) where the memory
+limit later. Both hierarchies are handled: cgroup v2 (``memory.high``, see :meth:`MemCgroup.set_limit`) where the memory
 controller is enabled there, otherwise v1 (``memory.limit_in_bytes``), as on hosts that mount
 v1 controllers beside an empty v2 tree.
 """
