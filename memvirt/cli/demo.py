@@ -35,6 +35,7 @@ from memvirt.errors import MemvirtError, UsageError
 from memvirt.image.build import find_image
 from memvirt.introspect import CLASSES, Introspector
 from memvirt.introspect.groundtruth import FrozenFigures
+from memvirt.procs import end_watchdog
 from memvirt.qemu import reaper
 from memvirt.qemu.vm import VM, start_vm
 from memvirt.units import parse_size
@@ -118,15 +119,17 @@ def demo(
     img = steps.run("image", "building the default image (the first run downloads a Debian kernel)",
                     lambda: find_image(image), lambda i: out.print(f"[bold]Image[/]: {i.path}"), bad_input_ends=True)
     # Guests named NAME or NAME-* die with this command, however it ends (a SIGKILL included).
+    before = reaper.existing()
     guard = reaper.spawn(name)
     try:
         _run(steps, report, img, name, mem_bytes, map_, pm, image)
     finally:
-        if json_:
-            emit_json(report)
-        from memvirt.procs import end_watchdog
-
-        end_watchdog(guard)
+        try:
+            if json_:
+                emit_json(report)
+            reaper.reap(name, keep=before)  # whatever a step's own clean-up missed
+        finally:
+            end_watchdog(guard)
     failed = steps.failed()
     summary = (f"demo: {sum(r['status'] == 'ok' for r in steps.done)} steps ok, {len(failed)} failed, "
                f"{sum(r['status'] == 'skipped' for r in steps.done)} skipped")

@@ -30,14 +30,21 @@ def _ours(name: str, prefix: str) -> bool:
     return prefix == EVERY or name == prefix or name.startswith(prefix + "-")
 
 
-def reap(prefix: str) -> list[str]:
-    """Stop the VMs of this state home that match ``prefix``; their names."""
+def existing() -> set[str]:
+    """Names of the VMs this state home holds now (to leave them out of a later :func:`reap`)."""
+    from memvirt.qemu.vm import vms_root
+
+    return {d.name for d in vms_root().iterdir() if (d / "vm.json").exists()}
+
+
+def reap(prefix: str, keep: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """Stop the VMs of this state home that match ``prefix``, except those in ``keep``; their names."""
     from memvirt.errors import MemvirtError
     from memvirt.qemu.vm import VM, vms_root
 
     stopped = []
     for d in sorted(vms_root().iterdir()):
-        if not (d / "vm.json").exists() or not _ours(d.name, prefix):
+        if not (d / "vm.json").exists() or not _ours(d.name, prefix) or d.name in keep:
             continue
         try:  # one corrupt or half-removed VM must not keep the others running
             VM.load(d.name).stop(force=True)

@@ -402,10 +402,13 @@ def start_vm(
             vm.channel.wait_ready(BOOT_TIMEOUT, vm.alive)
             if lan_name:
                 lan.configure(vm)
-        except Exception:
+        except BaseException as e:
+            # Ctrl-C or SIGTERM while it boots must not leave a half-started guest behind either.
             tail = _tail(vm.serial_log)
             vm.stop()
-            raise VMError(f"VM {name!r} did not boot: {tail}") from None
+            if not isinstance(e, Exception):
+                raise
+            raise VMError(f"VM {name!r} did not boot: {tail}") from e
     return vm
 
 
