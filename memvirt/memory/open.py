@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from memvirt.errors import BadImage, NotFound, UsageError
+from memvirt.memory.fileio import open_image
 from memvirt.memory.rammap import pc_ram_map
 from memvirt.memory.source import GuestMemory, Region
 
@@ -14,8 +15,13 @@ FORMATS = ("auto", "ramfile", "raw", "elf", "kdump")
 
 def sniff(path: Path) -> str:
     """``elf``, ``kdump`` (plain or makedumpfile-flattened, as QEMU 7.2 writes it) or ``raw``."""
-    with path.open("rb") as f:
-        head = f.read(12)
+    fd = open_image(path, "memory image")
+    try:
+        head = os.pread(fd, 12, 0)
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
     if head[:4] == b"\x7fELF":
         return "elf"
     if head[:8] == b"KDUMP   " or head == b"makedumpfile":
@@ -39,7 +45,10 @@ def _vm_ram_file(path: Path) -> GuestMemory | None:
 def _expect_size(path: Path, ram_size: int | None, what: str) -> None:
     if ram_size is None:
         return
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from e
     if what == "ramfile" and size != ram_size:
         raise BadImage(f"{path} has {size} bytes but a RAM file of a {ram_size >> 20} MiB guest has {ram_size}")
     need = max(r.end for r in pc_ram_map(ram_size))
@@ -69,6 +78,7 @@ def open_memory(spec: str, fmt: str = "auto", ram_size: int | None = None) -> Gu
     if path.exists():
         if path.is_dir():
             raise UsageError(f"{path} is a directory, not a memory image")
+        os.close(open_image(path, "memory image"))  # unreadable, a FIFO, a device: one line, before any reader
         kind = sniff(path) if fmt == "auto" else fmt
         if kind == "elf":
             from memvirt.memory.elfdump import ElfDumpMemory
