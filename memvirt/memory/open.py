@@ -56,6 +56,17 @@ def _expect_size(path: Path, ram_size: int | None, what: str) -> None:
         raise BadImage(f"{path} has {size} bytes; a raw image of a {ram_size >> 20} MiB guest needs {need}")
 
 
+def _exists(path: Path) -> bool:
+    """Whether ``path`` names something; a folder on the way that cannot be searched is the user's to fix."""
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as e:
+        raise UsageError(f"cannot open {path}: {e.strerror or e}") from e
+    return True
+
+
 def open_memory(spec: str, fmt: str = "auto", ram_size: int | None = None) -> GuestMemory:
     """Open ``spec``: ``pid:N`` (a QEMU process), a file (dump, RAM file, raw image), or a VM name.
 
@@ -75,7 +86,7 @@ def open_memory(spec: str, fmt: str = "auto", ram_size: int | None = None) -> Gu
             raise UsageError(f"bad process source {spec!r}: use pid:NUMBER") from None
         return ProcMemory(pid)
     path = Path(spec)
-    if path.exists():
+    if _exists(path):
         if path.is_dir():
             raise UsageError(f"{path} is a directory, not a memory image")
         os.close(open_image(path, "memory image"))  # unreadable, a FIFO, a device: one line, before any reader

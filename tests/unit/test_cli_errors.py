@@ -51,6 +51,19 @@ def test_mem_info_of_an_unreadable_file(tmp_path: Path, fmt: str) -> None:
     assert_one_line_error(proc, 2, str(path), "Permission denied")
 
 
+def test_mem_info_behind_an_unsearchable_folder(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "dump.elf").write_bytes(bytes(8192))
+    locked.chmod(0)
+    try:
+        cmd = _without_read_override([sys.executable, "-m", "memvirt", "mem", "info", str(locked / "dump.elf")])
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    finally:
+        locked.chmod(0o700)
+    assert_one_line_error(proc, 2, "Permission denied")
+
+
 def _main_with(raiser: str, debug: bool = False) -> subprocess.CompletedProcess[str]:
     """The real ``main()`` running ``mem info``, whose ``open_memory`` raises what ``raiser`` defines."""
     code = (
