@@ -180,7 +180,7 @@ class ElfDumpMemory(GuestMemory):
             chunk = chunk[chunk["p_filesz"] > 0]
             self._check_segments(chunk)
             ld = chunk[chunk["p_type"] == PT_LOAD]
-            loads.append(tuple(ld[f].astype(np.int64) for f in ("p_paddr", "p_filesz", "p_offset")))  # type: ignore[arg-type]
+            loads.append((ld["p_paddr"].astype(np.int64), ld["p_filesz"].astype(np.int64), ld["p_offset"].astype(np.int64)))
             if sum(map(len, notes)) < _MAX_NOTE_SEGMENTS:
                 notes.append(chunk[chunk["p_type"] == PT_NOTE][:_MAX_NOTE_SEGMENTS].copy())
             del chunk, ld
