@@ -508,7 +508,7 @@ class KdumpMemory(GuestMemory):
         try:
             page = fn(data)
         except Exception as e:  # each codec raises its own error type
-            raise self._bad(f"pfn {pfn:#x} does not decompress ({name}: {e})") from None
+            raise self._bad(f"pfn {pfn:#x} does not decompress ({name}: {e})") from e
         if len(page) != PAGE_SIZE:
             raise self._bad(f"pfn {pfn:#x} decompresses to {len(page)} bytes, not {PAGE_SIZE}")
         return np.frombuffer(page, dtype=np.uint8)

@@ -82,8 +82,8 @@ def open_memory(spec: str, fmt: str = "auto", ram_size: int | None = None) -> Gu
 
         try:
             pid = int(spec[4:])
-        except ValueError:
-            raise UsageError(f"bad process source {spec!r}: use pid:NUMBER") from None
+        except ValueError as e:
+            raise UsageError(f"bad process source {spec!r}: use pid:NUMBER") from e
         return ProcMemory(pid)
     path = Path(spec)
     if _exists(path):
@@ -117,5 +117,5 @@ def open_memory(spec: str, fmt: str = "auto", ram_size: int | None = None) -> Gu
 
     try:
         return VM.load(spec).memory()
-    except NotFound:
-        raise NotFound(f"{spec!r} is neither a file nor a VM name") from None
+    except NotFound as e:
+        raise NotFound(f"{spec!r} is neither a file nor a VM name") from e
