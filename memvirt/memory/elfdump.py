@@ -102,8 +102,7 @@ def merge_regions(gpa: np.ndarray, size: np.ndarray, offset: np.ndarray) -> tupl
         raise BadImage(f"{len(first)} separate RAM ranges; a machine has at most {MAX_REGIONS}")
     last = np.r_[first[1:], len(g)] - 1
     return tuple(
-        Region(a, b - a, c)
-        for a, b, c in zip(g[first].tolist(), end[last].tolist(), o[first].tolist(), strict=True)
+        Region(a, b - a, c) for a, b, c in zip(g[first].tolist(), end[last].tolist(), o[first].tolist(), strict=True)
     )
 
 
@@ -180,7 +179,9 @@ class ElfDumpMemory(GuestMemory):
             chunk = chunk[chunk["p_filesz"] > 0]
             self._check_segments(chunk)
             ld = chunk[chunk["p_type"] == PT_LOAD]
-            loads.append((ld["p_paddr"].astype(np.int64), ld["p_filesz"].astype(np.int64), ld["p_offset"].astype(np.int64)))
+            loads.append(
+                (ld["p_paddr"].astype(np.int64), ld["p_filesz"].astype(np.int64), ld["p_offset"].astype(np.int64))
+            )
             if sum(map(len, notes)) < _MAX_NOTE_SEGMENTS:
                 notes.append(chunk[chunk["p_type"] == PT_NOTE][:_MAX_NOTE_SEGMENTS].copy())
             del chunk, ld

@@ -87,11 +87,63 @@ class _PlainFile:
         return max(start, min(end, self.size))
 
 
+def _disjoint_pieces(lo: np.ndarray, hi: np.ndarray, fpos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Records ``[lo, hi)`` stored at ``fpos``, in file order, as sorted disjoint pieces where a later
+    record wins over the earlier ones it overlaps (as ``makedumpfile -R`` replays them).
+
+    A read then costs a binary search however many records there are. Records that overlap
+    nothing pass through as they are; overlapping ones are cut at every record boundary and each
+    piece goes to the latest record covering it, found with a segment tree built level by level in
+    numpy: O(n log n) time and a few arrays of n, whatever the overlaps.
+    """
+    if len(lo) == 0:
+        return lo, hi, fpos
+    order = np.argsort(lo, kind="stable")
+    slo, shi = lo[order], hi[order]
+    reach = np.maximum.accumulate(shi)
+    starts_cluster = np.r_[True, slo[1:] >= reach[:-1]]
+    single = starts_cluster & np.r_[starts_cluster[1:], True]
+    out_lo, out_hi, out_rec = [slo[single]], [shi[single]], [order[single]]
+    multi = np.flatnonzero(~single)
+    if len(multi):
+        rec = order[multi]
+        bounds = np.unique(np.r_[slo[multi], shi[multi]])
+        nseg = len(bounds) - 1
+        size = 1 << max(0, (nseg - 1).bit_length())
+        tree = np.full(2 * size, -1, dtype=np.int64)  # node -> latest record covering all of it
+        left = np.searchsorted(bounds, slo[multi]) + size
+        right = np.searchsorted(bounds, shi[multi]) + size
+        while len(left):  # the canonical nodes of every record's range, one tree level per pass
+            odd = (left & 1).astype(bool)
+            np.maximum.at(tree, left[odd], rec[odd])
+            left = left + odd
+            odd = (right & 1).astype(bool)
+            right = right - odd
+            np.maximum.at(tree, right[odd], rec[odd])
+            left, right = left >> 1, right >> 1
+            live = left < right
+            left, right, rec = left[live], right[live], rec[live]
+        for level in range(1, size.bit_length()):  # push each node's winner down to its leaves
+            nodes = np.arange(1 << level, 2 << level)
+            tree[nodes] = np.maximum(tree[nodes], tree[nodes >> 1])
+        win = tree[size : size + nseg]
+        has = win >= 0
+        seg_lo, seg_hi, win = bounds[:-1][has], bounds[1:][has], win[has]
+        first = np.flatnonzero(np.r_[True, (win[1:] != win[:-1]) | (seg_lo[1:] != seg_hi[:-1])])
+        out_lo.append(seg_lo[first])
+        out_hi.append(seg_hi[np.r_[first[1:], len(win)] - 1])
+        out_rec.append(win[first])
+    plo, phi, prec = np.concatenate(out_lo), np.concatenate(out_hi), np.concatenate(out_rec)
+    by = np.argsort(plo, kind="stable")
+    plo, phi, prec = plo[by], phi[by], prec[by]
+    return plo, phi, fpos[prec] + plo - lo[prec]
+
+
 class _FlattenedFile:
     """A flattened dump seen as the logical file its records describe.
 
     Bytes no record covers read as zeros; where records overlap the later one wins, as when
-    makedumpfile ``-R`` replays them.
+    makedumpfile ``-R`` replays them. The records are indexed once as sorted disjoint pieces.
     """
 
     flattened = True
@@ -126,33 +178,22 @@ class _FlattenedFile:
                 poss.append(pos + _FLAT_RECORD.size)
             pos += _FLAT_RECORD.size + n
         lo = np.frombuffer(los, dtype=np.int64)
-        hi = lo + np.frombuffer(lens, dtype=np.int64)
-        fpos = np.frombuffer(poss, dtype=np.int64)
-        del lens, poss
-        order = np.argsort(lo, kind="stable")
-        self._sorted_lo, self._sorted_hi = lo[order], hi[order]
-        self._disjoint = bool(
-            len(lo) < 2 or np.all(self._sorted_lo[1:] >= np.maximum.accumulate(self._sorted_hi)[:-1])
+        self._lo, self._hi, self._fpos = _disjoint_pieces(
+            lo, lo + np.frombuffer(lens, dtype=np.int64), np.frombuffer(poss, dtype=np.int64)
         )
-        if self._disjoint:
-            lo, hi, fpos = self._sorted_lo, self._sorted_hi, fpos[order]
-        self._lo, self._hi, self._fpos = lo, hi, fpos
-        self.size = int(hi.max()) if len(hi) else 0
+        self.size = int(self._hi[-1]) if len(self._hi) else 0
 
     def _clipped(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         """The records' ranges cut to ``[start, end)``, sorted by start, empty ones dropped."""
-        lo = np.clip(self._sorted_lo, start, end)
-        hi = np.clip(self._sorted_hi, start, end)
+        lo = np.clip(self._lo, start, end)
+        hi = np.clip(self._hi, start, end)
         keep = hi > lo
         return lo[keep], hi[keep]
 
     def covered(self, start: int, end: int) -> int:
-        """How many bytes of ``[start, end)`` some record holds (overlaps counted once)."""
+        """How many bytes of ``[start, end)`` some record holds."""
         lo, hi = self._clipped(start, end)
-        if len(lo) == 0:
-            return 0
-        reach = np.r_[start, np.maximum.accumulate(hi)[:-1]]
-        return int(np.maximum(hi - np.maximum(lo, reach), 0).sum())
+        return int((hi - lo).sum())
 
     def extent(self, start: int, end: int) -> int:
         """Where the bytes records hold in ``[start, end)`` stop (``start`` if none)."""
@@ -163,13 +204,10 @@ class _FlattenedFile:
         end = offset + len(out)
         if end > self.size:
             raise BadImage(f"{self._what} ends at logical byte {self.size:#x}; expected {end - self.size} more bytes")
-        if self._disjoint:
-            hit = np.arange(np.searchsorted(self._hi, offset, "right"), np.searchsorted(self._lo, end, "left"))
-        else:
-            hit = np.flatnonzero((self._lo < end) & (self._hi > offset))
+        hit = np.arange(np.searchsorted(self._hi, offset, "right"), np.searchsorted(self._lo, end, "left"))
         starts = np.maximum(self._lo[hit], offset)
         stops = np.minimum(self._hi[hit], end)
-        if not self._disjoint or int((stops - starts).sum()) != len(out):
+        if int((stops - starts).sum()) != len(out):
             np.frombuffer(out, dtype=np.uint8)[:] = 0
         for s, e, p in zip(
             starts.tolist(), stops.tolist(), (self._fpos[hit] + starts - self._lo[hit]).tolist(), strict=True
