@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Annotated
+import traceback
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -55,8 +57,23 @@ def _root(
     pass
 
 
+def _internal_error(e: BaseException) -> NoReturn:
+    """An exception memvirt did not expect: one line (the traceback only with ``MEMVIRT_DEBUG=1``), exit 1."""
+    if os.environ.get("MEMVIRT_DEBUG", "") not in ("", "0"):
+        traceback.print_exception(e)
+    try:
+        detail = " ".join(str(e).split())
+    except Exception:  # an exception whose message itself fails
+        detail = ""
+    name = type(e).__name__ + (f": {detail}" if detail else "")
+    err.print(
+        f"memvirt: error: internal error: {name} (MEMVIRT_DEBUG=1 shows the traceback)", markup=False, highlight=False
+    )
+    sys.exit(1)
+
+
 def main() -> None:
-    """Run the CLI; memvirt errors print one line and exit with their code, never a traceback.
+    """Run the CLI; errors print one line and exit with their code, never a traceback.
 
     SIGTERM unwinds like Ctrl-C, so a command stopped by a service manager or ``kill`` restores
     what it borrowed from the host and stops the guests it started (exit 143).
@@ -80,3 +97,5 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("memvirt: interrupted")
         sys.exit(130)
+    except Exception as e:  # the last line of defence: no traceback reaches a user
+        _internal_error(e)

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from memvirt.errors import BadImage, NotFound
-from memvirt.memory.fileio import pread_into
-from memvirt.memory.source import GuestMemory, Region
+from memvirt.errors import BadImage
+from memvirt.memory.fileio import open_image, read_image_into
+from memvirt.memory.source import MAX_GPA, MAX_REGIONS, GuestMemory, Region, check_regions
 
 _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 _SHDR = struct.Struct("<IIQQQQIIQQ")
@@ -48,7 +48,9 @@ PN_XNUM = 0xFFFF
 SHT_NULL = 0
 SHT_NOBITS = 8
 _MAX_SECTIONS = 4096
-_MAX_NOTES = 16 << 20
+_MAX_NOTES = 16 << 20  # note bytes searched for VMCOREINFO, over all PT_NOTE segments together
+_MAX_NOTE_SEGMENTS = 64  # PT_NOTE segments searched (QEMU and /proc/vmcore write one)
+_PHDR_CHUNK = 1 << 18
 
 
 def _align4(n: int) -> int:
@@ -80,23 +82,28 @@ def merge_regions(gpa: np.ndarray, size: np.ndarray, offset: np.ndarray) -> tupl
 
     Where two runs claim the same guest-physical bytes the first (lowest address, then longest)
     wins; neighbours that continue each other both in memory and in the file become one region.
+    Vectorised, because a paging dump can hold millions of loads. Values must fit in int64.
     """
-    order = np.lexsort((-size.astype(np.int64), gpa))
-    merged: list[list[int]] = []
-    for g, s, o in zip(gpa[order].tolist(), size[order].tolist(), offset[order].tolist(), strict=True):
-        if merged:
-            last = merged[-1]
-            last_end = last[0] + last[1]
-            if g < last_end:
-                skip = min(last_end - g, s)
-                g, s, o = g + skip, s - skip, o + skip
-                if s == 0:
-                    continue
-            if g == last_end and o == last[2] + last[1]:
-                last[1] += s
-                continue
-        merged.append([g, s, o])
-    return tuple(Region(g, s, o) for g, s, o in merged)
+    gpa, size, offset = (np.asarray(a, dtype=np.int64) for a in (gpa, size, offset))
+    order = np.lexsort((-size, gpa))
+    g, s, o = gpa[order], size[order], offset[order]
+    end = g + s
+    covered = np.maximum.accumulate(end)
+    before = np.r_[np.int64(-1), covered[:-1]]  # how far earlier runs already reach
+    start = np.maximum(g, before)
+    keep = (end > start) & (s > 0)
+    o = (o + start - g)[keep]
+    g, end = start[keep], end[keep]
+    if len(g) == 0:
+        return ()
+    joins = np.r_[False, (g[1:] == end[:-1]) & (o[1:] == o[:-1] + (end[:-1] - g[:-1]))]
+    first = np.flatnonzero(~joins)
+    if len(first) > MAX_REGIONS:
+        raise BadImage(f"{len(first)} separate RAM ranges; a machine has at most {MAX_REGIONS}")
+    last = np.r_[first[1:], len(g)] - 1
+    return tuple(
+        Region(a, b - a, c) for a, b, c in zip(g[first].tolist(), end[last].tolist(), o[first].tolist(), strict=True)
+    )
 
 
 class ElfDumpMemory(GuestMemory):
@@ -106,12 +113,7 @@ class ElfDumpMemory(GuestMemory):
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise NotFound(f"ELF dump {self.path} does not exist") from None
-        except PermissionError:
-            raise BadImage(f"no permission to read ELF dump {self.path}") from None
+        self._fd = open_image(self.path, "ELF dump")
         self._vmcoreinfo: bytes | None = None
         try:
             self._parse()
@@ -122,14 +124,20 @@ class ElfDumpMemory(GuestMemory):
     def _bad(self, problem: str) -> BadImage:
         return BadImage(f"ELF dump {self.path}: {problem}")
 
+    def _need(self, offset: int, size: int, what: str) -> None:
+        """Fail unless the file holds bytes ``[offset, offset + size)``: checked before anything is read."""
+        if offset + size > self._size:
+            raise self._bad(
+                f"truncated: reading {what} needs bytes {offset:#x}-{offset + size:#x} but the file has {self._size:#x}"
+            )
+
     def _read(self, offset: int, size: int, what: str) -> bytes:
         """Exactly ``size`` header bytes at ``offset``; a short file is reported as truncated."""
-        data = b""
-        if offset + size <= self._size:
-            try:
-                data = os.pread(self._fd, size, offset)
-            except OSError as e:
-                raise self._bad(f"cannot read {what}: {e.strerror}") from None
+        self._need(offset, size, what)
+        try:
+            data = os.pread(self._fd, size, offset)
+        except OSError as e:
+            raise self._bad(f"cannot read {what}: {e.strerror}") from e
         if len(data) < size:
             raise self._bad(
                 f"truncated: reading {what} needs bytes {offset:#x}-{offset + size:#x} but the file has {self._size:#x}"
@@ -160,8 +168,48 @@ class ElfDumpMemory(GuestMemory):
             phnum = _SHDR.unpack(self._read(shoff, _SHDR.size, "section header 0"))[7]
         if phnum == 0:
             raise self._bad("no program headers")
-        phdrs = np.frombuffer(self._read(phoff, phnum * _PHDR.itemsize, f"{phnum} program headers"), _PHDR)
-        phdrs = phdrs[phdrs["p_filesz"] > 0]
+        self._need(phoff, phnum * _PHDR.itemsize, f"{phnum} program headers")
+        loads: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        notes: list[np.ndarray] = []
+        for first in range(0, phnum, _PHDR_CHUNK):
+            n = min(_PHDR_CHUNK, phnum - first)
+            chunk = np.frombuffer(
+                self._read(phoff + first * _PHDR.itemsize, n * _PHDR.itemsize, f"{phnum} program headers"), _PHDR
+            )
+            chunk = chunk[chunk["p_filesz"] > 0]
+            self._check_segments(chunk)
+            ld = chunk[chunk["p_type"] == PT_LOAD]
+            loads.append(
+                (ld["p_paddr"].astype(np.int64), ld["p_filesz"].astype(np.int64), ld["p_offset"].astype(np.int64))
+            )
+            if sum(map(len, notes)) < _MAX_NOTE_SEGMENTS:
+                notes.append(chunk[chunk["p_type"] == PT_NOTE][:_MAX_NOTE_SEGMENTS].copy())
+            del chunk, ld
+        gpa, size, offset = (np.concatenate(col) for col in zip(*loads, strict=True))
+        del loads
+        if len(gpa) == 0:
+            raise self._bad("no PT_LOAD segment: the dump holds no memory")
+        if shoff and shentsize == _SHDR.size:
+            self._check_sections(shoff, shnum)
+        try:
+            self.regions = merge_regions(gpa, size, offset)
+        except BadImage as e:
+            raise self._bad(str(e)) from e
+        del gpa, size, offset
+        check_regions(self.regions, f"ELF dump {self.path}")
+        budget = _MAX_NOTES
+        for note in np.concatenate(notes)[:_MAX_NOTE_SEGMENTS]:
+            size = min(int(note["p_filesz"]), budget)
+            if size <= 0:
+                break
+            budget -= size
+            desc = find_note(self._read(int(note["p_offset"]), size, "the PT_NOTE segment"), b"VMCOREINFO")
+            if desc is not None:
+                self._vmcoreinfo = desc.rstrip(b"\0")
+                break
+
+    def _check_segments(self, phdrs: np.ndarray) -> None:
+        """Fail on a segment whose bytes are cut off, or a PT_LOAD above the physical address space."""
         ends = phdrs["p_offset"] + phdrs["p_filesz"]
         past = np.flatnonzero((ends > self._size) | (ends < phdrs["p_offset"]))
         if len(past):
@@ -170,18 +218,16 @@ class ElfDumpMemory(GuestMemory):
             raise self._bad(
                 f"truncated: its {what} needs bytes up to {int(ends[past[0]]):#x} but the file has {self._size:#x}"
             )
-        loads = phdrs[phdrs["p_type"] == PT_LOAD]
-        if len(loads) == 0:
-            raise self._bad("no PT_LOAD segment: the dump holds no memory")
-        if shoff and shentsize == _SHDR.size:
-            self._check_sections(shoff, shnum)
-        self.regions = merge_regions(loads["p_paddr"], loads["p_filesz"], loads["p_offset"])
-        for note in phdrs[phdrs["p_type"] == PT_NOTE]:
-            size = min(int(note["p_filesz"]), _MAX_NOTES)
-            desc = find_note(self._read(int(note["p_offset"]), size, "the PT_NOTE segment"), b"VMCOREINFO")
-            if desc is not None:
-                self._vmcoreinfo = desc.rstrip(b"\0")
-                break
+        gpa_end = phdrs["p_paddr"] + phdrs["p_filesz"]
+        high = np.flatnonzero(
+            (phdrs["p_type"] == PT_LOAD) & ((gpa_end > np.uint64(MAX_GPA)) | (gpa_end < phdrs["p_paddr"]))
+        )
+        if len(high):
+            p = phdrs[high[0]]
+            raise self._bad(
+                f"a PT_LOAD at guest-physical {int(p['p_paddr']):#x} ({int(p['p_filesz'])} bytes) lies above "
+                "the 52-bit physical address space"
+            )
 
     def _check_sections(self, shoff: int, shnum: int) -> None:
         """Fail if a section's bytes are cut off: QEMU 7.2 ends the core with ``.shstrtab``, so a
@@ -210,4 +256,4 @@ class ElfDumpMemory(GuestMemory):
             self._fd = -1
 
     def _fill(self, offset: int, out: memoryview) -> None:
-        pread_into(self._fd, offset, out, f"ELF dump {self.path}")
+        read_image_into(self._fd, offset, out, f"ELF dump {self.path}")

@@ -1,10 +1,11 @@
-"""Positional reads into caller buffers: the one primitive the file-backed sources share."""
+"""Positional reads into caller buffers, and opening the files a user names as memory sources."""
 
 from __future__ import annotations
 
 import os
+import stat
 
-from memvirt.errors import BadImage
+from memvirt.errors import BadImage, NotFound, UsageError
 
 
 def pread_into(fd: int, offset: int, out: memoryview, what: str) -> None:
@@ -19,3 +20,36 @@ def pread_into(fd: int, offset: int, out: memoryview, what: str) -> None:
         if n <= 0:
             raise BadImage(f"{what} ends at byte {offset + pos:#x}; expected {len(out) - pos} more bytes")
         pos += n
+
+
+def read_image_into(fd: int, offset: int, out: memoryview, what: str) -> None:
+    """:func:`pread_into` for a user's image file: an I/O error is a :class:`BadImage`, not a traceback."""
+    try:
+        pread_into(fd, offset, out, what)
+    except OSError as e:
+        raise BadImage(f"{what}: cannot read byte {offset:#x}: {e.strerror or e}") from e
+
+
+def open_image(path: os.PathLike[str] | str, what: str) -> int:
+    """A read-only descriptor of the regular file ``path`` names.
+
+    A FIFO or device would block or has no size, so it is refused before anything reads it
+    (``O_NONBLOCK`` keeps the open itself from waiting for a FIFO writer). Open failures are
+    the user's input: missing -> :class:`NotFound`, anything else -> :class:`UsageError`.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError as e:
+        raise NotFound(f"{what} {path} does not exist") from e
+    except OSError as e:
+        raise UsageError(f"cannot open {what} {path}: {e.strerror or e}") from e
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as e:
+        os.close(fd)
+        raise UsageError(f"cannot open {what} {path}: {e.strerror or e}") from e
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise UsageError(f"{path} is {kind}, not a memory image")
+    return fd

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from memvirt.errors import BadImage, NotFound, UsageError
+from memvirt.memory.fileio import open_image
 from memvirt.memory.rammap import pc_ram_map
 from memvirt.memory.source import GuestMemory, Region
 
@@ -14,8 +15,13 @@ FORMATS = ("auto", "ramfile", "raw", "elf", "kdump")
 
 def sniff(path: Path) -> str:
     """``elf``, ``kdump`` (plain or makedumpfile-flattened, as QEMU 7.2 writes it) or ``raw``."""
-    with path.open("rb") as f:
-        head = f.read(12)
+    fd = open_image(path, "memory image")
+    try:
+        head = os.pread(fd, 12, 0)
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
     if head[:4] == b"\x7fELF":
         return "elf"
     if head[:8] == b"KDUMP   " or head == b"makedumpfile":
@@ -39,12 +45,26 @@ def _vm_ram_file(path: Path) -> GuestMemory | None:
 def _expect_size(path: Path, ram_size: int | None, what: str) -> None:
     if ram_size is None:
         return
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from e
     if what == "ramfile" and size != ram_size:
         raise BadImage(f"{path} has {size} bytes but a RAM file of a {ram_size >> 20} MiB guest has {ram_size}")
     need = max(r.end for r in pc_ram_map(ram_size))
     if what == "raw" and size < need:
         raise BadImage(f"{path} has {size} bytes; a raw image of a {ram_size >> 20} MiB guest needs {need}")
+
+
+def _exists(path: Path) -> bool:
+    """Whether ``path`` names something; a folder on the way that cannot be searched is the user's to fix."""
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as e:
+        raise UsageError(f"cannot open {path}: {e.strerror or e}") from e
+    return True
 
 
 def open_memory(spec: str, fmt: str = "auto", ram_size: int | None = None) -> GuestMemory:
@@ -62,13 +82,14 @@ def open_memory(spec: str, fmt: str = "auto", ram_size: int | None = None) -> Gu
 
         try:
             pid = int(spec[4:])
-        except ValueError:
-            raise UsageError(f"bad process source {spec!r}: use pid:NUMBER") from None
+        except ValueError as e:
+            raise UsageError(f"bad process source {spec!r}: use pid:NUMBER") from e
         return ProcMemory(pid)
     path = Path(spec)
-    if path.exists():
+    if _exists(path):
         if path.is_dir():
             raise UsageError(f"{path} is a directory, not a memory image")
+        os.close(open_image(path, "memory image"))  # unreadable, a FIFO, a device: one line, before any reader
         kind = sniff(path) if fmt == "auto" else fmt
         if kind == "elf":
             from memvirt.memory.elfdump import ElfDumpMemory
@@ -96,5 +117,5 @@ def open_memory(spec: str, fmt: str = "auto", ram_size: int | None = None) -> Gu
 
     try:
         return VM.load(spec).memory()
-    except NotFound:
-        raise NotFound(f"{spec!r} is neither a file nor a VM name") from None
+    except NotFound as e:
+        raise NotFound(f"{spec!r} is neither a file nor a VM name") from e

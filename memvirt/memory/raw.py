@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from memvirt.errors import BadImage, NotFound
-from memvirt.memory.fileio import pread_into
-from memvirt.memory.source import GuestMemory, Region
+from memvirt.errors import BadImage
+from memvirt.memory.fileio import open_image, read_image_into
+from memvirt.memory.source import MAX_GPA, GuestMemory, Region, check_regions
 
 
 class RawMemory(GuestMemory):
@@ -15,18 +15,23 @@ class RawMemory(GuestMemory):
 
     def __init__(self, path: str | os.PathLike[str], regions: tuple[Region, ...] | None = None):
         self.path = Path(path)
+        self._fd = open_image(self.path, "raw image")
         try:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise NotFound(f"{self.path} does not exist") from None
+            self._check(regions)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check(self, regions: tuple[Region, ...] | None) -> None:
         size = os.fstat(self._fd).st_size
         if size == 0 or size % 4096:
-            os.close(self._fd)
             raise BadImage(f"{self.path} is {size} bytes: a raw image is a whole number of 4 KiB pages")
+        if size > MAX_GPA:
+            raise BadImage(f"{self.path} is {size} bytes: more than the 52-bit physical address space of a guest")
         self.regions = regions if regions is not None else (Region(0, size, 0),)
+        check_regions(self.regions, f"raw image {self.path}")
         need = max(r.offset + r.size for r in self.regions)
         if size < need:
-            os.close(self._fd)
             raise BadImage(f"raw image {self.path} has {size} bytes; its RAM map needs {need}")
 
     def describe(self) -> str:
@@ -38,4 +43,4 @@ class RawMemory(GuestMemory):
             self._fd = -1
 
     def _fill(self, offset: int, out: memoryview) -> None:
-        pread_into(self._fd, offset, out, str(self.path))
+        read_image_into(self._fd, offset, out, str(self.path))

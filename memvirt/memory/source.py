@@ -18,6 +18,12 @@ from memvirt.errors import BadImage
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
+MAX_GPA = 1 << 52
+"""x86-64's architectural ceiling on physical addresses (MAXPHYADDR <= 52): no guest RAM lies above it,
+so a file claiming otherwise is corrupt, and per-page tables sized by ``max_pfn`` stay finite."""
+MAX_REGIONS = 1 << 16
+"""More separate RAM ranges than any machine's memory map holds (Linux keeps at most ~3200 e820
+entries); a file claiming more is corrupt, and each range costs a Python object and lookup time."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,15 @@ class Region:
     @property
     def end(self) -> int:
         return self.gpa + self.size
+
+
+def check_regions(regions: tuple[Region, ...], what: str) -> None:
+    """Reject a RAM map a real machine cannot have: too many ranges, or RAM above :data:`MAX_GPA`."""
+    if len(regions) > MAX_REGIONS:
+        raise BadImage(f"{what}: {len(regions)} separate RAM ranges; a machine has at most {MAX_REGIONS}")
+    top = max((r.end for r in regions), default=0)
+    if top > MAX_GPA:
+        raise BadImage(f"{what}: RAM ends at guest-physical {top:#x}, above the 52-bit physical address space")
 
 
 class GuestMemory(ABC):
