@@ -399,6 +399,20 @@ def test_policy_backs_off_fast_and_shrinks_slowly() -> None:
     assert decide(100 * MIB, 100 * MIB, 160 * MIB, 160 * MIB, oom=True) == (416 * MIB, "back off: stuck at the limit")
 
 
+def test_policy_cuts_no_more_than_the_host_pages_out_in_an_interval() -> None:
+    """Lowering a cap reclaims synchronously: once the host's pace is known, a cut is what it
+    pages out in about two intervals, so the controller is never held long (nested hosts: ~10 MB/s)."""
+    ctl, decide = _decider(Policy("adaptive", margin=0.10))
+    ctl.interval = 1.0
+    overhead = 60 * MIB
+    decide.state.reclaim_rate = 10 * MIB  # type: ignore[attr-defined]
+    limit, action = decide(100 * MIB, 900 * MIB, 900 * MIB + overhead, 1 << 62)
+    assert action == "shrink" and limit == 900 * MIB + overhead - 20 * MIB
+    decide.state.reclaim_rate = 1 * MIB  # type: ignore[attr-defined]
+    limit, action = decide(100 * MIB, 900 * MIB, 900 * MIB + overhead, 1 << 62)
+    assert action == "shrink" and limit == 900 * MIB + overhead - 4 * MIB, "at least twice the deadband"
+
+
 def test_static_and_none_policies_never_move_the_limit() -> None:
     _, decide = _decider(Policy("static", limit=300 * MIB))
     assert decide(500 * MIB, 500 * MIB, 560 * MIB, 300 * MIB, refaulted=100 * MIB) == (300 * MIB, "static")

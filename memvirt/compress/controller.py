@@ -109,6 +109,8 @@ class _VMState:
     floor_age: int = 0
     cap_hits: int = 0
     last_wss: int = 0
+    reclaim_rate: float | None = None
+    """Bytes per second the host paged out of this VM's group when its cap last went down."""
     samples: list[Sample] = field(default_factory=list)
 
 
@@ -242,7 +244,13 @@ class Controller:
         st.floor_age += 1
         if st.floor < UNLIMITED and (st.floor_age > FLOOR_MEMORY or target < 0.8 * st.floor):
             st.floor = UNLIMITED
-        step_floor = min(st.limit, usage) - int(p.shrink_step * st.vm.config.memory)
+        cut = int(p.shrink_step * st.vm.config.memory)
+        if st.reclaim_rate:
+            # Lowering a cap reclaims synchronously: a cut the host can't page out within about
+            # two intervals would hold the controller (and a guest that starts to grow) that long.
+            # Nested hosts page out at ~10 MB/s, so this matters there.
+            cut = min(cut, max(2 * DEADBAND, int(2 * st.reclaim_rate * self.interval)))
+        step_floor = min(st.limit, usage) - cut
         known_low = int(st.floor * (1 + p.margin)) if st.floor < UNLIMITED else 0
         new = max(target, step_floor, known_low)
         return (new, "shrink") if new < st.limit - deadband else (st.limit, "steady")
@@ -268,11 +276,17 @@ class Controller:
             limit, action = self._decide(st, est, usage, refaulted, ratio, fill, fair, stall, oom, hits)
             st.last_wss = max(est.wss, st.last_wss // 2)
             if st.group is not None and limit != st.limit:
+                t0 = time.monotonic()
                 try:
                     st.group.set_limit(None if limit >= UNLIMITED else limit)
                 except MemvirtError as e:
                     action = f"{action} refused: {e}"
                     limit = st.group.limit()
+                took = time.monotonic() - t0
+                if limit < usage and took > 0.05:
+                    freed = max(0, usage - st.group.usage())
+                    rate = freed / took
+                    st.reclaim_rate = rate if st.reclaim_rate is None else 0.5 * (st.reclaim_rate + rate)
                 st.limit = limit
             s = Sample(round(est.t, 3), st.vm.name, est.wss, est.resident, est.swapped, usage,
                        0 if st.limit >= UNLIMITED else st.limit, refaulted, action, ratio)
