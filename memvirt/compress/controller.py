@@ -249,7 +249,8 @@ class Controller:
             # Lowering a cap reclaims synchronously: a cut the host can't page out within about
             # two intervals would hold the controller (and a guest that starts to grow) that long.
             # Nested hosts page out at ~10 MB/s, so this matters there.
-            cut = min(cut, max(2 * DEADBAND, int(2 * st.reclaim_rate * self.interval)))
+            deadband = max(DEADBAND, st.vm.config.memory // 100)
+            cut = min(cut, max(2 * deadband, int(2 * st.reclaim_rate * self.interval)))
         step_floor = min(st.limit, usage) - cut
         known_low = int(st.floor * (1 + p.margin)) if st.floor < UNLIMITED else 0
         new = max(target, step_floor, known_low)
