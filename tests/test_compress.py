@@ -405,9 +405,9 @@ def test_policy_cuts_no_more_than_the_host_pages_out_in_an_interval() -> None:
     ctl, decide = _decider(Policy("adaptive", margin=0.10))
     ctl.interval = 1.0
     overhead = 60 * MIB
-    decide.state.reclaim_rate = 10 * MIB  # type: ignore[attr-defined]
+    decide.state.reclaim_rate = 20 * MIB  # type: ignore[attr-defined]
     limit, action = decide(100 * MIB, 900 * MIB, 900 * MIB + overhead, 1 << 62)
-    assert action == "shrink" and limit == 900 * MIB + overhead - 20 * MIB
+    assert action == "shrink" and limit == 900 * MIB + overhead - 40 * MIB
     decide.state.reclaim_rate = 1 * MIB  # type: ignore[attr-defined]
     limit, action = decide(100 * MIB, 900 * MIB, 900 * MIB + overhead, 1 << 62)
     deadband = (1 << 30) // 100
