@@ -26,7 +26,7 @@ from pathlib import Path
 from memvirt.clone.template import IGNORE_SHARED, check_cloneable, freeze, state_file, template_lock, unfreeze
 from memvirt.errors import MemvirtError, UsageError, VMError
 from memvirt.image.build import load_image
-from memvirt.paths import ram_dir
+from memvirt.paths import private_dir, private_file, ram_dir
 from memvirt.qemu.vm import VM, VMConfig, check_name, launch_qemu, vms_root
 
 Progress = Callable[[str, int, int], None]
@@ -133,7 +133,7 @@ def start_clone(template: VM, name: str, eager: bool = False, progress: Progress
     t0 = time.perf_counter()
     vdir = vms_root() / name
     try:
-        vdir.mkdir()
+        private_dir(vdir, exclusive=True)
     except FileExistsError:
         raise UsageError(f"a VM named {name!r} already exists: choose another --prefix") from None
     c = template.config
@@ -214,7 +214,7 @@ def copy_ram(src: str, dst: str, progress: Progress | None = None) -> int:
     """Copy a RAM file's data extents (holes stay holes) in the kernel; returns bytes copied."""
     fi = os.open(src, os.O_RDONLY)
     try:
-        fo = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        fo = private_file(dst, flags=os.O_WRONLY)
         try:
             size = os.fstat(fi).st_size
             os.ftruncate(fo, size)
