@@ -25,7 +25,7 @@ from memvirt.errors import GuestError, MemvirtError, NotFound, UsageError, VMErr
 from memvirt.image.build import Image
 from memvirt.memory import rammap
 from memvirt.memory.source import GuestMemory, Region
-from memvirt.paths import PRIVATE_FILE, private_dir, ram_dir, state_home, touch_private
+from memvirt.paths import PRIVATE_FILE, private_dir, private_file, ram_dir, state_home, touch_private
 from memvirt.procs import pid_alive
 from memvirt.qemu import lan
 from memvirt.qemu.accel import choose_accel, qemu_binary
@@ -153,8 +153,10 @@ class VM:
             )
 
     def save(self) -> None:
-        tmp = self.dir / "vm.json.tmp"
-        tmp.write_text(json.dumps(asdict(self.config), indent=2))
+        tmp = self.dir / f"vm.json.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)
+        with open(private_file(tmp, flags=os.O_WRONLY), "w") as f:
+            f.write(json.dumps(asdict(self.config), indent=2))
         tmp.rename(self.dir / "vm.json")
 
     def alive(self) -> bool:
