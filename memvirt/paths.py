@@ -3,8 +3,9 @@ the folders and files that hold guest memory or device state: private to their o
 
 Guest RAM, templates, saved device state and LAN disks are the guests' secrets (keys, passwords,
 whole file systems), and /dev/shm is writable by every local user. So every such folder is made
-0700, or, if it already exists, checked to be a real folder (not a symlink) owned by us with no
-group/other bits: another user cannot pre-create it to read or swap what memvirt writes there.
+0700, or, if it already exists, checked to be a real folder (not a symlink) owned by us that no
+one else can write to: another user cannot pre-create it to read or swap what memvirt writes
+there. One that others can only read (older memvirt made them 0755) is tightened to 0700.
 Files are created 0600 with ``O_EXCL | O_NOFOLLOW``: never an existing file, never through a link.
 """
 
@@ -40,7 +41,8 @@ def private_dir(path: Path | str, exclusive: bool = False) -> Path:
 
 
 def check_private_dir(path: Path | str) -> None:
-    """Refuse a folder that is a symlink, not a folder, owned by someone else, or open to others."""
+    """Refuse a folder that is a symlink, not a folder, owned by someone else, or writable by
+    others; take group/other read access away from one of ours."""
     try:
         st = os.lstat(path)
     except OSError as e:
@@ -51,9 +53,20 @@ def check_private_dir(path: Path | str) -> None:
         raise UnsafePath(f"refusing folder {path}: it is not a folder")
     if st.st_uid != os.geteuid():
         raise UnsafePath(f"refusing folder {path}: it belongs to uid {st.st_uid}, not to this user ({os.geteuid()})")
+    if st.st_mode & 0o022:
+        raise UnsafePath(f"refusing folder {path}: its mode {stat.S_IMODE(st.st_mode):04o} lets other users write "
+                         f"there (guest memory goes there; if nothing in it is foreign, 'chmod 700 {path}')")
     if st.st_mode & 0o077:
-        raise UnsafePath(f"refusing folder {path}: its mode {stat.S_IMODE(st.st_mode):04o} lets other users in "
-                         f"(guest memory goes there; 'chmod 700 {path}' if it is yours)")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            raise UnsafePath(f"cannot use folder {path}: {e.strerror}") from None
+        try:
+            if (os.fstat(fd).st_dev, os.fstat(fd).st_ino) != (st.st_dev, st.st_ino):
+                raise UnsafePath(f"refusing folder {path}: it was replaced while memvirt checked it")
+            os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
 
 
 def private_file(path: Path | str, size: int | None = None, flags: int = os.O_RDWR) -> int:

@@ -11,7 +11,9 @@ it would after any signal. The other QEMU threads never stop.
 
 The thread must come back intact whatever happens to memvirt: after every single call its
 registers are its own again and it waits in its interrupt stop (so even a SIGKILL of memvirt,
-whose exit detaches it, leaves it at most an injected descriptor, see :func:`close_stray_pidfds`); memvirt blocks its own signals
+whose exit detaches it, leaves it at most an injected descriptor, see :func:`close_stray_pidfds`;
+only a SIGKILL landing while the thread runs the injected call itself, microseconds to a few ms
+per call, still has the kernel hand it the single-step SIGTRAP, which ends QEMU); memvirt blocks its own signals
 during the borrow (a Ctrl-C is acted on after the thread is given back); any path out restores
 and detaches; and signals sent to the thread while it was held are sent to it again afterwards.
 ``MEMVIRT_TEST_HOLD_BORROW=SECONDS`` (a test hook) sleeps inside the borrow, to aim at it.
@@ -49,6 +51,8 @@ UIO_MAXIOV = 1024
 SYSCALL_INSN = b"\x0f\x05"
 WALL = 0x40000000
 STACK_SKIP = 4096
+FIND_TRIES = 20
+"""Looks for an idle thread (each may be running at the instant it is looked at)."""
 """Bytes left untouched below the borrowed thread's stack pointer (red zone and more)."""
 
 
@@ -95,10 +99,16 @@ def _test_hold() -> None:
 
 def _blocked_thread(pid: int) -> tuple[int, int]:
     """A non-main thread blocked in a system call, and the address of its ``syscall`` instruction."""
-    try:
-        return _find_blocked(pid)
-    except OSError as e:
-        raise VMError(f"cannot inspect QEMU process {pid}: {e.strerror}") from None
+    for attempt in range(FIND_TRIES):
+        try:
+            return _find_blocked(pid)
+        except OSError as e:
+            raise VMError(f"cannot inspect QEMU process {pid}: {e.strerror}") from None
+        except VMError:
+            if attempt == FIND_TRIES - 1:
+                raise
+            time.sleep(0.005)
+    raise AssertionError("unreachable")
 
 
 def _find_blocked(pid: int) -> tuple[int, int]:

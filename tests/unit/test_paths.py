@@ -26,15 +26,23 @@ def test_private_dir_is_created_0700(tmp_path: Path, umask0: None) -> None:
     assert private_dir(d) == d  # an existing private folder is accepted
 
 
-def test_private_dir_refuses_open_mode(tmp_path: Path) -> None:
+def test_private_dir_refuses_a_folder_others_can_write(tmp_path: Path) -> None:
     d = tmp_path / "ram"
-    d.mkdir(mode=0o755)
-    os.chmod(d, 0o755)
-    with pytest.raises(UnsafePath, match=r"ram: its mode 0755 lets other users in"):
+    d.mkdir()
+    for mode in (0o777, 0o1777, 0o720, 0o702):
+        os.chmod(d, mode)
+        with pytest.raises(UnsafePath, match=rf"ram: its mode {mode:04o} lets other users write"):
+            private_dir(d)
+
+
+def test_private_dir_tightens_a_folder_others_can_read(tmp_path: Path) -> None:
+    """Older memvirt made its RAM folder 0755: nobody else could put anything in it, so it is kept."""
+    d = tmp_path / "ram"
+    d.mkdir()
+    for mode in (0o755, 0o710, 0o701):
+        os.chmod(d, mode)
         private_dir(d)
-    os.chmod(d, 0o710)
-    with pytest.raises(UnsafePath, match="mode 0710"):
-        private_dir(d)
+        assert stat.S_IMODE(os.lstat(d).st_mode) == 0o700
 
 
 def test_private_dir_refuses_symlink(tmp_path: Path) -> None:
@@ -92,7 +100,7 @@ def test_ram_dir_refuses_a_planted_folder(tmp_path: Path, monkeypatch: pytest.Mo
     planted.mkdir()
     os.chmod(planted, 0o777)
     monkeypatch.setenv("MEMVIRT_RAM_DIR", str(planted))
-    with pytest.raises(UnsafePath, match="shm-ram"):
+    with pytest.raises(UnsafePath, match="shm-ram: its mode 0777"):
         paths.ram_dir()
     os.chmod(planted, 0o700)
     assert paths.ram_dir() == planted

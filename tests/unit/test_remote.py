@@ -18,6 +18,7 @@ import pytest
 
 from memvirt.dedup import remote
 from memvirt.dedup.remote import SYS_PIDFD_OPEN, RemoteProcess, close_stray_pidfds, self_pidfds
+from memvirt.errors import VMError
 
 CHILD = textwrap.dedent("""
     import os, signal, threading, time
@@ -76,6 +77,29 @@ class Child:
         return found
 
 
+def borrow(pid: int) -> RemoteProcess:
+    """A borrow of the child's ticking thread, retried while it happens to be running (not idle)."""
+    for _ in range(200):
+        try:
+            return RemoteProcess(pid)
+        except VMError:
+            time.sleep(0.003)
+    raise AssertionError("the child's thread never looked idle")
+
+
+BORROWER = """
+import time
+from memvirt.dedup.remote import remote_madvise
+from memvirt.errors import VMError
+for _ in range(200):
+    try:
+        with remote_madvise({pid}):
+            break
+    except VMError:
+        time.sleep(0.003)
+"""
+
+
 @pytest.fixture
 def child() -> Iterator[Child]:
     if os.geteuid() != 0 and Path("/proc/sys/kernel/yama/ptrace_scope").read_text().strip() != "0":
@@ -87,7 +111,7 @@ def child() -> Iterator[Child]:
 
 
 def test_borrow_runs_syscalls_and_gives_the_thread_back(child: Child) -> None:
-    with RemoteProcess(child.pid) as rp:
+    with borrow(child.pid) as rp:
         assert child.tracer() == os.getpid()
         assert rp.syscall(39) == child.pid  # getpid, run by the child
         fd = rp.syscall(SYS_PIDFD_OPEN, child.pid, 0)
@@ -98,7 +122,7 @@ def test_borrow_runs_syscalls_and_gives_the_thread_back(child: Child) -> None:
 
 
 def test_an_error_inside_the_borrow_still_restores_and_detaches(child: Child) -> None:
-    with pytest.raises(KeyboardInterrupt), RemoteProcess(child.pid) as rp:
+    with pytest.raises(KeyboardInterrupt), borrow(child.pid) as rp:
         rp.syscall(39)
         raise KeyboardInterrupt
     assert child.tracer() == 0
@@ -109,7 +133,7 @@ def test_own_signals_wait_until_the_thread_is_back(child: Child) -> None:
     seen: list[int] = []
     old = signal.signal(signal.SIGUSR2, lambda *a: seen.append(child.tracer()))
     try:
-        with RemoteProcess(child.pid):
+        with borrow(child.pid):
             os.kill(os.getpid(), signal.SIGUSR2)
             time.sleep(0.05)
             assert seen == []
@@ -120,7 +144,7 @@ def test_own_signals_wait_until_the_thread_is_back(child: Child) -> None:
 
 
 def test_signals_sent_to_the_held_thread_reach_it(child: Child) -> None:
-    with RemoteProcess(child.pid) as rp:
+    with borrow(child.pid) as rp:
         os.kill(child.pid, signal.SIGUSR1)  # the kernel routes it to a thread of the child
         rp.syscall(39)  # the held thread reports the signal, which must not be lost
         time.sleep(0.05)
@@ -130,8 +154,7 @@ def test_signals_sent_to_the_held_thread_reach_it(child: Child) -> None:
 def test_borrower_killed_mid_borrow(child: Child, tmp_path: Path) -> None:
     """SIGKILL of the borrower inside the borrow (after it opened a pidfd in the target): the
     thread runs on with its own registers, and the stray pidfd is found and closed afterwards."""
-    script = (f"from memvirt.dedup.remote import remote_madvise\n"
-              f"with remote_madvise({child.pid}):\n    pass\n")
+    script = BORROWER.format(pid=child.pid)
     env = {**os.environ, "MEMVIRT_TEST_HOLD_BORROW": "60"}
     borrower = subprocess.Popen([sys.executable, "-c", script], env=env)
     try:
@@ -139,6 +162,7 @@ def test_borrower_killed_mid_borrow(child: Child, tmp_path: Path) -> None:
         while not (child.tracer() == borrower.pid and self_pidfds(child.pid)):
             assert time.monotonic() < deadline and borrower.poll() is None, "the borrow did not start"
             time.sleep(0.01)
+        time.sleep(0.3)  # past the pidfd_open's own few ptrace calls, into the hold
         borrower.kill()
         borrower.wait()
     finally:
@@ -151,14 +175,14 @@ def test_borrower_killed_mid_borrow(child: Child, tmp_path: Path) -> None:
 
 def test_borrower_interrupted_mid_borrow(child: Child) -> None:
     """SIGINT inside the borrow waits for its end: the pidfd is closed, the thread detached."""
-    script = (f"from memvirt.dedup.remote import remote_madvise\n"
-              f"with remote_madvise({child.pid}):\n    pass\n")
+    script = BORROWER.format(pid=child.pid)
     env = {**os.environ, "MEMVIRT_TEST_HOLD_BORROW": "1.5"}
     borrower = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
     while not (child.tracer() == borrower.pid and self_pidfds(child.pid)):
         assert time.monotonic() < deadline and borrower.poll() is None, "the borrow did not start"
         time.sleep(0.01)
+    time.sleep(0.3)
     borrower.send_signal(signal.SIGINT)
     _, err = borrower.communicate(timeout=30)
     assert borrower.returncode != 0 and b"KeyboardInterrupt" in err
