@@ -132,6 +132,7 @@ def start_clone(template: VM, name: str, eager: bool = False, progress: Progress
     """Start clone ``name`` of a frozen template; on any failure remove every trace of it."""
     t0 = time.perf_counter()
     vdir = vms_root() / name
+    rams = ram_dir() if eager else None
     try:
         private_dir(vdir, exclusive=True)
     except FileExistsError:
@@ -141,7 +142,7 @@ def start_clone(template: VM, name: str, eager: bool = False, progress: Progress
         name=name, memory=c.memory, cpus=c.cpus, ram="shared" if eager else "cow", image=c.image,
         kernel_release=c.kernel_release, accel=c.accel, append=c.append, regions=c.regions, started=time.time(),
         extra={k: v for k, v in c.extra.items() if k not in TEMPLATE_ONLY}, clone_of=template.name,
-        ram_path=str(ram_dir() / f"{name}.ram") if eager else "", backing="" if eager else c.ram_path,
+        ram_path=str(rams / f"{name}.ram") if rams else "", backing="" if eager else c.ram_path,
     )
     vm = VM(config)
     result = Clone(name, 0, not eager, 0.0, 0.0, 0.0, t0=t0)

@@ -314,11 +314,11 @@ def prepare_target(setup: object) -> tuple[VM, Image]:
     st = check_setup(setup)
     image = load_image(st.image)
     vdir = vms_root() / st.name
+    ram_path = ram_dir() / f"{st.name}.ram"
     try:
         private_dir(vdir, exclusive=True)
     except FileExistsError:
         raise UsageError(f"a VM named {st.name!r} already exists on the receiving host (migrate with --as NEW)") from None
-    ram_path = ram_dir() / f"{st.name}.ram"
     config = VMConfig(
         name=st.name, memory=st.memory, cpus=st.cpus, ram="shared", image=str(image.path),
         kernel_release=image.release, accel=st.accel, append=st.append, ram_path=str(ram_path),

@@ -380,8 +380,8 @@ def start_vm(
         if existing.alive():
             raise UsageError(f"a VM named {name!r} is already running")
         existing.stop()
-    private_dir(vdir)
     ram_path = str(ram_dir() / f"{name}.ram") if ram == "shared" else ""
+    private_dir(vdir)
     if ram_path:
         Path(ram_path).unlink(missing_ok=True)
         touch_private(ram_path, memory)
