@@ -31,7 +31,10 @@ def dump_vm(vm: VM, dest: Path, fmt: str = "elf", progress: Progress | None = No
     if not dest.parent.is_dir():
         raise UsageError(f"folder {dest.parent} does not exist")
     tmp = dest.with_name(f".{dest.name}.partial")
-    tmp.unlink(missing_ok=True)
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot remove {tmp} (left by someone else?): {e.strerror}") from None
     fd = private_file(tmp)
     try:
         if fmt == "raw":
