@@ -33,3 +33,18 @@ def test_console_log_is_capped_and_keeps_the_newest(tmp_path: Path) -> None:
     assert (old.read_bytes() + log.read_bytes()).endswith(b"line 00299999\n")
     assert lines.endswith(old.read_bytes() + log.read_bytes())
     assert stat.S_IMODE(os.stat(log).st_mode) == 0o600
+
+
+def test_console_tail_follows_a_rotated_log(tmp_path: Path) -> None:
+    """pm's event reader keeps reading after the console reader rotated ``serial.log``."""
+    from memvirt.pm.events import ConsoleTail
+
+    log = tmp_path / "serial.log"
+    log.write_bytes(b"boot noise\n" * 1000)
+    tail = ConsoleTail(log, "pm-s1", ("source",))
+    with log.open("ab") as f:
+        f.write(b"memvirt-pm: source frozen seconds=0.01 t=1\n")
+    assert [e.name for e in tail.poll()] == ["frozen"]
+    os.replace(log, tmp_path / "serial.log.1")
+    log.write_bytes(b"memvirt-pm: source thawed t=2\n")
+    assert [e.name for e in tail.poll()] == ["thawed"]
