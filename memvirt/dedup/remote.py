@@ -13,9 +13,11 @@ The thread must come back intact whatever happens to memvirt: after every single
 registers are its own again and it waits in its interrupt stop (so even a SIGKILL of memvirt,
 whose exit detaches it, leaves it at most an injected descriptor, see :func:`close_stray_pidfds`;
 only a SIGKILL landing while the thread runs the injected call itself, microseconds to a few ms
-per call, still has the kernel hand it the single-step SIGTRAP, which ends QEMU); memvirt blocks its own signals
-during the borrow (a Ctrl-C is acted on after the thread is given back); any path out restores
-and detaches; and signals sent to the thread while it was held are sent to it again afterwards.
+per call, can still hurt it: it then returns from that call with memvirt's registers, or gets
+the single-step SIGTRAP, which ends QEMU; closing that needs the borrow in a process of its own
+that outlives memvirt). memvirt holds its own signals during the borrow (a Ctrl-C or SIGTERM is
+acted on once the thread is given back); any path out restores and detaches; and signals sent
+to the thread while it was held are sent to it again afterwards.
 ``MEMVIRT_TEST_HOLD_BORROW=SECONDS`` (a test hook) sleeps inside the borrow, to aim at it.
 """
 
