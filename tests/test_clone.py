@@ -100,7 +100,7 @@ def test_clone_report_and_relations(template):
         assert c["lazy"] and c["copied_bytes"] == 0 and 0 < c["seconds"] < 10 and c["guest_seconds"] > 0
         assert VM.load(c["name"]).status() == "running" and VM.load(c["name"]).config.pid == c["pid"]
     assert tpl.status() == "postmigrate" and tpl.is_template
-    assert stat.S_IMODE(os.stat(tpl.config.ram_path).st_mode) == 0o444
+    assert stat.S_IMODE(os.stat(tpl.config.ram_path).st_mode) == 0o400
     listing = {v["name"]: v for v in json.loads(memvirt("vm", "list", "--json").stdout)}
     assert listing[TEMPLATE]["role"] == "template" and listing[TEMPLATE]["clones"] == ["cl-a-1", "cl-a-2"]
     assert listing["cl-a-1"]["clone_of"] == TEMPLATE and listing["cl-a-1"]["lazy"] is True
@@ -241,7 +241,7 @@ def test_template_unfreezes_when_clones_are_gone(template):
     assert memvirt("vm", "resume", TEMPLATE).returncode == 0
     tpl = VM.load(TEMPLATE)
     assert tpl.status() == "running" and not tpl.is_template and not state_file(tpl).exists()
-    assert stat.S_IMODE(os.stat(tpl.config.ram_path).st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(tpl.config.ram_path).st_mode) == 0o600
     with tpl.monitor() as mon:
         caps = {c["capability"]: c["state"] for c in mon.command("query-migrate-capabilities")}
     assert caps["x-ignore-shared"] is False, "an unfrozen VM must migrate its RAM again"

@@ -26,7 +26,7 @@ from pathlib import Path
 from memvirt.clone.template import IGNORE_SHARED, check_cloneable, freeze, state_file, template_lock, unfreeze
 from memvirt.errors import MemvirtError, UsageError, VMError
 from memvirt.image.build import load_image
-from memvirt.paths import ram_dir
+from memvirt.paths import private_dir, private_file, ram_dir
 from memvirt.qemu.vm import VM, VMConfig, check_name, launch_qemu, vms_root
 
 Progress = Callable[[str, int, int], None]
@@ -132,8 +132,9 @@ def start_clone(template: VM, name: str, eager: bool = False, progress: Progress
     """Start clone ``name`` of a frozen template; on any failure remove every trace of it."""
     t0 = time.perf_counter()
     vdir = vms_root() / name
+    rams = ram_dir() if eager else None
     try:
-        vdir.mkdir()
+        private_dir(vdir, exclusive=True)
     except FileExistsError:
         raise UsageError(f"a VM named {name!r} already exists: choose another --prefix") from None
     c = template.config
@@ -141,7 +142,7 @@ def start_clone(template: VM, name: str, eager: bool = False, progress: Progress
         name=name, memory=c.memory, cpus=c.cpus, ram="shared" if eager else "cow", image=c.image,
         kernel_release=c.kernel_release, accel=c.accel, append=c.append, regions=c.regions, started=time.time(),
         extra={k: v for k, v in c.extra.items() if k not in TEMPLATE_ONLY}, clone_of=template.name,
-        ram_path=str(ram_dir() / f"{name}.ram") if eager else "", backing="" if eager else c.ram_path,
+        ram_path=str(rams / f"{name}.ram") if rams else "", backing="" if eager else c.ram_path,
     )
     vm = VM(config)
     result = Clone(name, 0, not eager, 0.0, 0.0, 0.0, t0=t0)
@@ -214,7 +215,7 @@ def copy_ram(src: str, dst: str, progress: Progress | None = None) -> int:
     """Copy a RAM file's data extents (holes stay holes) in the kernel; returns bytes copied."""
     fi = os.open(src, os.O_RDONLY)
     try:
-        fo = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        fo = private_file(dst, flags=os.O_WRONLY)
         try:
             size = os.fstat(fi).st_size
             os.ftruncate(fo, size)

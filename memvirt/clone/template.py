@@ -3,13 +3,14 @@
 QEMU's ``x-ignore-shared`` migration capability leaves RAM that lives in a shared named file out
 of the migration stream, so "migrating" the paused VM into ``exec:cat > FILE`` saves only its
 device state (a few hundred KiB, in milliseconds, whatever the RAM size). The VM stays paused in
-QEMU's ``postmigrate`` state; its RAM file is made read-only and must never change again while a
-clone maps it, so memvirt refuses to resume or stop it then (:meth:`memvirt.qemu.vm.VM.resume`).
+QEMU's ``postmigrate`` state; its RAM file is made read-only (0400, owner only: it is guest memory)
+and must never change again while a clone maps it, so memvirt refuses to resume or stop it then (:meth:`memvirt.qemu.vm.VM.resume`).
 """
 
 from __future__ import annotations
 
 import fcntl
+import os
 import shlex
 import stat
 import time
@@ -18,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from memvirt.errors import UsageError, VMError
+from memvirt.paths import READONLY_FILE, touch_private
 from memvirt.qemu.monitor import Monitor
 from memvirt.qemu.vm import TEMPLATE, TEMPLATE_STATE, VM
 
@@ -33,7 +35,8 @@ def state_file(vm: VM) -> Path:
 @contextmanager
 def template_lock(vm: VM) -> Iterator[None]:
     """Serialise freezing and cloning of one VM across memvirt processes."""
-    with open(vm.dir / "clone.lock", "a+") as f:
+    fd = os.open(vm.dir / "clone.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with open(fd, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield
 
@@ -85,6 +88,8 @@ def freeze(vm: VM) -> str | None:
         if was not in ("running", "paused"):
             raise UsageError(f"VM {vm.name!r} is {was}: only a running or paused VM can be cloned")
         tmp = state_file(vm).with_suffix(".partial")
+        tmp.unlink(missing_ok=True)
+        touch_private(tmp)
         mon.command("stop")
         try:
             mon.command("migrate-set-capabilities", capabilities=IGNORE_SHARED)
@@ -99,7 +104,8 @@ def freeze(vm: VM) -> str | None:
     ram = Path(vm.config.ram_path)
     vm.config.extra["ram_file_mode"] = stat.S_IMODE(ram.stat().st_mode)
     vm.config.extra["frozen"] = {"at": time.time(), "was": was}
-    ram.chmod(0o444)
+    ram.chmod(READONLY_FILE)
+    state_file(vm).chmod(READONLY_FILE)
     vm.config.role = TEMPLATE
     vm.save()
     return was

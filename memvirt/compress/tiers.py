@@ -135,6 +135,7 @@ def down() -> Tiers | None:
     if tiers is None:
         return None
     swaps = active_swaps()
+    _check_room(tiers, swaps)
     if tiers.disk_file:
         if tiers.disk_file in swaps:
             _run(["swapoff", tiers.disk_file], f"swapoff {tiers.disk_file}")
@@ -152,6 +153,29 @@ def down() -> Tiers | None:
                     pass
     _state_file().unlink(missing_ok=True)
     return tiers
+
+
+def _check_room(tiers: Tiers, swaps: dict[str, dict[str, int]]) -> None:
+    """Refuse to swap off more than the host can take back: swapoff pulls every swapped page into
+    RAM, and a host short of it would OOM-kill (maybe a guest) halfway. zram's compressed copy is
+    freed as its pages come in, so it counts as room."""
+    names = ([tiers.disk_file] if tiers.disk_file else []) + ([f"/dev/{tiers.zram}"] if tiers.zram else [])
+    need = sum(swaps[n]["used"] for n in names if n in swaps)
+    if not need:
+        return
+    compressed = 0
+    if tiers.zram and f"/dev/{tiers.zram}" in swaps:
+        try:
+            compressed = zram_stats(tiers.zram).get("mem_used_total", 0)
+        except (OSError, ValueError):
+            compressed = 0
+    available = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            available = int(line.split()[1]) * 1024
+    if need > available + compressed:
+        raise MemvirtError(f"tier down would bring {need >> 20} MiB of swapped memory back into RAM, but the host "
+                           f"has {(available + compressed) >> 20} MiB available: free memory (stop a VM) first")
 
 
 def zram_stats(name: str) -> dict[str, int]:

@@ -4,7 +4,8 @@ One pass: a live census finds the free buddy blocks the host still backs; then, 
 under a budget (default 20 ms per GiB of guest), the guest is stopped, the zone locks checked,
 each candidate block re-verified against the guest's struct pages, the still-free part
 discarded, and the guest resumed. The budget is kept by sizing each batch from the measured cost
-per page; pauses are spaced so the guest runs at least as long as it was held.
+per page; pauses are spaced so the guest runs at least as long as it was held. A watchdog
+(:mod:`memvirt.dedup.watchdog`) resumes the guest if this process dies inside a pause.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from memvirt.dedup import watchdog
 from memvirt.dedup.discard import Discarder, discarder_for
 from memvirt.dedup.freepages import FreeBlocks, FreePageOracle
 from memvirt.errors import UsageError, VMError
 from memvirt.introspect import Introspector
 from memvirt.introspect.layout import LayoutMissing
+from memvirt.procs import end_watchdog
 from memvirt.qemu.monitor import Monitor
 
 GOAL_MS_PER_GIB = 20.0
@@ -115,6 +118,18 @@ class Reclaimer:
         rep = ReclaimPass(budget_ms=self.budget_ms, resident_before=self.discarder.resident())
         free, cand, backed = self.candidates()
         rep.free_pages, rep.candidate_pages = free.pages, int(backed.sum())
+        dog = watchdog.spawn(self.vm.dir, self.vm.config.pid) if len(cand) else None
+        try:
+            self._batches(cand, backed, rep, progress)
+        finally:
+            end_watchdog(dog)
+        rep.resident_after = self.discarder.resident()
+        rep.seconds = time.perf_counter() - t0
+        return rep
+
+    def _batches(self, cand: FreeBlocks, backed: np.ndarray, rep: ReclaimPass,
+                 progress: Callable[[int, int], None] | None) -> None:
+        """The pass's pauses, batch by batch, over one QMP connection."""
         done = 0
         with self.vm.monitor() as mon:
             i = 0
@@ -126,15 +141,13 @@ class Reclaimer:
                 if progress:
                     progress(done, rep.candidate_pages)
                 i = j
-        rep.resident_after = self.discarder.resident()
-        rep.seconds = time.perf_counter() - t0
-        return rep
 
     def _batch(self, mon: Monitor, blocks: FreeBlocks, backed: int, rep: ReclaimPass) -> None:
         """One pause: stop, re-verify, discard, continue; then let the guest run as long."""
         for _ in range(LOCK_RETRIES):
             t = time.perf_counter()
             spent, still = 0.0, None
+            watchdog.mark_paused(self.vm.dir)
             mon.command("stop")
             try:
                 if self.oracle.locks_free():
@@ -146,6 +159,7 @@ class Reclaimer:
                     spent = time.perf_counter() - td
             finally:
                 mon.command("cont")
+                watchdog.unmark(self.vm.dir)
                 wall = (time.perf_counter() - t) * 1000
                 pause = _event_pause_ms(mon, wall)
                 rep.pauses_ms.append(pause)

@@ -51,7 +51,7 @@ from memvirt.migrate.protocol import (
     check_secret,
     server_handshake,
 )
-from memvirt.paths import cache_home, ram_dir
+from memvirt.paths import cache_home, private_dir, private_file, ram_dir, touch_private
 from memvirt.procs import spawn_watchdog
 from memvirt.qemu.monitor import Monitor
 from memvirt.qemu.vm import VM, VMConfig, check_name, launch_qemu, vms_root
@@ -314,11 +314,11 @@ def prepare_target(setup: object) -> tuple[VM, Image]:
     st = check_setup(setup)
     image = load_image(st.image)
     vdir = vms_root() / st.name
+    ram_path = ram_dir() / f"{st.name}.ram"
     try:
-        vdir.mkdir()
+        private_dir(vdir, exclusive=True)
     except FileExistsError:
         raise UsageError(f"a VM named {st.name!r} already exists on the receiving host (migrate with --as NEW)") from None
-    ram_path = ram_dir() / f"{st.name}.ram"
     config = VMConfig(
         name=st.name, memory=st.memory, cpus=st.cpus, ram="shared", image=str(image.path),
         kernel_release=image.release, accel=st.accel, append=st.append, ram_path=str(ram_path),
@@ -329,11 +329,7 @@ def prepare_target(setup: object) -> tuple[VM, Image]:
     vm.save()
     try:
         ram_path.unlink(missing_ok=True)
-        fd = os.open(ram_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
-        try:
-            os.ftruncate(fd, max(r.offset + r.size for r in st.regions))
-        finally:
-            os.close(fd)
+        touch_private(ram_path, max(r.offset + r.size for r in st.regions))
         _watchdog(vm)
     except BaseException:
         vm.discard()
@@ -366,7 +362,9 @@ def _watchdog(vm: VM) -> None:
 def _load_device_state(vm: VM, mon: Monitor, state: bytes) -> None:
     """Feed the source's device state to the waiting QEMU; it must end ``paused`` (not running)."""
     path = vm.dir / "incoming.state"
-    path.write_bytes(state)
+    path.unlink(missing_ok=True)
+    with open(private_file(path), "wb") as f:
+        f.write(state)
     mon.command("migrate-incoming", uri=f"exec:cat {shlex.quote(str(path))}", timeout=LOAD_TIMEOUT)
     deadline = time.monotonic() + LOAD_TIMEOUT
     while (status := mon.status()) == "inmigrate":

@@ -39,6 +39,7 @@ from memvirt.migrate.protocol import (
 from memvirt.migrate.receiver import IGNORE_SHARED
 from memvirt.migrate.throttle import Throttle
 from memvirt.migrate.watchdog import COMMITTED, spawn_source_guard
+from memvirt.paths import touch_private
 from memvirt.procs import end_watchdog
 from memvirt.qemu.monitor import Monitor
 from memvirt.qemu.vm import VM, check_name
@@ -148,6 +149,7 @@ def _start_device_state(vm: VM, mon: Monitor) -> Path:
     file, in QEMU's own thread while the final round runs here; it ends ``postmigrate``."""
     path = vm.dir / "outgoing.state"
     path.unlink(missing_ok=True)
+    touch_private(path)
     mon.command("migrate", uri=f"exec:cat > {shlex.quote(str(path))}", timeout=DEVSTATE_TIMEOUT)
     return path
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import shlex
 import time
@@ -99,7 +100,8 @@ class ConsoleTail:
         self.path = path
         self.machine = machine or path.parent.name
         self.roles = roles
-        self.offset = path.stat().st_size if path.exists() else 0
+        st = path.stat() if path.exists() else None
+        self.offset, self.inode = (st.st_size, st.st_ino) if st else (0, 0)
         self.partial = b""
         self.skipping = False
         self.ignored: list[str] = []
@@ -107,6 +109,9 @@ class ConsoleTail:
     def poll(self) -> list[Event]:
         try:
             with self.path.open("rb") as f:
+                inode = os.fstat(f.fileno()).st_ino
+                if inode != self.inode:  # a new log: the console's reader rotated it (memvirt.qemu.serial)
+                    self.offset, self.inode = 0, inode
                 f.seek(self.offset)
                 data = f.read(MAX_READ)
         except FileNotFoundError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import os
 import secrets
 import socket
 import time
@@ -17,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memvirt.errors import GuestError
+
+MAX_ANSWER = 16 << 20
+"""Longest answer line accepted (base64: 12 MiB of output); the guest is not trusted to stop."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,8 @@ class Result:
 class GuestChannel:
     """Run shell commands in a guest and read their output."""
 
-    def __init__(self, socket_path: Path, lock_path: Path, vm_name: str):
+    def __init__(self, socket_path: Path, lock_path: Path, vm_name: str, max_answer: int = MAX_ANSWER):
+        self.max_answer = max_answer
         self.socket_path = socket_path
         self.lock_path = lock_path
         self.vm_name = vm_name
@@ -49,7 +54,7 @@ class GuestChannel:
         deadline = time.monotonic() + timeout
         req_id = secrets.token_hex(6)
         line = f"{req_id} {base64.b64encode(script.encode()).decode()}\n".encode()
-        with open(self.lock_path, "a+") as lock:
+        with open(os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             sock = self._connect(deadline)
             try:
@@ -69,16 +74,21 @@ class GuestChannel:
         return sock
 
     def _await(self, sock: socket.socket, req_id: str, deadline: float) -> Result:
-        buf = b""
+        """Read answer lines until ours; the buffer is scanned once (from where the last scan
+        stopped) and bounded by :data:`MAX_ANSWER`, whatever the guest sends."""
+        buf = bytearray()
+        start = scanned = 0
         while True:
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                parts = line.split(b" ", 2)
-                if len(parts) == 3 and parts[0].decode(errors="replace") == req_id:
-                    try:
-                        return Result(int(parts[1]), base64.b64decode(parts[2]))
-                    except ValueError:
-                        raise GuestError(f"VM {self.vm_name!r} sent a malformed answer") from None
+            while (nl := buf.find(b"\n", scanned)) >= 0:
+                line, start = bytes(buf[start:nl]), nl + 1
+                scanned = start
+                result = self._parse(line, req_id)
+                if result is not None:
+                    return result
+            if start:
+                del buf[:start]
+                start = 0
+            scanned = len(buf)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise GuestError(f"VM {self.vm_name!r} did not answer within the timeout")
@@ -90,6 +100,19 @@ class GuestChannel:
             if not chunk:
                 raise GuestError(f"the command channel of VM {self.vm_name!r} closed (did QEMU exit?)")
             buf += chunk
+            if len(buf) > self.max_answer:
+                raise GuestError(f"VM {self.vm_name!r} sent an answer over {self.max_answer >> 20} MiB "
+                                 "(redirect big output to a file in the guest)")
+
+    def _parse(self, line: bytes, req_id: str) -> Result | None:
+        """Our answer from ``line``, or None for another request's stale answer."""
+        parts = line.split(b" ", 2)
+        if len(parts) != 3 or parts[0] != req_id.encode():
+            return None
+        try:
+            return Result(int(parts[1]), base64.b64decode(parts[2], validate=True))
+        except ValueError:
+            raise GuestError(f"VM {self.vm_name!r} sent a malformed answer") from None
 
     def wait_ready(self, timeout: float, alive: Callable[[], bool]) -> None:
         """Ping the agent until it answers; fail early if ``alive()`` says QEMU died."""

@@ -3,6 +3,8 @@
 ELF and kdump dumps come from QEMU's ``dump-guest-memory`` (QEMU stops the guest while it
 dumps). A raw image is written by memvirt from the guest's RAM with the VM paused: file offset
 equals guest-physical address, and all-zero chunks are left as holes so the file stays sparse.
+A dump is the guest's memory: memvirt creates it 0600 (never through a link or over an existing
+file) before QEMU or memvirt writes it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from memvirt.errors import UsageError, VMError
+from memvirt.paths import private_file
 from memvirt.qemu.vm import DUMP_FORMATS, VM
 
 Progress = Callable[[int, int], None]
@@ -28,14 +31,19 @@ def dump_vm(vm: VM, dest: Path, fmt: str = "elf", progress: Progress | None = No
     if not dest.parent.is_dir():
         raise UsageError(f"folder {dest.parent} does not exist")
     tmp = dest.with_name(f".{dest.name}.partial")
-    tmp.unlink(missing_ok=True)
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot remove {tmp} (left by someone else?): {e.strerror}") from None
+    fd = private_file(tmp)
     try:
         if fmt == "raw":
-            _dump_raw(vm, tmp, progress)
+            _dump_raw(vm, fd, progress)
         else:
             _dump_qemu(vm, tmp, fmt, progress)
         tmp.rename(dest)
     finally:
+        os.close(fd)
         tmp.unlink(missing_ok=True)
     return dest
 
@@ -54,7 +62,7 @@ def _dump_qemu(vm: VM, path: Path, fmt: str, progress: Progress | None) -> None:
             time.sleep(0.1)
 
 
-def _dump_raw(vm: VM, path: Path, progress: Progress | None) -> None:
+def _dump_raw(vm: VM, fd: int, progress: Progress | None) -> None:
     was_running = vm.status() == "running"
     if was_running:
         vm.pause()
@@ -62,14 +70,13 @@ def _dump_raw(vm: VM, path: Path, progress: Progress | None) -> None:
         mem = vm.memory()
         total = mem.ram_size
         done = 0
-        with open(path, "wb") as f:
-            f.truncate(max(r.end for r in mem.regions))
-            for gpa, chunk in mem.chunks(16 << 20):
-                if np.any(chunk.view(np.uint64)):
-                    os.pwrite(f.fileno(), chunk, gpa)
-                done += len(chunk)
-                if progress:
-                    progress(done, total)
+        os.ftruncate(fd, max(r.end for r in mem.regions))
+        for gpa, chunk in mem.chunks(16 << 20):
+            if np.any(chunk.view(np.uint64)):
+                os.pwrite(fd, chunk, gpa)
+            done += len(chunk)
+            if progress:
+                progress(done, total)
         mem.close()
     finally:
         if was_running:

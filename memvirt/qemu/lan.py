@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from memvirt.errors import UsageError
-from memvirt.paths import state_home
+from memvirt.paths import private_dir, state_home, touch_private
 
 if TYPE_CHECKING:
     from memvirt.qemu.vm import VM
@@ -41,7 +41,8 @@ STORE_SERIAL = "memvirt-store"
 
 
 def lan_dir(lan: str) -> Path:
-    return state_home() / "lans" / lan
+    """The LAN's folder (its shared disk, locks): private, like the folders above it."""
+    return private_dir(private_dir(state_home() / "lans") / lan)
 
 
 def check_lan_name(lan: str) -> str:
@@ -60,9 +61,7 @@ def shared_disk(lan: str) -> Path:
     """The LAN's shared disk, created sparse on first use."""
     path = lan_dir(lan) / "shared.raw"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("wb") as f:
-            f.truncate(SHARED_DISK_SIZE)
+        touch_private(path, SHARED_DISK_SIZE)
     return path
 
 
@@ -70,17 +69,19 @@ def wipe_shared_disk(lan: str) -> None:
     """Drop whatever a disk-scheme migration left on the shared disk (a machine's memory)."""
     path = lan_dir(lan) / "shared.raw"
     if path.exists():
-        with path.open("r+b") as f:
-            f.truncate(0)
-            f.truncate(SHARED_DISK_SIZE)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, 0)
+            os.ftruncate(fd, SHARED_DISK_SIZE)
+        finally:
+            os.close(fd)
 
 
 def lock(lan: str) -> int:
     """An exclusive lock on the LAN (one migration at a time uses its shared disk); returns the fd
     to keep open while it is held."""
     path = lan_dir(lan) / "lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -93,8 +94,7 @@ def lock(lan: str) -> int:
 def allocation_lock(lan: str) -> Iterator[None]:
     """Held while a VM picks its address and saves it, so VMs started together differ."""
     path = lan_dir(lan) / "alloc.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+") as f:
+    with open(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield
 
@@ -120,8 +120,7 @@ def qemu_args(vm: VM) -> list[str]:
     lan = vm.config.lan
     store = store_disk(vm)
     if not store.exists():
-        with store.open("wb") as f:
-            f.truncate(vm.config.memory)
+        touch_private(store, vm.config.memory)
     return [
         "-netdev", f"socket,id=lan0,mcast={mcast_endpoint(lan)},localaddr=127.0.0.1",
         "-device", f"virtio-net-pci,netdev=lan0,mac={vm.config.extra['lan_mac']}",
@@ -159,4 +158,4 @@ def configure(vm: VM) -> None:
 def release(vm: VM, members: list[VM]) -> None:
     """After ``vm`` stopped: remove the LAN's folder (shared disk) once no VM uses it."""
     if not any(m.name != vm.name and m.alive() for m in members):
-        shutil.rmtree(lan_dir(vm.config.lan), ignore_errors=True)
+        shutil.rmtree(state_home() / "lans" / vm.config.lan, ignore_errors=True)

@@ -21,17 +21,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memvirt.errors import MemvirtError, NotFound, UsageError, VMError
+from memvirt.errors import GuestError, MemvirtError, NotFound, UsageError, VMError
 from memvirt.image.build import Image
 from memvirt.memory import rammap
 from memvirt.memory.source import GuestMemory, Region
-from memvirt.paths import ram_dir, state_home
+from memvirt.paths import PRIVATE_FILE, private_dir, private_file, ram_dir, state_home, touch_private
 from memvirt.procs import pid_alive
 from memvirt.qemu import lan
 from memvirt.qemu.accel import choose_accel, qemu_binary
 from memvirt.qemu.channel import GuestChannel, Result
 from memvirt.qemu.memcg import MemCgroup
 from memvirt.qemu.monitor import Monitor
+from memvirt.qemu.serial import SERIAL_SOCK, spawn_serial_drain
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RAM_MODES = ("shared", "anonymous")
@@ -71,9 +72,8 @@ class VMConfig:
 
 
 def vms_root() -> Path:
-    root = state_home() / "vms"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+    """Every VM's state folder lives here: private (0700, checked), as is each VM's own folder."""
+    return private_dir(state_home() / "vms")
 
 
 def check_name(name: str) -> str:
@@ -153,8 +153,10 @@ class VM:
             )
 
     def save(self) -> None:
-        tmp = self.dir / "vm.json.tmp"
-        tmp.write_text(json.dumps(asdict(self.config), indent=2))
+        tmp = self.dir / f"vm.json.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)
+        with open(private_file(tmp, flags=os.O_WRONLY), "w") as f:
+            f.write(json.dumps(asdict(self.config), indent=2))
         tmp.rename(self.dir / "vm.json")
 
     def alive(self) -> bool:
@@ -190,7 +192,10 @@ class VM:
         """Start ``script`` detached in the guest with output to ``log``; return its guest pid."""
         quoted = script.replace("'", "'\\''")
         res = self.exec(f"setsid sh -c '{quoted}' > {log} 2>&1 < /dev/null & echo $!").check("starting " + script)
-        return int(res.text.split()[-1])
+        words = res.text.split()
+        if not words or not words[-1].isdigit():
+            raise GuestError(f"VM {self.name!r} gave no process id for {script[:60]!r}: {res.text.strip()[:100]!r}")
+        return int(words[-1])
 
     def pause(self) -> None:
         with self.monitor() as mon:
@@ -210,7 +215,7 @@ class VM:
         if self.alive():
             with self.monitor() as mon:
                 mon.command("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": False}])
-        os.chmod(self.config.ram_path, self.config.extra.pop("ram_file_mode", 0o640))
+        os.chmod(self.config.ram_path, self.config.extra.pop("ram_file_mode", PRIVATE_FILE) & 0o700)
         self.config.extra.pop("frozen", None)
         (self.dir / TEMPLATE_STATE).unlink(missing_ok=True)
         self.config.role = ""
@@ -324,7 +329,7 @@ def qemu_argv(vm: VM, image: Image, incoming: str | None = None) -> list[str]:
         "-object", backend,
         "-nodefaults", "-display", "none", "-no-reboot",
         "-kernel", str(image.vmlinuz), "-initrd", str(image.initrd), "-append", append,
-        "-serial", f"file:{d / 'serial.log'}",
+        "-chardev", f"socket,id=ser0,path={d / SERIAL_SOCK},server=on,wait=off", "-serial", "chardev:ser0",
         "-qmp", f"unix:{d / 'qmp.sock'},server=on,wait=off",
         "-device", "virtio-serial-pci,id=vser0",
         "-chardev", f"socket,id=cmdch,path={d / 'cmd.sock'},server=on,wait=off",
@@ -339,10 +344,15 @@ def launch_qemu(vm: VM, image: Image, incoming: str | None = None,
                 pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess[str]:
     """Run QEMU (it daemonizes) inside the VM's own memory cgroup, recorded in its config."""
     group = MemCgroup.create(vm.name, vm.dir)
+    drain = spawn_serial_drain(vm.dir / SERIAL_SOCK, vm.serial_log)
     if group is not None:
         vm.config.extra["memcg"] = str(group.path)
-    return subprocess.run(qemu_argv(vm, image, incoming), capture_output=True, text=True, stdin=subprocess.DEVNULL,
+    proc = subprocess.run(qemu_argv(vm, image, incoming), capture_output=True, text=True, stdin=subprocess.DEVNULL,
                           pass_fds=pass_fds, preexec_fn=group.enter if group is not None else None)
+    if proc.returncode != 0:
+        drain.kill()
+        drain.wait()
+    return proc
 
 
 def start_vm(
@@ -370,10 +380,11 @@ def start_vm(
         if existing.alive():
             raise UsageError(f"a VM named {name!r} is already running")
         existing.stop()
-    vdir.mkdir(parents=True, exist_ok=True)
     ram_path = str(ram_dir() / f"{name}.ram") if ram == "shared" else ""
+    private_dir(vdir)
     if ram_path:
         Path(ram_path).unlink(missing_ok=True)
+        touch_private(ram_path, memory)
     config = VMConfig(
         name=name, memory=memory, cpus=cpus, ram=ram, image=str(image.path), kernel_release=image.release,
         accel=choose_accel(image.vmlinuz), append=append, ram_path=ram_path,
