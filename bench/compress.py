@@ -33,6 +33,8 @@ from common import RESULTS, machine_info, size_arg, write_json
 from rich.console import Console
 from rich.table import Table
 
+os.environ.setdefault("MEMVIRT_HOME", "/tmp/bench-compress-state")
+os.environ.setdefault("MEMVIRT_RAM_DIR", "/dev/shm/bench-compress-ram")
 MIB = float(1 << 20)
 console = Console(width=None if sys.stdout.isatty() else 200, highlight=False)
 T0 = time.monotonic()

@@ -149,7 +149,9 @@ def _relative_rate(pair: tuple[VM, VM], seconds: float, run: Callable[[float], N
 
 
 def _trace(samples: list[Sample]) -> str:
-    return "; ".join(f"{s.wss / MIB:.0f}/{s.limit / MIB:.0f}/{s.refaulted / MIB:.0f} {s.action}" for s in samples)
+    """wss/limit/usage/refaulted MiB and cap hits of each interval."""
+    return "; ".join(f"{s.wss / MIB:.0f}/{s.limit / MIB:.0f}/{s.usage / MIB:.0f}/{s.refaulted / MIB:.0f} "
+                     f"{s.cap_hits}h {s.action}" for s in samples)
 
 
 def _settled(samples: list[Sample], n: int = 4) -> float:
@@ -243,7 +245,7 @@ def test_adaptive_compression_follows_the_working_set(workload: tuple[VM, VM], t
     assert statistics.median(x.refaulted for x in samples[-6:]) <= 0.01 * 2 * HOT, _trace(samples[n_before:])
     assert doubled >= SPEED_TOLERANCE * baseline, (
         f"slowdown did not recover after the phase change: {doubled:.3f} vs {baseline:.3f} of the twin's speed "
-        f"(wss/limit/refaulted MiB: {_trace(samples[n_before:])})")
+        f"(wss/limit/usage/refaulted MiB, cap hits: {_trace(samples[n_before:])})")
     assert vm.memcg().limit() >= 1 << 60, "closing the controller must lift the VM's limit"
     res = vm.exec(f"datacheck verify --state {DATACHECK}", timeout=120)
     assert res.rc == 0 and res.text.startswith("OK"), f"data changed after compression: {res.text}"

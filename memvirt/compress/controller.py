@@ -92,6 +92,8 @@ class Sample:
     refaulted: int
     action: str
     ratio: float | None = None
+    cap_hits: int = 0
+    """Times the VM ran into its cap this interval (each one a reclaim in QEMU's own time)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -290,7 +292,7 @@ class Controller:
                     st.reclaim_rate = rate if st.reclaim_rate is None else 0.5 * (st.reclaim_rate + rate)
                 st.limit = limit
             s = Sample(round(est.t, 3), st.vm.name, est.wss, est.resident, est.swapped, usage,
-                       0 if st.limit >= UNLIMITED else st.limit, refaulted, action, ratio)
+                       0 if st.limit >= UNLIMITED else st.limit, refaulted, action, ratio, hits)
             st.samples.append(s)
             out.append(s)
         return out
