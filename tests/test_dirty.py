@@ -81,6 +81,21 @@ def test_the_fingerprint_fallback_reports_the_changed_pages(guest: VM) -> None:
         t.close()
 
 
+def test_auto_falls_back_with_a_notice_where_the_kernel_lacks_pagemap_scan(guest: VM,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import memvirt.qemu.dirty as dirty
+
+    monkeypatch.setattr(dirty, "pagemap_scan_supported", lambda: False)
+    t = track(guest)
+    try:
+        assert t.method == "fingerprint" and "no PAGEMAP_SCAN" in t.notice and "fingerprints instead" in t.notice
+        assert holds(guest) == [], "nothing registered when falling back"
+    finally:
+        t.close()
+    with pytest.raises(dirty.Unsupported, match="PAGEMAP_SCAN"):
+        track(guest, "uffd-wp")
+
+
 def test_tracking_never_changes_what_the_guest_computes_and_json(guest: VM) -> None:
     """datacheck writes 32 MiB while ``memvirt dirty`` scans every 0.1 s, then verifies them."""
     proc = subprocess.Popen([sys.executable, "-m", "memvirt", "dirty", guest.name, "--interval", "0.1",
