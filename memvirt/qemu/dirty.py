@@ -34,6 +34,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import socket
 import time
 from typing import Protocol
 
@@ -62,6 +63,7 @@ VEC_LEN = 1 << 16
 WRITERS_EVERY = 5.0
 """Seconds between looks for other processes that can write a shared RAM file."""
 METHODS = ("auto", "uffd-wp", "fingerprint")
+MUTEX_WAIT = 1.0
 
 
 def _ioc(direction: int, kind: int, nr: int, size: int) -> int:
@@ -228,23 +230,30 @@ class WriteTracker:
             pidfd = os.pidfd_open(self.pid)
         except ProcessLookupError:
             raise NotFound(f"no process {self.pid}") from None
+        mutex = _creation_mutex(self.pid)
         try:
             with RemoteProcess(self.pid) as rp:
-                for fd in stray_uffds(self.pid):
-                    if rp.syscall(SYS_CLOSE, fd) == 0:
-                        self.strays_closed += 1
+                if mutex is not None:  # no other tracker is between its userfaultfd() and close()
+                    for fd in stray_uffds(self.pid):
+                        if rp.syscall(SYS_CLOSE, fd) == 0:
+                            self.strays_closed += 1
                 theirs = rp.syscall(SYS_USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK)
                 if theirs < 0:
                     raise Unsupported(f"QEMU (process {self.pid}) may not create a userfaultfd: "
                                       f"{os.strerror(-theirs)} (vm.unprivileged_userfaultfd is "
                                       f"{_read_sysctl('vm/unprivileged_userfaultfd')})")
-                try:
-                    mine = _libc.syscall(SYS_PIDFD_GETFD, pidfd, theirs, 0)
-                    err = ctypes.get_errno()
-                finally:
+                mine = _libc.syscall(SYS_PIDFD_GETFD, pidfd, theirs, 0)
+                err = ctypes.get_errno()
+                # Close QEMU's copy only if it is still the descriptor made above, never one of QEMU's own.
+                if mine >= 0 and _same_file(self.pid, theirs, mine) or mine < 0 and theirs in stray_uffds(self.pid):
                     rp.syscall(SYS_CLOSE, theirs)
+                elif mine >= 0:
+                    os.close(mine)
+                    raise VMError(f"descriptor {theirs} in QEMU changed while memvirt took it (another tracker?)")
         finally:
             os.close(pidfd)
+            if mutex is not None:
+                mutex.close()
         if mine < 0:
             raise VMError(f"copying QEMU's userfaultfd out failed: {os.strerror(err)}")
         return int(mine)
@@ -309,6 +318,33 @@ class WriteTracker:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _creation_mutex(pid: int) -> socket.socket | None:
+    """A host-wide lock (an abstract socket name, gone when its holder dies) held from the
+    ``userfaultfd()`` in QEMU ``pid`` to the close of QEMU's copy, so that only its holder closes
+    never-initialised userfaultfds there. None after a second of trying (held by someone stuck or
+    hostile): the caller then leaves strays alone, and if a holder closes the caller's own fresh
+    descriptor as a stray, the caller's identity check makes that an error, never a wrong close."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    deadline = time.monotonic() + MUTEX_WAIT
+    while True:
+        try:
+            s.bind(f"\0memvirt-dirty-uffd-{pid}")
+            return s
+        except OSError:
+            if time.monotonic() > deadline:
+                s.close()
+                return None
+            time.sleep(0.005)
+
+
+def _same_file(pid: int, theirs: int, mine: int) -> bool:
+    try:
+        a, b = os.stat(f"/proc/{pid}/fd/{theirs}"), os.fstat(mine)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _read_sysctl(name: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -199,6 +200,25 @@ def test_an_uninitialised_userfaultfd_left_in_the_process_is_closed(child: Child
     with child.tracker("anon") as t:
         assert t.strays_closed == 1
     assert stray_uffds(child.proc.pid) == []
+
+
+def test_without_the_creation_lock_strays_are_left_alone(child: Child, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Someone holding the lock (stuck, or squatting its name) must not stop tracking, and then no
+    descriptor in the process is closed but the tracker's own."""
+    import memvirt.qemu.dirty as dirty
+
+    monkeypatch.setattr(dirty, "MUTEX_WAIT", 0.05)
+    fd = int(child.ask("uffd"))
+    squat = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    squat.bind(f"\0memvirt-dirty-uffd-{child.proc.pid}")
+    try:
+        with child.tracker("anon") as t:
+            assert t.strays_closed == 0
+            child.write("anon", [9])
+            assert t.scan().tolist() == [9]
+        assert stray_uffds(child.proc.pid) == [fd]
+    finally:
+        squat.close()
 
 
 def test_ram_file_writers_names_other_mappers_and_writers(tmp_path: Path) -> None:
