@@ -204,10 +204,6 @@ class WriteTracker:
     def start(self) -> None:
         if not pagemap_scan_supported():
             raise Unsupported("this kernel has no PAGEMAP_SCAN ioctl (Linux 6.7+)")
-        held = uffd_holds(self.pid, self.start_addr, self.end)
-        if held:
-            raise VMError(f"the memory of process {self.pid} is already registered with another userfaultfd "
-                          f"({', '.join(held)}: another memvirt tracker, or QEMU's postcopy/snapshot)")
         try:
             self.pagemap = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         except (FileNotFoundError, ProcessLookupError):
@@ -266,8 +262,10 @@ class WriteTracker:
             raise Unsupported(f"this kernel has no asynchronous userfaultfd write-protect (WP_ASYNC, Linux 6.7+): {why}")
         reg = _UffdioRegister(start=self.start_addr, len=self.end - self.start_addr, mode=UFFDIO_REGISTER_MODE_WP)
         ret = _ioctl(self.uffd, UFFDIO_REGISTER, reg)
-        if ret == -errno.EBUSY:
-            raise VMError(f"the memory of process {self.pid} is already registered with another userfaultfd")
+        if ret == -errno.EBUSY:  # the kernel's word; smaps (a page-table walk, 75 ms/GiB) only names the kind
+            held = ", ".join(uffd_holds(self.pid, self.start_addr, self.end)) or "unknown kind"
+            raise VMError(f"the memory of process {self.pid} is already registered with another userfaultfd "
+                          f"({held}: another memvirt tracker, or QEMU's postcopy or background snapshot)")
         if ret == -errno.EINVAL:
             raise Unsupported(f"the kernel cannot write-protect this mapping of process {self.pid} with userfaultfd")
         if ret < 0:

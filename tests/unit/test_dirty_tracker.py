@@ -78,7 +78,6 @@ class Child:
         anon, shared, mfd = self._line().split()
         self.addr = {"anon": int(anon), "shared": int(shared)}
         self.memfd = int(mfd)
-        time.sleep(0.1)  # the reader thread reaches its read()
 
     def _line(self) -> str:
         assert self.proc.stdout is not None
@@ -95,6 +94,14 @@ class Child:
             assert self.ask(f"write {kind} " + " ".join(map(str, pages[i : i + 500]))) == "ok"
 
     def tracker(self, kind: str) -> WriteTracker:
+        """A tracker over one mapping, once the borrowable thread waits in its read() again (a
+        borrow just before leaves it runnable until the loaded host schedules it)."""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            tids = os.listdir(f"/proc/{self.proc.pid}/task")
+            if all(Path(f"/proc/{self.proc.pid}/task/{t}/syscall").read_text().split()[0] != "running" for t in tids):
+                break
+            time.sleep(0.01)
         return WriteTracker(self.proc.pid, self.addr[kind], PAGES * PAGE_SIZE)
 
     def holds(self, kind: str) -> list[str]:
