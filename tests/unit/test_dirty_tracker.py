@@ -40,12 +40,13 @@ CHILD = textwrap.dedent("""
     mfd = os.memfd_create("dirty-test")
     os.ftruncate(mfd, n * 4096)
     shared = mmap.mmap(mfd, n * 4096, mmap.MAP_SHARED)
-    maps = {"anon": anon, "shared": shared}
+    cow = mmap.mmap(mfd, n * 4096, mmap.MAP_PRIVATE)  # as a lazy clone maps its template's RAM file
+    maps = {"anon": anon, "shared": shared, "cow": cow}
     addr = {k: ctypes.addressof(ctypes.c_char.from_buffer(m)) for k, m in maps.items()}
     r, w = os.pipe()
     threading.Thread(target=os.read, args=(r, 1), daemon=True).start()
     libc = ctypes.CDLL(None, use_errno=True)
-    print(addr["anon"], addr["shared"], mfd, flush=True)
+    print(addr["anon"], addr["shared"], addr["cow"], mfd, flush=True)
     for line in sys.stdin:
         cmd, *args = line.split()
         if cmd == "write":
@@ -75,8 +76,8 @@ class Child:
     def __init__(self) -> None:
         self.proc = subprocess.Popen([sys.executable, "-c", CHILD, str(PAGES)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
-        anon, shared, mfd = self._line().split()
-        self.addr = {"anon": int(anon), "shared": int(shared)}
+        anon, shared, cow, mfd = self._line().split()
+        self.addr = {"anon": int(anon), "shared": int(shared), "cow": int(cow)}
         self.memfd = int(mfd)
 
     def _line(self) -> str:
@@ -119,7 +120,7 @@ def child() -> Iterator[Child]:
     c.close()
 
 
-@pytest.mark.parametrize("kind", ["anon", "shared"])
+@pytest.mark.parametrize("kind", ["anon", "shared", "cow"])
 def test_scan_reports_exactly_the_pages_written_since_the_last_scan(child: Child, kind: str) -> None:
     child.write(kind, list(range(0, PAGES, 7)))  # some pages populated before tracking starts
     with child.tracker(kind) as t:
