@@ -169,6 +169,25 @@ def test_refusals_and_errors_are_one_line(guest: VM) -> None:
     assert holds(guest) == []
 
 
+def test_a_writer_appearing_while_tracking_ends_it(guest: VM, monkeypatch: pytest.MonkeyPatch) -> None:
+    import memvirt.qemu.dirty as dirty
+
+    t = track(guest)
+    try:
+        t.scan()
+        monkeypatch.setattr(dirty, "WRITERS_EVERY", 0.0)
+        t.scan()  # looked again: nobody
+        fd = os.open(guest.config.ram_path, os.O_RDWR)
+        try:
+            with pytest.raises(dirty.VMError, match="can be written outside QEMU"):
+                t.scan()
+        finally:
+            os.close(fd)
+    finally:
+        t.close()
+    assert holds(guest) == []
+
+
 def test_plot_and_rows(guest: VM, tmp_path) -> None:  # type: ignore[no-untyped-def]
     png = tmp_path / "dirty.png"
     proc = memvirt("dirty", guest.name, "--interval", "0.25", "--duration", "1", "--plot", str(png))

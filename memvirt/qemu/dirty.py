@@ -366,7 +366,7 @@ def ram_file_writers(path: str, owner: int) -> list[str]:
     names = {path, real, path + " (deleted)", real + " (deleted)"}
     out = []
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) in (owner, os.getpid()):
+        if not entry.name.isdigit() or int(entry.name) == owner:  # memvirt's own writes are not seen either
             continue
         pid = entry.name
         how = _maps_writable(pid, dev, ino) or _fd_writable(pid, names, st)
