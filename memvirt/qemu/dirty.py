@@ -227,6 +227,7 @@ class WriteTracker:
         except ProcessLookupError:
             raise NotFound(f"no process {self.pid}") from None
         mutex = _creation_mutex(self.pid)
+        mine = -1
         try:
             with RemoteProcess(self.pid) as rp:
                 if mutex is not None:  # no other tracker is between its userfaultfd() and close()
@@ -244,8 +245,11 @@ class WriteTracker:
                 if mine >= 0 and _same_file(self.pid, theirs, mine) or mine < 0 and theirs in stray_uffds(self.pid):
                     rp.syscall(SYS_CLOSE, theirs)
                 elif mine >= 0:
-                    os.close(mine)
                     raise VMError(f"descriptor {theirs} in QEMU changed while memvirt took it (another tracker?)")
+        except BaseException:
+            if mine >= 0:
+                os.close(mine)
+            raise
         finally:
             os.close(pidfd)
             if mutex is not None:

@@ -153,10 +153,15 @@ def test_many_scattered_regions_take_several_scans_calls(child: Child, monkeypat
 
 
 def test_a_second_tracker_on_the_same_memory_is_refused(child: Child) -> None:
+    fds = sorted(os.listdir("/proc/self/fd"))
     with child.tracker("shared"):
-        with pytest.raises(VMError, match="already registered with another userfaultfd"):
+        with pytest.raises(VMError, match=r"already registered with another userfaultfd \(write-protect"):
             child.tracker("shared").start()
     assert child.holds("shared") == []
+    assert sorted(os.listdir("/proc/self/fd")) == fds, "no descriptor left open in memvirt"
+    assert stray_uffds(child.proc.pid) == [] and "userfaultfd" not in " ".join(
+        os.readlink(f"/proc/{child.proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{child.proc.pid}/fd")
+        if os.path.exists(f"/proc/{child.proc.pid}/fd/{fd}")), "nor in the tracked process"
 
 
 def test_writes_through_the_file_by_another_process_are_not_seen(child: Child) -> None:
