@@ -188,6 +188,16 @@ def test_a_writer_appearing_while_tracking_ends_it(guest: VM, monkeypatch: pytes
     assert holds(guest) == []
 
 
+def test_the_cli_can_be_told_to_compare_fingerprints(anon_guest: VM) -> None:
+    proc = memvirt("dirty", anon_guest.name, "--method", "fingerprint", "--interval", "0.5", "--duration", "1",
+                   "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["method"] == "fingerprint" and 1 <= len(report["intervals"]) <= 2  # a pass takes ~0.5 s here
+    assert report["written_pages"] > 0, "an idle guest still changes some pages"
+    assert holds(anon_guest) == []
+
+
 def test_plot_and_rows(guest: VM, tmp_path) -> None:  # type: ignore[no-untyped-def]
     png = tmp_path / "dirty.png"
     proc = memvirt("dirty", guest.name, "--interval", "0.25", "--duration", "1", "--plot", str(png))
