@@ -13,6 +13,7 @@ from memvirt import __version__
 from memvirt.cli import compress, dedup, image, mem, migrate, pm, vm
 from memvirt.cli.clone import clone
 from memvirt.cli.demo import demo
+from memvirt.cli.dirty import dirty
 from memvirt.cli.inspect import inspect
 from memvirt.cli.output import err
 from memvirt.errors import MemvirtError
@@ -36,6 +37,7 @@ app.add_typer(dedup.ksm_app, name="ksm")
 app.command("migrate")(migrate.migrate)
 app.command("receive")(migrate.receive)
 app.command("wss")(compress.wss)
+app.command("dirty")(dirty)
 app.command("compress")(compress.compress)
 app.add_typer(compress.tier_app, name="tier")
 app.add_typer(pm.app, name="pm")
