@@ -1,0 +1,172 @@
+"""memvirtd's parts that need no QEMU: trigger, sd_notify, control socket, metrics address,
+discovery of corrupt state and bad attach requests."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from memvirt.daemon import control, discovery, notify
+from memvirt.daemon.config import Trigger
+from memvirt.daemon.metrics import parse_addr
+from memvirt.daemon.policies import HostTrigger, meminfo, psi_some_avg10
+from memvirt.errors import UsageError
+
+
+def test_psi_trigger(tmp_path: Path) -> None:
+    psi = tmp_path / "psi"
+    psi.write_text("some avg10=12.50 avg60=3.00 avg300=1.00 total=5\nfull avg10=1.00 avg60=0 avg300=0 total=1\n")
+    assert psi_some_avg10(psi) == 12.5
+    t = HostTrigger(Trigger("pressure", psi_some_avg10=10), psi, tmp_path / "none")
+    assert t.evaluate() and "PSI" in t.reason
+    psi.write_text("some avg10=2.00 avg60=3.00 avg300=1.00 total=5\n")
+    assert not t.evaluate()
+
+
+def test_memavailable_trigger_where_the_kernel_has_no_psi(tmp_path: Path) -> None:
+    mi = tmp_path / "meminfo"
+    mi.write_text("MemTotal:       1000000 kB\nMemFree: 5 kB\nMemAvailable:    150000 kB\nHugePages_Total: 0\n")
+    assert meminfo(mi)["MemAvailable"] == 150000 * 1024 and meminfo(mi)["HugePages_Total"] == 0
+    t = HostTrigger(Trigger("pressure", mem_available_below=20), tmp_path / "no-psi", mi)
+    assert t.evaluate() and "MemAvailable 15.0 %" in t.reason
+    mi.write_text("MemTotal: 1000000 kB\nMemAvailable: 500000 kB\n")
+    assert not t.evaluate()
+    assert HostTrigger(Trigger("always")).evaluate()
+
+
+def test_sd_notify_datagram(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(str(path))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        assert notify.notify("READY=1")
+        assert s.recv(100) == b"READY=1"
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert not notify.notify("READY=1")
+
+
+def test_sd_notify_abstract_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    name = f"memvirt-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind("\0" + name)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        assert notify.notify("STOPPING=1")
+        assert s.recv(100) == b"STOPPING=1"
+
+
+def test_watchdog_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WATCHDOG_USEC", "20000000")
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    assert notify.watchdog_interval() == 10.0
+    monkeypatch.setenv("WATCHDOG_PID", "1")
+    assert notify.watchdog_interval() is None
+
+
+def test_control_socket_is_private_and_answers(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "c.sock"
+    srv = control.ControlServer(path, lambda: {"vms": [], "pid": 1})
+    try:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        assert control.query(path) == {"vms": [], "pid": 1}
+        assert "unknown request" in control.query(path, "shutdown")["error"]
+        # A client that sends a huge line without newline gets an answer or a close, not a hang.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(str(path))
+            s.sendall(b"x" * 4000)
+            assert b"unknown request" in s.recv(1000)
+        # A silent client is dropped after its 2 s; the server still answers the next one.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(path))
+            assert control.query(path)["pid"] == 1
+    finally:
+        srv.close()
+    assert not path.exists()
+    with pytest.raises(UsageError, match="no memvirtd control socket"):
+        control.query(path)
+
+
+def test_status_without_a_daemon_is_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "MEMVIRT_HOME": str(tmp_path)}
+    p = subprocess.run([sys.executable, "-m", "memvirt", "status"], capture_output=True, text=True, env=env)
+    assert p.returncode == 2 and p.stderr.startswith("memvirt: error: no memvirtd control socket")
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("text", ["9187", "localhost", ":80", "127.0.0.1:99999", "127.0.0.1:x"])
+def test_bad_metrics_addresses(text: str) -> None:
+    with pytest.raises(UsageError, match="--metrics takes ADDR:PORT"):
+        parse_addr(text)
+
+
+def test_metrics_addresses() -> None:
+    assert parse_addr("127.0.0.1:9735") == ("127.0.0.1", 9735)
+    assert parse_addr("[::1]:0") == ("::1", 0)
+
+
+def test_discovery_skips_corrupt_vms_and_dead_ones(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MEMVIRT_HOME", str(tmp_path))
+    vms = tmp_path / "vms"
+    (vms / "broken").mkdir(parents=True)
+    (vms / "broken" / "vm.json").write_text("{not json")
+    (vms / "odd").mkdir()
+    (vms / "odd" / "vm.json").write_text(json.dumps({"name": "odd", "memory": 1, "surprise": 1}))
+    (vms / "dead").mkdir()
+    (vms / "dead" / "vm.json").write_text(json.dumps({"name": "dead", "memory": 64 << 20, "pid": 999999999}))
+    att = tmp_path / "attached"
+    att.mkdir()
+    (att / "junk.json").write_text("[1, 2")
+    (att / "gone.json").write_text(json.dumps({"name": "gone", "qmp": "/x", "pid": 999999999, "memory": 1}))
+    found = discovery.discover([discovery.MemvirtSource(), discovery.AttachedSource()])
+    assert found == {}
+
+
+def test_attach_refuses_what_is_not_a_qemu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MEMVIRT_HOME", str(tmp_path))
+    with pytest.raises(UsageError, match="not a Unix socket"):
+        discovery.register(str(tmp_path / "missing.sock"), None, None)
+    sock_path = tmp_path / "fake.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(str(sock_path))
+        s.listen(1)
+        with pytest.raises(UsageError, match="no single QEMU process listens"):
+            discovery.register(str(sock_path), None, None)
+        with pytest.raises(UsageError, match=f"pid {os.getpid()} is not a running QEMU"):
+            discovery.register(str(sock_path), os.getpid(), None)
+    env = {**os.environ, "MEMVIRT_HOME": str(tmp_path)}
+    p = subprocess.run([sys.executable, "-m", "memvirt", "attach", "--qmp", str(tmp_path), "--pid", "1"],
+                       capture_output=True, text=True, env=env)
+    assert p.returncode == 2 and p.stderr.strip() == f"memvirt: error: --qmp {tmp_path}: not a Unix socket"
+
+
+def test_second_daemon_refused_and_bad_config_at_start(tmp_path: Path) -> None:
+    env = {**os.environ, "MEMVIRT_HOME": str(tmp_path)}
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[compress]\npolicy = 'squeeze'\n")
+    p = subprocess.run([sys.executable, "-m", "memvirt", "daemon", "--config", str(bad)], capture_output=True,
+                       text=True, env=env, timeout=60)
+    assert p.returncode == 2 and p.stderr.startswith("memvirt: error: ") and len(p.stderr.splitlines()) == 1
+    d = subprocess.Popen([sys.executable, "-m", "memvirt", "daemon", "--metrics", "127.0.0.1:0"], env=env,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        sock = tmp_path / "memvirtd" / "control.sock"
+        deadline = time.monotonic() + 30
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert control.query(sock)["pid"] == d.pid
+        p = subprocess.run([sys.executable, "-m", "memvirt", "daemon", "--metrics", "127.0.0.1:0"],
+                           capture_output=True, text=True, env=env, timeout=60)
+        assert p.returncode == 2 and f"memvirtd already runs for {tmp_path} (pid {d.pid})" in p.stderr
+    finally:
+        d.terminate()
+        assert d.wait(30) == 0
+    assert not sock.exists()
