@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from memvirt.cli.output import emit_json, human, out, table
+from memvirt.cli.output import emit_json, human, out
 from memvirt.errors import UsageError
 
 DEFAULT_METRICS = "127.0.0.1:9735"
@@ -94,14 +94,22 @@ def status(
     out.print(f"memvirtd pid {st.get('pid')}: config {st.get('config')}; trigger {t.get('mode')} "
               f"({'acting' if t.get('engaged') else 'idle'}: {t.get('reason')}); KSM {st.get('ksm')}; "
               f"metrics {st.get('metrics')}")
-    rows = []
+    rows, errors = [], []
     for v in st.get("vms", []):
-        errs = "; ".join(f"{k}: {e}" for k, e in (v.get("errors") or {}).items())
+        errors += [f"{v.get('vm')}: {k}: {e}" for k, e in (v.get("errors") or {}).items()]
         rows.append([v.get("vm"), v.get("source"), human(v.get("resident_bytes", 0)),
                      human(v["guest_free_bytes"]) if "guest_free_bytes" in v else "?",
-                     human(v.get("reclaimed_bytes", 0)), v.get("reclaim"), v.get("compress"), errs])
-    table(None, ["VM", "SOURCE", "RESIDENT", "GUEST FREE", "RECLAIMED", "RECLAIM", "COMPRESS", "ERRORS"], rows)
+                     human(v.get("reclaimed_bytes", 0)), v.get("reclaim"), v.get("compress")])
+    from rich.table import Table
 
+    t = Table(show_edge=False, box=None, header_style="bold")
+    for i, c in enumerate(["VM", "SOURCE", "RESIDENT", "GUEST FREE", "RECLAIMED", "RECLAIM", "COMPRESS"]):
+        t.add_column(c, no_wrap=i < 5)
+    for r in rows:
+        t.add_row(*[str(x) for x in r])
+    out.print(t)
+    for line in errors:
+        out.print(f"failing (retried): {line}", markup=False)
 
 def memvirtd() -> None:
     """The ``memvirtd`` console script: ``memvirt daemon`` with the CLI's error handling."""

@@ -28,7 +28,10 @@ from memvirt.daemon.metrics import Metrics
 
 log = logging.getLogger("memvirtd")
 RETRY = 30.0
-"""Seconds before a failed policy is tried again on that VM."""
+"""Seconds before a failed host-wide step (KSM) is tried again, times four."""
+BACKOFF = (2.0, 300.0)
+"""A failed VM policy is retried after 2 s, then twice as long each time it fails again, at most
+5 min: a guest still booting is managed soon after, a broken one costs next to nothing."""
 
 
 def psi_some_avg10(path: Path = Path("/proc/pressure/memory")) -> float | None:
@@ -106,6 +109,7 @@ class VMWorker:
         self.state: dict[str, Any] = {"reclaim": "waiting", "compress": "waiting", "errors": {}, "reclaimed_bytes": 0,
                                       "passes": 0, "last_pause_ms": None}
         self._retry: dict[str, float] = {}
+        self._backoff: dict[str, float] = {}
         self._next_reclaim = time.monotonic() + 2.0
         self._next_sample = 0.0
         self.thread = threading.Thread(target=self._run, name=f"vm:{target.name}", daemon=True)
@@ -160,7 +164,7 @@ class VMWorker:
                 self.rec = None
 
     def _guarded(self, what: str, fn: Any) -> Any:
-        """Run one policy step; a failure is logged once, recorded and retried after :data:`RETRY`."""
+        """Run one policy step; a failure is logged once, recorded and retried (:data:`BACKOFF`)."""
         now = time.monotonic()
         if self._retry.get(what, 0.0) > now:
             return False
@@ -171,11 +175,12 @@ class VMWorker:
             with self._lock:
                 known = self.state["errors"].get(what)
                 self.state["errors"][what] = msg
+                wait = self._backoff[what] = min(self._backoff.get(what, BACKOFF[0] / 2) * 2, BACKOFF[1])
                 if what != "metrics":
-                    self.state[what] = f"error (retry in {RETRY:.0f} s)"
+                    self.state[what] = f"error (retry in {wait:.0f} s)"
             if known != msg:
                 log.warning("%s: %s failed: %s", self.name, what, msg)
-            self._retry[what] = now + RETRY
+            self._retry[what] = now + wait
             self.metrics.policy_errors.labels(vm=self.name, policy=what).inc()
             if what == "compress":
                 self._close_ctl()
@@ -183,9 +188,11 @@ class VMWorker:
                 self.rec.close()
                 self.rec = None
             return False
-        with self._lock:
-            if self.state["errors"].pop(what, None) is not None:
-                log.info("%s: %s works again", self.name, what)
+        if out is not None:  # the step did its work (None: nothing was due)
+            self._backoff.pop(what, None)
+            with self._lock:
+                if self.state["errors"].pop(what, None) is not None:
+                    log.info("%s: %s works again", self.name, what)
         return out
 
     def _compress(self, policy: VMPolicy) -> bool:
@@ -245,26 +252,26 @@ class VMWorker:
             self.rec = Reclaimer(self.target.vm, goal_ms_per_gib=goal)
         return self.rec
 
-    def _reclaim(self, policy: VMPolicy) -> None:
+    def _reclaim(self, policy: VMPolicy) -> bool | None:
         r = policy.reclaim
         now = time.monotonic()
         if not r.enabled:
             with self._lock:
                 self.state["reclaim"] = "off"
-            return
+            return True
         if not self.engaged.is_set():
             with self._lock:
                 self.state["reclaim"] = "idle: host not under pressure"
-            return
+            return True
         if now < self._next_reclaim:
-            return
+            return None
         self._next_reclaim = now + r.every
         vm = self.target.vm
         st = vm.status()
         if st != "running":
             with self._lock:
                 self.state["reclaim"] = f"skipped: guest {st}"
-            return
+            return True
         rep = self._reclaimer(r.goal_ms_per_gib).run()
         m, n = self.metrics, self.name
         m.reclaimed.labels(vm=n).inc(max(rep.reclaimed_bytes, 0))
@@ -274,14 +281,14 @@ class VMWorker:
             self.state["reclaimed_bytes"] += max(rep.reclaimed_bytes, 0)
             self.state["passes"] += 1
             self.state["last_pause_ms"] = round(max(rep.pauses_ms or [0.0]), 2)
-            self.state["reclaim"] = (f"every {r.every:g} s: last pass gave back {rep.reclaimed_bytes >> 20} MiB, "
-                                     f"longest pause {self.state['last_pause_ms']} ms")
+            self.state["reclaim"] = f"{self.state['passes']} passes, last {self.state['last_pause_ms']} ms pause"
+        return True
 
-    def _sample(self) -> None:
+    def _sample(self) -> bool | None:
         """The VM's gauges: RAM, resident, swapped, guest-free (introspected), KSM sharing."""
         now = time.monotonic()
         if now < self._next_sample:
-            return
+            return None
         self._next_sample = now + self.sample_every
         from memvirt.dedup import ksm
 
@@ -295,23 +302,27 @@ class VMWorker:
         with self._lock:
             self.state.update(resident_bytes=resident, swapped_bytes=swapped)
         if self._retry.get("free", 0) > now:
-            return
+            return True
         try:
             census, _ = self._reclaimer(self.policy.reclaim.goal_ms_per_gib).oracle.scan()
         except Exception as e:  # noqa: BLE001 - introspection may be impossible (no kernel yet, odd guest)
-            self._retry["free"] = now + RETRY
+            wait = self._backoff["free"] = min(self._backoff.get("free", BACKOFF[0] / 2) * 2, BACKOFF[1])
+            self._retry["free"] = now + wait
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             with self._lock:
                 known = self.state["errors"].get("guest_free")
                 self.state["errors"]["guest_free"] = msg
             if known != msg:
                 log.warning("%s: guest-free introspection failed: %s", self.name, msg)
-            return
+            return True
+        self._backoff.pop("free", None)
         free = (census.counts.get("free", 0) + census.counts.get("free_pcp", 0)) * 4096
         m.guest_free.labels(vm=n).set(free)
         with self._lock:
-            self.state["errors"].pop("guest_free", None)
+            if self.state["errors"].pop("guest_free", None) is not None:
+                log.info("%s: guest-free introspection works again", self.name)
             self.state["guest_free_bytes"] = free
+        return True
 
 
 class KsmPolicy:

@@ -170,3 +170,52 @@ def test_second_daemon_refused_and_bad_config_at_start(tmp_path: Path) -> None:
         d.terminate()
         assert d.wait(30) == 0
     assert not sock.exists()
+
+
+def test_a_failing_vm_is_retried_with_backoff_and_never_ends_the_worker(monkeypatch: pytest.MonkeyPatch,
+                                                                        tmp_path: Path) -> None:
+    """A VM whose QEMU is gone: every policy fails, is recorded once, retried later; stop() still works."""
+    import threading
+
+    from memvirt.daemon import policies
+    from memvirt.daemon.config import Compress, Reclaim, VMPolicy
+    from memvirt.daemon.discovery import Target
+    from memvirt.daemon.metrics import Metrics
+    from memvirt.qemu.vm import VM, VMConfig
+
+    monkeypatch.setenv("MEMVIRT_HOME", str(tmp_path))
+    monkeypatch.setattr(policies, "BACKOFF", (0.2, 0.8))
+    vm = VM(VMConfig(name="ghost", memory=64 << 20, ram="anonymous", pid=999999999))
+    engaged = threading.Event()
+    engaged.set()
+    m = Metrics()
+    w = policies.VMWorker(Target("ghost", vm, "memvirt"), VMPolicy(Reclaim(every=5), Compress("measure")), m,
+                          engaged, 0.1)
+    w._next_reclaim = 0.0
+    w.start()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(w.status()["errors"]) < 2:
+            time.sleep(0.1)
+        st = w.status()
+        assert set(st["errors"]) == {"compress", "metrics"}, st
+        assert "dead" in st["errors"]["compress"] and st["compress"].startswith("error (retry in")
+        assert st["reclaim"] == "skipped: guest dead"
+        time.sleep(2.0)
+        assert w.thread.is_alive()
+        fails = m.policy_errors.labels(vm="ghost", policy="compress")._value.get()
+        assert 2 <= fails <= 6, "retried, with growing waits (0.2, 0.4, 0.8, 0.8 ... s)"
+    finally:
+        w.stop(10)
+    assert not w.thread.is_alive()
+
+
+def test_the_memvirtd_entry_point_is_memvirt_daemon(tmp_path: Path) -> None:
+    """``memvirtd`` (pyproject's console script) runs ``memvirt daemon`` with the CLI's error handling."""
+    env = {**os.environ, "MEMVIRT_HOME": str(tmp_path)}
+    code = "import sys; sys.argv = ['memvirtd', *sys.argv[1:]]; from memvirt.cli.daemon import memvirtd; memvirtd()"
+    p = subprocess.run([sys.executable, "-c", code, "--check"], capture_output=True, text=True, env=env)
+    assert p.returncode == 0 and json.loads(p.stdout)["reclaim"]["every"] == 60
+    p = subprocess.run([sys.executable, "-c", code, "--check", "--config", str(tmp_path / "x.toml")],
+                       capture_output=True, text=True, env=env)
+    assert p.returncode == 2 and p.stderr.strip() == f"memvirt: error: {tmp_path / 'x.toml'}: no such config file"
