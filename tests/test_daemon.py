@@ -287,6 +287,12 @@ def test_sigkill_leaves_guests_running_uncapped_unpaused_then_a_restart_adopts(d
     d = _cur(daemon)
     d.wait("the cap set", lambda: guest.memcg().limit() == CAP)
     assert ksm.read("run") == 1
+    # Killed inside a reclaim pause: the journal entry the worker keeps around a pass, and the
+    # guest stopped, as Reclaimer leaves it between its 'stop' and its 'cont'.
+    (state_home() / "memvirtd" / "pausing" / "anon-guest.json").write_text(
+        json.dumps({"name": "anon-guest", "qmp": str(anon_guest.qmp_path)}))
+    anon_guest.pause()
+    assert anon_guest.status() == "paused"
     d.proc.kill()
     d.proc.wait()
     # The restart right away: it must wait for the dead daemon's watchdogs, not take their cap and

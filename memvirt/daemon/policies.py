@@ -14,6 +14,7 @@ KSM) act now; measuring goes on regardless.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -32,6 +33,15 @@ RETRY = 30.0
 BACKOFF = (2.0, 300.0)
 """A failed VM policy is retried after 2 s, then twice as long each time it fails again, at most
 5 min: a guest still booting is managed soon after, a broken one costs next to nothing."""
+
+
+def pausing_dir() -> Path:
+    """Journal of the VMs inside a reclaim pass (:mod:`memvirt.daemon.watchdog` resumes them)."""
+    from memvirt.daemon.control import run_dir
+
+    d = run_dir() / "pausing"
+    d.mkdir(mode=0o700, exist_ok=True)
+    return d
 
 
 def psi_some_avg10(path: Path = Path("/proc/pressure/memory")) -> float | None:
@@ -272,7 +282,13 @@ class VMWorker:
             with self._lock:
                 self.state["reclaim"] = f"skipped: guest {st}"
             return True
-        rep = self._reclaimer(r.goal_ms_per_gib).run()
+        rec = self._reclaimer(r.goal_ms_per_gib)
+        entry = pausing_dir() / f"{self.name}.json"
+        entry.write_text(json.dumps({"name": self.name, "qmp": str(vm.qmp_path)}))
+        try:
+            rep = rec.run()
+        finally:
+            entry.unlink(missing_ok=True)
         m, n = self.metrics, self.name
         m.reclaimed.labels(vm=n).inc(max(rep.reclaimed_bytes, 0))
         for p in rep.pauses_ms:

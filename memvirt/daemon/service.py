@@ -24,16 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from memvirt.daemon import config as config_mod
-from memvirt.daemon import control, notify
+from memvirt.daemon import control, notify, watchdog
 from memvirt.daemon.discovery import AttachedSource, MemvirtSource, Source, discover
 from memvirt.daemon.metrics import Metrics
-from memvirt.daemon.policies import HostTrigger, KsmPolicy, VMWorker, host_sample
+from memvirt.daemon.policies import HostTrigger, KsmPolicy, VMWorker, host_sample, pausing_dir
 from memvirt.errors import UsageError
 from memvirt.paths import state_home
-from memvirt.procs import pid_alive
+from memvirt.procs import end_watchdog, pid_alive
 
 log = logging.getLogger("memvirtd")
-WATCHDOG_MODULES = ("memvirt.compress.watchdog", "memvirt.borrow")
+WATCHDOG_MODULES = ("memvirt.compress.watchdog", "memvirt.borrow", "memvirt.daemon.watchdog")
 ADOPT_WAIT = 15.0
 
 
@@ -62,6 +62,8 @@ def adopt(previous: int) -> None:
         time.sleep(0.2)
     from memvirt.borrow import _restore
 
+    for name in watchdog.resume_journalled(pausing_dir()):
+        log.warning("resumed VM %s, left paused by daemon %d", name, previous)
     folder = state_home() / "borrowed"
     for j in folder.glob(f"*-{previous}.json") if folder.is_dir() else []:
         try:
@@ -124,6 +126,7 @@ class Daemon:
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
         server = None
+        guard = watchdog.spawn(pausing_dir())
         try:
             self.metrics_port = self.metrics.serve(*self.metrics_addr)
             server = control.ControlServer(self.socket_path, self.status)
@@ -147,6 +150,7 @@ class Daemon:
             notify.notify("STOPPING=1")
             log.info("stopping: giving back caps and host settings")
             self.shutdown()
+            end_watchdog(guard)
             if server is not None:
                 server.close()
             self.metrics.close()
