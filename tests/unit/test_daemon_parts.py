@@ -219,3 +219,32 @@ def test_the_memvirtd_entry_point_is_memvirt_daemon(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, "-c", code, "--check", "--config", str(tmp_path / "x.toml")],
                        capture_output=True, text=True, env=env)
     assert p.returncode == 2 and p.stderr.strip() == f"memvirt: error: {tmp_path / 'x.toml'}: no such config file"
+
+
+def test_without_host_pressure_nothing_is_taken(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Trigger not engaged: reclaim and caps idle (the dead VM is never even touched by them)."""
+    import threading
+
+    from memvirt.daemon import policies
+    from memvirt.daemon.config import Compress, Reclaim, VMPolicy
+    from memvirt.daemon.discovery import Target
+    from memvirt.daemon.metrics import Metrics
+    from memvirt.qemu.vm import VM, VMConfig
+
+    monkeypatch.setenv("MEMVIRT_HOME", str(tmp_path))
+    vm = VM(VMConfig(name="calm", memory=64 << 20, ram="anonymous", pid=999999999))
+    w = policies.VMWorker(Target("calm", vm, "memvirt"), VMPolicy(Reclaim(every=5), Compress("static", limit=1 << 30)),
+                          Metrics(), threading.Event(), 60.0)
+    w._next_reclaim = 0.0
+    w._next_sample = 1e18
+    w.start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and w.status()["reclaim"] == "waiting":
+            time.sleep(0.1)
+        st = w.status()
+        assert st["reclaim"] == "idle: host not under pressure"
+        assert st["compress"] == "idle: host not under pressure"
+        assert st["errors"] == {} and w.ctl is None and w.rec is None
+    finally:
+        w.stop(10)
