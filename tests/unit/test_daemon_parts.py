@@ -248,3 +248,20 @@ def test_without_host_pressure_nothing_is_taken(monkeypatch: pytest.MonkeyPatch,
         assert st["errors"] == {} and w.ctl is None and w.rec is None
     finally:
         w.stop(10)
+
+
+def test_control_socket_survives_a_failing_handler(tmp_path: Path) -> None:
+    calls = []
+
+    def handler() -> dict:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return {"ok": True}
+
+    srv = control.ControlServer(tmp_path / "c.sock", handler)
+    try:
+        assert control.query(tmp_path / "c.sock") == {"error": "status failed: boom"}
+        assert control.query(tmp_path / "c.sock") == {"ok": True}
+    finally:
+        srv.close()
