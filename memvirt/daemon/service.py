@@ -27,7 +27,15 @@ from memvirt.daemon import config as config_mod
 from memvirt.daemon import control, notify, watchdog
 from memvirt.daemon.discovery import AttachedSource, MemvirtSource, Source, discover
 from memvirt.daemon.metrics import Metrics
-from memvirt.daemon.policies import HostTrigger, KsmPolicy, VMWorker, host_sample, pausing_dir
+from memvirt.daemon.policies import (
+    HostTrigger,
+    KsmPolicy,
+    VMWorker,
+    give_back_freed_memory,
+    host_sample,
+    one_malloc_arena,
+    pausing_dir,
+)
 from memvirt.errors import UsageError
 from memvirt.paths import state_home
 from memvirt.procs import end_watchdog, pid_alive
@@ -122,6 +130,7 @@ class Daemon:
 
     def run(self) -> None:
         self.lock()
+        one_malloc_arena()
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
@@ -215,6 +224,7 @@ class Daemon:
                 w.start()
                 log.info("managing VM %s (%s, pid %d)", name, t.source, t.pid)
         self.metrics.vms.set(len(self.workers))
+        give_back_freed_memory()
         anon = any(w.target.vm.config.ram == "anonymous" for w in self.workers.values())
         self.ksm.step(self.cfg.ksm, engaged and anon)
         try:
