@@ -147,7 +147,10 @@ class Daemon:
                 if self._reload:
                     self._reload = False
                     self.reload()
-                self.round()
+                try:
+                    self.round()
+                except Exception as e:  # noqa: BLE001 - a bug in one round must not end the service
+                    log.error("round failed: %s: %s", type(e).__name__, e)
                 if first:
                     notify.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=managing {len(self.workers)} VMs")
                     first = False
@@ -226,7 +229,11 @@ class Daemon:
         self.metrics.vms.set(len(self.workers))
         give_back_freed_memory()
         anon = any(w.target.vm.config.ram == "anonymous" for w in self.workers.values())
-        self.ksm.step(self.cfg.ksm, engaged and anon)
+        try:
+            self.ksm.step(self.cfg.ksm, engaged and anon)
+        except Exception as e:  # noqa: BLE001 - e.g. an OSError from sysfs: give KSM back, go on
+            log.warning("KSM: %s; settings given back", e)
+            self.ksm.stop(f"error: {e}")
         try:
             self.host = host_sample(self.metrics, self._cpu0)
         except Exception as e:  # noqa: BLE001

@@ -265,3 +265,29 @@ def test_control_socket_survives_a_failing_handler(tmp_path: Path) -> None:
         assert control.query(tmp_path / "c.sock") == {"ok": True}
     finally:
         srv.close()
+
+
+def test_daemon_speaks_sd_notify_ready_watchdog_stopping(tmp_path: Path) -> None:
+    """With no VM at all: READY=1 after the first round, WATCHDOG=1 at half WATCHDOG_USEC, STOPPING=1 on SIGTERM."""
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(str(path))
+        s.settimeout(30)
+        env = {**os.environ, "MEMVIRT_HOME": str(tmp_path), "NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"}
+        d = subprocess.Popen([sys.executable, "-m", "memvirt", "daemon", "--metrics", "127.0.0.1:0"], env=env,
+                             stderr=subprocess.DEVNULL)
+        try:
+            ready = s.recv(4096).decode()
+            assert ready.startswith("READY=1\n") and f"MAINPID={d.pid}" in ready
+            t0 = time.monotonic()
+            assert s.recv(4096) == b"WATCHDOG=1"
+            assert s.recv(4096) == b"WATCHDOG=1"
+            assert time.monotonic() - t0 < 3
+            d.terminate()
+            while (msg := s.recv(4096)) == b"WATCHDOG=1":
+                pass
+            assert msg == b"STOPPING=1"
+            assert d.wait(30) == 0
+        finally:
+            if d.poll() is None:
+                d.kill()
