@@ -133,3 +133,28 @@ def test_binary_and_huge_files_are_refused(tmp_path: Path) -> None:
 def test_the_example_config_in_the_repo_is_valid() -> None:
     c = cfgmod.load(Path(__file__).parents[2] / "contrib" / "memvirtd.toml")
     assert c.reclaim.enabled
+
+
+def test_the_unit_file_and_dashboard_match_the_daemon() -> None:
+    """The systemd unit is Type=notify, reloads by SIGHUP and lets the watchdogs outlive a kill; the
+    Grafana dashboard only queries metrics the daemon exports."""
+    import json
+    import re
+
+    from prometheus_client import generate_latest
+
+    from memvirt.daemon.metrics import Metrics
+
+    contrib = Path(__file__).parents[2] / "contrib"
+    unit = (contrib / "memvirtd.service").read_text()
+    for line in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "KillMode=process"):
+        assert f"\n{line}\n" in unit
+    m = Metrics()
+    for g in (m.ram, m.guest_free, m.reclaimed, m.resident, m.swapped, m.working_set, m.cap, m.refaulted, m.pause,
+              m.ksm_merging):
+        g.labels(vm="x")
+    m.policy_errors.labels(vm="x", policy="reclaim")
+    exported = set(re.findall(r"^(memvirt_\w+?)(?:\{| )", generate_latest(m.registry).decode(), re.M))
+    dash = json.loads((contrib / "grafana-memvirtd.json").read_text())
+    used = {n for p in dash["panels"] for t in p["targets"] for n in re.findall(r"memvirt_\w+", t["expr"])}
+    assert used and used <= exported, used - exported
