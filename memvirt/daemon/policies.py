@@ -111,14 +111,15 @@ class HostTrigger:
             return True
         psi = psi_some_avg10(self.psi_path)
         if psi is not None:
-            self.engaged = psi > t.psi_some_avg10
-            self.reason = f"memory PSI some avg10 {psi:.1f} % {'>' if self.engaged else '<='} {t.psi_some_avg10:g} %"
+            # Hysteresis: engaged above the threshold, released only below half of it, so caps
+            # are not set and lifted every round around the threshold.
+            self.engaged = psi > t.psi_some_avg10 or (self.engaged and psi >= t.psi_some_avg10 / 2)
+            self.reason = f"memory PSI some avg10 {psi:.1f} % (threshold {t.psi_some_avg10:g} %)"
         else:
             m = meminfo(self.meminfo_path)
             share = 100.0 * m.get("MemAvailable", 0) / max(m.get("MemTotal", 1), 1)
-            self.engaged = share < t.mem_available_below
-            self.reason = (f"MemAvailable {share:.1f} % {'<' if self.engaged else '>='} "
-                           f"{t.mem_available_below:g} %")
+            self.engaged = share < t.mem_available_below or (self.engaged and share <= t.mem_available_below + 5)
+            self.reason = f"MemAvailable {share:.1f} % (threshold {t.mem_available_below:g} %)"
         return self.engaged
 
 

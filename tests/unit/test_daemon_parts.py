@@ -27,8 +27,12 @@ def test_psi_trigger(tmp_path: Path) -> None:
     assert psi_some_avg10(psi) == 12.5
     t = HostTrigger(Trigger("pressure", psi_some_avg10=10), psi, tmp_path / "none")
     assert t.evaluate() and "PSI" in t.reason
+    psi.write_text("some avg10=6.00 avg60=3.00 avg300=1.00 total=5\n")
+    assert t.evaluate(), "released only below half the threshold"
     psi.write_text("some avg10=2.00 avg60=3.00 avg300=1.00 total=5\n")
     assert not t.evaluate()
+    psi.write_text("some avg10=6.00 avg60=3.00 avg300=1.00 total=5\n")
+    assert not t.evaluate(), "and engaged again only above it"
 
 
 def test_memavailable_trigger_where_the_kernel_has_no_psi(tmp_path: Path) -> None:
@@ -37,6 +41,8 @@ def test_memavailable_trigger_where_the_kernel_has_no_psi(tmp_path: Path) -> Non
     assert meminfo(mi)["MemAvailable"] == 150000 * 1024 and meminfo(mi)["HugePages_Total"] == 0
     t = HostTrigger(Trigger("pressure", mem_available_below=20), tmp_path / "no-psi", mi)
     assert t.evaluate() and "MemAvailable 15.0 %" in t.reason
+    mi.write_text("MemTotal: 1000000 kB\nMemAvailable: 230000 kB\n")
+    assert t.evaluate(), "released only 5 points above the threshold"
     mi.write_text("MemTotal: 1000000 kB\nMemAvailable: 500000 kB\n")
     assert not t.evaluate()
     assert HostTrigger(Trigger("always")).evaluate()
