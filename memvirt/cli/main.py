@@ -12,6 +12,7 @@ import typer
 from memvirt import __version__
 from memvirt.cli import compress, dedup, image, mem, migrate, pm, vm
 from memvirt.cli.clone import clone
+from memvirt.cli.daemon import attach, daemon, status
 from memvirt.cli.demo import demo
 from memvirt.cli.dirty import dirty
 from memvirt.cli.inspect import inspect
@@ -42,6 +43,9 @@ app.command("compress")(compress.compress)
 app.add_typer(compress.tier_app, name="tier")
 app.add_typer(pm.app, name="pm")
 app.command("demo")(demo)
+app.command("daemon")(daemon)
+app.command("attach")(attach)
+app.command("status")(status)
 
 
 def _version(value: bool) -> None:
