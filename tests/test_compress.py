@@ -209,7 +209,7 @@ def test_adaptive_compression_follows_the_working_set(workload: tuple[VM, VM], t
         deadline = time.monotonic() + 180
         control(6)
         while time.monotonic() < deadline and not (
-                samples[-1].action in ("steady", "hold") and samples[-1].usage <= samples[-1].limit + 16 * MIB):
+                all(x.action == "steady" for x in samples[-2:]) and samples[-1].usage <= samples[-1].limit + 16 * MIB):
             control(2)
         control(4)
         compressed = _relative_rate(workload, WINDOW, control)
@@ -218,9 +218,10 @@ def test_adaptive_compression_follows_the_working_set(workload: tuple[VM, VM], t
         twin_says = f"the twin: {twin_resident / MIB:.0f} MiB resident, {twin_swapped / MIB:.0f} MiB swapped"
         assert steady.swapped >= 0.5 * COLD, f"only {steady.swapped / MIB:.0f} MiB of the cold set left RAM"
         assert steady.resident <= HOT + COLD // 2, twin_says
-        # memvirt's doing, not another tool's pageout: the VM is held under a limit near its
-        # working set (the twin has none, whatever else swaps it).
-        assert 0 < steady.limit <= steady.usage - steady.resident + 2 * HOT, (steady, twin_says)
+        # memvirt's doing, not another tool's pageout: the VM is held under a cap of memvirt's that
+        # keeps at least half of the cold set out (the twin has none, whatever else swaps it).
+        overhead = steady.usage - steady.resident
+        assert 0 < steady.limit <= overhead + HOT + COLD // 2, (steady, twin_says)
         assert steady.usage <= steady.limit + 16 * MIB, (steady, twin_says)
         assert abs(_settled(samples) - HOT) <= 0.15 * HOT
         steady_refaults = statistics.median(x.refaulted for x in samples[-6:])
