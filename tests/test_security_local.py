@@ -24,10 +24,10 @@ import pytest
 from cli import assert_one_line_error, memvirt
 
 from memvirt.clone.template import freeze, state_file, unfreeze
-from memvirt.dedup.remote import self_pidfds
 from memvirt.dedup.watchdog import MARK
 from memvirt.paths import ram_dir, state_home
 from memvirt.qemu import lan
+from memvirt.qemu.remote import self_pidfds
 from memvirt.qemu.vm import VM, VMConfig, vms_root
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (useradd, ptrace of QEMU)")

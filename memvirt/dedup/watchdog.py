@@ -5,7 +5,7 @@ guest would stay paused for good. Reclaim starts this detached as ``python -m
 memvirt.dedup.watchdog RECLAIM_PID VM_DIR QEMU_PID`` and stops it with SIGTERM when its pass is
 done. If ``RECLAIM_PID`` goes away first, it resumes the guest, but only if the reclaim had marked
 the pause as its own (:data:`MARK` in VM_DIR holds its pid): a guest the user paused stays paused.
-It also closes a pidfd a borrow cut short left inside QEMU (:func:`memvirt.dedup.remote.close_stray_pidfds`).
+It also closes a pidfd a borrow cut short left inside QEMU (:func:`memvirt.qemu.remote.close_stray_pidfds`).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def main(pid: int, vm_dir: Path, qemu_pid: int) -> None:
     from memvirt.errors import MemvirtError
 
     try:
-        from memvirt.dedup.remote import close_stray_pidfds
+        from memvirt.qemu.remote import close_stray_pidfds
 
         close_stray_pidfds(qemu_pid)
     except MemvirtError:

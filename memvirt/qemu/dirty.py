@@ -3,7 +3,7 @@
 The mechanism (Linux 6.7+, checked on 6.18; see docs/dirty-tracking.md):
 
 1. A userfaultfd belongs to the memory of the process that creates it, so memvirt has QEMU create
-   one: a borrowed QEMU thread (:mod:`memvirt.dedup.remote`) runs ``userfaultfd()``, memvirt copies
+   one: a borrowed QEMU thread (:mod:`memvirt.qemu.remote`) runs ``userfaultfd()``, memvirt copies
    the descriptor out with ``pidfd_getfd`` and has QEMU close its copy at once, *before* anything
    is registered. From then on the only descriptor is memvirt's, and the kernel closes it when
    memvirt exits however it exits (SIGKILL too), which unregisters the range and lifts the
@@ -152,22 +152,13 @@ def uffd_holds(pid: int, start: int, end: int) -> list[str]:
 def stray_uffds(pid: int) -> list[int]:
     """Descriptors in ``pid`` that are userfaultfds nobody initialised (``UFFDIO_API`` never ran,
     so nothing can be registered through them): what a tracker killed inside its borrow leaves."""
-    found = []
-    try:
-        names = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return []
-    for name in names:
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{name}") != "anon_inode:[userfaultfd]":
-                continue
-            with open(f"/proc/{pid}/fdinfo/{name}") as f:
-                api = [line.split()[1] for line in f if line.startswith("API:")]
-        except (OSError, IndexError):
-            continue
-        if api and api[0].split(":")[1:2] == ["0"]:
-            found.append(int(name))
-    return sorted(found)
+    from memvirt.qemu.remote import anon_fds
+
+    def uninitialised(info: list[str]) -> bool:
+        api = [line.split()[1] for line in info if line.startswith("API:") and len(line.split()) > 1]
+        return bool(api) and api[0].split(":")[1:2] == ["0"]
+
+    return [fd for fd, info in anon_fds(pid, "userfaultfd") if uninitialised(info)]
 
 
 def _expand(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -220,7 +211,7 @@ class WriteTracker:
 
     def _take_uffd(self) -> int:
         """A userfaultfd bound to the target's memory, with the target's copy closed again."""
-        from memvirt.dedup.remote import RemoteProcess
+        from memvirt.qemu.remote import RemoteProcess
 
         try:
             pidfd = os.pidfd_open(self.pid)

@@ -1,4 +1,4 @@
-"""The ptrace borrow (memvirt.dedup.remote) against a small child process instead of QEMU
+"""The ptrace borrow (memvirt.qemu.remote) against a small child process instead of QEMU
 (issue 14, item 8): the borrowed thread keeps working whatever happens to the borrower, signals
 sent to it while held reach it afterwards, the borrower's own signals wait, no pidfd is left."""
 
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from memvirt.dedup import remote
-from memvirt.dedup.remote import SYS_PIDFD_OPEN, RemoteProcess, close_stray_pidfds, self_pidfds
 from memvirt.errors import VMError
+from memvirt.qemu import remote
+from memvirt.qemu.remote import SYS_PIDFD_OPEN, RemoteProcess, close_stray_pidfds, self_pidfds
 
 CHILD = textwrap.dedent("""
     import os, signal, threading, time
@@ -89,7 +89,7 @@ def borrow(pid: int) -> RemoteProcess:
 
 BORROWER = """
 import time
-from memvirt.dedup.remote import remote_madvise
+from memvirt.qemu.remote import remote_madvise
 from memvirt.errors import VMError
 for _ in range(200):
     try:

@@ -317,9 +317,9 @@ def remote_madvise(pid: int) -> Iterator[Callable[[np.ndarray, np.ndarray], None
             rp.syscall(SYS_CLOSE, pidfd)
 
 
-def self_pidfds(pid: int) -> list[int]:
-    """Descriptors in process ``pid`` that are pidfds of ``pid`` itself: only a borrow cut short
-    (memvirt SIGKILLed between ``pidfd_open`` and its ``close``) leaves one; QEMU makes none."""
+def anon_fds(pid: int, kind: str) -> list[tuple[int, list[str]]]:
+    """(descriptor, its fdinfo lines) of each ``anon_inode:[KIND]`` descriptor of process ``pid``
+    (what a borrow cut short may have left inside it)."""
     found = []
     try:
         names = os.listdir(f"/proc/{pid}/fd")
@@ -327,14 +327,19 @@ def self_pidfds(pid: int) -> list[int]:
         return []
     for name in names:
         try:
-            if os.readlink(f"/proc/{pid}/fd/{name}") != "anon_inode:[pidfd]":
+            if os.readlink(f"/proc/{pid}/fd/{name}") != f"anon_inode:[{kind}]":
                 continue
             with open(f"/proc/{pid}/fdinfo/{name}") as f:
-                if any(line.split() == ["Pid:", str(pid)] for line in f):
-                    found.append(int(name))
+                found.append((int(name), f.read().splitlines()))
         except (OSError, ValueError):
             continue
     return sorted(found)
+
+
+def self_pidfds(pid: int) -> list[int]:
+    """Descriptors in process ``pid`` that are pidfds of ``pid`` itself: only a borrow cut short
+    (memvirt SIGKILLed between ``pidfd_open`` and its ``close``) leaves one; QEMU makes none."""
+    return [fd for fd, info in anon_fds(pid, "pidfd") if any(line.split() == ["Pid:", str(pid)] for line in info)]
 
 
 def close_stray_pidfds(pid: int) -> int:
