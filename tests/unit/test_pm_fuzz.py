@@ -15,7 +15,7 @@ import random
 import shutil
 import struct
 import subprocess
-import threading
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -230,19 +230,21 @@ def run_harness(harness: Path, tmp: Path, cases: list[tuple[bytes, bytes]]) -> t
     env = {**os.environ, "PMAGENT_KEY": KEY.hex(),
            "ASAN_OPTIONS": "halt_on_error=1:detect_leaks=1:abort_on_error=0:exitcode=99",
            "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1:exitcode=98"}
-    # The harness's own peak, from wait4: RUSAGE_CHILDREN would also hold every earlier child of
-    # this process (a 4 GiB guest's QEMU, in a full test run).
+    # The harness's own peak: wait4 in a small Python parent that forks it. Measured from this
+    # process, the child's pre-exec moments would count (vfork shares this process's memory:
+    # ~1 GB in a full test run), and RUSAGE_CHILDREN holds every earlier child too.
+    runner = ("import os, sys\n"
+              "pid = os.fork()\n"
+              "if pid == 0:\n"
+              "    os.execv(sys.argv[2], sys.argv[2:])\n"
+              "_, status, usage = os.wait4(pid, 0)\n"
+              "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
+              "sys.exit(os.waitstatus_to_exitcode(status))\n")
     with (tmp / "stdout").open("w") as out, (tmp / "stderr").open("w") as err:
-        child = subprocess.Popen([str(harness), str(path), str(tmp / "store"), str(tmp / "disk")], env=env,
-                                 stdout=out, stderr=err)
-        timer = threading.Timer(600, child.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(child.pid, 0)
-        finally:
-            timer.cancel()
-    rss = usage.ru_maxrss
-    proc = subprocess.CompletedProcess(child.args, os.waitstatus_to_exitcode(status),
+        child = subprocess.run([sys.executable, "-S", "-c", runner, str(tmp / "maxrss"), str(harness), str(path),
+                                str(tmp / "store"), str(tmp / "disk")], env=env, stdout=out, stderr=err, timeout=600)
+    rss = int((tmp / "maxrss").read_text())
+    proc = subprocess.CompletedProcess(child.args, child.returncode,
                                        (tmp / "stdout").read_text(errors="replace"),
                                        (tmp / "stderr").read_text(errors="replace"))
     assert not any(m in proc.stderr for m in SANITIZER_MARKS), proc.stderr[-4000:]
