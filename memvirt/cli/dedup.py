@@ -210,7 +210,9 @@ def ksm_run(
             for r in recs:
                 reclaimed += r.run().reclaimed_bytes
             if borrowed is not None:
-                for path, mine, now in borrowed.check():
+                changed = borrowed.check()
+                if changed:
+                    path, mine, now = changed[0]
                     raise MemvirtError(f"another tool changed {path} ({mine} -> {now}) while memvirt drove KSM; "
                                        "memvirt stops rather than fight it (its other settings are restored)")
             if pacer is not None:

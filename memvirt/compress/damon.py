@@ -119,12 +119,12 @@ def unavailable_reason() -> str | None:
     """Why memvirt can't run DAMON here now (one line), or None when it can."""
     if not available():
         return "this host kernel has no DAMON sysfs interface (/sys/kernel/mm/damon/admin)"
-    k = holder()
-    if k is not None:
-        return f"DAMON held by another tool: {k.describe()}"
-    left = kdamonds()
-    if left:  # configured and switched off: still another tool's tree, not memvirt's to overwrite
-        return f"DAMON configured by another tool: {left[0].describe()}, off"
+    tree = kdamonds()
+    running = next((k for k in tree if k.state == "on"), None)
+    if running is not None:
+        return f"DAMON held by another tool: {running.describe()}"
+    if tree:  # configured and switched off: still another tool's tree, not memvirt's to overwrite
+        return f"DAMON configured by another tool: {tree[0].describe()}, off"
     return None
 
 

@@ -106,7 +106,9 @@ def other_tuners() -> list[tuple[int, str]]:
 
 
 def refuse_other_tuners() -> None:
-    for pid, name in other_tuners():
+    tuners = other_tuners()
+    if tuners:
+        pid, name = tuners[0]
         raise UsageError(f"{name} (pid {pid}) tunes KSM on this host; memvirt won't fight it over "
                          f"{KSM}: stop {name} first")
 
