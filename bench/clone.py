@@ -97,8 +97,10 @@ def make_template(image: Any, name: str, memory: int, workload: str) -> Any:
     t = time.perf_counter()
     freeze(vm)
     vm = VM.load(name)
-    say(f"{name}: '{workload}' ready; frozen in {(time.perf_counter() - t) * 1000:.0f} ms, "
-        f"RAM file {allocated(vm.config.ram_path) / MIB:.0f} MiB allocated")
+    say(
+        f"{name}: '{workload}' ready; frozen in {(time.perf_counter() - t) * 1000:.0f} ms, "
+        f"RAM file {allocated(vm.config.ram_path) / MIB:.0f} MiB allocated"
+    )
     return vm
 
 
@@ -129,8 +131,9 @@ def latency(image: Any, sizes: list[int], repeat: int) -> list[dict[str, Any]]:
     tpls = []
     try:
         for size in sizes:
-            tpls.append(make_template(image, f"bench-cl-{size >> 20}m", size,
-                                      f"memtouch --hot 8M --cold {(size // 2) >> 20}M"))
+            tpls.append(
+                make_template(image, f"bench-cl-{size >> 20}m", size, f"memtouch --hot 8M --cold {(size // 2) >> 20}M")
+            )
         runs: dict[int, dict[str, list[dict[str, Any]]]] = {s: {"lazy": [], "eager": []} for s in sizes}
         for r in range(repeat):
             for size, tpl in zip(sizes, tpls, strict=True):
@@ -138,10 +141,12 @@ def latency(image: Any, sizes: list[int], repeat: int) -> list[dict[str, Any]]:
                     c = start(tpl, f"bench-cl-lat-{mode}-{r}", mode == "eager")
                     runs[size][mode].append(c)
                     stop_all_clones()
-                    say(f"{size >> 20} MiB {mode}: running in {c['seconds'] * 1000:.0f} ms "
+                    say(
+                        f"{size >> 20} MiB {mode}: running in {c['seconds'] * 1000:.0f} ms "
                         f"(QEMU start {c['qemu_seconds'] * 1000:.0f}, restore {c['restore_seconds'] * 1000:.0f}, "
                         f"copy {c['copy_seconds'] * 1000:.0f} ms of {c['copied_bytes'] / MIB:.0f} MiB), "
-                        f"guest answers at {c['guest_seconds'] * 1000:.0f} ms")
+                        f"guest answers at {c['guest_seconds'] * 1000:.0f} ms"
+                    )
     finally:
         stop_all_clones()
         for tpl in tpls:
@@ -180,10 +185,19 @@ def host_memory(tpl: Any, counts: list[int], settle_s: float) -> list[dict[str, 
     time.sleep(settle_s)
     drift = before - mem_available_settled()
     say(f"no clones: MemAvailable moved by {drift / GIB:+.2f} GiB in {settle_s:.0f} s (other processes on the host)")
-    rows: list[dict[str, Any]] = [{
-        "mode": "none", "clones": 0, "mem_available_delta": drift, "attributed": 0, "process_private": 0,
-        "ram_copies": 0, "template_file_growth": 0, "start_all_seconds": 0.0, "median_start_seconds": 0.0,
-    }]
+    rows: list[dict[str, Any]] = [
+        {
+            "mode": "none",
+            "clones": 0,
+            "mem_available_delta": drift,
+            "attributed": 0,
+            "process_private": 0,
+            "ram_copies": 0,
+            "template_file_growth": 0,
+            "start_all_seconds": 0.0,
+            "median_start_seconds": 0.0,
+        }
+    ]
     for mode in ("lazy", "eager"):
         for n in counts:
             time.sleep(2)
@@ -203,17 +217,24 @@ def host_memory(tpl: Any, counts: list[int], settle_s: float) -> list[dict[str, 
             costs = clone_costs(names)
             growth = allocated(tpl.config.ram_path) - tpl_before
             row = {
-                "mode": mode, "clones": n, "mem_available_delta": before - after,
+                "mode": mode,
+                "clones": n,
+                "mem_available_delta": before - after,
                 "attributed": costs["process_private"] + costs["ram_copies"] + growth,
-                "process_private": costs["process_private"], "ram_copies": costs["ram_copies"],
-                "template_file_growth": growth, "start_all_seconds": started_s,
-                "median_start_seconds": statistics.median(s["seconds"] for s in starts), "ksm": ksm_state(),
+                "process_private": costs["process_private"],
+                "ram_copies": costs["ram_copies"],
+                "template_file_growth": growth,
+                "start_all_seconds": started_s,
+                "median_start_seconds": statistics.median(s["seconds"] for s in starts),
+                "ksm": ksm_state(),
             }
             rows.append(row)
-            say(f"{n:2d} {mode} clones: MemAvailable {-row['mem_available_delta'] / GIB:+.2f} GiB, attributed "
+            say(
+                f"{n:2d} {mode} clones: MemAvailable {-row['mem_available_delta'] / GIB:+.2f} GiB, attributed "
                 f"{row['attributed'] / GIB:.2f} GiB (private {costs['process_private'] / GIB:.2f}, copies "
                 f"{costs['ram_copies'] / GIB:.2f}, template file +{growth / MIB:.0f} MiB); "
-                f"all started in {started_s:.1f} s")
+                f"all started in {started_s:.1f} s"
+            )
             stop_all_clones()
     return rows
 
@@ -234,10 +255,17 @@ def over_time(tpl: Any, lazy: int, duration: float, interval: float) -> dict[str
             for v in vms:
                 if v.config.ram == "cow":
                     u = mapping_usage(v.config.pid, v.config.backing, v.config.memory)
-                    point[v.name] = {"ram_private": u["private"], "ram_rss": u["rss"], "process_private": u["process_private"]}
+                    point[v.name] = {
+                        "ram_private": u["private"],
+                        "ram_rss": u["rss"],
+                        "process_private": u["process_private"],
+                    }
                 else:
-                    point[v.name] = {"ram_private": allocated(v.config.ram_path), "ram_rss": allocated(v.config.ram_path),
-                                     "process_private": process_private(v.config.pid)}
+                    point[v.name] = {
+                        "ram_private": allocated(v.config.ram_path),
+                        "ram_rss": allocated(v.config.ram_path),
+                        "process_private": process_private(v.config.pid),
+                    }
             point["template_file"] = allocated(tpl.config.ram_path)
             series.append(point)
             time.sleep(max(0.0, interval - (time.monotonic() - t0 - t)))
@@ -252,40 +280,75 @@ def over_time(tpl: Any, lazy: int, duration: float, interval: float) -> dict[str
 def print_report(rep: dict[str, Any]) -> None:
     if rep.get("latency"):
         t = Table(title="Request to running (median of repeats; ms)", show_edge=False)
-        for c in ["template RAM", "filled", "lazy", "QEMU start", "lazy beyond QEMU", "lazy guest answers",
-                  "eager", "eager copy", "eager guest answers"]:
+        for c in [
+            "template RAM",
+            "filled",
+            "lazy",
+            "QEMU start",
+            "lazy beyond QEMU",
+            "lazy guest answers",
+            "eager",
+            "eager copy",
+            "eager guest answers",
+        ]:
             t.add_column(c, justify="right")
         for r in rep["latency"]:
             lz, eg = r["lazy"], r["eager"]
-            t.add_row(f"{r['ram_bytes'] / GIB:.1f} GiB", f"{r['filled_bytes'] / GIB:.1f} GiB",
-                      f"{lz['seconds'] * 1000:.0f}", f"{lz['qemu_seconds'] * 1000:.0f}",
-                      f"{lz['beyond_qemu_seconds'] * 1000:.0f}", f"{lz['guest_seconds'] * 1000:.0f}",
-                      f"{eg['seconds'] * 1000:.0f}", f"{eg['copy_seconds'] * 1000:.0f}",
-                      f"{eg['guest_seconds'] * 1000:.0f}")
+            t.add_row(
+                f"{r['ram_bytes'] / GIB:.1f} GiB",
+                f"{r['filled_bytes'] / GIB:.1f} GiB",
+                f"{lz['seconds'] * 1000:.0f}",
+                f"{lz['qemu_seconds'] * 1000:.0f}",
+                f"{lz['beyond_qemu_seconds'] * 1000:.0f}",
+                f"{lz['guest_seconds'] * 1000:.0f}",
+                f"{eg['seconds'] * 1000:.0f}",
+                f"{eg['copy_seconds'] * 1000:.0f}",
+                f"{eg['guest_seconds'] * 1000:.0f}",
+            )
         console.print(t)
     if rep.get("host_memory"):
-        t = Table(title=f"Host memory for N clones of a {rep['config']['memory_template'] / GIB:.0f} GiB template (GiB)",
-                  show_edge=False)
-        for c in ["mode", "clones", "MemAvailable delta", "attributed", "clone processes private", "RAM copies",
-                  "template file growth"]:
+        t = Table(
+            title=f"Host memory for N clones of a {rep['config']['memory_template'] / GIB:.0f} GiB template (GiB)",
+            show_edge=False,
+        )
+        for c in [
+            "mode",
+            "clones",
+            "MemAvailable delta",
+            "attributed",
+            "clone processes private",
+            "RAM copies",
+            "template file growth",
+        ]:
             t.add_column(c, justify="right")
         for r in rep["host_memory"]:
-            t.add_row(r["mode"], str(r["clones"]), f"{r['mem_available_delta'] / GIB:.2f}", f"{r['attributed'] / GIB:.2f}",
-                      f"{r['process_private'] / GIB:.2f}", f"{r['ram_copies'] / GIB:.2f}",
-                      f"{r['template_file_growth'] / GIB:.3f}")
+            t.add_row(
+                r["mode"],
+                str(r["clones"]),
+                f"{r['mem_available_delta'] / GIB:.2f}",
+                f"{r['attributed'] / GIB:.2f}",
+                f"{r['process_private'] / GIB:.2f}",
+                f"{r['ram_copies'] / GIB:.2f}",
+                f"{r['template_file_growth'] / GIB:.3f}",
+            )
         console.print(t)
     if rep.get("over_time"):
         ot = rep["over_time"]
-        t = Table(title="Private memory of each clone's RAM over time under memtouch (MiB; eager: its RAM copy)",
-                  show_edge=False)
+        t = Table(
+            title="Private memory of each clone's RAM over time under memtouch (MiB; eager: its RAM copy)",
+            show_edge=False,
+        )
         t.add_column("t (s)", justify="right")
         for n in ot["clones"]:
             t.add_column(n.removeprefix("bench-cl-time-"), justify="right")
         t.add_column("template file", justify="right")
         step = max(1, len(ot["series"]) // 10)
         for p in ot["series"][::step] + ([ot["series"][-1]] if (len(ot["series"]) - 1) % step else []):
-            t.add_row(f"{p['t']:.0f}", *[f"{p[n]['ram_private'] / MIB:.1f}" for n in ot["clones"]],
-                      f"{p['template_file'] / MIB:.0f}")
+            t.add_row(
+                f"{p['t']:.0f}",
+                *[f"{p[n]['ram_private'] / MIB:.1f}" for n in ot["clones"]],
+                f"{p['template_file'] / MIB:.0f}",
+            )
         console.print(t)
     for g in rep.get("goals", []):
         console.print(f"goal: {g['goal']}: {g['measured']} -> {'MET' if g['met'] else 'NOT MET'}")
@@ -297,18 +360,32 @@ def goals(rep: dict[str, Any]) -> list[dict[str, Any]]:
     if lat:
         lazy = [r["lazy"]["seconds"] for r in lat]
         beyond = [r["lazy"]["beyond_qemu_seconds"] for r in lat]
-        out.append({"goal": "lazy latency flat across sizes (max/min <= 2)",
-                    "measured": f"{max(lazy) / min(lazy):.2f}x ({', '.join(f'{x * 1000:.0f}' for x in lazy)} ms)",
-                    "met": max(lazy) / min(lazy) <= 2})
-        out.append({"goal": "lazy latency <= 100 ms beyond QEMU's own process start",
-                    "measured": f"{max(beyond) * 1000:.0f} ms at most", "met": max(beyond) <= 0.1})
+        out.append(
+            {
+                "goal": "lazy latency flat across sizes (max/min <= 2)",
+                "measured": f"{max(lazy) / min(lazy):.2f}x ({', '.join(f'{x * 1000:.0f}' for x in lazy)} ms)",
+                "met": max(lazy) / min(lazy) <= 2,
+            }
+        )
+        out.append(
+            {
+                "goal": "lazy latency <= 100 ms beyond QEMU's own process start",
+                "measured": f"{max(beyond) * 1000:.0f} ms at most",
+                "met": max(beyond) <= 0.1,
+            }
+        )
     mem = [r for r in rep.get("host_memory") or [] if r["mode"] == "lazy" and r["clones"] == 10]
     if mem:
         r = mem[0]
         worst = max(r["mem_available_delta"], r["attributed"])
-        out.append({"goal": "10 lazy clones of a 1 GiB guest cost <= 1.5 GiB",
-                    "measured": f"MemAvailable delta {r['mem_available_delta'] / GIB:.2f} GiB, "
-                                f"attributed {r['attributed'] / GIB:.2f} GiB", "met": worst <= 1.5 * GIB})
+        out.append(
+            {
+                "goal": "10 lazy clones of a 1 GiB guest cost <= 1.5 GiB",
+                "measured": f"MemAvailable delta {r['mem_available_delta'] / GIB:.2f} GiB, "
+                f"attributed {r['attributed'] / GIB:.2f} GiB",
+                "met": worst <= 1.5 * GIB,
+            }
+        )
     return out
 
 
@@ -337,10 +414,17 @@ def main(argv: list[str] | None = None) -> int:
     workload = "memtouch --hot 32M --cold 224M --dirty-rate 4M"
     rep: dict[str, Any] = {
         "machine": machine_info(qemu_binary()),
-        "config": {"sizes": parse_sizes(args.sizes), "repeat": args.repeat, "memory_template": memory,
-                   "counts": [int(x) for x in args.counts.split(",")], "settle_s": args.settle,
-                   "duration_s": args.duration, "workload_memory_parts": workload,
-                   "memvirt_home": os.environ["MEMVIRT_HOME"], "ram_dir": os.environ["MEMVIRT_RAM_DIR"]},
+        "config": {
+            "sizes": parse_sizes(args.sizes),
+            "repeat": args.repeat,
+            "memory_template": memory,
+            "counts": [int(x) for x in args.counts.split(",")],
+            "settle_s": args.settle,
+            "duration_s": args.duration,
+            "workload_memory_parts": workload,
+            "memvirt_home": os.environ["MEMVIRT_HOME"],
+            "ram_dir": os.environ["MEMVIRT_RAM_DIR"],
+        },
     }
     error = None
     try:

@@ -134,8 +134,9 @@ DATACHECK = "/tmp/bench.dc"
 def start_workload(vm: Any, memtouch: str, datacheck_size: int) -> None:
     """Start ``memtouch`` (with a counter file) and ``datacheck`` in a guest; wait until both run."""
     vm.exec_background(f"{memtouch} --counter-file {COUNTER}", "/tmp/bench-mt.log")
-    vm.exec_background(f"datacheck write --size {datacheck_size >> 20}M --seed 5 --state {DATACHECK}",
-                       "/tmp/bench-dc.log")
+    vm.exec_background(
+        f"datacheck write --size {datacheck_size >> 20}M --seed 5 --state {DATACHECK}", "/tmp/bench-dc.log"
+    )
     deadline = time.monotonic() + 300
     while vm.exec(f"test -s {COUNTER} && test -f {DATACHECK} && grep -q ready /tmp/bench-mt.log").rc:
         if time.monotonic() > deadline:
@@ -173,8 +174,9 @@ def resident(vm: Any) -> int:
     return 0
 
 
-def fill_and_pause(vms: list[Any], cmd: str, log: str, timeout: float, say: Callable[[str], None],
-                   meminfo: bool = False) -> dict[str, dict[str, Any]]:
+def fill_and_pause(
+    vms: list[Any], cmd: str, log: str, timeout: float, say: Callable[[str], None], meminfo: bool = False
+) -> dict[str, dict[str, Any]]:
     """Start ``cmd`` (memtouch) in each guest and pause each as soon as memtouch says ``ready``;
     per guest: the command, its ready line, seconds to fill, host bytes resident (and the guest's
     /proc/meminfo lines at ready, with ``meminfo``)."""
@@ -196,21 +198,33 @@ def fill_and_pause(vms: list[Any], cmd: str, log: str, timeout: float, say: Call
             res = vm.exec(f"cat {log}; kill -0 {pid} 2>/dev/null && echo __alive__", timeout=60)
             ready = [ln for ln in res.text.splitlines() if ln.startswith("memtouch ready")]
             if ready:
-                mi = vm.exec("grep -E '^(MemTotal|MemFree|Cached|AnonPages|Slab):' /proc/meminfo", timeout=60).text \
-                    if meminfo else ""
+                mi = (
+                    vm.exec("grep -E '^(MemTotal|MemFree|Cached|AnonPages|Slab):' /proc/meminfo", timeout=60).text
+                    if meminfo
+                    else ""
+                )
                 vm.pause()
-                info[vm.name] = {"command": cmd, "ready_line": ready[0], "fill_s": time.monotonic() - t0,
-                                 "host_resident_bytes": resident(vm)}
+                info[vm.name] = {
+                    "command": cmd,
+                    "ready_line": ready[0],
+                    "fill_s": time.monotonic() - t0,
+                    "host_resident_bytes": resident(vm),
+                }
                 if meminfo:
                     info[vm.name]["guest_meminfo_at_ready"] = mi.strip()
-                say(f"{vm.name}: memtouch ready after {info[vm.name]['fill_s']:.0f} s "
+                say(
+                    f"{vm.name}: memtouch ready after {info[vm.name]['fill_s']:.0f} s "
                     f"({info[vm.name]['host_resident_bytes'] / GIB:.2f} GiB resident on the host); paused"
-                    + (f" ({' '.join(mi.split())})" if meminfo else ""))
+                    + (f" ({' '.join(mi.split())})" if meminfo else "")
+                )
             elif "__alive__" not in res.text:
                 raise RuntimeError(f"memtouch exited in {vm.name} before it was ready: {res.text.strip()[-400:]}")
         if len(info) < len(vms):
             if time.monotonic() - last >= 15:
                 last = time.monotonic()
-                say("filling: " + ", ".join(f"{vm.name} {resident(vm) / GIB:.2f} GiB" for vm in vms if vm.name not in info))
+                say(
+                    "filling: "
+                    + ", ".join(f"{vm.name} {resident(vm) / GIB:.2f} GiB" for vm in vms if vm.name not in info)
+                )
             time.sleep(2)
     return info

@@ -57,8 +57,10 @@ def boot(image: Any, args: argparse.Namespace, name: str) -> Any:
 
     vm = start_vm(name, image, memory=args.memory)
     vm.exec(f"echo {args.hot} > {PHASE}").check("phase file")
-    vm.exec_background(f"memtouch --hot {args.hot} --cold {args.cold} --content text --phase-file {PHASE} "
-                       f"--counter-file {COUNTER}", "/tmp/memtouch.log")
+    vm.exec_background(
+        f"memtouch --hot {args.hot} --cold {args.cold} --content text --phase-file {PHASE} --counter-file {COUNTER}",
+        "/tmp/memtouch.log",
+    )
     deadline = time.monotonic() + 300
     while "ready" not in vm.exec("cat /tmp/memtouch.log").text:
         if time.monotonic() > deadline:
@@ -89,9 +91,21 @@ def run_policy(vm: Any, policy: str, args: argparse.Namespace, static_limit: int
             n = rows[-1]["passes"] if rows else 0
             action += " (guest not answering)"
         st = tiers.zram_stats(zram.zram) if zram else {}
-        rows.append({"t": time.monotonic() - t_start, "phase": phase, "passes": n, "cpu": qemu_cpu(vm.config.pid),
-                     "usage": group.usage(), "limit": group.limit(), "wss": wss, "swapped": swapped,
-                     "resident": resident, "zram_used": st.get("mem_used_total", 0), "action": action})
+        rows.append(
+            {
+                "t": time.monotonic() - t_start,
+                "phase": phase,
+                "passes": n,
+                "cpu": qemu_cpu(vm.config.pid),
+                "usage": group.usage(),
+                "limit": group.limit(),
+                "wss": wss,
+                "swapped": swapped,
+                "resident": resident,
+                "zram_used": st.get("mem_used_total", 0),
+                "action": action,
+            }
+        )
 
     try:
         for phase, hot in ((1, args.hot), (2, 2 * args.hot)):
@@ -108,8 +122,13 @@ def run_policy(vm: Any, policy: str, args: argparse.Namespace, static_limit: int
     finally:
         if ctl is not None:
             ctl.close()
-    return {"policy": policy, "rows": rows, "controller_cpu_s": cpu, "duration_s": time.monotonic() - t_start,
-            "samples": [s.to_json() for s in (ctl.states[0].samples if ctl else [])]}
+    return {
+        "policy": policy,
+        "rows": rows,
+        "controller_cpu_s": cpu,
+        "duration_s": time.monotonic() - t_start,
+        "samples": [s.to_json() for s in (ctl.states[0].samples if ctl else [])],
+    }
 
 
 def phase_figures(run: dict[str, Any], phase: int, skip: float) -> dict[str, float]:
@@ -121,8 +140,11 @@ def phase_figures(run: dict[str, Any], phase: int, skip: float) -> dict[str, flo
     wall = b["t"] - a["t"]
     cpu = b["cpu"] - a["cpu"]
     first = [r for r in rows if r["t"] - t0 < skip] or rows[:1]
-    worst = min(((y["passes"] - x["passes"]) / max(y["t"] - x["t"], 1e-9)) for x, y in zip(rows, rows[1:], strict=False)) \
-        if len(rows) > 1 else 0.0
+    worst = (
+        min(((y["passes"] - x["passes"]) / max(y["t"] - x["t"], 1e-9)) for x, y in zip(rows, rows[1:], strict=False))
+        if len(rows) > 1
+        else 0.0
+    )
     return {
         "usage_mean": statistics.mean(r["usage"] for r in steady),
         "swapped_mean": statistics.mean(r["swapped"] for r in steady),
@@ -131,7 +153,8 @@ def phase_figures(run: dict[str, Any], phase: int, skip: float) -> dict[str, flo
         "rate_cpu": (b["passes"] - a["passes"]) / cpu if cpu > 0 else 0.0,
         "rate_worst_interval": worst,
         "settle_rate_wall": ((first[-1]["passes"] - rows[0]["passes"]) / max(first[-1]["t"] - rows[0]["t"], 1e-9))
-        if len(first) > 1 else 0.0,
+        if len(first) > 1
+        else 0.0,
     }
 
 
@@ -164,8 +187,10 @@ def main() -> int:
                 static_limit = int(statistics.mean(r["usage"] for r in runs["adaptive"]["rows"]))
             vm = boot(image, args, f"bench-compress-{policy}")
             try:
-                say(f"{policy}: running two phases of {args.phase:.0f} s" +
-                    (f" with a static limit of {static_limit / MIB:.0f} MiB" if static_limit else ""))
+                say(
+                    f"{policy}: running two phases of {args.phase:.0f} s"
+                    + (f" with a static limit of {static_limit / MIB:.0f} MiB" if static_limit else "")
+                )
                 runs[policy] = run_policy(vm, policy, args, static_limit)
                 runs[policy]["static_limit"] = static_limit
                 runs[policy]["zram"] = tiers.status().get("zram")
@@ -176,10 +201,22 @@ def main() -> int:
             tiers.down()
 
     base = {p: phase_figures(runs["none"], p, args.settle) for p in (1, 2)}
-    table = Table(title=f"compression: {args.memory / MIB:.0f} MiB VM, hot {args.hot / MIB:.0f} MiB -> "
-                        f"{2 * args.hot / MIB:.0f} MiB, cold {args.cold / MIB:.0f} MiB text")
-    for col in ("policy", "phase", "usage MiB", "saved MiB (net of zram)", "swapped / cold set", "rate /s",
-                "slowdown (wall)", "slowdown (per CPU-s)", "worst 1-s rate", "controller CPU"):
+    table = Table(
+        title=f"compression: {args.memory / MIB:.0f} MiB VM, hot {args.hot / MIB:.0f} MiB -> "
+        f"{2 * args.hot / MIB:.0f} MiB, cold {args.cold / MIB:.0f} MiB text"
+    )
+    for col in (
+        "policy",
+        "phase",
+        "usage MiB",
+        "saved MiB (net of zram)",
+        "swapped / cold set",
+        "rate /s",
+        "slowdown (wall)",
+        "slowdown (per CPU-s)",
+        "worst 1-s rate",
+        "controller CPU",
+    ):
         table.add_column(col, justify="right")
     summary: dict[str, Any] = {}
     for policy, run in runs.items():
@@ -190,23 +227,40 @@ def main() -> int:
             slow_cpu = 1 - f["rate_cpu"] / base[phase]["rate_cpu"] if base[phase]["rate_cpu"] else 0.0
             cold = f["swapped_mean"] / args.cold
             cpu_share = run["controller_cpu_s"] / run["duration_s"]
-            summary[f"{policy}/{phase}"] = {**f, "saved_net": saved, "slowdown_wall": slow_wall,
-                                            "slowdown_cpu": slow_cpu, "cold_reclaimed": cold,
-                                            "controller_cpu_share": cpu_share}
-            table.add_row(policy, str(phase), f"{f['usage_mean'] / MIB:.0f}", f"{saved / MIB:.0f}",
-                          f"{cold:.0%}" if policy != "none" else "-", f"{f['rate_wall']:.1f}",
-                          f"{slow_wall:+.1%}", f"{slow_cpu:+.1%}", f"{f['rate_worst_interval']:.1f}",
-                          f"{cpu_share:.1%}" if policy != "none" else "-")
+            summary[f"{policy}/{phase}"] = {
+                **f,
+                "saved_net": saved,
+                "slowdown_wall": slow_wall,
+                "slowdown_cpu": slow_cpu,
+                "cold_reclaimed": cold,
+                "controller_cpu_share": cpu_share,
+            }
+            table.add_row(
+                policy,
+                str(phase),
+                f"{f['usage_mean'] / MIB:.0f}",
+                f"{saved / MIB:.0f}",
+                f"{cold:.0%}" if policy != "none" else "-",
+                f"{f['rate_wall']:.1f}",
+                f"{slow_wall:+.1%}",
+                f"{slow_cpu:+.1%}",
+                f"{f['rate_worst_interval']:.1f}",
+                f"{cpu_share:.1%}" if policy != "none" else "-",
+            )
     console.print(table)
     a1 = summary["adaptive/1"]
     ok = a1["cold_reclaimed"] >= 0.5 and a1["slowdown_cpu"] <= 0.05
-    console.print(f"goal (>= 50 % of cold memory reclaimed at <= 5 % slowdown, phase 1): "
-                  f"{a1['cold_reclaimed']:.0%} at {a1['slowdown_cpu']:+.1%} per CPU-s "
-                  f"({a1['slowdown_wall']:+.1%} wall) -> {'met' if ok else 'missed'}")
+    console.print(
+        f"goal (>= 50 % of cold memory reclaimed at <= 5 % slowdown, phase 1): "
+        f"{a1['cold_reclaimed']:.0%} at {a1['slowdown_cpu']:+.1%} per CPU-s "
+        f"({a1['slowdown_wall']:+.1%} wall) -> {'met' if ok else 'missed'}"
+    )
     s2, a2 = summary["static/2"], summary["adaptive/2"]
-    console.print(f"phase change: static limit slowdown {s2['slowdown_cpu']:+.1%} per CPU-s "
-                  f"(worst 1-s rate {s2['rate_worst_interval']:.1f}/s) vs adaptive {a2['slowdown_cpu']:+.1%} "
-                  f"(worst {a2['rate_worst_interval']:.1f}/s)")
+    console.print(
+        f"phase change: static limit slowdown {s2['slowdown_cpu']:+.1%} per CPU-s "
+        f"(worst 1-s rate {s2['rate_worst_interval']:.1f}/s) vs adaptive {a2['slowdown_cpu']:+.1%} "
+        f"(worst {a2['rate_worst_interval']:.1f}/s)"
+    )
     plot = args.plot or RESULTS / "compress.png"
     try:
         from memvirt.compress.controller import Sample
@@ -218,8 +272,9 @@ def main() -> int:
     except Exception as e:
         console.print(f"plot failed: {e}")
     out = args.json or RESULTS / f"compress-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    write_json(out, {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "summary": summary,
-                     "runs": runs})
+    write_json(
+        out, {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, "runs": runs}
+    )
     console.print(f"results: {out}")
     return 0
 

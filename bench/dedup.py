@@ -115,16 +115,20 @@ def run_mode(mode: str, args: argparse.Namespace, budget: float | None = None) -
         workload(vms, args.churn, args.cold)
         if mode == "memvirt":
             recs = [Reclaimer(vm) for vm in vms]
-        settings = {"none": {"run": 0}, "stock": {"run": 1, **ksm.STOCK},
-                    "memvirt": {"run": 1, **ksm.STOCK, "use_zero_pages": 1}}[mode]
+        settings = {
+            "none": {"run": 0},
+            "stock": {"run": 1, **ksm.STOCK},
+            "memvirt": {"run": 1, **ksm.STOCK, "use_zero_pages": 1},
+        }[mode]
         samples, pauses = [], []
         with ksm.configured(run=0) as borrowed:
             borrowed.set(ksm.KSM / "run", 2)
             # The guests' own zero pages, not the global counter: this kernel's ksm_zero_pages
             # keeps pages of processes long gone (858 here with no process holding any).
             deadline = time.monotonic() + 120
-            while (ksm.read("pages_sharing") or any(ksm.process_stat(vm.config.pid).get("ksm_zero_pages")
-                                                    for vm in vms)) and time.monotonic() < deadline:
+            while (
+                ksm.read("pages_sharing") or any(ksm.process_stat(vm.config.pid).get("ksm_zero_pages") for vm in vms)
+            ) and time.monotonic() < deadline:
                 time.sleep(0.2)
         with ksm.configured(**settings) as borrowed:
             t0, cpu0 = time.monotonic(), ksm.ksmd_cpu_seconds()
@@ -138,19 +142,34 @@ def run_mode(mode: str, args: argparse.Namespace, budget: float | None = None) -
                 if pacer is not None:
                     pacer.step()
                 t = time.monotonic() - t0
-                samples.append({"t": round(t, 1), "guest_bytes": usage(vms), "ksm_saving_bytes": ksm.saving_bytes(),
-                                "reclaimed_bytes": reclaimed, "ksmd_cpu_s": round(ksm.ksmd_cpu_seconds() - cpu0, 3)})
+                samples.append(
+                    {
+                        "t": round(t, 1),
+                        "guest_bytes": usage(vms),
+                        "ksm_saving_bytes": ksm.saving_bytes(),
+                        "reclaimed_bytes": reclaimed,
+                        "ksmd_cpu_s": round(ksm.ksmd_cpu_seconds() - cpu0, 3),
+                    }
+                )
                 if len(samples) % 6 == 1:
                     s = samples[-1]
-                    say(f"{mode} t={s['t']:.0f}s guests {s['guest_bytes'] / GIB:.2f} GiB, KSM saves "
+                    say(
+                        f"{mode} t={s['t']:.0f}s guests {s['guest_bytes'] / GIB:.2f} GiB, KSM saves "
                         f"{s['ksm_saving_bytes'] / GIB:.2f} GiB, reclaimed {reclaimed / GIB:.2f} GiB, "
-                        f"ksmd {s['ksmd_cpu_s']:.1f} s")
+                        f"ksmd {s['ksmd_cpu_s']:.1f} s"
+                    )
                 if t >= args.observe:
                     break
                 time.sleep(max(0.0, args.interval - (time.monotonic() - t0 - t)))
-        return {"mode": mode, "settings": settings, "ksmd_cpu_budget": budget, "samples": samples,
-                "pause_max_ms": round(max(pauses), 2) if pauses else None,
-                "pauses": len(pauses), "guest_memory": args.memory}
+        return {
+            "mode": mode,
+            "settings": settings,
+            "ksmd_cpu_budget": budget,
+            "samples": samples,
+            "pause_max_ms": round(max(pauses), 2) if pauses else None,
+            "pauses": len(pauses),
+            "guest_memory": args.memory,
+        }
     finally:
         for r in recs:
             r.close()
@@ -181,13 +200,20 @@ def summarize(results: dict[str, dict[str, Any]], window: float) -> list[dict[st
         final = saving[-1]
         t90 = next((x["t"] for x, v in zip(s, saving, strict=True) if final > 0 and v >= 0.9 * final), None)
         w = at(s, window)
-        rows.append({
-            "mode": mode, "start_bytes": s[0]["guest_bytes"], "bytes_at_window": w["guest_bytes"],
-            "saving_at_window": at(base, window)["guest_bytes"] - w["guest_bytes"],
-            "final_bytes": s[-1]["guest_bytes"], "final_saving": final, "t90_s": t90,
-            "ksmd_cpu_s_window": w["ksmd_cpu_s"], "ksmd_cpu_s": s[-1]["ksmd_cpu_s"],
-            "pause_max_ms": r.get("pause_max_ms"),
-        })
+        rows.append(
+            {
+                "mode": mode,
+                "start_bytes": s[0]["guest_bytes"],
+                "bytes_at_window": w["guest_bytes"],
+                "saving_at_window": at(base, window)["guest_bytes"] - w["guest_bytes"],
+                "final_bytes": s[-1]["guest_bytes"],
+                "final_saving": final,
+                "t90_s": t90,
+                "ksmd_cpu_s_window": w["ksmd_cpu_s"],
+                "ksmd_cpu_s": s[-1]["ksmd_cpu_s"],
+                "pause_max_ms": r.get("pause_max_ms"),
+            }
+        )
     return rows
 
 
@@ -201,8 +227,10 @@ def balloon(args: argparse.Namespace) -> dict[str, Any]:
     try:
         (mv,) = boot(["dd-bench-reclaim"], args.memory)
         try:
-            drv = fpr.exec("cat /sys/bus/virtio/drivers/virtio_balloon/*/features 2>/dev/null; "
-                           "ls /sys/bus/virtio/drivers/virtio_balloon/ 2>/dev/null").text
+            drv = fpr.exec(
+                "cat /sys/bus/virtio/drivers/virtio_balloon/*/features 2>/dev/null; "
+                "ls /sys/bus/virtio/drivers/virtio_balloon/ 2>/dev/null"
+            ).text
             out: dict[str, Any] = {"guest_driver_bound": "virtio" in drv}
             for vm in (fpr, mv):
                 vm.exec(CHURN.format(size=args.churn, seed=5), timeout=600).check("churn")
@@ -216,8 +244,11 @@ def balloon(args: argparse.Namespace) -> dict[str, Any]:
                     series["free_page_reporting"].append((round(t, 1), host_usage(fpr)))
                     series["memvirt_reclaim"].append((round(t, 1), host_usage(mv)))
                     time.sleep(1)
-            out.update(series=series, reclaim_seconds=round(done, 3),
-                       reclaim_pause_max_ms=round(max(first.pauses_ms or [0]), 2))
+            out.update(
+                series=series,
+                reclaim_seconds=round(done, 3),
+                reclaim_pause_max_ms=round(max(first.pauses_ms or [0]), 2),
+            )
             return out
         finally:
             mv.stop()
@@ -226,26 +257,48 @@ def balloon(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_rows(rows: list[dict[str, Any]], window: float, bal: dict[str, Any] | None) -> None:
-    t = Table(title=f"Host memory of the guests (Pss of QEMU RAM mappings), saving vs no sharing; window {window:.0f} s")
-    for c in ("mode", "start GiB", f"at {window:.0f}s GiB", f"saving at {window:.0f}s GiB", "final GiB",
-              "final saving GiB", "t to 90 % of final s", f"ksmd CPU s (to {window:.0f}s / all)", "max pause ms"):
+    t = Table(
+        title=f"Host memory of the guests (Pss of QEMU RAM mappings), saving vs no sharing; window {window:.0f} s"
+    )
+    for c in (
+        "mode",
+        "start GiB",
+        f"at {window:.0f}s GiB",
+        f"saving at {window:.0f}s GiB",
+        "final GiB",
+        "final saving GiB",
+        "t to 90 % of final s",
+        f"ksmd CPU s (to {window:.0f}s / all)",
+        "max pause ms",
+    ):
         t.add_column(c, justify="left" if c == "mode" else "right")
     for r in rows:
-        t.add_row(r["mode"], f"{r['start_bytes'] / GIB:.2f}", f"{r['bytes_at_window'] / GIB:.2f}",
-                  f"{r['saving_at_window'] / GIB:.2f}", f"{r['final_bytes'] / GIB:.2f}",
-                  f"{r['final_saving'] / GIB:.2f}", str(r["t90_s"]),
-                  f"{r['ksmd_cpu_s_window']:.1f} / {r['ksmd_cpu_s']:.1f}", str(r["pause_max_ms"] or ""))
+        t.add_row(
+            r["mode"],
+            f"{r['start_bytes'] / GIB:.2f}",
+            f"{r['bytes_at_window'] / GIB:.2f}",
+            f"{r['saving_at_window'] / GIB:.2f}",
+            f"{r['final_bytes'] / GIB:.2f}",
+            f"{r['final_saving'] / GIB:.2f}",
+            str(r["t90_s"]),
+            f"{r['ksmd_cpu_s_window']:.1f} / {r['ksmd_cpu_s']:.1f}",
+            str(r["pause_max_ms"] or ""),
+        )
     console.print(t)
     by = {r["mode"]: r for r in rows}
     if "stock" in by and "memvirt" in by:
         st, mv = by["stock"]["saving_at_window"], by["memvirt"]["saving_at_window"]
         ratio = f"{mv / st:.1f}x" if st > 0 else "stock saved nothing"
-        console.print(f"memvirt vs stock KSM in the first {window:.0f} s: {ratio} (goal >= 2x), ksmd CPU "
-                      f"{by['memvirt']['ksmd_cpu_s_window']:.1f} s vs {by['stock']['ksmd_cpu_s_window']:.1f} s")
+        console.print(
+            f"memvirt vs stock KSM in the first {window:.0f} s: {ratio} (goal >= 2x), ksmd CPU "
+            f"{by['memvirt']['ksmd_cpu_s_window']:.1f} s vs {by['stock']['ksmd_cpu_s_window']:.1f} s"
+        )
     if bal:
-        console.print("after the churn, before any reclaim: " + ", ".join(
-            f"{k} {v / GIB:.2f} GiB" for k, v in bal["before_bytes"].items())
-            + f"; memvirt's reclaim took {bal['reclaim_seconds']} s, longest pause {bal['reclaim_pause_max_ms']} ms")
+        console.print(
+            "after the churn, before any reclaim: "
+            + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in bal["before_bytes"].items())
+            + f"; memvirt's reclaim took {bal['reclaim_seconds']} s, longest pause {bal['reclaim_pause_max_ms']} ms"
+        )
         for k, s in bal["series"].items():
             pts = ", ".join(f"{t:.0f}s {b / GIB:.2f}" for t, b in s[:: max(1, len(s) // 8)])
             console.print(f"{k}: host GiB over time: {pts}")
@@ -268,8 +321,12 @@ def plot(data: dict[str, Any], png: Path) -> None:
         color = f"C{MODES.index(mode)}" if mode in MODES else None
         axes[0].plot(ts, [x["guest_bytes"] / GIB for x in r["samples"]], label=mode, color=color)
         if base and mode != "none":
-            axes[1].plot(ts, [(at(base, x["t"])["guest_bytes"] - x["guest_bytes"]) / GIB for x in r["samples"]],
-                         label=mode, color=color)
+            axes[1].plot(
+                ts,
+                [(at(base, x["t"])["guest_bytes"] - x["guest_bytes"]) / GIB for x in r["samples"]],
+                label=mode,
+                color=color,
+            )
     axes[0].set(title=f"host memory of {data['args']['guests']} guests", xlabel="s after the workload", ylabel="GiB")
     axes[1].set(title="saving vs no sharing", xlabel="s after the workload", ylabel="GiB")
     for ax in axes[:2]:
@@ -313,8 +370,9 @@ def main() -> int:
     data: dict[str, Any] = {"machine": info, "args": {k: v for k, v in vars(args).items()}}
     try:
         for mode in args.modes.split(","):
-            results[mode] = run_mode(mode, args, _stock_share(results.get("stock"), args.window)
-                                     if mode == "memvirt" else None)
+            results[mode] = run_mode(
+                mode, args, _stock_share(results.get("stock"), args.window) if mode == "memvirt" else None
+            )
         data["modes"] = results
         data["summary"] = summarize(results, args.window) if "none" in results else None
         data["balloon"] = None if args.no_balloon else balloon(args)

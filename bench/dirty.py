@@ -55,8 +55,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=RESULTS / "dirty.json")
     args = ap.parse_args()
     size, pages = args.size, args.size // PAGE_SIZE
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(size)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(size)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert child.stdin is not None and child.stdout is not None
     rows: list[dict[str, object]] = []
     try:
@@ -71,8 +72,9 @@ def main() -> None:
         t = WriteTracker(child.pid, addr, size)
         t0 = time.perf_counter()
         t.start()
-        rows.append({"what": "start (borrow, register, protect all)", "pages": pages,
-                     "ms": (time.perf_counter() - t0) * 1000})
+        rows.append(
+            {"what": "start (borrow, register, protect all)", "pages": pages, "ms": (time.perf_counter() - t0) * 1000}
+        )
         try:
             best, _ = best_of(t.scan, args.repeat * 4)
             rows.append({"what": "scan, nothing written", "pages": 0, "ms": best * 1000})
@@ -110,8 +112,16 @@ def main() -> None:
     print(f"{'what':<45} {'pages':>9} {'ms':>9} {'ms/GiB':>9}")
     for r in rows:
         print(f"{r['what']:<45} {r['pages']:>9} {r['ms']:>9.2f} {float(r['ms']) / gib:>9.2f}")  # type: ignore[arg-type]
-    out = write_json(args.json, {"bench": "dirty", "size": size, "repeat": args.repeat, "rows": rows,
-                                 "machine": machine_info("qemu-system-x86_64")})
+    out = write_json(
+        args.json,
+        {
+            "bench": "dirty",
+            "size": size,
+            "repeat": args.repeat,
+            "rows": rows,
+            "machine": machine_info("qemu-system-x86_64"),
+        },
+    )
     print(f"results: {out}")
 
 

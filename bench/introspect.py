@@ -124,12 +124,14 @@ def _profile_top(prof: Any, scans: int, n: int = 25) -> dict[str, list[dict[str,
             where = "memvirt/" + file.rsplit("/memvirt/", 1)[1]
         elif "/site-packages/" in file:
             where = file.rsplit("/site-packages/", 1)[1]
-        rows.append({
-            "function": f"{where}:{line}({func})" if line else func,
-            "calls_per_scan": nc / scans,
-            "tottime_ms_per_scan": 1e3 * tt / scans,
-            "cumtime_ms_per_scan": 1e3 * ct / scans,
-        })
+        rows.append(
+            {
+                "function": f"{where}:{line}({func})" if line else func,
+                "calls_per_scan": nc / scans,
+                "tottime_ms_per_scan": 1e3 * tt / scans,
+                "cumtime_ms_per_scan": 1e3 * ct / scans,
+            }
+        )
     return {
         "by_tottime": sorted(rows, key=lambda r: -r["tottime_ms_per_scan"])[:n],
         "by_cumtime": sorted(rows, key=lambda r: -r["cumtime_ms_per_scan"])[:n],
@@ -165,8 +167,9 @@ def worker(task: dict[str, Any]) -> dict[str, Any]:
         dt, cpu = time.perf_counter() - t, time.process_time() - c0
         steps = dict(intro.kernel.timings)
         steps["layout+scanner"] = intro.bootstrap_seconds - steps.get("total", 0.0)
-        boots.append({"seconds": dt, "cpu_s": cpu, "steps": steps,
-                      "from_build_cache": bool(getattr(intro, "cached", False))})
+        boots.append(
+            {"seconds": dt, "cpu_s": cpu, "steps": steps, "from_build_cache": bool(getattr(intro, "cached", False))}
+        )
     assert intro is not None
     out["bootstraps"] = boots
     out["release"] = intro.release
@@ -260,7 +263,10 @@ def run_worker(task: dict[str, Any], what: str) -> dict[str, Any]:
     t, c0 = time.perf_counter(), _children_cpu()
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(task)],
-        capture_output=True, text=True, timeout=WORKER_TIMEOUT, env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=WORKER_TIMEOUT,
+        env=os.environ.copy(),
     )
     wall, cpu = time.perf_counter() - t, _children_cpu() - c0
     if proc.returncode != 0:
@@ -329,8 +335,9 @@ def elf_for_makedumpfile(path: Path) -> dict[str, Any]:
     """
     with open(path, "r+b") as f:
         raw = f.read(_EHDR.size)
-        (ident, e_type, mach, ver, entry, phoff, shoff, flags, ehsize, phentsize, phnum, shentsize, shnum,
-         shstrndx) = _EHDR.unpack(raw)
+        (ident, e_type, mach, ver, entry, phoff, shoff, flags, ehsize, phentsize, phnum, shentsize, shnum, shstrndx) = (
+            _EHDR.unpack(raw)
+        )
         before = {"e_phoff": phoff, "e_shoff": shoff, "e_ehsize": ehsize, "e_phnum": phnum, "e_shnum": shnum}
         if phoff == _EHDR.size:
             return {"changed": False, "before": before}
@@ -351,8 +358,24 @@ def elf_for_makedumpfile(path: Path) -> dict[str, Any]:
             f.seek(end)
             f.write(b"\0" * (new_shoff - end) + shdrs)
         f.seek(0)
-        f.write(_EHDR.pack(ident, e_type, mach, ver, entry, _EHDR.size, new_shoff, flags, _EHDR.size, phentsize,
-                           phnum, shentsize, shnum if shdrs else 0, shstrndx if shdrs else 0))
+        f.write(
+            _EHDR.pack(
+                ident,
+                e_type,
+                mach,
+                ver,
+                entry,
+                _EHDR.size,
+                new_shoff,
+                flags,
+                _EHDR.size,
+                phentsize,
+                phnum,
+                shentsize,
+                shnum if shdrs else 0,
+                shstrndx if shdrs else 0,
+            )
+        )
         f.write(phdrs)
     after = {"e_phoff": _EHDR.size, "e_shoff": new_shoff, "e_ehsize": _EHDR.size, "e_phnum": phnum, "e_shnum": shnum}
     return {"changed": True, "before": before, "after": after}
@@ -364,9 +387,14 @@ _HEX = r"0x([0-9a-fA-F]+)"
 def parse_makedumpfile(text: str) -> dict[str, Any]:
     """Figures from makedumpfile's report (``--message-level 31``)."""
     out: dict[str, Any] = {}
-    for key, label in [("original_pages", "Original pages"), ("excluded_pages", "Excluded pages"),
-                       ("free_pages", "Free pages"), ("zero_pages", "Pages filled with zero"),
-                       ("remaining_pages", "Remaining pages"), ("memory_hole_pages", "Memory Hole")]:
+    for key, label in [
+        ("original_pages", "Original pages"),
+        ("excluded_pages", "Excluded pages"),
+        ("free_pages", "Free pages"),
+        ("zero_pages", "Pages filled with zero"),
+        ("remaining_pages", "Remaining pages"),
+        ("memory_hole_pages", "Memory Hole"),
+    ]:
         m = re.search(rf"{label}\s*:\s*{_HEX}", text)
         if m:
             out[key] = int(m[1], 16)
@@ -374,23 +402,33 @@ def parse_makedumpfile(text: str) -> dict[str, Any]:
     for name, secs in re.findall(r"STEP \[([^\]]+?)\s*\]\s*:\s*([0-9.]+) seconds", text):
         steps[name] = steps.get(name, 0.0) + float(secs)
     out["steps_s"] = steps
-    out["notes"] = sorted({ln.strip() for ln in text.splitlines()
-                           if "not supported" in ln or "may be incomplete" in ln or "mmap()" in ln})
+    out["notes"] = sorted(
+        {ln.strip() for ln in text.splitlines() if "not supported" in ln or "may be incomplete" in ln or "mmap()" in ln}
+    )
     return out
 
 
 def run_makedumpfile(args: list[str], what: str, stdin: Path | None = None) -> dict[str, Any]:
     t, c0 = time.perf_counter(), _children_cpu()
     with open(stdin, "rb") if stdin else open(os.devnull, "rb") as inp:
-        proc = subprocess.run(["makedumpfile", *args], stdin=inp, capture_output=True, text=True,
-                              errors="replace", timeout=WORKER_TIMEOUT)
+        proc = subprocess.run(
+            ["makedumpfile", *args], stdin=inp, capture_output=True, text=True, errors="replace", timeout=WORKER_TIMEOUT
+        )
     wall, cpu = time.perf_counter() - t, _children_cpu() - c0
     text = proc.stdout + "\n" + proc.stderr
-    res = {"argv": ["makedumpfile", *args], "returncode": proc.returncode, "wall_s": wall, "cpu_s": cpu,
-           **parse_makedumpfile(text)}
+    res = {
+        "argv": ["makedumpfile", *args],
+        "returncode": proc.returncode,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        **parse_makedumpfile(text),
+    }
     if proc.returncode != 0:
-        tail = [ln for ln in text.replace("\r", "\n").splitlines()
-                if ln.strip() and "%]" not in ln and not ln.startswith(("mem_map", "  "))]
+        tail = [
+            ln
+            for ln in text.replace("\r", "\n").splitlines()
+            if ln.strip() and "%]" not in ln and not ln.startswith(("mem_map", "  "))
+        ]
         res["error_tail"] = tail[-6:]
         say(f"makedumpfile ({what}) failed: {' | '.join(tail[-4:])}")
     return res
@@ -463,7 +501,11 @@ def summarize(s: dict[str, Any]) -> dict[str, Any]:
     for r in rounds:
         for k, v in (r.get("rescan_parts_median_s") or {}).items():
             parts.setdefault(k, []).append(v)
-    hwm = [w.get(k, {}).get("VmHWM", 0) for w in [*rounds, extra] for k in ("rss_after_bootstrap", "rss_scans", "rss_content")]
+    hwm = [
+        w.get(k, {}).get("VmHWM", 0)
+        for w in [*rounds, extra]
+        for k in ("rss_after_bootstrap", "rss_scans", "rss_content")
+    ]
     counts = [r.get("counts") for r in rounds if r.get("counts")]
     out = {
         "bootstrap_cold": stats([b["seconds"] for b in cold]),
@@ -479,7 +521,9 @@ def summarize(s: dict[str, Any]) -> dict[str, Any]:
         "rescan": stats(rescans),
         "rescan_cpu": stats(rescans_cpu),
         "bootstrap_cold_cpu": stats([b["cpu_s"] for b in cold if "cpu_s" in b]),
-        "bootstrap_cold_nocache_cpu": stats([r["bootstraps"][0]["cpu_s"] for r in nocache if "cpu_s" in r["bootstraps"][0]]),
+        "bootstrap_cold_nocache_cpu": stats(
+            [r["bootstraps"][0]["cpu_s"] for r in nocache if "cpu_s" in r["bootstraps"][0]]
+        ),
         "live_rescan_cpu": live.get("rescan_cpu") or {},
         "rescan_parts_median_s": {k: statistics.median(v) for k, v in parts.items()},
         "content_scan": extra.get("content_scan") or {},
@@ -487,7 +531,8 @@ def summarize(s: dict[str, Any]) -> dict[str, Any]:
         "live_warnings": live.get("scan_warnings"),
         "peak_rss_bytes": max(hwm, default=0),
         "rss_after_scans_bytes": statistics.median([r["rss_scans"]["VmRSS"] for r in rounds if "rss_scans" in r])
-        if any("rss_scans" in r for r in rounds) else None,
+        if any("rss_scans" in r for r in rounds)
+        else None,
         "rss_baseline_bytes": statistics.median([r["rss_baseline"]["VmRSS"] for r in rounds]) if rounds else None,
         "tracemalloc_peak_bytes": extra.get("tracemalloc_peak_bytes"),
         "ram_bytes": rounds[0]["ram_bytes"] if rounds else None,
@@ -495,7 +540,9 @@ def summarize(s: dict[str, Any]) -> dict[str, Any]:
         "counts_equal_in_all_rounds": all(c == counts[0] for c in counts),
     }
     out["goal_bootstrap_cold_median"] = (out["bootstrap_cold"].get("median_s") or 1e9) <= GOAL_BOOTSTRAP_S
-    out["goal_bootstrap_cold_nocache_median"] = (out["bootstrap_cold_nocache"].get("median_s") or 1e9) <= GOAL_BOOTSTRAP_S
+    out["goal_bootstrap_cold_nocache_median"] = (
+        out["bootstrap_cold_nocache"].get("median_s") or 1e9
+    ) <= GOAL_BOOTSTRAP_S
     out["goal_rescan_median"] = (out["rescan"].get("median_s") or 1e9) <= GOAL_RESCAN_S
     out["goal_rescan_p95"] = (out["rescan"].get("p95_s") or 1e9) <= GOAL_RESCAN_S
     return out
@@ -508,14 +555,28 @@ def _mmp(st: dict[str, Any]) -> str:
 def summary_table(report: dict[str, Any]) -> Any:
     from rich.table import Table
 
-    t = Table(title=f"memvirt introspection, {report['config']['memory_bytes'] / GIB:.0f} GiB guest "
-                    f"({report['machine']['cpu_model']}, {report['machine']['cpus']} CPUs, "
-                    f"{report['machine'].get('accel', '?')}, guest {report['config'].get('guest_kernel', '?')})")
-    for col in ["source", "bootstrap cold, build cache: min/med/p95 ms", "goal",
-                "bootstrap cold, no cache: min/med/p95 ms", "goal", "warm med ms", "first scan med ms",
-                "rescan min/med/p95 ms", "goal", "rescan CPU med ms", "content scan med ms",
-                "live rescan min/med/p95 ms",
-                "peak RSS MiB (% RAM)", "RSS after scans / baseline MiB", "free / free_pcp pages"]:
+    t = Table(
+        title=f"memvirt introspection, {report['config']['memory_bytes'] / GIB:.0f} GiB guest "
+        f"({report['machine']['cpu_model']}, {report['machine']['cpus']} CPUs, "
+        f"{report['machine'].get('accel', '?')}, guest {report['config'].get('guest_kernel', '?')})"
+    )
+    for col in [
+        "source",
+        "bootstrap cold, build cache: min/med/p95 ms",
+        "goal",
+        "bootstrap cold, no cache: min/med/p95 ms",
+        "goal",
+        "warm med ms",
+        "first scan med ms",
+        "rescan min/med/p95 ms",
+        "goal",
+        "rescan CPU med ms",
+        "content scan med ms",
+        "live rescan min/med/p95 ms",
+        "peak RSS MiB (% RAM)",
+        "RSS after scans / baseline MiB",
+        "free / free_pcp pages",
+    ]:
         t.add_column(col, justify="left" if col in ("source", "goal") else "right")
     for name, s in report["sources"].items():
         m = s.get("summary") or {}
@@ -528,14 +589,19 @@ def summary_table(report: dict[str, Any]) -> Any:
             _mmp(cold) + (f" (CPU {ms(m['bootstrap_cold_cpu']['median_s'])})" if m.get("bootstrap_cold_cpu") else ""),
             mark(cold.get("median_s"), GOAL_BOOTSTRAP_S),
             _mmp(m.get("bootstrap_cold_nocache") or {})
-            + (f" (CPU {ms(m['bootstrap_cold_nocache_cpu']['median_s'])})" if m.get("bootstrap_cold_nocache_cpu") else ""),
+            + (
+                f" (CPU {ms(m['bootstrap_cold_nocache_cpu']['median_s'])})"
+                if m.get("bootstrap_cold_nocache_cpu")
+                else ""
+            ),
             mark((m.get("bootstrap_cold_nocache") or {}).get("median_s"), GOAL_BOOTSTRAP_S),
             ms((m.get("bootstrap_warm") or {}).get("median_s")),
             ms((m.get("first_scan") or {}).get("median_s")),
             _mmp(r),
             f"{mark(r.get('median_s'), GOAL_RESCAN_S)} (p95 {mark(r.get('p95_s'), GOAL_RESCAN_S)})" if r else "-",
             f"{ms((m.get('rescan_cpu') or {}).get('median_s'))} {mark((m.get('rescan_cpu') or {}).get('median_s'), GOAL_RESCAN_S)}"
-            if m.get("rescan_cpu") else "-",
+            if m.get("rescan_cpu")
+            else "-",
             ms((m.get("content_scan") or {}).get("median_s")),
             _mmp(m.get("live_rescan") or {}) + (f" ({m['live_warnings']} warn.)" if m.get("live_warnings") else ""),
             f"{peak / 2**20:.0f} ({100 * peak / ram:.1f} %)" if peak else "-",
@@ -548,8 +614,10 @@ def summary_table(report: dict[str, Any]) -> Any:
 def steps_table(report: dict[str, Any]) -> Any:
     from rich.table import Table
 
-    t = Table(title="bootstrap steps, median ms (cold = first Introspector() of a fresh process, from the build-id "
-                    "cache unless 'no cache'; warm = a second one in the same process)")
+    t = Table(
+        title="bootstrap steps, median ms (cold = first Introspector() of a fresh process, from the build-id "
+        "cache unless 'no cache'; warm = a second one in the same process)"
+    )
     rows: dict[str, dict[str, float]] = {}
     for name, s in report["sources"].items():
         m = s.get("summary") or {}
@@ -588,9 +656,19 @@ def reference_table(report: dict[str, Any]) -> Any:
     from rich.table import Table
 
     ref = report.get("reference") or {}
-    t = Table(title="reference: makedumpfile -d 16 (Debian 1.7.2) and memvirt on the same dump (alternating fresh processes)")
-    for col in ["tool, dump", "free pages excluded/found", "free_pcp", "vs memvirt free", "exclusion / scan ms (median)",
-                "process wall s (min/median)", "process CPU s (median)", "note"]:
+    t = Table(
+        title="reference: makedumpfile -d 16 (Debian 1.7.2) and memvirt on the same dump (alternating fresh processes)"
+    )
+    for col in [
+        "tool, dump",
+        "free pages excluded/found",
+        "free_pcp",
+        "vs memvirt free",
+        "exclusion / scan ms (median)",
+        "process wall s (min/median)",
+        "process CPU s (median)",
+        "note",
+    ]:
         t.add_column(col, justify="left" if col in ("tool, dump", "vs memvirt free", "note") else "right")
     mv_counts = ref.get("memvirt_counts") or {}
 
@@ -598,36 +676,61 @@ def reference_table(report: dict[str, Any]) -> Any:
         ok = [r for r in runs if r.get("returncode") == 0]
         if not ok:
             if runs:
-                t.add_row(label, "[red]failed[/red]", "", "", "", f"{runs[0]['wall_s']:.2f}", "",
-                          " | ".join(runs[0].get("error_tail", [])[-2:]))
+                t.add_row(
+                    label,
+                    "[red]failed[/red]",
+                    "",
+                    "",
+                    "",
+                    f"{runs[0]['wall_s']:.2f}",
+                    "",
+                    " | ".join(runs[0].get("error_tail", [])[-2:]),
+                )
             return
         free = ok[0].get("free_pages")
         d = None if free is None or not mv_counts else free - mv_counts.get("free", 0)
         excl = [r["steps_s"].get("Excluding unnecessary pages", 0.0) for r in ok]
         walls = [r["wall_s"] for r in ok]
-        t.add_row(label, str(free), "not excluded",
-                  "-" if d is None else ("[green]equal[/green]" if d == 0 else f"[red]{d:+d}[/red]"),
-                  ms(statistics.median(excl)), f"{min(walls):.2f} / {statistics.median(walls):.2f}",
-                  f"{statistics.median([r.get('cpu_s', 0.0) for r in ok]):.2f}", note)
+        t.add_row(
+            label,
+            str(free),
+            "not excluded",
+            "-" if d is None else ("[green]equal[/green]" if d == 0 else f"[red]{d:+d}[/red]"),
+            ms(statistics.median(excl)),
+            f"{min(walls):.2f} / {statistics.median(walls):.2f}",
+            f"{statistics.median([r.get('cpu_s', 0.0) for r in ok]):.2f}",
+            note,
+        )
 
     mdf_row("makedumpfile, QEMU ELF as written", [ref["as_written"]] if ref.get("as_written") else [], "")
-    mdf_row("makedumpfile, ELF headers fixed", ref.get("makedumpfile_runs", []),
-            "--dry-run; wall includes reading every kept page")
+    mdf_row(
+        "makedumpfile, ELF headers fixed",
+        ref.get("makedumpfile_runs", []),
+        "--dry-run; wall includes reading every kept page",
+    )
     mv = (report["sources"].get("ELF dump") or {}).get("rounds", [])
     if mv:
         boot = [r["bootstraps"][0]["seconds"] for r in mv]
-        t.add_row("memvirt bootstrap + first scan, ELF fixed", str(mv_counts.get("free")), str(mv_counts.get("free_pcp")),
-                  "", ms(statistics.median([r["first_scan_s"] for r in mv])),
-                  f"{min(r['process_wall_s'] for r in mv):.2f} / {statistics.median([r['process_wall_s'] for r in mv]):.2f}",
-                  f"{statistics.median([r.get('process_cpu_s', 0.0) for r in mv]):.2f}",
-                  f"cold bootstrap {ms(statistics.median(boot))} ms; wall: Python start, imports, "
-                  f"{len(mv[0]['bootstraps'])} bootstraps, {mv[0]['task'].get('scans', 0) + 1} scans")
+        t.add_row(
+            "memvirt bootstrap + first scan, ELF fixed",
+            str(mv_counts.get("free")),
+            str(mv_counts.get("free_pcp")),
+            "",
+            ms(statistics.median([r["first_scan_s"] for r in mv])),
+            f"{min(r['process_wall_s'] for r in mv):.2f} / {statistics.median([r['process_wall_s'] for r in mv]):.2f}",
+            f"{statistics.median([r.get('process_cpu_s', 0.0) for r in mv]):.2f}",
+            f"cold bootstrap {ms(statistics.median(boot))} ms; wall: Python start, imports, "
+            f"{len(mv[0]['bootstraps'])} bootstraps, {mv[0]['task'].get('scans', 0) + 1} scans",
+        )
     k = report.get("reference_kdump") or {}
     if k:
         mdf_row("makedumpfile, QEMU kdump-zlib as written", [k["as_written"]] if k.get("as_written") else [], "")
         if k.get("refilter"):
-            mdf_row("makedumpfile, kdump -R + phys_base fixed", [k["refilter"]],
-                    f"-R took {k['rearrange']['wall_s']:.1f} s; wall includes decompressing the kept pages")
+            mdf_row(
+                "makedumpfile, kdump -R + phys_base fixed",
+                [k["refilter"]],
+                f"-R took {k['rearrange']['wall_s']:.1f} s; wall includes decompressing the kept pages",
+            )
     return t
 
 
@@ -635,13 +738,20 @@ def profile_table(extra: dict[str, Any], name: str, n: int = 18) -> Any:
     from rich.table import Table
 
     prof = extra.get("profile") or {}
-    t = Table(title=f"cProfile (CPU time, so other jobs' load does not count) of {extra.get('profile_scans', 0)} "
-                    f"rescans of {name}, per scan, by own time (cProfile adds overhead; ctypes calls count in "
-                    f"their caller's own time)")
+    t = Table(
+        title=f"cProfile (CPU time, so other jobs' load does not count) of {extra.get('profile_scans', 0)} "
+        f"rescans of {name}, per scan, by own time (cProfile adds overhead; ctypes calls count in "
+        f"their caller's own time)"
+    )
     for col in ["function", "calls", "tottime ms", "cumtime ms"]:
         t.add_column(col, justify="left" if col == "function" else "right")
     for r in prof.get("by_tottime", [])[:n]:
-        t.add_row(r["function"], f"{r['calls_per_scan']:.0f}", f"{r['tottime_ms_per_scan']:.2f}", f"{r['cumtime_ms_per_scan']:.2f}")
+        t.add_row(
+            r["function"],
+            f"{r['calls_per_scan']:.0f}",
+            f"{r['tottime_ms_per_scan']:.2f}",
+            f"{r['cumtime_ms_per_scan']:.2f}",
+        )
     return t
 
 
@@ -651,12 +761,16 @@ def code_state() -> dict[str, Any]:
 
     def git(*a: str) -> str:
         try:
-            return subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True, timeout=30).stdout.strip()
+            return subprocess.run(
+                ["git", "-C", str(root), *a], capture_output=True, text=True, timeout=30
+            ).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             return ""
 
-    return {"commit": git("rev-parse", "HEAD"),
-            "uncommitted_under_memvirt": git("status", "--porcelain", "--", "memvirt").splitlines()}
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "uncommitted_under_memvirt": git("status", "--porcelain", "--", "memvirt").splitlines(),
+    }
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -671,10 +785,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cpus", default=1, type=int, help="guest CPUs (default 1)")
     p.add_argument("--kernel", default="6.1", help="guest kernel spec for default_image (default 6.1)")
     p.add_argument("--layouts", default="auto", help="Introspector layouts (default auto)")
-    p.add_argument("--rounds", default=5, type=int,
-                   help="fresh measuring processes per source, alternating between the sources (and with\n"
-                        "makedumpfile on the dump); each times a cold and a warm bootstrap and\n"
-                        "scans/rounds rescans (default 5)")
+    p.add_argument(
+        "--rounds",
+        default=5,
+        type=int,
+        help="fresh measuring processes per source, alternating between the sources (and with\n"
+        "makedumpfile on the dump); each times a cold and a warm bootstrap and\n"
+        "scans/rounds rescans (default 5)",
+    )
     p.add_argument("--scans", default=50, type=int, help="timed rescans per source, over all rounds (default 50)")
     p.add_argument("--content-scans", default=10, type=int, help="timed scan(content=True) per guest (default 10)")
     p.add_argument("--profile-scans", default=5, type=int, help="rescans under cProfile per guest (default 5)")
@@ -711,10 +829,18 @@ def main(argv: list[str] | None = None) -> int:
         "code": code_state(),
         "goals": {"bootstrap_s": GOAL_BOOTSTRAP_S, "rescan_s": GOAL_RESCAN_S},
         "config": {
-            "memory_bytes": args.memory, "fill_bytes": args.fill, "hot_bytes": args.hot, "dirty_rate": args.dirty_rate,
-            "cpus": args.cpus, "layouts": args.layouts, "rounds": args.rounds, "scans": args.scans,
-            "content_scans": args.content_scans, "profile_scans": args.profile_scans,
-            "memvirt_home": os.environ["MEMVIRT_HOME"], "ram_dir": os.environ["MEMVIRT_RAM_DIR"],
+            "memory_bytes": args.memory,
+            "fill_bytes": args.fill,
+            "hot_bytes": args.hot,
+            "dirty_rate": args.dirty_rate,
+            "cpus": args.cpus,
+            "layouts": args.layouts,
+            "rounds": args.rounds,
+            "scans": args.scans,
+            "content_scans": args.content_scans,
+            "profile_scans": args.profile_scans,
+            "memvirt_home": os.environ["MEMVIRT_HOME"],
+            "ram_dir": os.environ["MEMVIRT_RAM_DIR"],
             "makedumpfile": makedumpfile_version(),
             "units": "seconds in JSON; ms in the tables; MiB = 2^20 bytes",
         },
@@ -740,9 +866,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def said_round(name: str, r: int, res: dict[str, Any]) -> None:
         b = res["bootstraps"]
-        say(f"{name} round {r + 1}: bootstrap cold {ms(b[0]['seconds'])} / warm {ms(b[1]['seconds'])} ms, "
+        say(
+            f"{name} round {r + 1}: bootstrap cold {ms(b[0]['seconds'])} / warm {ms(b[1]['seconds'])} ms, "
             f"first scan {ms(res.get('first_scan_s'))} ms, rescan median {ms(res['rescan']['median_s'])} ms "
-            f"(process {res['process_wall_s']:.2f} s)")
+            f"(process {res['process_wall_s']:.2f} s)"
+        )
 
     try:
         image = default_image(args.kernel)
@@ -758,8 +886,10 @@ def main(argv: list[str] | None = None) -> int:
         report["machine"]["accel"] = vms[0].config.accel
         guests = {vm.name: vm for vm in vms}
         label = {VM_SHARED: "RAM file", VM_ANON: "/proc/PID/mem"}
-        cmd = (f"memtouch --hot {args.hot} --cold {args.fill - args.hot} --dirty-rate {args.dirty_rate} "
-               f"--content mix --report 30")
+        cmd = (
+            f"memtouch --hot {args.hot} --cold {args.fill - args.hot} --dirty-rate {args.dirty_rate} "
+            f"--content mix --report 30"
+        )
         phase("fill")
         report["guests"] = fill_and_pause(vms, cmd, GUEST_LOG, FILL_TIMEOUT, say, meminfo=True)
 
@@ -772,18 +902,30 @@ def main(argv: list[str] | None = None) -> int:
                 said_round(label[vm.name], r, res)
                 res = run_worker(nocache_task(vm.name), f"round {r + 1} {vm.name}, no cache")
                 sources[label[vm.name]].setdefault("rounds_nocache", []).append(res)
-                say(f"{label[vm.name]} round {r + 1}, no build cache: bootstrap cold "
-                    f"{ms(res['bootstraps'][0]['seconds'])} / warm {ms(res['bootstraps'][1]['seconds'])} ms")
+                say(
+                    f"{label[vm.name]} round {r + 1}, no build cache: bootstrap cold "
+                    f"{ms(res['bootstraps'][0]['seconds'])} / warm {ms(res['bootstraps'][1]['seconds'])} ms"
+                )
 
         # 2. paused guests: content scans, profile, tracemalloc.
         for vm in vms:
             phase(f"content scans and profile, {label[vm.name]}")
-            res = run_worker({"source": vm.name, "bootstraps": 1, "content_scans": args.content_scans,
-                              "profile_scans": args.profile_scans, "tracemalloc": True, "layouts": args.layouts},
-                             f"extra {vm.name}")
+            res = run_worker(
+                {
+                    "source": vm.name,
+                    "bootstraps": 1,
+                    "content_scans": args.content_scans,
+                    "profile_scans": args.profile_scans,
+                    "tracemalloc": True,
+                    "layouts": args.layouts,
+                },
+                f"extra {vm.name}",
+            )
             sources[label[vm.name]]["extra"] = res
-            say(f"{label[vm.name]}: content scan median {ms(res.get('content_scan', {}).get('median_s'))} ms, "
-                f"zero pages {res.get('content_zero_pages')}, tracemalloc peaks {res.get('tracemalloc_peak_bytes')}")
+            say(
+                f"{label[vm.name]}: content scan median {ms(res.get('content_scan', {}).get('median_s'))} ms, "
+                f"zero pages {res.get('content_zero_pages')}, tracemalloc peaks {res.get('tracemalloc_peak_bytes')}"
+            )
 
         # 3. running guests, one at a time: live rescans (memtouch keeps dirtying its hot set).
         for vm in vms:
@@ -791,13 +933,17 @@ def main(argv: list[str] | None = None) -> int:
             vm.resume()
             try:
                 time.sleep(2)
-                res = run_worker({"source": vm.name, "bootstraps": 1, "scans": args.scans, "live": True,
-                                  "layouts": args.layouts}, f"live {vm.name}")
+                res = run_worker(
+                    {"source": vm.name, "bootstraps": 1, "scans": args.scans, "live": True, "layouts": args.layouts},
+                    f"live {vm.name}",
+                )
             finally:
                 vm.pause()
             sources[label[vm.name]]["live"] = res
-            say(f"{label[vm.name]} live: rescan min/median/p95 {_mmp(res['rescan'])} ms, "
-                f"{res['scan_warnings']} warnings in {args.scans} scans")
+            say(
+                f"{label[vm.name]} live: rescan min/median/p95 {_mmp(res['rescan'])} ms, "
+                f"{res['scan_warnings']} warnings in {args.scans} scans"
+            )
 
         shared = guests[VM_SHARED]
         if VM_ANON in guests:
@@ -815,8 +961,10 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(f"{VM_SHARED} is {shared.status()} after the dump, not paused")
         mdf_args = ["--dry-run", "-d", "16", "--message-level", "31", str(elf), str(dump_dir / "out-d16")]
         ref["as_written"] = run_makedumpfile(mdf_args, "QEMU's ELF as written")
-        ref["memvirt_as_written"] = run_worker({"source": str(elf), "bootstraps": 1, "first_scan": True,
-                                                "layouts": args.layouts}, "memvirt on the ELF as written")
+        ref["memvirt_as_written"] = run_worker(
+            {"source": str(elf), "bootstraps": 1, "first_scan": True, "layouts": args.layouts},
+            "memvirt on the ELF as written",
+        )
         ref["header_fix"] = elf_for_makedumpfile(elf)
         say(f"ELF headers rewritten for makedumpfile: {ref['header_fix']}")
         phase("makedumpfile vs memvirt on the ELF dump, alternating")
@@ -826,9 +974,12 @@ def main(argv: list[str] | None = None) -> int:
             v = run_worker(round_task(str(elf)), "memvirt on the fixed ELF")
             sources.setdefault("ELF dump", {}).setdefault("rounds", []).append(v)
             sources["ELF dump"].setdefault("rounds_nocache", []).append(
-                run_worker(nocache_task(str(elf)), "memvirt on the fixed ELF, no cache"))
-            say(f"makedumpfile round {r + 1}: exit {m['returncode']}, {m['wall_s']:.2f} s, exclusion "
-                f"{ms(m['steps_s'].get('Excluding unnecessary pages'))} ms, free {m.get('free_pages')}")
+                run_worker(nocache_task(str(elf)), "memvirt on the fixed ELF, no cache")
+            )
+            say(
+                f"makedumpfile round {r + 1}: exit {m['returncode']}, {m['wall_s']:.2f} s, exclusion "
+                f"{ms(m['steps_s'].get('Excluding unnecessary pages'))} ms, free {m.get('free_pages')}"
+            )
             said_round("ELF dump", r, v)
         ref["memvirt_counts"] = sources["ELF dump"]["rounds"][-1]["counts"]
         ref["memvirt_counts_equal_before_and_after_fix"] = ref["memvirt_as_written"]["counts"] == ref["memvirt_counts"]
@@ -846,20 +997,26 @@ def main(argv: list[str] | None = None) -> int:
             said_round("kdump-zlib dump", 0, res)
             kref["memvirt_counts"] = res["counts"]
             kref["as_written"] = run_makedumpfile(
-                ["--dry-run", "-d", "16", "--message-level", "31", str(kd), str(dump_dir / "out-k")], "QEMU's kdump")
+                ["--dry-run", "-d", "16", "--message-level", "31", str(kd), str(dump_dir / "out-k")], "QEMU's kdump"
+            )
             plain = dump_dir / f"{VM_SHARED}.plain.kdump"
             kref["rearrange"] = run_makedumpfile(["-R", str(plain)], "-R", stdin=kd)
             if kref["rearrange"]["returncode"] == 0:
                 pb = vmcoreinfo_number(kd, "phys_base")
                 if pb is not None:
                     kref["phys_base_fix"] = fix_kdump_phys_base(plain, pb)
-                    say(f"kdump sub-header phys_base {kref['phys_base_fix']['header_phys_base']:#x}, "
-                        f"VMCOREINFO says {pb:#x}")
+                    say(
+                        f"kdump sub-header phys_base {kref['phys_base_fix']['header_phys_base']:#x}, "
+                        f"VMCOREINFO says {pb:#x}"
+                    )
                 kref["refilter"] = run_makedumpfile(
                     ["--dry-run", "-d", "16", "--message-level", "31", str(plain), str(dump_dir / "out-k2")],
-                    "un-flattened kdump")
-                say(f"makedumpfile on the un-flattened kdump: exit {kref['refilter']['returncode']}, "
-                    f"free {kref['refilter'].get('free_pages')} (memvirt {res['counts']['free']})")
+                    "un-flattened kdump",
+                )
+                say(
+                    f"makedumpfile on the un-flattened kdump: exit {kref['refilter']['returncode']}, "
+                    f"free {kref['refilter'].get('free_pages')} (memvirt {res['counts']['free']})"
+                )
             if tmp_dir is not None:
                 kd.unlink()
                 plain.unlink(missing_ok=True)
@@ -900,7 +1057,8 @@ def main(argv: list[str] | None = None) -> int:
         f"(time.process_time), which leaves out time other jobs held the CPU. Peak RSS = the measuring processes' highest VmHWM over "
         f"bootstrap, rescans and content scans (reset between phases; on the RAM file the mapped struct pages "
         f"count as RssShmem); baseline = Python + numpy + memvirt imported; guest RAM {args.memory / GIB:.0f} GiB. "
-        f"Host load (1-min) per phase: " + "; ".join(f"{k} {v[0]}" for k, v in report["loadavg"].items())
+        f"Host load (1-min) per phase: "
+        + "; ".join(f"{k} {v[0]}" for k, v in report["loadavg"].items())
         + f". Host: {report['machine']['cpus']} CPUs shared with other jobs; guests under "
         f"{report['machine'].get('accel', '?')}; a running guest takes a core."
     )

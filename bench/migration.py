@@ -49,14 +49,31 @@ GBIT = 125_000_000
 """A 1 Gbit/s link in bytes per second: both engines are capped to it (QEMU's ``max-bandwidth``,
 memvirt's ``--max-bandwidth``) where a scenario says so; elsewhere loopback is the link."""
 SCENARIOS: dict[str, dict[str, Any]] = {
-    "idle": {"memory": 512 << 20, "label": "idle 512 MiB", "workload": None,
-             "prepare": "memtouch --hot 256M --content text --duration 1 > /dev/null 2>&1"},
-    "idle1g": {"memory": 512 << 20, "label": "idle 512 MiB, 1 Gbit/s", "workload": None, "bandwidth": GBIT,
-               "prepare": "memtouch --hot 256M --content text --duration 1 > /dev/null 2>&1"},
-    "half2g": {"memory": 2 << 30, "label": "2 GiB, 1 GiB in use",
-               "workload": "memtouch --hot 32M --cold 992M --content mix --dirty-rate 1M", "prepare": None},
-    "dirty": {"memory": 512 << 20, "label": "512 MiB dirtying 50 MB/s",
-              "workload": "memtouch --hot 64M --content random --dirty-rate 50M", "prepare": None},
+    "idle": {
+        "memory": 512 << 20,
+        "label": "idle 512 MiB",
+        "workload": None,
+        "prepare": "memtouch --hot 256M --content text --duration 1 > /dev/null 2>&1",
+    },
+    "idle1g": {
+        "memory": 512 << 20,
+        "label": "idle 512 MiB, 1 Gbit/s",
+        "workload": None,
+        "bandwidth": GBIT,
+        "prepare": "memtouch --hot 256M --content text --duration 1 > /dev/null 2>&1",
+    },
+    "half2g": {
+        "memory": 2 << 30,
+        "label": "2 GiB, 1 GiB in use",
+        "workload": "memtouch --hot 32M --cold 992M --content mix --dirty-rate 1M",
+        "prepare": None,
+    },
+    "dirty": {
+        "memory": 512 << 20,
+        "label": "512 MiB dirtying 50 MB/s",
+        "workload": "memtouch --hot 64M --content random --dirty-rate 50M",
+        "prepare": None,
+    },
 }
 ENGINES = ["memvirt", "memvirt-no-elide", "qemu-plain", "qemu-xbzrle", "qemu-multifd"]
 QEMU_TIMEOUT = 180.0
@@ -70,20 +87,30 @@ def setup_guest(name: str, sc: dict[str, Any]) -> VM:
 
 def hop_memvirt(src: VM, dst: str, elide: bool, bandwidth: int) -> dict[str, Any]:
     port = 47100 + secrets.randbelow(800)
-    rx = subprocess.Popen([sys.executable, "-m", "memvirt", "receive", "--listen", f"127.0.0.1:{port}",
-                           "--timeout", "300"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          env={**os.environ, "MEMVIRT_SECRET": SECRET})
+    rx = subprocess.Popen(
+        [sys.executable, "-m", "memvirt", "receive", "--listen", f"127.0.0.1:{port}", "--timeout", "300"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "MEMVIRT_SECRET": SECRET},
+    )
     rx.stderr.readline()
     try:
-        rep = migrate(src.name, "127.0.0.1", port, SECRET.encode(), dst, elide_free=elide,
-                      max_bandwidth=bandwidth)
+        rep = migrate(src.name, "127.0.0.1", port, SECRET.encode(), dst, elide_free=elide, max_bandwidth=bandwidth)
         rx.wait(60)
     finally:
         if rx.poll() is None:
             rx.kill()
-    return {"bytes": rep.wire_bytes, "total_s": rep.total_seconds, "downtime_ms": rep.downtime_seconds * 1000,
-            "rounds": len(rep.rounds), "converged": True, "detail": rep.stop_reason, "throttle": rep.max_throttle,
-            "codecs": rep.codecs}
+    return {
+        "bytes": rep.wire_bytes,
+        "total_s": rep.total_seconds,
+        "downtime_ms": rep.downtime_seconds * 1000,
+        "rounds": len(rep.rounds),
+        "converged": True,
+        "detail": rep.stop_reason,
+        "throttle": rep.max_throttle,
+        "codecs": rep.codecs,
+    }
 
 
 def run_hop(vm: VM, engine: str, dst: str, sc: dict[str, Any]) -> tuple[dict[str, Any], VM]:
@@ -99,8 +126,10 @@ def run_hop(vm: VM, engine: str, dst: str, sc: dict[str, Any]) -> tuple[dict[str
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description="Migration bench: memvirt beside QEMU's own precopy. QEMU's "
-                                 "migrations listen unauthenticated on a loopback port while they run.")
+    ap = argparse.ArgumentParser(
+        description="Migration bench: memvirt beside QEMU's own precopy. QEMU's "
+        "migrations listen unauthenticated on a loopback port while they run."
+    )
     ap.add_argument("--scenarios", default="idle,idle1g,half2g,dirty")
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--reliability", type=int, default=20)
@@ -164,8 +193,12 @@ def reliability(n: int) -> dict[str, Any]:
                 vm.stop()
                 vm = setup_guest(f"mg-rel-{engine}-r{i}", sc)
         vm.stop()
-        out[engine] = {"runs": n, "guest_errors": len(errors), "errors": errors,
-                       "max_downtime_ms": max(downs) if downs else None}
+        out[engine] = {
+            "runs": n,
+            "guest_errors": len(errors),
+            "errors": errors,
+            "max_downtime_ms": max(downs) if downs else None,
+        }
     return out
 
 
@@ -177,17 +210,23 @@ def print_table(results: dict[str, Any]) -> None:
                 print(f"{sc['label']:26} {engine:18} error: {r['error']}")
                 continue
             dt = f"{r['downtime_ms']:.0f}" if r.get("downtime_ms") is not None else "-"
-            print(f"{sc['label']:26} {engine:18} {r['bytes'] / 1e6:11.1f} {r['total_s']:8.2f} {dt:>12} "
-                  f"{r['rounds'] if r['rounds'] is not None else '-':>7}  {r['guest'] or 'ok'}"
-                  f"{'' if r['converged'] else ' (did not converge: ' + r['detail'] + ')'}")
+            print(
+                f"{sc['label']:26} {engine:18} {r['bytes'] / 1e6:11.1f} {r['total_s']:8.2f} {dt:>12} "
+                f"{r['rounds'] if r['rounds'] is not None else '-':>7}  {r['guest'] or 'ok'}"
+                f"{'' if r['converged'] else ' (did not converge: ' + r['detail'] + ')'}"
+            )
         e = sc["engines"]
         m, q = e.get("memvirt", {}), e.get("qemu-plain", {})
         if m.get("bytes") and q.get("bytes"):
-            print(f"{'':26} memvirt/QEMU plain: bytes {100 * m['bytes'] / q['bytes']:.0f} %, "
-                  f"time {100 * m['total_s'] / q['total_s']:.0f} %")
+            print(
+                f"{'':26} memvirt/QEMU plain: bytes {100 * m['bytes'] / q['bytes']:.0f} %, "
+                f"time {100 * m['total_s'] / q['total_s']:.0f} %"
+            )
     for engine, r in results.get("reliability", {}).items():
-        print(f"reliability {engine}: {r['runs']} migrations, {r['guest_errors']} guest errors, "
-              f"max downtime {r['max_downtime_ms']} ms")
+        print(
+            f"reliability {engine}: {r['runs']} migrations, {r['guest_errors']} guest errors, "
+            f"max downtime {r['max_downtime_ms']} ms"
+        )
 
 
 def plot(results: dict[str, Any], png: Path) -> None:
@@ -198,14 +237,18 @@ def plot(results: dict[str, Any], png: Path) -> None:
 
     scs = list(results["scenarios"].values())
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for ax, (key, title, scale) in zip(axes, [("bytes", "MB on the wire", 1e-6), ("total_s", "total time (s)", 1),
-                                              ("downtime_ms", "downtime (ms)", 1)], strict=True):
+    for ax, (key, title, scale) in zip(
+        axes,
+        [("bytes", "MB on the wire", 1e-6), ("total_s", "total time (s)", 1), ("downtime_ms", "downtime (ms)", 1)],
+        strict=True,
+    ):
         width = 0.8 / len(ENGINES)
         for i, engine in enumerate(ENGINES):
             vals = [(sc["engines"].get(engine, {}).get(key) or 0) * scale for sc in scs]
             ax.bar([x + i * width for x in range(len(scs))], vals, width, label=engine)
-        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(scs))],
-                      [textwrap.fill(sc["label"], 14) for sc in scs], fontsize=8)
+        ax.set_xticks(
+            [x + 0.4 - width / 2 for x in range(len(scs))], [textwrap.fill(sc["label"], 14) for sc in scs], fontsize=8
+        )
         ax.set_title(title)
         if key == "downtime_ms":
             ax.axhline(300, color="k", ls="--", lw=0.8)

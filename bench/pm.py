@@ -57,8 +57,9 @@ def setup_source(name: str, target_used: int) -> VM:
     vm = boot(name)
     extra = max(16 << 20, target_used - used(vm) - DC_SIZE)
     hot = min(32 << 20, extra // 4)
-    start_workload(vm, f"memtouch --hot {hot >> 20}M --cold {(extra - hot) >> 20}M --content mix --dirty-rate 1M",
-                   DC_SIZE)
+    start_workload(
+        vm, f"memtouch --hot {hot >> 20}M --cold {(extra - hot) >> 20}M --content mix --dirty-rate 1M", DC_SIZE
+    )
     return vm
 
 
@@ -121,33 +122,49 @@ def print_row(r: dict[str, Any]) -> None:
         print(f"{r['scheme']}/{r['compress']}: error: {r['error']}", flush=True)
         return
     st = r.get("source_stages", {})
-    print(f"{r['scheme']}/{r['compress']}: downtime {r['downtime_seconds']:.2f} s (freeze {r['freeze_seconds']:.3f}, "
-          f"create {r['create_seconds']:.2f}, transfer {r['transfer_seconds']:.2f}, restore {r['restore_seconds']:.2f}); "
-          f"source read {st.get('read', 0):.2f} scan {st.get('scan', 0):.2f} compress {st.get('compress', 0):.2f} "
-          f"send {st.get('send', 0):.2f}; target " + " ".join(f"{k} {v:.2f}" for k, v in r.get("target_stages", {}).items())
-          + (f"; zram: preswap {r['preswap_seconds']:.1f} s, {r['swapped_bytes'] >> 20} MiB swapped at the snapshot, "
-             f"stored/compressed {json.dumps(r['zram_stats'])}" if r.get("zram") else "")
-          + f"; guest {r['guest']}", flush=True)
+    print(
+        f"{r['scheme']}/{r['compress']}: downtime {r['downtime_seconds']:.2f} s (freeze {r['freeze_seconds']:.3f}, "
+        f"create {r['create_seconds']:.2f}, transfer {r['transfer_seconds']:.2f}, restore {r['restore_seconds']:.2f}); "
+        f"source read {st.get('read', 0):.2f} scan {st.get('scan', 0):.2f} compress {st.get('compress', 0):.2f} "
+        f"send {st.get('send', 0):.2f}; target "
+        + " ".join(f"{k} {v:.2f}" for k, v in r.get("target_stages", {}).items())
+        + (
+            f"; zram: preswap {r['preswap_seconds']:.1f} s, {r['swapped_bytes'] >> 20} MiB swapped at the snapshot, "
+            f"stored/compressed {json.dumps(r['zram_stats'])}"
+            if r.get("zram")
+            else ""
+        )
+        + f"; guest {r['guest']}",
+        flush=True,
+    )
 
 
 def print_table(results: dict[str, Any]) -> None:
-    print(f"\n{'scheme':10} {'codec':5} {'used MiB':>8} {'image MiB':>9} {'stream MiB':>10} {'ratio':>6} "
-          f"{'link MB/s':>9} {'eff MB/s':>8} {'freeze':>7} {'create':>7} {'transfer':>8} {'restore':>7} "
-          f"{'DOWNTIME':>8} {'precopy':>8}  guest")
+    print(
+        f"\n{'scheme':10} {'codec':5} {'used MiB':>8} {'image MiB':>9} {'stream MiB':>10} {'ratio':>6} "
+        f"{'link MB/s':>9} {'eff MB/s':>8} {'freeze':>7} {'create':>7} {'transfer':>8} {'restore':>7} "
+        f"{'DOWNTIME':>8} {'precopy':>8}  guest"
+    )
     for r in results["hops"]:
         link = r["link_bytes_per_s"] / 1e6
         if "error" in r:
-            print(f"{r['scheme']:10} {r['compress']:5} {r['used_before'] / 2**20:8.0f} {'':>9} {'':>10} {'':>6} "
-                  f"{link:9.1f}  error: {r['error']}")
+            print(
+                f"{r['scheme']:10} {r['compress']:5} {r['used_before'] / 2**20:8.0f} {'':>9} {'':>10} {'':>6} "
+                f"{link:9.1f}  error: {r['error']}"
+            )
             continue
         eff = r["image_bytes"] / r["transfer_seconds"] / 1e6 if r["transfer_seconds"] else 0
         pre = f"{r['precopy_seconds']:.1f} s" if r["precopy_pages"] else "-"
-        print(f"{r['scheme']:10} {r['compress']:5} {r['used_bytes'] / 2**20:8.0f} {r['image_bytes'] / 2**20:9.0f} "
-              f"{r['stream_bytes'] / 2**20:10.1f} {r['compression_ratio']:6.2f} {link:9.1f} {eff:8.1f} "
-              f"{r['freeze_seconds']:7.3f} {r['create_seconds']:7.2f} {r['transfer_seconds']:8.2f} "
-              f"{r['restore_seconds']:7.2f} {r['downtime_seconds']:8.2f} {pre:>8}  {r['guest']}")
-    print("eff MB/s: image bytes moved per second of transfer (beats the link when compression or references "
-          "leave bytes out); goal: downtime < 5 s at 200 MiB used")
+        print(
+            f"{r['scheme']:10} {r['compress']:5} {r['used_bytes'] / 2**20:8.0f} {r['image_bytes'] / 2**20:9.0f} "
+            f"{r['stream_bytes'] / 2**20:10.1f} {r['compression_ratio']:6.2f} {link:9.1f} {eff:8.1f} "
+            f"{r['freeze_seconds']:7.3f} {r['create_seconds']:7.2f} {r['transfer_seconds']:8.2f} "
+            f"{r['restore_seconds']:7.2f} {r['downtime_seconds']:8.2f} {pre:>8}  {r['guest']}"
+        )
+    print(
+        "eff MB/s: image bytes moved per second of transfer (beats the link when compression or references "
+        "leave bytes out); goal: downtime < 5 s at 200 MiB used"
+    )
 
 
 if __name__ == "__main__":

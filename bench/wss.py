@@ -57,8 +57,9 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     try:
         vm.exec(f"echo {hots[0]} > {PHASE}").check("phase file")
-        vm.exec_background(f"memtouch --hot {max(hots)} --cold {args.cold} --content text --phase-file {PHASE}",
-                           "/tmp/memtouch.log")
+        vm.exec_background(
+            f"memtouch --hot {max(hots)} --cold {args.cold} --content text --phase-file {PHASE}", "/tmp/memtouch.log"
+        )
         deadline = time.monotonic() + 300
         while "ready" not in vm.exec("cat /tmp/memtouch.log").text:
             if time.monotonic() > deadline:
@@ -75,10 +76,18 @@ def main() -> int:
                 finally:
                     ctl.close()
                 est = statistics.median(s.wss for s in samples[-4:])
-                rows.append({"method": method, "hot": hot, "estimate": est, "error": est / hot - 1,
-                             "estimates": [s.wss for s in samples]})
-                console.print(f"{method:>10}  hot {hot / MIB:5.0f} MiB  estimate {est / MIB:6.1f} MiB  "
-                              f"({est / hot - 1:+.1%})")
+                rows.append(
+                    {
+                        "method": method,
+                        "hot": hot,
+                        "estimate": est,
+                        "error": est / hot - 1,
+                        "estimates": [s.wss for s in samples],
+                    }
+                )
+                console.print(
+                    f"{method:>10}  hot {hot / MIB:5.0f} MiB  estimate {est / MIB:6.1f} MiB  ({est / hot - 1:+.1%})"
+                )
     finally:
         vm.stop()
     table = Table(title=f"working-set estimates, {args.memory / MIB:.0f} MiB VM, cold {args.cold / MIB:.0f} MiB")
@@ -90,8 +99,15 @@ def main() -> int:
     if damon_reason is not None:
         console.print(f"damon: not measured here ({damon_reason})")
     out = args.json or RESULTS / f"wss-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    write_json(out, {"machine": info, "damon_unavailable": damon_reason, "rows": rows,
-                     "args": {k: str(v) for k, v in vars(args).items()}})
+    write_json(
+        out,
+        {
+            "machine": info,
+            "damon_unavailable": damon_reason,
+            "rows": rows,
+            "args": {k: str(v) for k, v in vars(args).items()},
+        },
+    )
     console.print(f"results: {out}")
     return 0
 

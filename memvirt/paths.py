@@ -54,8 +54,10 @@ def check_private_dir(path: Path | str) -> None:
     if st.st_uid != os.geteuid():
         raise UnsafePath(f"refusing folder {path}: it belongs to uid {st.st_uid}, not to this user ({os.geteuid()})")
     if st.st_mode & 0o022:
-        raise UnsafePath(f"refusing folder {path}: its mode {stat.S_IMODE(st.st_mode):04o} lets other users write "
-                         f"there (guest memory goes there; if nothing in it is foreign, 'chmod 700 {path}')")
+        raise UnsafePath(
+            f"refusing folder {path}: its mode {stat.S_IMODE(st.st_mode):04o} lets other users write "
+            f"there (guest memory goes there; if nothing in it is foreign, 'chmod 700 {path}')"
+        )
     if st.st_mode & 0o077:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -108,8 +110,10 @@ def _own_root(root: Path) -> Path:
     except OSError as e:
         raise UnsafePath(f"cannot use state folder {root}: {e.strerror}") from None
     if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        raise UnsafePath(f"refusing state folder {root}: it must belong to this user and not be writable by others "
-                         f"(uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})")
+        raise UnsafePath(
+            f"refusing state folder {root}: it must belong to this user and not be writable by others "
+            f"(uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})"
+        )
     return root
 
 

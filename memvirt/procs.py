@@ -26,7 +26,10 @@ def spawn_watchdog(module: str, *args: str) -> subprocess.Popen[bytes]:
     it outlives this process being killed."""
     return subprocess.Popen(
         [sys.executable, "-m", module, str(os.getpid()), *args],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
 
 

@@ -81,8 +81,9 @@ def _host_swap_state() -> tuple[dict[str, dict[str, int]], dict[str, str]]:
 def _start_workload(vm: VM) -> None:
     vm.exec(f"echo {HOT} > {PHASE}").check("phase file")
     vm.exec_background(f"datacheck write --size 48M --seed 5 --state {DATACHECK}", "/tmp/datacheck.log")
-    vm.exec_background(f"memtouch --hot {HOT} --cold {COLD} --content text --phase-file {PHASE} "
-                       f"--counter-file {COUNTER}", LOG)
+    vm.exec_background(
+        f"memtouch --hot {HOT} --cold {COLD} --content text --phase-file {PHASE} --counter-file {COUNTER}", LOG
+    )
 
 
 def _wait_ready(vm: VM) -> None:
@@ -150,8 +151,10 @@ def _relative_rate(pair: tuple[VM, VM], seconds: float, run: Callable[[float], N
 
 def _trace(samples: list[Sample]) -> str:
     """wss/limit/usage/refaulted MiB and cap hits of each interval."""
-    return "; ".join(f"{s.wss / MIB:.0f}/{s.limit / MIB:.0f}/{s.usage / MIB:.0f}/{s.refaulted / MIB:.0f} "
-                     f"{s.cap_hits}h {s.action}" for s in samples)
+    return "; ".join(
+        f"{s.wss / MIB:.0f}/{s.limit / MIB:.0f}/{s.usage / MIB:.0f}/{s.refaulted / MIB:.0f} {s.cap_hits}h {s.action}"
+        for s in samples
+    )
 
 
 def _settled(samples: list[Sample], n: int = 4) -> float:
@@ -180,6 +183,7 @@ def _swap_settled(limit: float = 120.0) -> None:
     """Wait until the host's swap stops filling. With another tool's DAMON ``pageout`` scheme,
     swap appearing sets it paging out every idle page of the host (both twins' cold sets too), at
     this host's swap-out pace; speed windows taken meanwhile would measure that, not memvirt."""
+
     def used() -> int:
         return sum(v["used"] for v in tiers.active_swaps().values())
 
@@ -209,7 +213,8 @@ def test_adaptive_compression_follows_the_working_set(workload: tuple[VM, VM], t
         deadline = time.monotonic() + 180
         control(6)
         while time.monotonic() < deadline and not (
-                all(x.action == "steady" for x in samples[-2:]) and samples[-1].usage <= samples[-1].limit + 16 * MIB):
+            all(x.action == "steady" for x in samples[-2:]) and samples[-1].usage <= samples[-1].limit + 16 * MIB
+        ):
             control(2)
         control(4)
         compressed = _relative_rate(workload, WINDOW, control)
@@ -227,7 +232,8 @@ def test_adaptive_compression_follows_the_working_set(workload: tuple[VM, VM], t
         steady_refaults = statistics.median(x.refaulted for x in samples[-6:])
         assert steady_refaults <= 0.01 * HOT, f"the hot set keeps coming back from zram ({_trace(samples)})"
         assert compressed >= SPEED_TOLERANCE * baseline, (
-            f"hot loop slowed: {compressed:.3f} vs {baseline:.3f} of the twin's speed ({_trace(samples)})")
+            f"hot loop slowed: {compressed:.3f} vs {baseline:.3f} of the twin's speed ({_trace(samples)})"
+        )
 
         for v in workload:
             v.exec(f"echo {2 * HOT} > {PHASE}").check("phase change")
@@ -236,7 +242,8 @@ def test_adaptive_compression_follows_the_working_set(workload: tuple[VM, VM], t
         after = samples[n_before:]
         followed = [i for i, s in enumerate(after) if s.limit - (s.usage - s.resident) >= 0.95 * 2 * HOT]
         assert followed and followed[0] <= 8, (
-            f"the limit did not follow the doubled hot set within 8 intervals ({_trace(after)})")
+            f"the limit did not follow the doubled hot set within 8 intervals ({_trace(after)})"
+        )
         assert abs(_settled(after) - 2 * HOT) <= 0.15 * 2 * HOT
         doubled = _relative_rate(workload, WINDOW, control)
     finally:
@@ -246,14 +253,16 @@ def test_adaptive_compression_follows_the_working_set(workload: tuple[VM, VM], t
     assert statistics.median(x.refaulted for x in samples[-6:]) <= 0.01 * 2 * HOT, _trace(samples[n_before:])
     assert doubled >= SPEED_TOLERANCE * baseline, (
         f"slowdown did not recover after the phase change: {doubled:.3f} vs {baseline:.3f} of the twin's speed "
-        f"(wss/limit/usage/refaulted MiB, cap hits: {_trace(samples[n_before:])})")
+        f"(wss/limit/usage/refaulted MiB, cap hits: {_trace(samples[n_before:])})"
+    )
     assert vm.memcg().limit() >= 1 << 60, "closing the controller must lift the VM's limit"
     res = vm.exec(f"datacheck verify --state {DATACHECK}", timeout=120)
     assert res.rc == 0 and res.text.startswith("OK"), f"data changed after compression: {res.text}"
 
 
-def test_a_cap_below_the_working_set_stalls_the_guest_but_never_kills_it(workload: tuple[VM, VM],
-                                                                          tier: tiers.Tiers) -> None:
+def test_a_cap_below_the_working_set_stalls_the_guest_but_never_kills_it(
+    workload: tuple[VM, VM], tier: tiers.Tiers
+) -> None:
     """A static cap far below what the guest touches (an operator's mistake): the kernel would
     OOM-kill QEMU under a hard limit; memvirt's cap only makes it wait, and lifting it lets it go on."""
     vm = workload[1]
@@ -283,8 +292,11 @@ def test_a_killed_controller_leaves_the_host_as_it_was(workload: tuple[VM, VM], 
     group = vm.memcg()
     before_swap, before_damon = _host_swap_state(), damon.kdamonds()
     uses_damon = damon.unavailable_reason() is None
-    proc = subprocess.Popen([sys.executable, "-m", "memvirt", "compress", vm.name, "--policy", "static",
-                             "--limit", "700M"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "memvirt", "compress", vm.name, "--policy", "static", "--limit", "700M"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 60
         while group.limit() >= 1 << 60 or (uses_damon and damon.kdamonds() == before_damon):
@@ -299,7 +311,8 @@ def test_a_killed_controller_leaves_the_host_as_it_was(workload: tuple[VM, VM], 
     while group.limit() < 1 << 60 or damon.kdamonds() != before_damon or _host_swap_state() != before_swap:
         assert time.monotonic() < deadline, (
             f"after {how.name}: limit {group.limit()}, kdamonds {damon.kdamonds()} (before {before_damon}), "
-            f"swap {_host_swap_state()} (before {before_swap})")
+            f"swap {_host_swap_state()} (before {before_swap})"
+        )
         time.sleep(0.2)
     assert vm.exec("true").rc == 0
     if how == signal.SIGTERM:
@@ -325,8 +338,11 @@ def test_damon_in_use_by_another_tool_is_refused(workload: tuple[VM, VM]) -> Non
             damon.Damon(1)
         assert choose_method("auto")[0] == "referenced"
         assert f"kdamond {holder.index} pid {holder.pid}" in (choose_method("auto")[1] or "")
-        assert_one_line_error(memvirt("wss", workload[0].name, "--method", "damon", "--duration", "2"), 2,
-                              f"kdamond {holder.index} pid {holder.pid}")
+        assert_one_line_error(
+            memvirt("wss", workload[0].name, "--method", "damon", "--duration", "2"),
+            2,
+            f"kdamond {holder.index} pid {holder.pid}",
+        )
         proc = memvirt("wss", workload[0].name, "--duration", "2", "--json")
         assert proc.returncode == 0, proc.stderr
         assert "memvirt: notice: working set from referenced bits, not DAMON" in proc.stderr
@@ -353,9 +369,20 @@ def _decider(policy: Policy) -> tuple[Controller, Callable[..., tuple[int, str]]
     ctl.policy = policy
     st = _VMState(VM(VMConfig(name="unit", memory=1 << 30)), None, None)  # type: ignore[arg-type]
 
-    def decide(wss: int, resident: int, usage: int, limit: int, refaulted: int = 0, ratio: float | None = 2.0,
-               fill: float = 0.5, swapped: int = 0, share: int = 1 << 62, stall: float = 0.0,
-               oom: bool = False, hits: int = 0) -> tuple[int, str]:
+    def decide(
+        wss: int,
+        resident: int,
+        usage: int,
+        limit: int,
+        refaulted: int = 0,
+        ratio: float | None = 2.0,
+        fill: float = 0.5,
+        swapped: int = 0,
+        share: int = 1 << 62,
+        stall: float = 0.0,
+        oom: bool = False,
+        hits: int = 0,
+    ) -> tuple[int, str]:
         st.limit = limit
         est = Estimate(0.0, wss, resident, swapped, resident + swapped, "unit")
         return ctl._decide(st, est, usage, refaulted, ratio, fill, share, stall, oom, hits)
@@ -388,10 +415,13 @@ def test_policy_backs_off_fast_and_shrinks_slowly() -> None:
     assert decide(100 * MIB, 500 * MIB, 560 * MIB, 600 * MIB, fill=0.97)[1] == "hold: zram full"
     assert decide(100 * MIB, 500 * MIB, 560 * MIB, 600 * MIB, stall=20.0)[1].startswith("hold: memory stalls")
     # A nearly full tier is shared: over its share a VM stops, under it a VM goes on.
-    assert decide(100 * MIB, 500 * MIB, 560 * MIB, 600 * MIB, fill=0.85, swapped=300 * MIB,
-                  share=200 * MIB)[1] == "hold: over its zram share"
-    assert decide(100 * MIB, 500 * MIB, 560 * MIB, 600 * MIB, fill=0.85, swapped=100 * MIB,
-                  share=200 * MIB)[1] == "shrink"
+    assert (
+        decide(100 * MIB, 500 * MIB, 560 * MIB, 600 * MIB, fill=0.85, swapped=300 * MIB, share=200 * MIB)[1]
+        == "hold: over its zram share"
+    )
+    assert (
+        decide(100 * MIB, 500 * MIB, 560 * MIB, 600 * MIB, fill=0.85, swapped=100 * MIB, share=200 * MIB)[1] == "shrink"
+    )
     # Tiny changes are not worth a reclaim pass.
     assert decide(100 * MIB, 100 * MIB, 160 * MIB, 179 * MIB)[1] == "steady"
     # A guest stuck at its cap looks idle (it touches nothing) but keeps hitting the cap: pressure.

@@ -86,9 +86,23 @@ class Daemon:
         self.notify.bind(str(self.notify_path))
         self.notify.settimeout(90)
         env = {**_env(), "NOTIFY_SOCKET": str(self.notify_path)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "memvirt", "daemon", "--config", str(config),
-                                      "--metrics", "127.0.0.1:0", "--socket", str(self.sock)],
-                                     env=env, stderr=open(self.log, "a"), stdout=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "memvirt",
+                "daemon",
+                "--config",
+                str(config),
+                "--metrics",
+                "127.0.0.1:0",
+                "--socket",
+                str(self.sock),
+            ],
+            env=env,
+            stderr=open(self.log, "a"),
+            stdout=subprocess.DEVNULL,
+        )
         self.ready = self.notify.recv(4096).decode()
         self.url = self.status()["metrics"]
 
@@ -129,9 +143,24 @@ def outside_qemu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[sub
     """A QEMU memvirt did not start: never run (-S), so it costs no CPU and has no kernel to read."""
     d = tmp_path_factory.mktemp("outside")
     qmp = d / "qmp.sock"
-    p = subprocess.Popen(["qemu-system-x86_64", "-name", "outside", "-m", "64", "-nodefaults", "-display", "none",
-                          "-S", "-qmp", f"unix:{qmp},server=on,wait=off"],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [
+            "qemu-system-x86_64",
+            "-name",
+            "outside",
+            "-m",
+            "64",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-S",
+            "-qmp",
+            f"unix:{qmp},server=on,wait=off",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 30
     while not qmp.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -151,15 +180,24 @@ def ksm_before() -> Iterator[dict[str, int]]:
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory, guest: VM, anon_guest: VM, outside_qemu, ksm_before,
-           ) -> Iterator[Daemon]:
+def daemon(
+    tmp_path_factory: pytest.TempPathFactory,
+    guest: VM,
+    anon_guest: VM,
+    outside_qemu,
+    ksm_before,
+) -> Iterator[Daemon]:
     if ksm.other_tuners() or not ksm.available():
         pytest.skip("KSM is absent or tuned by another daemon here")
     tmp = tmp_path_factory.mktemp("memvirtd")
     cfg = tmp / "memvirtd.toml"
     cfg.write_text(CONFIG)
-    p = subprocess.run([sys.executable, "-m", "memvirt", "attach", "--qmp", str(outside_qemu[1]), "--json"],
-                       capture_output=True, text=True, env=_env())
+    p = subprocess.run(
+        [sys.executable, "-m", "memvirt", "attach", "--qmp", str(outside_qemu[1]), "--json"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["pid"] == outside_qemu[0].pid
     d = Daemon(tmp, cfg)
@@ -187,14 +225,17 @@ def test_manages_vms_with_different_policies_and_notifies_systemd(daemon, guest:
     assert an["policy"] == {"reclaim": "off", "compress": "measure"} and an["reclaim"] == "off"
     assert anon_guest.memcg() is None or anon_guest.memcg().limit() == UNLIMITED
     assert 0 < an["working_set_bytes"] <= anon_guest.config.memory
-    out = d.wait("the outside QEMU attached and its failure recorded",
-                 lambda: (v := d.vm("outside")) and v["errors"].get("guest_free") and v)
+    out = d.wait(
+        "the outside QEMU attached and its failure recorded",
+        lambda: (v := d.vm("outside")) and v["errors"].get("guest_free") and v,
+    )
     assert out["source"] == "attached" and out["pid"] > 0
     st = d.status()
     assert st["ksm"].startswith("on: pages_to_scan"), st["ksm"]
     assert ksm.read("run") == 1 and ksm.read("pages_to_scan") <= 200
-    p = subprocess.run([sys.executable, "-m", "memvirt", "status", "--socket", str(d.sock)], capture_output=True,
-                       text=True, env=_env())
+    p = subprocess.run(
+        [sys.executable, "-m", "memvirt", "status", "--socket", str(d.sock)], capture_output=True, text=True, env=_env()
+    )
     assert p.returncode == 0 and "shared-guest" in p.stdout and "anon-guest" in p.stdout and "outside" in p.stdout
 
 
@@ -207,11 +248,17 @@ def _proc_resident(vm: VM) -> int:
 
 def test_metrics_agree_with_inspect_and_proc(daemon, guest: VM, anon_guest: VM) -> None:
     d = _cur(daemon)
-    d.wait("guest-free metrics", lambda: all(("memvirt_vm_guest_free_bytes", n) in d.metrics()
-                                                for n in ("shared-guest", "anon-guest")))
+    d.wait(
+        "guest-free metrics",
+        lambda: all(("memvirt_vm_guest_free_bytes", n) in d.metrics() for n in ("shared-guest", "anon-guest")),
+    )
     for vm in (guest, anon_guest):
-        p = subprocess.run([sys.executable, "-m", "memvirt", "inspect", vm.name, "--json", "--no-content"],
-                           capture_output=True, text=True, env=_env())
+        p = subprocess.run(
+            [sys.executable, "-m", "memvirt", "inspect", vm.name, "--json", "--no-content"],
+            capture_output=True,
+            text=True,
+            env=_env(),
+        )
         assert p.returncode == 0, p.stderr
         pages = json.loads(p.stdout)["pages"]
         free = (pages["free"] + pages["free_pcp"]) * 4096
@@ -254,8 +301,10 @@ def test_vm_started_and_stopped_while_running(daemon, vm_factory, image) -> None
     assert time.monotonic() - t0 <= 2 + 3, "picked up within one interval (plus a round's work)"
     late.channel.wait_ready(180, late.alive)
     assert v["policy"] == {"reclaim": "every 5 s", "compress": "off"}
-    d.wait("a reclaim pass on the new VM (failures while it booted are retried)",
-           lambda: (v := d.vm("late-one")) and v["passes"] >= 1)
+    d.wait(
+        "a reclaim pass on the new VM (failures while it booted are retried)",
+        lambda: (v := d.vm("late-one")) and v["passes"] >= 1,
+    )
     late.stop()
     d.wait("the stopped VM dropped", lambda: d.vm("late-one") is None, timeout=10)
     assert not any(k[1] == "late-one" for k in d.metrics()), "a dropped VM's series are removed"
@@ -282,15 +331,17 @@ def test_sighup_refuses_a_bad_config_and_keeps_the_old(daemon) -> None:
     d.config.write_text(good)
 
 
-def test_sigkill_leaves_guests_running_uncapped_unpaused_then_a_restart_adopts(daemon, guest: VM, anon_guest: VM,
-                                                                              ksm_before) -> None:
+def test_sigkill_leaves_guests_running_uncapped_unpaused_then_a_restart_adopts(
+    daemon, guest: VM, anon_guest: VM, ksm_before
+) -> None:
     d = _cur(daemon)
     d.wait("the cap set", lambda: guest.memcg().limit() == CAP)
     assert ksm.read("run") == 1
     # Killed inside a reclaim pause: the journal entry the worker keeps around a pass, and the
     # guest stopped, as Reclaimer leaves it between its 'stop' and its 'cont'.
     (state_home() / "memvirtd" / "pausing" / "anon-guest.json").write_text(
-        json.dumps({"name": "anon-guest", "qmp": str(anon_guest.qmp_path)}))
+        json.dumps({"name": "anon-guest", "qmp": str(anon_guest.qmp_path)})
+    )
     anon_guest.pause()
     assert anon_guest.status() == "paused"
     d.proc.kill()
@@ -308,8 +359,10 @@ def test_sigkill_leaves_guests_running_uncapped_unpaused_then_a_restart_adopts(d
         assert vm.status() == "running"
         assert vm.exec("echo alive").text.strip() == "alive"
     assert not list((state_home() / "borrowed").glob(f"*-{d.proc.pid}.json")), "the borrow journal is used up"
-    d2.wait("the restarted daemon manages both guests",
-            lambda: {"shared-guest", "anon-guest"} <= {v["vm"] for v in d2.status()["vms"]})
+    d2.wait(
+        "the restarted daemon manages both guests",
+        lambda: {"shared-guest", "anon-guest"} <= {v["vm"] for v in d2.status()["vms"]},
+    )
     d2.wait("its cap set", lambda: guest.memcg().limit() == CAP, timeout=30)
     assert "adopted the VMs of daemon" in d.log.read_text()
     # Now a clean stop: had the restart stacked on the dead daemon's state, this would leave the

@@ -87,8 +87,14 @@ def _spy(rec: Reclaimer, seen: list[dict]) -> None:
         before = _hashes(rec, keep)
         inner(starts, ends)
         after = _hashes(rec, keep)
-        seen.append({"discarded": int(target.sum()), "not_free": int((target & ~census.free_mask).sum()),
-                     "changed": int((before != after).sum()), "kept": len(keep)})
+        seen.append(
+            {
+                "discarded": int(target.sum()),
+                "not_free": int((target & ~census.free_mask).sum()),
+                "changed": int((before != after).sum()),
+                "kept": len(keep),
+            }
+        )
 
     rec.discarder.discard = discard
 
@@ -129,7 +135,9 @@ def test_reclaim_gives_memory_back_and_keeps_data(busy):
     # wall-clock time, which bench/dedup.py measures (a test on a loaded host can't).
     assert len(rep.pauses_ms) >= 2, rep.pauses_ms
     assert busy.exec("datacheck verify --state /tmp/dc.state --timeout 60").rc == 0
-    assert busy.exec("memtouch --hot 96M --content random --duration 1 >/dev/null && echo alive").text.strip() == "alive"
+    assert (
+        busy.exec("memtouch --hot 96M --content random --duration 1 >/dev/null && echo alive").text.strip() == "alive"
+    )
 
 
 def test_cli_reclaim(guest):
@@ -171,8 +179,9 @@ def test_analyze_counts_exactly(tmp_path):
     a[400:420, 4095] = np.arange(20) % 2 + 1
     b[:500] = a[1000:1500]
     b[600:610] = 0
-    result = analyze([("a", _raw(tmp_path, "a.raw", a), False), ("b", _raw(tmp_path, "b.raw", b), False)],
-                     introspect=False)
+    result = analyze(
+        [("a", _raw(tmp_path, "a.raw", a), False), ("b", _raw(tmp_path, "b.raw", b), False)], introspect=False
+    )
     both = np.concatenate((a, b))
     nonzero = both.any(axis=1)
     distinct = len({bytes(p) for p in both[nonzero]})
@@ -196,7 +205,9 @@ def test_analyze_guests_and_free_pages(guest, anon_guest):
     assert all(s["free"] > (100 << 20) // PAGE_SIZE and s["kernel"] for s in r["sources"])
     within = sum(s["duplicate"] + s["zero"] for s in r["sources"])
     assert t["content_saving_pages"] > within, "the two guests run one kernel: pages must match across them"
-    assert t["free_unlocks_pages"] > (100 << 20) // PAGE_SIZE, "dirty free memory is only saved with free-page knowledge"
+    assert t["free_unlocks_pages"] > (100 << 20) // PAGE_SIZE, (
+        "dirty free memory is only saved with free-page knowledge"
+    )
     assert r["gib_per_second"] > 0.2
     assert guest.status() == "running" and anon_guest.status() == "running"
     assert_one_line_error(dedup_cli("dedup", "analyze", "/no/such/dump.elf"), 2, "does not exist")
@@ -224,8 +235,23 @@ def test_ksm_run_reclaims_and_restores(anon_guest, guest, ksm_restored):
 def test_ksm_pacer_holds_ksmd_to_a_cpu_budget(anon_guest, ksm_restored):
     """With a budget far below what the stock rate costs, the pacer cuts pages_to_scan to what
     fits, and ksmd's CPU share over the paced intervals stays near the budget."""
-    proc = dedup_cli("ksm", "run", anon_guest.name, "--duration", "10", "--interval", "2", "--no-reclaim",
-                     "--pages-to-scan", "2000", "--sleep-ms", "10", "--ksmd-cpu", "1%", "--json")
+    proc = dedup_cli(
+        "ksm",
+        "run",
+        anon_guest.name,
+        "--duration",
+        "10",
+        "--interval",
+        "2",
+        "--no-reclaim",
+        "--pages-to-scan",
+        "2000",
+        "--sleep-ms",
+        "10",
+        "--ksmd-cpu",
+        "1%",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
     assert r["settings"]["ksmd_cpu_budget"] == pytest.approx(0.01)
@@ -239,9 +265,26 @@ def test_ksm_pacer_holds_ksmd_to_a_cpu_budget(anon_guest, ksm_restored):
 def test_ksm_run_stops_rather_than_fight_another_tuner(anon_guest, ksm_restored):
     """Another tool changes pages_to_scan while ``ksm run`` paces ksmd: memvirt stops with one
     line, leaves that tool's value alone and puts back the settings it still holds."""
-    proc = subprocess.Popen([sys.executable, "-m", "memvirt", "ksm", "run", anon_guest.name, "--duration", "60",
-                             "--interval", "1", "--no-reclaim", "--ksmd-cpu", "5%"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "memvirt",
+            "ksm",
+            "run",
+            anon_guest.name,
+            "--duration",
+            "60",
+            "--interval",
+            "1",
+            "--no-reclaim",
+            "--ksmd-cpu",
+            "5%",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while ksm.read("run") != 1 or ksm.read("use_zero_pages") != 1:
@@ -259,14 +302,31 @@ def test_ksm_run_stops_rather_than_fight_another_tuner(anon_guest, ksm_restored)
     now = ksm.settings()
     assert now["pages_to_scan"] == 777, "the other tool's value must stay"
     assert {k: v for k, v in now.items() if k != "pages_to_scan"} == {
-        k: v for k, v in ksm_restored.items() if k != "pages_to_scan"}, "memvirt's other settings were not restored"
+        k: v for k, v in ksm_restored.items() if k != "pages_to_scan"
+    }, "memvirt's other settings were not restored"
 
 
 def test_a_killed_ksm_run_gives_the_settings_back(anon_guest, ksm_restored):
     """``ksm run`` SIGKILLed: its watchdog puts KSM's settings back from the journal."""
-    proc = subprocess.Popen([sys.executable, "-m", "memvirt", "ksm", "run", anon_guest.name, "--duration", "60",
-                             "--no-reclaim", "--pages-to-scan", "321", "--sleep-ms", "7"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "memvirt",
+            "ksm",
+            "run",
+            anon_guest.name,
+            "--duration",
+            "60",
+            "--no-reclaim",
+            "--pages-to-scan",
+            "321",
+            "--sleep-ms",
+            "7",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 30
         while ksm.read("run") != 1 or ksm.read("pages_to_scan") != 321:

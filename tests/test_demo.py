@@ -34,8 +34,9 @@ def home() -> Iterator[dict[str, str]]:
     try:
         yield env
     finally:
-        subprocess.run([sys.executable, "-c", "from memvirt.qemu import reaper; reaper.reap('*')"], env=env,
-                       timeout=120)
+        subprocess.run(
+            [sys.executable, "-c", "from memvirt.qemu import reaper; reaper.reap('*')"], env=env, timeout=120
+        )
         subprocess.run(["rm", "-rf", str(state), str(ram)])
 
 
@@ -78,8 +79,13 @@ def test_demo_runs_every_step_on_this_host(home: dict[str, str], tmp_path: Path)
     """Every step, compression included, whether DAMON is free or held by another tool; the host's
     swap and kdamonds are as they were, and no guest is left."""
     swaps, kdamonds = tiers.active_swaps(), damon.kdamonds()
-    proc = subprocess.run([sys.executable, "-m", "memvirt", "demo", "--no-pm", "--json", "--map",
-                           str(tmp_path / "map.png")], env=home, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "memvirt", "demo", "--no-pm", "--json", "--map", str(tmp_path / "map.png")],
+        env=home,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert "Traceback" not in proc.stderr, proc.stderr
     report = json.loads(proc.stdout)
     status = {s["step"]: (s["status"], s.get("reason", "")) for s in report["steps"]}
@@ -103,8 +109,13 @@ def test_demo_runs_every_step_on_this_host(home: dict[str, str], tmp_path: Path)
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_a_killed_demo_leaves_no_guest(home: dict[str, str], how: signal.Signals) -> None:
     """SIGTERM unwinds the demo like Ctrl-C (exit 143); after SIGKILL its reaper stops the guests."""
-    proc = subprocess.Popen([sys.executable, "-m", "memvirt", "demo", "--no-pm", "--map", os.devnull], env=home,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "memvirt", "demo", "--no-pm", "--map", os.devnull],
+        env=home,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait_for_guest(home, proc)
         proc.send_signal(how)
@@ -121,14 +132,22 @@ def test_a_terminated_test_session_leaves_no_guest(home: dict[str, str], tmp_pat
     """pytest ended by SIGTERM mid-test (as CI's time limit or a person would) stops its guests."""
     tests = Path(__file__).parent
     (tmp_path / "conftest.py").write_text((tests / "conftest.py").read_text())
-    (tmp_path / "test_sleeps.py").write_text(textwrap.dedent("""
+    (tmp_path / "test_sleeps.py").write_text(
+        textwrap.dedent("""
         import time
 
         def test_holds_a_guest(guest):
             time.sleep(600)
-    """))
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
-                            cwd=tmp_path, env=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """)
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        cwd=tmp_path,
+        env=home,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     inner = {**home, "MEMVIRT_RAM_DIR": f"/dev/shm/memvirt-test-{proc.pid}"}
     try:
         _wait_for_guest(inner, proc)

@@ -60,8 +60,9 @@ def test_the_tracker_reports_the_pages_the_guest_writes(request: pytest.FixtureR
         t.scan()
         time.sleep(0.2)
         quiet = len(t.scan())
-        assert quiet < RAM_PAGES // 100 and quiet <= 2 * background + 100, \
+        assert quiet < RAM_PAGES // 100 and quiet <= 2 * background + 100, (
             f"nothing written by the test, yet {quiet} pages reported ({background}/s idle)"
+        )
         vm.exec(f"kill {pid}")
     finally:
         t.close()
@@ -81,8 +82,9 @@ def test_the_fingerprint_fallback_reports_the_changed_pages(guest: VM) -> None:
         t.close()
 
 
-def test_auto_falls_back_with_a_notice_where_the_kernel_lacks_pagemap_scan(guest: VM,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_falls_back_with_a_notice_where_the_kernel_lacks_pagemap_scan(
+    guest: VM, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import memvirt.qemu.dirty as dirty
 
     monkeypatch.setattr(dirty, "pagemap_scan_supported", lambda: False)
@@ -98,8 +100,12 @@ def test_auto_falls_back_with_a_notice_where_the_kernel_lacks_pagemap_scan(guest
 
 def test_tracking_never_changes_what_the_guest_computes_and_json(guest: VM) -> None:
     """datacheck writes 32 MiB while ``memvirt dirty`` scans every 0.1 s, then verifies them."""
-    proc = subprocess.Popen([sys.executable, "-m", "memvirt", "dirty", guest.name, "--interval", "0.1",
-                             "--duration", "8", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "memvirt", "dirty", guest.name, "--interval", "0.1", "--duration", "8", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(lambda: holds(guest) == ["write-protect"] or proc.poll() is not None, what="tracking to start")
         assert proc.poll() is None, proc.communicate()
@@ -127,8 +133,12 @@ def test_tracking_never_changes_what_the_guest_computes_and_json(guest: VM) -> N
 
 
 def test_a_sigkilled_memvirt_dirty_leaves_qemu_running_and_nothing_registered(anon_guest: VM) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "memvirt", "dirty", anon_guest.name, "--interval", "0.05"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "memvirt", "dirty", anon_guest.name, "--interval", "0.05"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stderr is not None
         line = proc.stderr.readline()
@@ -162,8 +172,13 @@ def test_refusals_and_errors_are_one_line(guest: VM) -> None:
         t.close()
     fd = os.open(guest.config.ram_path, os.O_RDWR)  # as a vhost-user backend or a hole puncher would
     try:
-        assert_one_line_error(memvirt("dirty", guest.name, "--duration", "1"), 1,
-                              f"process {os.getpid()} ", "has it open for writing", "not tracked")
+        assert_one_line_error(
+            memvirt("dirty", guest.name, "--duration", "1"),
+            1,
+            f"process {os.getpid()} ",
+            "has it open for writing",
+            "not tracked",
+        )
     finally:
         os.close(fd)
     assert holds(guest) == []
@@ -189,8 +204,9 @@ def test_a_writer_appearing_while_tracking_ends_it(guest: VM, monkeypatch: pytes
 
 
 def test_the_cli_can_be_told_to_compare_fingerprints(anon_guest: VM) -> None:
-    proc = memvirt("dirty", anon_guest.name, "--method", "fingerprint", "--interval", "0.5", "--duration", "1",
-                   "--json")
+    proc = memvirt(
+        "dirty", anon_guest.name, "--method", "fingerprint", "--interval", "0.5", "--duration", "1", "--json"
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["method"] == "fingerprint" and 1 <= len(report["intervals"]) <= 2  # a pass takes ~0.5 s here

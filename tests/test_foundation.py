@@ -79,7 +79,10 @@ def test_dump_reads_guest_marker(guest, tmp_path, fmt):
         with open_memory(str(path)) as mem:
             _assert_markers(mem, pfns, 0xD00 + len(fmt))
             if fmt != "raw":
-                assert mem.vmcoreinfo is not None and b"OSRELEASE=" + guest.config.kernel_release.encode() in mem.vmcoreinfo
+                assert (
+                    mem.vmcoreinfo is not None
+                    and b"OSRELEASE=" + guest.config.kernel_release.encode() in mem.vmcoreinfo
+                )
     finally:
         guest.exec(f"kill {pid}")
 

@@ -47,8 +47,11 @@ def assert_matches_guest(census, figs: GuestFigures) -> None:
         assert c["free"] == figs.pages("MemFree"), (c, figs.meminfo_kb)
     assert c["free_pcp"] == figs.pcp_total, (c["free_pcp"], figs.zone_pcp)
     file_pages = figs.pages("Cached") + figs.pages("Buffers") + figs.pages("SwapCached")
-    for ours, theirs in ((c["page_cache"], file_pages), (c["anon"], figs.pages("AnonPages")),
-                         (c["slab"], figs.pages("Slab"))):
+    for ours, theirs in (
+        (c["page_cache"], file_pages),
+        (c["anon"], figs.pages("AnonPages")),
+        (c["slab"], figs.pages("Slab")),
+    ):
         assert abs(ours - theirs) <= max(0.02 * theirs, 2), (c, figs.meminfo_kb)
     assert c["free"] + c["free_pcp"] <= sum(z.managed for z in census.zones)
     for z in census.zones:
@@ -143,8 +146,18 @@ def test_cli_inspect_json_and_map(guest, tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["page_size"] == 4096 and report["live"] is False
-    assert set(report["pages"]) >= {"free", "free_pcp", "zero", "page_cache", "anon", "slab", "page_table",
-                                    "kernel", "reserved", "unbacked"}
+    assert set(report["pages"]) >= {
+        "free",
+        "free_pcp",
+        "zero",
+        "page_cache",
+        "anon",
+        "slab",
+        "page_table",
+        "kernel",
+        "reserved",
+        "unbacked",
+    }
     assert sum(v for k, v in report["pages"].items() if k != "zero") == guest.memory().max_pfn
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert guest.status() == "running"
@@ -191,7 +204,7 @@ def test_inconsistent_kernel_structures_are_refused(guest, tmp_path):
         census = intro.scan()
         z = max(census.zones, key=lambda z: z.free_pages)
         layout = intro.layout
-        at = (z.va + layout.member_offset("zone", "free_area") + layout.member_offset("free_area", "nr_free"))
+        at = z.va + layout.member_offset("zone", "free_area") + layout.member_offset("free_area", "nr_free")
         pa = intro.kernel.translate(at)
     data = bytearray(path.read_bytes()[pa : pa + 8])
     with open(path, "r+b") as f:

@@ -77,8 +77,9 @@ class BtfBuilder:
             self.strings += name.encode() + b"\0"
         return self.offsets[name]
 
-    def add(self, kind: int, name: str, size_type: int, tail: tuple[int, ...] | list[int] = (), vlen: int = 0,
-            flag: int = 0) -> int:
+    def add(
+        self, kind: int, name: str, size_type: int, tail: tuple[int, ...] | list[int] = (), vlen: int = 0, flag: int = 0
+    ) -> int:
         self.words += [self.s(name), (flag << 31) | (kind << 24) | vlen, size_type, *tail]
         self.count += 1
         return self.count
@@ -99,12 +100,27 @@ def synthetic_btf() -> bytes:
     t_anon_s = b.add(4, "", 16, [b.s("compound_head"), t_ulong, 0, b.s("pad"), t_ulong, 64], vlen=2)
     t_union = b.add(5, "", 16, [b.s("lru"), t_lh, 0, b.s(""), t_anon_s, 0], vlen=2)
     t_atomic = b.add(8, "atomic_t", t_int)
-    t_page = b.add(4, "page", 64, [
-        b.s("flags"), t_ulong, 0,
-        b.s(""), t_union, 64,
-        b.s("bf"), t_int, (3 << 24) | 197,
-        b.s("_mapcount"), t_atomic, 384,
-    ], vlen=4, flag=1)
+    t_page = b.add(
+        4,
+        "page",
+        64,
+        [
+            b.s("flags"),
+            t_ulong,
+            0,
+            b.s(""),
+            t_union,
+            64,
+            b.s("bf"),
+            t_int,
+            (3 << 24) | 197,
+            b.s("_mapcount"),
+            t_atomic,
+            384,
+        ],
+        vlen=4,
+        flag=1,
+    )
     t_arr = b.add(3, "", 0, [t_page, t_int, 11])
     b.add(4, "zone", 11 * 64 + 8, [b.s("free_area"), t_arr, 0, b.s("nr"), t_ulong, 11 * 64 * 8], vlen=2)
     b.add(6, "pageflags", 4, [b.s("PG_lru"), 4, b.s("PG_slab"), 9], vlen=2)
@@ -141,8 +157,10 @@ def kallsyms_tokens() -> list[bytes]:
 
 def kallsyms_encode(text: str, tokens: list[bytes]) -> bytes:
     """Greedy longest-token encoding (the kernel's is different, but any encoding expands back)."""
-    multi = sorted(((t.decode(), c) for c, t in enumerate(tokens) if len(t) > 1 and not t.startswith(b"~")),
-                   key=lambda x: -len(x[0]))
+    multi = sorted(
+        ((t.decode(), c) for c, t in enumerate(tokens) if len(t) > 1 and not t.startswith(b"~")),
+        key=lambda x: -len(x[0]),
+    )
     single = {t.decode(): c for c, t in enumerate(tokens) if len(t) == 1}
     out = bytearray()
     i = 0
@@ -183,16 +201,38 @@ class Synthetic:
 
 def vmcoreinfo_text(sym: dict[str, int], phys_base: int, release: str = "6.99.0-synthetic") -> bytes:
     lines = [
-        f"OSRELEASE={release}", "BUILD-ID=00112233445566778899aabbccddeeff00112233", "PAGESIZE=4096",
-        f"SYMBOL(_stext)={K_VA:x}", f"SYMBOL(init_top_pgt)={sym['init_top_pgt']:x}",
-        f"SYMBOL(mem_section)={POB + SECTIONS_PA:x}", "LENGTH(mem_section)=2048", "SIZE(mem_section)=16",
-        "OFFSET(mem_section.section_mem_map)=0", f"SYMBOL(node_data)={sym['node_data']:x}",
-        "SIZE(page)=64", "OFFSET(page.lru)=8", "OFFSET(page._mapcount)=48", "LENGTH(zone.free_area)=11",
-        "NUMBER(PG_slab)=9", "NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)=-129", "NUMBER(MAX_PHYSMEM_BITS)=46",
+        f"OSRELEASE={release}",
+        "BUILD-ID=00112233445566778899aabbccddeeff00112233",
+        "PAGESIZE=4096",
+        f"SYMBOL(_stext)={K_VA:x}",
+        f"SYMBOL(init_top_pgt)={sym['init_top_pgt']:x}",
+        f"SYMBOL(mem_section)={POB + SECTIONS_PA:x}",
+        "LENGTH(mem_section)=2048",
+        "SIZE(mem_section)=16",
+        "OFFSET(mem_section.section_mem_map)=0",
+        f"SYMBOL(node_data)={sym['node_data']:x}",
+        "SIZE(page)=64",
+        "OFFSET(page.lru)=8",
+        "OFFSET(page._mapcount)=48",
+        "LENGTH(zone.free_area)=11",
+        "NUMBER(PG_slab)=9",
+        "NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)=-129",
+        "NUMBER(MAX_PHYSMEM_BITS)=46",
         "NUMBER(VMALLOC_START)=0xffffc90000000000",
-        *(f"SYMBOL({n})={sym[n]:x}" for n in ("kallsyms_names", "kallsyms_num_syms", "kallsyms_token_table",
-                                              "kallsyms_token_index", "kallsyms_offsets", "kallsyms_relative_base")),
-        f"NUMBER(phys_base)={phys_base}", "NUMBER(pgtable_l5_enabled)=0", "NUMBER(sme_mask)=0",
+        *(
+            f"SYMBOL({n})={sym[n]:x}"
+            for n in (
+                "kallsyms_names",
+                "kallsyms_num_syms",
+                "kallsyms_token_table",
+                "kallsyms_token_index",
+                "kallsyms_offsets",
+                "kallsyms_relative_base",
+            )
+        ),
+        f"NUMBER(phys_base)={phys_base}",
+        "NUMBER(pgtable_l5_enabled)=0",
+        "NUMBER(sme_mask)=0",
         "KERNELOFFSET=0",
     ]
     return ("\n".join(lines) + "\n").encode()
@@ -225,8 +265,12 @@ def build_synthetic() -> Synthetic:
     s.u64(SECTIONS_PA, POB + SECTIONS_PA + 0x1000)
     s.u64(SECTIONS_PA + 0x1000, VMEMMAP | 0b11)
     sym = {
-        "_stext": K_VA, "init_top_pgt": K_VA + (PGD_PA - IMG_PA), "page_offset_base": K_VA + 0x180000,
-        "vmemmap_base": K_VA + 0x180008, "node_data": K_VA + 0x180200, "linux_banner": BANNER_VA,
+        "_stext": K_VA,
+        "init_top_pgt": K_VA + (PGD_PA - IMG_PA),
+        "page_offset_base": K_VA + 0x180000,
+        "vmemmap_base": K_VA + 0x180008,
+        "node_data": K_VA + 0x180200,
+        "linux_banner": BANNER_VA,
     }
     s.u64(kpa(sym["page_offset_base"]), POB)
     s.u64(kpa(sym["vmemmap_base"]), VMEMMAP)
@@ -234,13 +278,23 @@ def build_synthetic() -> Synthetic:
     s.put(kpa(BANNER_VA), BANNER + b"\0")
     s.btf = synthetic_btf()
     s.put(kpa(BTF_VA), s.btf)
-    symbols = [("A", "fixed_percpu_data", 0), ("A", "__per_cpu_start", 0), ("A", "__per_cpu_end", 0x35000),
-               ("T", "_stext", K_VA), ("T", "_text", K_VA), ("t", "helper", K_VA + 0x100),
-               ("t", "helper", K_VA + 0x200), ("D", "init_top_pgt", sym["init_top_pgt"]),
-               ("D", "page_offset_base", sym["page_offset_base"]), ("D", "vmemmap_base", sym["vmemmap_base"]),
-               ("D", "node_data", sym["node_data"]), ("D", "linux_banner", BANNER_VA),
-               ("R", "__start_BTF", BTF_VA), ("R", "__stop_BTF", BTF_VA + len(s.btf)),
-               ("t", "x" * 200, BTF_VA + 0x10000)]
+    symbols = [
+        ("A", "fixed_percpu_data", 0),
+        ("A", "__per_cpu_start", 0),
+        ("A", "__per_cpu_end", 0x35000),
+        ("T", "_stext", K_VA),
+        ("T", "_text", K_VA),
+        ("t", "helper", K_VA + 0x100),
+        ("t", "helper", K_VA + 0x200),
+        ("D", "init_top_pgt", sym["init_top_pgt"]),
+        ("D", "page_offset_base", sym["page_offset_base"]),
+        ("D", "vmemmap_base", sym["vmemmap_base"]),
+        ("D", "node_data", sym["node_data"]),
+        ("D", "linux_banner", BANNER_VA),
+        ("R", "__start_BTF", BTF_VA),
+        ("R", "__stop_BTF", BTF_VA + len(s.btf)),
+        ("t", "x" * 200, BTF_VA + 0x10000),
+    ]
     symbols += [("t", f"fill_{i}", BTF_VA + 0x20000 + 16 * i) for i in range(600)]
     s.symbols = symbols
     place_kallsyms(s, sym)
@@ -339,7 +393,11 @@ def test_synthetic_bootstrap(synthetic: Synthetic, tmp_path: Path) -> None:
         ("only the stale note", lambda s: s.put(NOTE_PA, bytes(4096)), "init_top_pgt does not translate"),
         ("bad BTF magic", lambda s: s.put(kpa(BTF_VA), b"\0\0"), "BTF header invalid"),
         ("BTF size", lambda s: s.put(kpa(BTF_VA) + 16, struct.pack("<I", 1 << 20)), "BTF header invalid"),
-        ("kallsyms count", lambda s: s.put(kpa(s.sym["kallsyms_num_syms"]), struct.pack("<I", 1 << 30)), "kallsyms_num_syms"),
+        (
+            "kallsyms count",
+            lambda s: s.put(kpa(s.sym["kallsyms_num_syms"]), struct.pack("<I", 1 << 30)),
+            "kallsyms_num_syms",
+        ),
         ("kallsyms names", lambda s: s.put(kpa(s.sym["kallsyms_names"]), b"\x7f" * 64), "inconsistent"),
         ("page_offset_base", lambda s: s.u64(kpa(s.sym["page_offset_base"]), POB + GiB), "page_offset_base is"),
         ("vmemmap_base", lambda s: s.u64(kpa(s.sym["vmemmap_base"]), VMEMMAP + GiB), "mem_section says"),
@@ -356,7 +414,11 @@ def test_synthetic_inconsistencies(
 def test_btf_parser_all_kinds() -> None:
     btf = Btf(synthetic_btf(), "synthetic")
     assert len(btf) == 24 and [btf.type_name(t) for t in (3, 7, 14, 18)] == [
-        "struct list_head *", "atomic_t", "volatile const atomic_t", "int (*)(...)"]
+        "struct list_head *",
+        "atomic_t",
+        "volatile const atomic_t",
+        "int (*)(...)",
+    ]
     lay = BtfLayout(btf)
     assert lay.struct_size("page") == lay.struct_size("struct page") == 64
     assert lay.struct_size("atomic_t") == 4
@@ -423,13 +485,30 @@ def test_pgtable_five_levels(tmp_path: Path) -> None:
 
 
 def test_vmcoreinfo_parsing() -> None:
-    info = Vmcoreinfo.parse(vmcoreinfo_text({n: 1 for n in (
-        "init_top_pgt", "node_data", "kallsyms_names", "kallsyms_num_syms", "kallsyms_token_table",
-        "kallsyms_token_index", "kallsyms_offsets", "kallsyms_relative_base")}, -262144000))
+    info = Vmcoreinfo.parse(
+        vmcoreinfo_text(
+            {
+                n: 1
+                for n in (
+                    "init_top_pgt",
+                    "node_data",
+                    "kallsyms_names",
+                    "kallsyms_num_syms",
+                    "kallsyms_token_table",
+                    "kallsyms_token_index",
+                    "kallsyms_offsets",
+                    "kallsyms_relative_base",
+                )
+            },
+            -262144000,
+        )
+    )
     assert info.phys_base == -262144000 and info.number("VMALLOC_START") == 0xFFFFC90000000000
     assert info.number("PAGE_BUDDY_MAPCOUNT_VALUE") == -129 and info.pgtable_l5_enabled is False
     assert info.symbol("_stext") == K_VA and info.build_id.startswith("0011") and info.crashtime is None
-    with pytest.raises(BadImage, match=re.escape("VMCOREINFO lacks OFFSET(page.compound_dtor): kernel 6.99.0-synthetic")):
+    with pytest.raises(
+        BadImage, match=re.escape("VMCOREINFO lacks OFFSET(page.compound_dtor): kernel 6.99.0-synthetic")
+    ):
         info.offset("page.compound_dtor")
     lay = VmcoreinfoLayout(info)
     assert layout_fact(lay, "SIZE(page)") == 64 and layout_fact(lay, "LENGTH(zone.free_area)") == 11
@@ -450,8 +529,18 @@ def test_cached_note_location(synthetic: Synthetic, tmp_path: Path) -> None:
 
 # -- real guests -----------------------------------------------------------------------------
 
-TRUTH_SYMBOLS = ("init_top_pgt", "node_data", "_stext", "__start_BTF", "__stop_BTF", "linux_banner",
-                 "page_offset_base", "vmemmap_base", "__per_cpu_end", "mem_section")
+TRUTH_SYMBOLS = (
+    "init_top_pgt",
+    "node_data",
+    "_stext",
+    "__start_BTF",
+    "__stop_BTF",
+    "linux_banner",
+    "page_offset_base",
+    "vmemmap_base",
+    "__per_cpu_end",
+    "mem_section",
+)
 
 
 @dataclass
@@ -623,8 +712,10 @@ def test_bootstrap_612(image_612: Image) -> None:
     vm = start_vm("h3-introspect612", image_612, memory=512 * MiB, ram="shared")
     try:
         kv = KernelView.open(vm.memory())
-        script = ("uname -r; echo @@; cat /proc/version; echo @@; md5sum /sys/kernel/btf/vmlinux; echo @@; "
-                  "awk 'NR <= 40 || $3 == \"_stext\" { print NR, $0 } $3 == \"_stext\" { exit }' /proc/kallsyms")
+        script = (
+            "uname -r; echo @@; cat /proc/version; echo @@; md5sum /sys/kernel/btf/vmlinux; echo @@; "
+            'awk \'NR <= 40 || $3 == "_stext" { print NR, $0 } $3 == "_stext" { exit }\' /proc/kallsyms'
+        )
         release, version, md5, table = vm.exec(script, timeout=120).check("ground truth").text.split("@@\n")
     finally:
         vm.stop()
@@ -634,7 +725,11 @@ def test_bootstrap_612(image_612: Image) -> None:
     assert ks is not None
     for line in table.splitlines():
         nr, addr, typ, name = line.split()
-        assert (ks.types[int(nr) - 1], ks.names[int(nr) - 1], int(ks.addresses[int(nr) - 1])) == (typ, name, int(addr, 16))
+        assert (ks.types[int(nr) - 1], ks.names[int(nr) - 1], int(ks.addresses[int(nr) - 1])) == (
+            typ,
+            name,
+            int(addr, 16),
+        )
     assert kv.btf is not None
     start, stop = ks["__start_BTF"], ks["__stop_BTF"]
     assert hashlib.md5(kv.read_va(start, stop - start).tobytes()).hexdigest() == md5.split()[0]
@@ -647,7 +742,9 @@ def test_bootstrap_612(image_612: Image) -> None:
         layout_fact(auto, "NUMBER(PG_slab)")
     assert layout_fact(auto, "ENUM(pagetype.PGTY_buddy)") == 0xF0
     assert layout_facts(kv.layout("btf"), ["OFFSET(page.lru.next)", "SIZE(page)"]) == {
-        "OFFSET(page.lru.next)": 8, "SIZE(page)": 64}
+        "OFFSET(page.lru.next)": 8,
+        "SIZE(page)": 64,
+    }
 
 
 @pytest.mark.guest

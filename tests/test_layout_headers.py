@@ -35,8 +35,9 @@ from memvirt.paths import cache_home
 from memvirt.qemu.vm import start_vm
 
 SERIES = ("6.1", "6.12")
-pytestmark = pytest.mark.skipif(shutil.which("apt-get") is None or shutil.which("gcc") is None,
-                                reason="needs apt-get and gcc (a Debian host)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("apt-get") is None or shutil.which("gcc") is None, reason="needs apt-get and gcc (a Debian host)"
+)
 
 # VMCOREINFO keys the headers cannot answer, and why.
 # - kernel/printk/*.{c,h} are not in header packages: the ring buffer types and latched_seq.
@@ -114,8 +115,15 @@ def test_agrees_with_vmcoreinfo(guest_vmcoreinfo: tuple[HeadersLayout, Vmcoreinf
     assert not unexplained, unexplained
     pg = [k for k in checked if k.startswith("NUMBER(PG_")]
     assert len(pg) >= 6 and "NUMBER(PG_head_mask)" in pg
-    assert {"SIZE(page)", "OFFSET(page.lru)", "OFFSET(page.compound_head)", "LENGTH(zone.free_area)",
-            "OFFSET(pglist_data.node_zones)", "SIZE(nodemask_t)", "OFFSET(atomic_long_t.counter)"} <= set(checked)
+    assert {
+        "SIZE(page)",
+        "OFFSET(page.lru)",
+        "OFFSET(page.compound_head)",
+        "LENGTH(zone.free_area)",
+        "OFFSET(pglist_data.node_zones)",
+        "SIZE(nodemask_t)",
+        "OFFSET(atomic_long_t.counter)",
+    } <= set(checked)
     assert len(checked) >= 45, checked
 
 
@@ -182,7 +190,8 @@ def test_stable_facts(layout: HeadersLayout) -> None:
     assert layout.member_offset("page", "lru.prev") == layout.member_offset("page", "lru") + 8
     free_area = layout.struct_size("free_area")
     assert layout.member_offset("zone", "free_area[2].nr_free") == (
-        layout.member_offset("zone", "free_area") + 2 * free_area + layout.member_offset("free_area", "nr_free"))
+        layout.member_offset("zone", "free_area") + 2 * free_area + layout.member_offset("free_area", "nr_free")
+    )
     assert layout.array_length("per_cpu_pages", "lists") == layout.constant("NR_PCP_LISTS")
     assert layout.array_length("free_area", "free_list") == layout.constant("MIGRATE_TYPES")
     assert layout.member_type("page", "lru") == "struct list_head"
@@ -197,8 +206,11 @@ def test_stable_facts(layout: HeadersLayout) -> None:
     assert layout.constant("PG_head_mask") == 1 << layout.constant("PG_head")
     assert layout.enum_value("pageflags", "PG_lru") == layout.constant("PG_lru")
     assert layout_fact(layout, "NUMBER(NR_FREE_PAGES)") == 0
-    for enum, member in (("node_stat_item", "NR_FILE_PAGES"), ("zone_stat_item", "NR_FREE_PAGES"),
-                         ("numa_stat_item", "NUMA_HIT")):
+    for enum, member in (
+        ("node_stat_item", "NR_FILE_PAGES"),
+        ("zone_stat_item", "NR_FREE_PAGES"),
+        ("numa_stat_item", "NUMA_HIT"),
+    ):
         assert member in layout.enumerators(enum)
     bit = layout.member_bit_offset("task_struct", "sched_reset_on_fork")
     assert layout.member_bit_size("task_struct", "sched_reset_on_fork") == 1 and bit > 0
@@ -217,7 +229,10 @@ def test_version_specific_facts(layout: HeadersLayout) -> None:
             layout.constant("PGTY_table")
     else:
         assert (layout.constant("PGTY_buddy"), layout.constant("PGTY_table"), layout.constant("PGTY_slab")) == (
-            0xF0, 0xF2, 0xF5)
+            0xF0,
+            0xF2,
+            0xF5,
+        )
         assert layout.enumerators("pagetype")["PGTY_table"] == 0xF2
         assert layout.constant("NR_PAGE_ORDERS") == orders == 11
         with pytest.raises(LayoutMissing, match=r"PG_table.*undeclared"):

@@ -52,8 +52,12 @@ def _entry() -> list[str]:
 def host_b(tmp_path: Path) -> Iterator[dict[str, str]]:
     """The receiving host's environment: its own state and RAM folders."""
     ram = Path("/dev/shm") / f"mg-test-b-{os.getpid()}-{tmp_path.name}"
-    env = {**os.environ, "MEMVIRT_HOME": str(tmp_path / "host-b"), "MEMVIRT_RAM_DIR": str(ram),
-           "MEMVIRT_SECRET": SECRET}
+    env = {
+        **os.environ,
+        "MEMVIRT_HOME": str(tmp_path / "host-b"),
+        "MEMVIRT_RAM_DIR": str(ram),
+        "MEMVIRT_SECRET": SECRET,
+    }
     yield env
     _stop_all(env)
     subprocess.run(["rm", "-rf", str(ram)], check=False)
@@ -72,15 +76,22 @@ def _stop_all(env: dict[str, str]) -> None:
 def _leftovers(env: dict[str, str]) -> list[str]:
     vms = Path(env["MEMVIRT_HOME"]) / "vms"
     ram = Path(env["MEMVIRT_RAM_DIR"])
-    return [p.name for p in (list(vms.iterdir()) if vms.exists() else []) + (list(ram.iterdir()) if ram.exists() else [])]
+    return [
+        p.name for p in (list(vms.iterdir()) if vms.exists() else []) + (list(ram.iterdir()) if ram.exists() else [])
+    ]
 
 
 class Receiver:
     """``memvirt receive`` in its own process, on an ephemeral loopback port."""
 
     def __init__(self, env: dict[str, str], *args: str):
-        self.proc = subprocess.Popen([sys.executable, *_entry(), "receive", "--listen", "127.0.0.1:0", "--timeout",
-                                      "240", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, *_entry(), "receive", "--listen", "127.0.0.1:0", "--timeout", "240", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.log: list[str] = []
         line = self.proc.stderr.readline()
         self.log.append(line)
@@ -103,8 +114,13 @@ class Receiver:
 
 def _migrate(name: str, port: int, *args: str, secret: str = SECRET) -> subprocess.Popen[str]:
     env = {**os.environ, "MEMVIRT_SECRET": secret}
-    return subprocess.Popen([sys.executable, *_entry(), "migrate", name, "--to", f"127.0.0.1:{port}", *args],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, *_entry(), "migrate", name, "--to", f"127.0.0.1:{port}", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _counter(vm: VM) -> int:
@@ -185,7 +201,7 @@ def test_codec_and_fingerprint_units() -> None:
     assert codec.expand(starts, lengths).tolist() == pfns.tolist()
     pages = np.random.default_rng(3).integers(0, 256, 8 * 4096, dtype=np.uint8)
     pages[4096:8192] = 0
-    want = [xxhash.xxh3_64_intdigest(pages[i * 4096:(i + 1) * 4096].tobytes()) for i in range(8)]
+    want = [xxhash.xxh3_64_intdigest(pages[i * 4096 : (i + 1) * 4096].tobytes()) for i in range(8)]
     assert fingerprint.hash_pages(pages).tolist() == want
     words = pages.view("<u8").reshape(8, 512)
     assert fingerprint._numpy_hash(words).tolist() == want
@@ -211,10 +227,12 @@ def test_codec_chooser_tries_each_then_keeps_the_fastest(monkeypatch) -> None:  
         assert codec.decompress(c, memoryview(bytes(blob)), 4096) == bytes(4096)
         seen.append(c)
         clock[0] += cost[c]
-    assert seen[:3 * codec.TRIAL] == [codec.LZ4] * codec.TRIAL + [codec.NONE] * codec.TRIAL + [codec.ZSTD] * codec.TRIAL
+    assert (
+        seen[: 3 * codec.TRIAL] == [codec.LZ4] * codec.TRIAL + [codec.NONE] * codec.TRIAL + [codec.ZSTD] * codec.TRIAL
+    )
     assert max(ch.rates, key=ch.rates.get) == codec.NONE
     assert seen.count(codec.NONE) > 0.8 * len(seen) - 3 * codec.TRIAL
-    assert {codec.LZ4, codec.ZSTD} <= set(seen[3 * codec.TRIAL:]), "no codec was tried again"
+    assert {codec.LZ4, codec.ZSTD} <= set(seen[3 * codec.TRIAL :]), "no codec was tried again"
     fixed = codec.CodecChooser("zstd")
     assert {fixed.encode(page)[0] for _ in range(20)} == {codec.ZSTD}
 
@@ -303,7 +321,7 @@ def test_migrate_invariant_and_guest_runs_on(image, vm_factory, host_b) -> None:
             for (gpa, a), (_, b) in zip(smem.chunks(32 << 20), tmem.chunks(32 << 20), strict=True):
                 p0 = gpa >> 12
                 pa, pb = a.reshape(-1, 4096), b.reshape(-1, 4096)
-                f = free[p0:p0 + len(pa)]
+                f = free[p0 : p0 + len(pa)]
                 differ = ~(pa == pb).all(axis=1)
                 assert not (differ & ~f).any(), f"non-free pages differ at pfns {np.flatnonzero(differ & ~f)[:5] + p0}"
                 assert not pb[f].any(), "a free page does not read zero on the target"
@@ -341,15 +359,39 @@ def test_refuses_peers_without_the_secret_and_malformed_frames(source_guest, hos
         for secret in (OTHER_SECRET.encode(), None):
             with socket.create_connection(("127.0.0.1", rx.port)) as s, pytest.raises(AuthError):
                 client_handshake(s, secret, 10)
-        proc = subprocess.run([sys.executable, *_entry(), "migrate", source_guest.name, "--to", f"127.0.0.1:{rx.port}",
-                               "--as", "mg-evil"], env={**os.environ, "MEMVIRT_SECRET": OTHER_SECRET},
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                *_entry(),
+                "migrate",
+                source_guest.name,
+                "--to",
+                f"127.0.0.1:{rx.port}",
+                "--as",
+                "mg-evil",
+            ],
+            env={**os.environ, "MEMVIRT_SECRET": OTHER_SECRET},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert_error_after_progress(proc, 1, "runs on here, unchanged")
         s = socket.create_connection(("127.0.0.1", rx.port))
         chan = client_handshake(s, SECRET.encode(), 30)
         c = source_guest.config
-        chan.send_json(Kind.SETUP, {"name": "mg-junk", "source": "x", "memory": c.memory, "cpus": c.cpus,
-                                    "image": c.image, "accel": c.accel, "append": "", "regions": c.regions})
+        chan.send_json(
+            Kind.SETUP,
+            {
+                "name": "mg-junk",
+                "source": "x",
+                "memory": c.memory,
+                "cpus": c.cpus,
+                "image": c.image,
+                "accel": c.accel,
+                "append": "",
+                "regions": c.regions,
+            },
+        )
         chan.recv_json(Kind.READY)
         assert "mg-junk" in _leftovers(host_b)
         chan.send(Kind.DATA, codec.encode_data(codec.LZ4, np.array([1 << 40]), np.array([1]), b"junk"))
@@ -373,9 +415,24 @@ def test_link_fault_leaves_source_running(source_guest, host_b, mode) -> None:  
     rx = Receiver(host_b)
     proxy = Proxy(rx.port, 3 << 20, mode)
     try:
-        proc = subprocess.run([sys.executable, *_entry(), "migrate", source_guest.name, "--to",
-                               f"127.0.0.1:{proxy.port}", "--as", "mg-fault", "--codec", "none"],
-                              env={**os.environ, "MEMVIRT_SECRET": SECRET}, capture_output=True, text=True, timeout=180)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                *_entry(),
+                "migrate",
+                source_guest.name,
+                "--to",
+                f"127.0.0.1:{proxy.port}",
+                "--as",
+                "mg-fault",
+                "--codec",
+                "none",
+            ],
+            env={**os.environ, "MEMVIRT_SECRET": SECRET},
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert_error_after_progress(proc, 1, "runs on here, unchanged")
         assert rx.wait(60) == 1
         if mode == "flip":
@@ -425,8 +482,9 @@ def test_receiver_killed_around_cont_keeps_the_target(source_guest, host_b, poin
     try:
         out, errs = tx.communicate(timeout=240)
         assert rx.wait(30) == -signal.SIGKILL, rx.log
-        assert_error_after_progress(subprocess.CompletedProcess(tx.args, tx.returncode, out, errs), 1,
-                                    "never runs twice")
+        assert_error_after_progress(
+            subprocess.CompletedProcess(tx.args, tx.returncode, out, errs), 1, "never runs twice"
+        )
         time.sleep(2.0)  # ten times the watchdog's poll: it would have acted by now
         os.environ["MEMVIRT_HOME"], home = host_b["MEMVIRT_HOME"], os.environ["MEMVIRT_HOME"]
         try:
@@ -485,8 +543,9 @@ def test_source_guard_resumes_a_held_source_unless_committed(source_guest, commi
 
     mark = source_guest.dir / COMMITTED
     sender = subprocess.Popen(["sleep", "0.5"])
-    guard = subprocess.Popen([sys.executable, "-m", "memvirt.migrate.watchdog", str(sender.pid),
-                              str(source_guest.dir), "source"])
+    guard = subprocess.Popen(
+        [sys.executable, "-m", "memvirt.migrate.watchdog", str(sender.pid), str(source_guest.dir), "source"]
+    )
     try:
         if committed:
             mark.touch()
@@ -509,11 +568,14 @@ def test_usage_errors(source_guest) -> None:  # noqa: ANN001
     """No secret: refused (secure by default), exit 2; bad endpoint, exit 2; nobody listening, exit 1."""
     env = {k: v for k, v in os.environ.items() if k != "MEMVIRT_SECRET"}
     run = [sys.executable, *_entry(), "migrate", source_guest.name]
-    assert_one_line_error(subprocess.run([*run, "--to", "127.0.0.1:1"], env=env, capture_output=True, text=True), 2,
-                          "no shared secret")
+    assert_one_line_error(
+        subprocess.run([*run, "--to", "127.0.0.1:1"], env=env, capture_output=True, text=True), 2, "no shared secret"
+    )
     env["MEMVIRT_SECRET"] = SECRET
-    assert_one_line_error(subprocess.run([*run, "--to", "nowhere"], env=env, capture_output=True, text=True), 2,
-                          "not an endpoint")
-    assert_one_line_error(subprocess.run([*run, "--to", "127.0.0.1:1"], env=env, capture_output=True, text=True), 1,
-                          "cannot reach")
+    assert_one_line_error(
+        subprocess.run([*run, "--to", "nowhere"], env=env, capture_output=True, text=True), 2, "not an endpoint"
+    )
+    assert_one_line_error(
+        subprocess.run([*run, "--to", "127.0.0.1:1"], env=env, capture_output=True, text=True), 1, "cannot reach"
+    )
     assert source_guest.status() == "running"

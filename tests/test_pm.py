@@ -43,11 +43,20 @@ _PAIRS = itertools.count(1)
 
 # --- checks on machine facts (no guest) -------------------------------------------------------
 
+
 def _facts(name: str, **kw: object) -> Facts:
     base: dict[str, object] = dict(
-        name=name, release="6.1.0-56-amd64", version="#1 SMP PREEMPT_DYNAMIC Debian 6.1.158-1", power_state="freeze mem disk",
-        snapshot=True, pmagent=True, ram=512 << 20, mem_total=457 << 20, mem_free=380 << 20,
-        mem_available=390 << 20, disks={"memvirt-shared": "/dev/vda", "memvirt-store": "/dev/vdb"},
+        name=name,
+        release="6.1.0-56-amd64",
+        version="#1 SMP PREEMPT_DYNAMIC Debian 6.1.158-1",
+        power_state="freeze mem disk",
+        snapshot=True,
+        pmagent=True,
+        ram=512 << 20,
+        mem_total=457 << 20,
+        mem_free=380 << 20,
+        mem_available=390 << 20,
+        disks={"memvirt-shared": "/dev/vda", "memvirt-store": "/dev/vdb"},
     )
     base.update(kw)
     return Facts(**base)  # type: ignore[arg-type]
@@ -80,11 +89,17 @@ def test_checks_refuse_mismatch_missing_hibernation_and_oversized_images() -> No
 
 def test_console_events_parse() -> None:
     e = parse_line('\rmemvirt-pm: source thawed error="bad tag: wrong key" t=1.5', 7.0)
-    assert e is not None and (e.role, e.name, e.fields["error"], e.at) == ("source", "thawed", "bad tag: wrong key", 7.0)
+    assert e is not None and (e.role, e.name, e.fields["error"], e.at) == (
+        "source",
+        "thawed",
+        "bad tag: wrong key",
+        7.0,
+    )
     assert parse_line("[    1.0] virtio_net virtio1 eth0: renamed", 0) is None
 
 
 # --- the agent's stream parser, on the host ---------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def host_pmagent(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -94,8 +109,11 @@ def host_pmagent(tmp_path_factory: pytest.TempPathFactory) -> Path:
     src = resources.files("memvirt.image").joinpath("guest", "pmagent.c").read_bytes()
     d = tmp_path_factory.mktemp("pmagent")
     (d / "pmagent.c").write_bytes(src)
-    proc = subprocess.run(["gcc", "-O2", "-o", str(d / "pmagent"), str(d / "pmagent.c"), "-llz4", "-lzstd", "-lcrypto"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["gcc", "-O2", "-o", str(d / "pmagent"), str(d / "pmagent.c"), "-llz4", "-lzstd", "-lcrypto"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     return d / "pmagent"
 
@@ -108,8 +126,13 @@ class Receiver:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         env = {**os.environ, "PMAGENT_KEY": key.hex(), "PMAGENT_NO_CONSOLE": "1"}
-        self.proc = subprocess.Popen([str(binary), "recv", "--listen", f"127.0.0.1:{self.port}", "--timeout", "20"],
-                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [str(binary), "recv", "--listen", f"127.0.0.1:{self.port}", "--timeout", "20"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -129,8 +152,10 @@ class Receiver:
 
     def read_frame(self, seq: int) -> tuple[int, bytes]:
         data = b""
-        while len(data) < stream.HEADER.size + stream.TAG or len(data) < stream.HEADER.size + stream.TAG + \
-                stream.HEADER.unpack_from(data)[3]:
+        while (
+            len(data) < stream.HEADER.size + stream.TAG
+            or len(data) < stream.HEADER.size + stream.TAG + stream.HEADER.unpack_from(data)[3]
+        ):
             chunk = self.sock.recv(1 << 16)
             assert chunk, "receiver closed"
             data += chunk
@@ -145,17 +170,20 @@ def _open(ram_ok: bool = True, release: str | None = None) -> bytes:
     return stream.open_payload(release or u.release, u.version, total if ram_ok else total + 4096)
 
 
-@pytest.mark.parametrize("case, needle", [
-    ("wrong-key", "bad tag: wrong key or tampered stream"),
-    ("tampered", "bad tag"),
-    ("truncated", "stream truncated"),
-    ("oversized", "malformed frame"),
-    ("out-of-sequence", "frame out of sequence"),
-    ("wrong-type", "unexpected frame type"),
-    ("kernel", "kernel mismatch"),
-    ("memory", "memory size mismatch"),
-    ("peer-error", "peer failed"),
-])
+@pytest.mark.parametrize(
+    "case, needle",
+    [
+        ("wrong-key", "bad tag: wrong key or tampered stream"),
+        ("tampered", "bad tag"),
+        ("truncated", "stream truncated"),
+        ("oversized", "malformed frame"),
+        ("out-of-sequence", "frame out of sequence"),
+        ("wrong-type", "unexpected frame type"),
+        ("kernel", "kernel mismatch"),
+        ("memory", "memory size mismatch"),
+        ("peer-error", "peer failed"),
+    ],
+)
 def test_agent_rejects_bad_streams(host_pmagent: Path, case: str, needle: str) -> None:
     rx = Receiver(host_pmagent)
     k = rx.to_target
@@ -185,9 +213,12 @@ def test_agent_authenticates_its_answer_and_refuses_an_oversized_image(host_pmag
     rx.sock.sendall(stream.encode(rx.to_target, stream.Frame.OPEN, _open(), 0))
     kind, payload = rx.read_frame(0)
     assert kind == stream.Frame.READY and stream.READY.unpack(payload)[0] > 0
-    payload_on_wire = stream.encode(rx.to_target, stream.Frame.OPEN, _open(), 0)[stream.HEADER.size:-stream.TAG]
-    assert _open()[:5] == b"MVPM1" and b"MVPM1" not in payload_on_wire and os.uname().release.encode() not in \
-        payload_on_wire, "the payload must be encrypted"
+    payload_on_wire = stream.encode(rx.to_target, stream.Frame.OPEN, _open(), 0)[stream.HEADER.size : -stream.TAG]
+    assert (
+        _open()[:5] == b"MVPM1"
+        and b"MVPM1" not in payload_on_wire
+        and os.uname().release.encode() not in payload_on_wire
+    ), "the payload must be encrypted"
     with pytest.raises(stream.StreamError, match="bad tag"):
         stream.decode(rx.to_target, stream.encode(rx.to_source, kind, payload, 0), 0)
     rx.sock.sendall(stream.encode(rx.to_target, stream.Frame.HELLO, stream.HELLO.pack(1 << 50), 1))
@@ -195,6 +226,7 @@ def test_agent_authenticates_its_answer_and_refuses_an_oversized_image(host_pmag
 
 
 # --- real guests ------------------------------------------------------------------------------
+
 
 def _boot_pair(image: Image, vm_factory, workload: str) -> tuple[VM, VM]:  # noqa: ANN001
     """Two fresh 512 MiB guests on one LAN, booted side by side; the first runs ``workload``."""
@@ -236,8 +268,9 @@ def test_machine_moves_and_its_workload_continues(pair: tuple[VM, VM], scheme: s
     src, dst = pair
     before = _counter(src)
     src_ip = src.config.extra["lan_ip"]
-    proc = memvirt("pm", "migrate", src.name, "--to", dst.name, "--scheme", scheme, "--compress", compress, "--json",
-                   timeout=500)
+    proc = memvirt(
+        "pm", "migrate", src.name, "--to", dst.name, "--scheme", scheme, "--compress", compress, "--json", timeout=500
+    )
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
     assert r["scheme"] == scheme and r["image_bytes"] > r["used_bytes"] * 0.8 > 0
@@ -294,12 +327,16 @@ def _refusals(src: VM, dst: VM) -> None:
 
     assert_one_line_error(memvirt("pm", "migrate", "pm-nonexistent", "--to", dst.name), 2, "no VM named")
     assert_one_line_error(memvirt("pm", "migrate", src.name, "--to", src.name), 2, "same VM")
-    assert_one_line_error(memvirt("pm", "migrate", src.name, "--to", dst.name, "--scheme", "pigeon"),
-                          2, "--scheme must be one of")
+    assert_one_line_error(
+        memvirt("pm", "migrate", src.name, "--to", dst.name, "--scheme", "pigeon"), 2, "--scheme must be one of"
+    )
     assert_one_line_error(memvirt("clone", src.name), 2, "is on VM LAN")
     assert_one_line_error(memvirt("migrate", src.name, "--to", "127.0.0.1:9", "--insecure"), 2, "is on VM LAN")
     ok = memvirt("pm", "check", src.name, "--to", dst.name, "--scheme", "iterative", "--json")
-    assert ok.returncode == 0 and json.loads(ok.stdout)["image_limit_bytes"] > json.loads(ok.stdout)["image_estimate_bytes"]
+    assert (
+        ok.returncode == 0
+        and json.loads(ok.stdout)["image_limit_bytes"] > json.loads(ok.stdout)["image_estimate_bytes"]
+    )
     real = read_facts(dst)
     assert real.hibernation and real.pmagent
     check_pair(read_facts(src), real, "iterative")
@@ -313,8 +350,12 @@ def test_failed_transfer_leaves_the_source_running(pair: tuple[VM, VM]) -> None:
     swap added for the migration (forced on) is gone; the same pair then migrates fine."""
     src, dst = pair
     _refusals(src, dst)
-    proc = subprocess.Popen([sys.executable, "-m", "memvirt", "pm", "migrate", src.name, "--to", dst.name,
-                             "--compress", "none", "--zram"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "memvirt", "pm", "migrate", src.name, "--to", dst.name, "--compress", "none", "--zram"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while "target receiving" not in dst.serial_log.read_text(errors="replace"):
@@ -365,8 +406,12 @@ def test_lost_answers_are_settled_by_the_host_and_forged_roles_ignored(pair: tup
     before = _counter(src)
     dst.exec("echo drop-ack > /run/memvirt-pm.fault").check("setting the fault")
     seen = dst.serial_log.stat().st_size
-    run = subprocess.Popen([sys.executable, "-m", "memvirt", "pm", "migrate", src.name, "--to", dst.name, "--json"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "memvirt", "pm", "migrate", src.name, "--to", dst.name, "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while b"target listening" not in dst.serial_log.read_bytes()[seen:]:

@@ -47,8 +47,12 @@ def other_user() -> Iterator[pwd.struct_passwd]:
 
 
 def as_user(user: pwd.struct_passwd, *argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", "--",
-                           *argv], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", "--", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def assert_unreadable(user: pwd.struct_passwd, path: Path) -> None:
@@ -164,15 +168,25 @@ def test_planted_ram_folder_is_refused(plant: str, other_user: pwd.struct_passwd
             planted.mkdir()
             os.chmod(planted, 0o777)
         env = {**os.environ, "MEMVIRT_RAM_DIR": str(planted)}
-        proc = subprocess.run([sys.executable, "-m", "memvirt", "vm", "start", "sec-plant", "--memory", "64M"],
-                              capture_output=True, text=True, timeout=120, env=env)
-        why = {"folder": f"belongs to uid {other_user.pw_uid}", "private-folder": f"belongs to uid {other_user.pw_uid}",
-               "symlink": "is a symlink", "open-folder": "its mode 0777 lets other users write"}[plant]
+        proc = subprocess.run(
+            [sys.executable, "-m", "memvirt", "vm", "start", "sec-plant", "--memory", "64M"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+        why = {
+            "folder": f"belongs to uid {other_user.pw_uid}",
+            "private-folder": f"belongs to uid {other_user.pw_uid}",
+            "symlink": "is a symlink",
+            "open-folder": "its mode 0777 lets other users write",
+        }[plant]
         assert_one_line_error(proc, 2, str(planted), why)
         assert not (vms_root() / "sec-plant").exists()
         assert not target.exists() or not any(target.iterdir())
         assert plant == "symlink" or [p.name for p in planted.iterdir()] == (
-            ["sec-plant.ram"] if plant == "private-folder" else [])
+            ["sec-plant.ram"] if plant == "private-folder" else []
+        )
     finally:
         subprocess.run(["rm", "-rf", str(planted), str(target)], check=False)
 
@@ -211,8 +225,13 @@ def _reclaim_in_borrow(vm: VM, hold: float) -> subprocess.Popen[str]:
     """A ``memvirt reclaim`` that is inside its borrow of a QEMU thread (guest paused) on return."""
     vm.exec(DIRTY, timeout=120).check("dirtying free memory")
     env = {**os.environ, "MEMVIRT_TEST_HOLD_BORROW": str(hold)}
-    proc = subprocess.Popen([sys.executable, "-m", "memvirt", "reclaim", vm.name], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "memvirt", "reclaim", vm.name],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 240
     while _tracer(vm.config.pid) != proc.pid:
         assert proc.poll() is None, proc.communicate()
@@ -264,12 +283,18 @@ def test_reclaim_watchdog_leaves_a_user_paused_guest(anon_small: VM) -> None:
     vm.pause()
     try:
         (vm.dir / MARK).write_text("1")  # a pause marked by another process
-        subprocess.run([sys.executable, "-m", "memvirt.dedup.watchdog", str(dead.pid), str(vm.dir),
-                        str(vm.config.pid)], timeout=60, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "memvirt.dedup.watchdog", str(dead.pid), str(vm.dir), str(vm.config.pid)],
+            timeout=60,
+            check=True,
+        )
         assert vm.status() == "paused"
         (vm.dir / MARK).unlink()
-        subprocess.run([sys.executable, "-m", "memvirt.dedup.watchdog", str(dead.pid), str(vm.dir),
-                        str(vm.config.pid)], timeout=60, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "memvirt.dedup.watchdog", str(dead.pid), str(vm.dir), str(vm.config.pid)],
+            timeout=60,
+            check=True,
+        )
         assert vm.status() == "paused"
     finally:
         (vm.dir / MARK).unlink(missing_ok=True)

@@ -16,9 +16,7 @@ def clone(
     count: Annotated[int, typer.Option("--count", "-n", help="How many clones.")] = 1,
     prefix: Annotated[str | None, typer.Option(help="Clones are PREFIX-1..PREFIX-N (default NAME-clone).")] = None,
     eager: Annotated[bool, typer.Option(help="Copy the template's RAM for each clone first (the baseline).")] = False,
-    wait: Annotated[
-        bool, typer.Option(help="Wait until each clone's guest answers and set its hostname.")
-    ] = True,
+    wait: Annotated[bool, typer.Option(help="Wait until each clone's guest answers and set its hostname.")] = True,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Clone a running VM; lazy clones share its RAM copy-on-write and start in about QEMU's own start time.
@@ -26,8 +24,13 @@ def clone(
     The source becomes a frozen template (paused, RAM file read-only); 'vm resume' and 'vm stop' of it are refused while lazy clones run, unless --force.
     """
     with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err,
-        transient=True, disable=not err.is_terminal,
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
     ) as bar:
         task = bar.add_task(f"freezing {name} as a template", total=None)
 
@@ -44,10 +47,15 @@ def clone(
         + (f", saved in {report.freeze_seconds * 1000:.0f} ms)" if report.frozen_now else ")")
     )
     table(
-        None, ["CLONE", "PID", "MODE", "START (ms)", "QEMU (ms)", "RESTORE (ms)", "COPY", "GUEST UP (ms)"],
+        None,
+        ["CLONE", "PID", "MODE", "START (ms)", "QEMU (ms)", "RESTORE (ms)", "COPY", "GUEST UP (ms)"],
         [
             [
-                c.name, c.pid, "lazy" if c.lazy else "eager", f"{c.seconds * 1000:.0f}", f"{c.qemu_seconds * 1000:.0f}",
+                c.name,
+                c.pid,
+                "lazy" if c.lazy else "eager",
+                f"{c.seconds * 1000:.0f}",
+                f"{c.qemu_seconds * 1000:.0f}",
                 f"{c.restore_seconds * 1000:.0f}",
                 f"{human(c.copied_bytes)} in {c.copy_seconds * 1000:.0f} ms" if not c.lazy else "-",
                 f"{c.guest_seconds * 1000:.0f}" if c.guest_seconds is not None else "-",

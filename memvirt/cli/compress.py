@@ -13,8 +13,9 @@ from memvirt.errors import UsageError
 from memvirt.qemu.vm import VM
 from memvirt.units import parse_size
 
-tier_app = typer.Typer(help="Set up, show and take down the compressed (zram) and disk swap tiers.",
-                       no_args_is_help=True)
+tier_app = typer.Typer(
+    help="Set up, show and take down the compressed (zram) and disk swap tiers.", no_args_is_help=True
+)
 
 
 def _percent(text: str) -> float:
@@ -41,12 +42,24 @@ class _Stop:
 
 def _row(s: Any) -> str:
     limit = human(s.limit) if s.limit else "none"
-    return (f"{s.t:7.1f}s {s.vm:<16} wss {human(s.wss):>10}  resident {human(s.resident):>10}  "
-            f"swapped {human(s.swapped):>10}  limit {limit:>10}  refaulted {human(s.refaulted):>9}  {s.action}")
+    return (
+        f"{s.t:7.1f}s {s.vm:<16} wss {human(s.wss):>10}  resident {human(s.resident):>10}  "
+        f"swapped {human(s.swapped):>10}  limit {limit:>10}  refaulted {human(s.refaulted):>9}  {s.action}"
+    )
 
 
-def _loop(names: list[str], policy: Any, interval: float, duration: float | None, method: str, samples: int,
-          json_: bool, plot: Path | None, title: str, owns_tier: bool = False) -> dict[str, Any]:
+def _loop(
+    names: list[str],
+    policy: Any,
+    interval: float,
+    duration: float | None,
+    method: str,
+    samples: int,
+    json_: bool,
+    plot: Path | None,
+    title: str,
+    owns_tier: bool = False,
+) -> dict[str, Any]:
     from memvirt.compress.controller import Controller, choose_method
     from memvirt.compress.plot import draw_timeline
 
@@ -74,9 +87,15 @@ def _loop(names: list[str], policy: Any, interval: float, duration: float | None
     finally:
         cpu = ctl.cpu_seconds()
         ctl.close()
-    report = {"policy": policy.name, "method": ctl.method, "method_notice": ctl.method_notice,
-              "interval": interval, "controller_cpu_s": round(cpu, 3),
-              "vms": ctl.summary(), "samples": [s.to_json() for s in rows]}
+    report = {
+        "policy": policy.name,
+        "method": ctl.method,
+        "method_notice": ctl.method_notice,
+        "interval": interval,
+        "controller_cpu_s": round(cpu, 3),
+        "vms": ctl.summary(),
+        "samples": [s.to_json() for s in rows],
+    }
     if plot is not None and rows:
         report["plot"] = str(draw_timeline(rows, plot, title))
     return report
@@ -104,9 +123,14 @@ def wss(
     if json_:
         emit_json(report)
         return
-    table(None, ["VM", "intervals", "working set (last)", "resident", "swapped"],
-          [[v["vm"], v["intervals"], human(v["wss_last"]), human(v["resident_last"]), human(v["swapped_last"])]
-           for v in report["vms"]])
+    table(
+        None,
+        ["VM", "intervals", "working set (last)", "resident", "swapped"],
+        [
+            [v["vm"], v["intervals"], human(v["wss_last"]), human(v["resident_last"]), human(v["swapped_last"])]
+            for v in report["vms"]
+        ],
+    )
     if "plot" in report:
         out.print(f"plot: {report['plot']}")
 
@@ -123,8 +147,10 @@ def compress(
     samples: Annotated[int, typer.Option(help="Guest pages DAMON watches per VM.")] = 4096,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON at the end.")] = False,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG of working set, resident and limit.")] = None,
-    keep_tier: Annotated[bool, typer.Option("--keep-tier/--release-tier",
-                                            help="Leave a zram tier this command set up in place at the end.")] = False,
+    keep_tier: Annotated[
+        bool,
+        typer.Option("--keep-tier/--release-tier", help="Leave a zram tier this command set up in place at the end."),
+    ] = False,
 ) -> None:
     """Keep each VM's resident memory near its working set plus a margin; compress the cold rest.
 
@@ -144,15 +170,21 @@ def compress(
     had_tier, had_swap = tiers.status()["up"], bool(tiers.active_swaps())
     t = tiers.up(algorithm=algorithm)
     owns = not had_tier and not keep_tier
-    err.print(f"compressed tier: /dev/{t.zram} ({t.algorithm}, up to {human(t.mem_limit)} of host RAM"
-              + (", taken down at the end)" if owns else ")"))
+    err.print(
+        f"compressed tier: /dev/{t.zram} ({t.algorithm}, up to {human(t.mem_limit)} of host RAM"
+        + (", taken down at the end)" if owns else ")")
+    )
     if not had_swap:
         for k in damon.pageout_schemes():
-            err.print(f"memvirt: notice: with swap on, {k.describe()} of another tool now also pages out idle "
-                      "memory of every process, other VMs' RAM included", markup=False)
+            err.print(
+                f"memvirt: notice: with swap on, {k.describe()} of another tool now also pages out idle "
+                "memory of every process, other VMs' RAM included",
+                markup=False,
+            )
     try:
-        report = _loop(names, pol, interval, duration, method, samples, json_, plot, f"memvirt compress ({policy})",
-                       owns_tier=owns)
+        report = _loop(
+            names, pol, interval, duration, method, samples, json_, plot, f"memvirt compress ({policy})", owns_tier=owns
+        )
     except BaseException:
         if owns:
             tiers.down()
@@ -163,19 +195,36 @@ def compress(
     if json_:
         emit_json(report)
         return
-    table(None, ["VM", "resident first", "resident last", "in zram", "working set", "refaulted", "back-offs"],
-          [[v["vm"], human(v["resident_first"]), human(v["resident_last"]), human(v["swapped_last"]),
-            human(v["wss_last"]), human(v["refaulted_total"]), v["back_offs"]] for v in report["vms"]])
+    table(
+        None,
+        ["VM", "resident first", "resident last", "in zram", "working set", "refaulted", "back-offs"],
+        [
+            [
+                v["vm"],
+                human(v["resident_first"]),
+                human(v["resident_last"]),
+                human(v["swapped_last"]),
+                human(v["wss_last"]),
+                human(v["refaulted_total"]),
+                v["back_offs"],
+            ]
+            for v in report["vms"]
+        ],
+    )
     ratio = report["ratio"]
-    out.print(f"compression ratio {ratio:.2f}:1" if ratio else "nothing compressed",
-              f"; controller CPU {report['controller_cpu_s']} s")
+    out.print(
+        f"compression ratio {ratio:.2f}:1" if ratio else "nothing compressed",
+        f"; controller CPU {report['controller_cpu_s']} s",
+    )
     if "plot" in report:
         out.print(f"plot: {report['plot']}")
 
 
 @tier_app.command("up")
 def tier_up(
-    algorithm: Annotated[str, typer.Option(help="zram compressor (lz4, lzo-rle, zstd... as the kernel offers).")] = "lz4",
+    algorithm: Annotated[
+        str, typer.Option(help="zram compressor (lz4, lzo-rle, zstd... as the kernel offers).")
+    ] = "lz4",
     size: Annotated[str | None, typer.Option(help="zram capacity, uncompressed (default: half of host RAM).")] = None,
     mem_limit: Annotated[str | None, typer.Option(help="Host RAM zram may use (default: a quarter).")] = None,
     disk_swap: Annotated[str | None, typer.Option(help="Add a disk swap file of SIZE below zram.")] = None,
@@ -184,13 +233,19 @@ def tier_up(
     """Set up the compressed tier (zram swap, priority 100) and optionally a disk tier below it."""
     from memvirt.compress import tiers
 
-    t = tiers.up(algorithm, parse_size(size) if size else None, parse_size(mem_limit) if mem_limit else None,
-                 parse_size(disk_swap) if disk_swap else 0)
+    t = tiers.up(
+        algorithm,
+        parse_size(size) if size else None,
+        parse_size(mem_limit) if mem_limit else None,
+        parse_size(disk_swap) if disk_swap else 0,
+    )
     if json_:
         emit_json(tiers.status())
         return
-    out.print(f"/dev/{t.zram}: {t.algorithm}, capacity {human(t.disksize)}, host RAM cap {human(t.mem_limit)}"
-              + (f"; disk tier {t.disk_file} ({human(t.disk_size)})" if t.disk_file else ""))
+    out.print(
+        f"/dev/{t.zram}: {t.algorithm}, capacity {human(t.disksize)}, host RAM cap {human(t.mem_limit)}"
+        + (f"; disk tier {t.disk_file} ({human(t.disk_size)})" if t.disk_file else "")
+    )
 
 
 @tier_app.command("down")
@@ -216,10 +271,15 @@ def tier_status(json_: Annotated[bool, typer.Option("--json", help="Print JSON."
         out.print("no memvirt tiers are up")
         return
     z = st["zram"]
-    out.print(f"/dev/{st['tiers']['zram']}: holds {human(z['orig_data_size'])} in {human(z['mem_used_total'])}"
-              + (f" ({st['ratio']:.2f}:1)" if st["ratio"] else ""))
-    table(None, ["swap", "size", "used", "priority"],
-          [[k, human(v["size"]), human(v["used"]), v["priority"]] for k, v in st["swaps"].items()])
+    out.print(
+        f"/dev/{st['tiers']['zram']}: holds {human(z['orig_data_size'])} in {human(z['mem_used_total'])}"
+        + (f" ({st['ratio']:.2f}:1)" if st["ratio"] else "")
+    )
+    table(
+        None,
+        ["swap", "size", "used", "priority"],
+        [[k, human(v["size"]), human(v["used"]), v["priority"]] for k, v in st["swaps"].items()],
+    )
 
 
 def demo_compress(vm: VM, seconds: float = 12.0) -> dict[str, Any]:
@@ -242,14 +302,23 @@ def demo_compress(vm: VM, seconds: float = 12.0) -> dict[str, Any]:
         summary = ctl.summary()[0]
     finally:
         ctl.close()
-    return {**summary, "method": ctl.method, "method_notice": ctl.method_notice, "algorithm": t.algorithm,
-            "zram_orig": st["orig_data_size"], "zram_used": st["mem_used_total"], "seconds": seconds}
+    return {
+        **summary,
+        "method": ctl.method,
+        "method_notice": ctl.method_notice,
+        "algorithm": t.algorithm,
+        "zram_orig": st["orig_data_size"],
+        "zram_used": st["mem_used_total"],
+        "seconds": seconds,
+    }
 
 
 def print_demo_compress(c: dict[str, Any]) -> None:
     ratio = c["zram_orig"] / c["zram_used"] if c["zram_used"] else 0.0
-    out.print(f"[bold]Compression[/] ({c['method']} working set, {c['algorithm']} zram): working set "
-              f"{human(c['wss_last'])}; guest RAM resident {human(c['resident_first'])} -> {human(c['resident_last'])}; "
-              f"{human(c['zram_orig'])} of cold pages held in {human(c['zram_used'])} of zram ({ratio:.1f}:1); "
-              f"refaulted {human(c['refaulted_total'])} in {c['intervals']} intervals"
-              + (f" ({c['method_notice']})" if c.get("method_notice") else ""))
+    out.print(
+        f"[bold]Compression[/] ({c['method']} working set, {c['algorithm']} zram): working set "
+        f"{human(c['wss_last'])}; guest RAM resident {human(c['resident_first'])} -> {human(c['resident_last'])}; "
+        f"{human(c['zram_orig'])} of cold pages held in {human(c['zram_used'])} of zram ({ratio:.1f}:1); "
+        f"refaulted {human(c['refaulted_total'])} in {c['intervals']} intervals"
+        + (f" ({c['method_notice']})" if c.get("method_notice") else "")
+    )

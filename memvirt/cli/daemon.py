@@ -16,12 +16,16 @@ DEFAULT_METRICS = "127.0.0.1:9735"
 
 
 def daemon(
-    config: Annotated[Path | None, typer.Option(help="Config file (default: $MEMVIRT_HOME/memvirtd.toml; "
-                                                     "defaults when that is absent).")] = None,
-    metrics: Annotated[str, typer.Option(help="ADDR:PORT of the Prometheus endpoint (port 0: any free one).")]
-    = DEFAULT_METRICS,
-    socket: Annotated[Path | None, typer.Option(help="Control socket (default: $MEMVIRT_HOME/memvirtd/control.sock).")]
-    = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="Config file (default: $MEMVIRT_HOME/memvirtd.toml; defaults when that is absent)."),
+    ] = None,
+    metrics: Annotated[
+        str, typer.Option(help="ADDR:PORT of the Prometheus endpoint (port 0: any free one).")
+    ] = DEFAULT_METRICS,
+    socket: Annotated[
+        Path | None, typer.Option(help="Control socket (default: $MEMVIRT_HOME/memvirtd/control.sock).")
+    ] = None,
     check: Annotated[bool, typer.Option("--check", help="Validate the config, print it as applied, and exit.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug details.")] = False,
 ) -> None:
@@ -43,8 +47,11 @@ def daemon(
         return
     from memvirt.daemon.service import Daemon
 
-    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if verbose else logging.INFO,
-                        format="memvirtd: %(levelname)s: %(message)s")
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="memvirtd: %(levelname)s: %(message)s",
+    )
     for noisy in ("qemu", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
     Daemon(config, (host, port), socket).run()
@@ -53,8 +60,7 @@ def daemon(
 def attach(
     qmp: Annotated[Path | None, typer.Option(help="The QMP socket of a running QEMU (server mode).")] = None,
     pid: Annotated[int | None, typer.Option(help="Its process id (default: the QEMU listening on --qmp).")] = None,
-    name: Annotated[str | None, typer.Option(help="Name to manage it by (default: QEMU's -name, or qemu-PID).")]
-    = None,
+    name: Annotated[str | None, typer.Option(help="Name to manage it by (default: QEMU's -name, or qemu-PID).")] = None,
     forget: Annotated[str | None, typer.Option(help="Unregister the attached VM of this name instead.")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
@@ -91,15 +97,25 @@ def status(
         emit_json(st)
         return
     t = st.get("trigger", {})
-    out.print(f"memvirtd pid {st.get('pid')}: config {st.get('config')}; trigger {t.get('mode')} "
-              f"({'acting' if t.get('engaged') else 'idle'}: {t.get('reason')}); KSM {st.get('ksm')}; "
-              f"metrics {st.get('metrics')}")
+    out.print(
+        f"memvirtd pid {st.get('pid')}: config {st.get('config')}; trigger {t.get('mode')} "
+        f"({'acting' if t.get('engaged') else 'idle'}: {t.get('reason')}); KSM {st.get('ksm')}; "
+        f"metrics {st.get('metrics')}"
+    )
     rows, errors = [], []
     for v in st.get("vms", []):
         errors += [f"{v.get('vm')}: {k}: {e}" for k, e in (v.get("errors") or {}).items()]
-        rows.append([v.get("vm"), v.get("source"), human(v.get("resident_bytes", 0)),
-                     human(v["guest_free_bytes"]) if "guest_free_bytes" in v else "?",
-                     human(v.get("reclaimed_bytes", 0)), v.get("reclaim"), v.get("compress")])
+        rows.append(
+            [
+                v.get("vm"),
+                v.get("source"),
+                human(v.get("resident_bytes", 0)),
+                human(v["guest_free_bytes"]) if "guest_free_bytes" in v else "?",
+                human(v.get("reclaimed_bytes", 0)),
+                v.get("reclaim"),
+                v.get("compress"),
+            ]
+        )
     from rich.table import Table
 
     t = Table(show_edge=False, box=None, header_style="bold")
@@ -110,6 +126,7 @@ def status(
     out.print(t)
     for line in errors:
         out.print(f"failing (retried): {line}", markup=False)
+
 
 def memvirtd() -> None:
     """The ``memvirtd`` console script: ``memvirt daemon`` with the CLI's error handling."""

@@ -13,10 +13,10 @@ from memvirt.cli.output import byte_progress, emit_json, human, out, spinner, ta
 from memvirt.errors import MemvirtError, UsageError
 from memvirt.qemu.vm import VM
 
-app = typer.Typer(help="Find duplicate, zero and free pages within and across guests and dumps.",
-                  no_args_is_help=True)
-ksm_app = typer.Typer(help="Drive the host's KSM for guests with anonymous RAM, helped by introspection.",
-                      no_args_is_help=True)
+app = typer.Typer(help="Find duplicate, zero and free pages within and across guests and dumps.", no_args_is_help=True)
+ksm_app = typer.Typer(
+    help="Drive the host's KSM for guests with anonymous RAM, helped by introspection.", no_args_is_help=True
+)
 
 
 def _running(name: str) -> VM:
@@ -52,8 +52,13 @@ def reclaim(
         while True:
             with byte_progress(f"reclaiming free pages of {name}") as update:
                 rep = rec.run(lambda done, total: update(done * 4096, total * 4096))
-            report = {"vm": name, "method": rec.discarder.method, "time": round(time.time(), 3), **rep.to_json(),
-                      "goal_ms": round(rec.budget_ms, 2)}
+            report = {
+                "vm": name,
+                "method": rec.discarder.method,
+                "time": round(time.time(), 3),
+                **rep.to_json(),
+                "goal_ms": round(rec.budget_ms, 2),
+            }
             if json_:
                 emit_json(report)
             else:
@@ -94,7 +99,9 @@ def _held(vm: VM | None, pause: bool) -> Iterator[bool]:
 def analyze(
     sources: Annotated[list[str], typer.Argument(help="VM names, pid:N, RAM files or dumps.")],
     json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    pause: Annotated[bool, typer.Option("--pause/--no-pause", help="Hold each running guest still while reading it.")] = False,
+    pause: Annotated[
+        bool, typer.Option("--pause/--no-pause", help="Hold each running guest still while reading it.")
+    ] = False,
     introspect: Annotated[bool, typer.Option("--introspect/--no-introspect", help="Find free pages too.")] = True,
 ) -> None:
     """Duplicate pages within and across sources, zero pages, and how much more the knowledge of
@@ -120,13 +127,24 @@ def analyze(
     rows = []
     for s in report["sources"]:
         free = "?" if s["free"] is None else human(s["free"] * 4096)
-        rows.append([s["name"], human(s["pages"] * 4096), human(s["zero"] * 4096), human(s["duplicate"] * 4096),
-                     free, s["kernel"] or "", s["note"] or ""])
+        rows.append(
+            [
+                s["name"],
+                human(s["pages"] * 4096),
+                human(s["zero"] * 4096),
+                human(s["duplicate"] * 4096),
+                free,
+                s["kernel"] or "",
+                s["note"] or "",
+            ]
+        )
     table(None, ["SOURCE", "RAM", "ZERO", "DUPLICATE WITHIN", "FREE", "KERNEL", "NOTE"], rows)
     t = report["total"]
-    out.print(f"all together: {human(t['content_saving_bytes'])} saved by merging identical pages "
-              f"(zero pages included), {human(t['free_aware_saving_bytes'])} when free pages are dropped too: "
-              f"free pages unlock [bold]{human(t['free_unlocks_bytes'])}[/] more")
+    out.print(
+        f"all together: {human(t['content_saving_bytes'])} saved by merging identical pages "
+        f"(zero pages included), {human(t['free_aware_saving_bytes'])} when free pages are dropped too: "
+        f"free pages unlock [bold]{human(t['free_unlocks_bytes'])}[/] more"
+    )
     out.print(f"read {human(t['pages'] * 4096)} in {report['seconds']} s ({report['gib_per_second']} GiB/s)")
 
 
@@ -143,20 +161,39 @@ def ksm_status(json_: Annotated[bool, typer.Option("--json", help="Print JSON.")
         if not vm.alive():
             continue
         st = ksm.process_stat(vm.config.pid)
-        vms.append({"name": vm.name, "ram": vm.config.ram, "host_bytes": host_usage(vm),
-                    "mergeable": vm.config.ram == "anonymous", **st})
-    report = {"settings": ksm.settings(), "counters": ksm.counters(), "saving_bytes": ksm.saving_bytes(),
-              "ksmd_cpu_seconds": round(ksm.ksmd_cpu_seconds(), 2), "vms": vms}
+        vms.append(
+            {
+                "name": vm.name,
+                "ram": vm.config.ram,
+                "host_bytes": host_usage(vm),
+                "mergeable": vm.config.ram == "anonymous",
+                **st,
+            }
+        )
+    report = {
+        "settings": ksm.settings(),
+        "counters": ksm.counters(),
+        "saving_bytes": ksm.saving_bytes(),
+        "ksmd_cpu_seconds": round(ksm.ksmd_cpu_seconds(), 2),
+        "vms": vms,
+    }
     if json_:
         emit_json(report)
         return
     s = report["settings"]
-    out.print(f"KSM run={s.get('run')} pages_to_scan={s.get('pages_to_scan')} sleep={s.get('sleep_millisecs')} ms "
-              f"use_zero_pages={s.get('use_zero_pages')}; saving {human(report['saving_bytes'])}; "
-              f"ksmd used {report['ksmd_cpu_seconds']} s of CPU")
-    table(None, ["VM", "RAM", "HOST HOLDS", "KSM MERGING PAGES", "KSM ZERO PAGES"],
-          [[v["name"], v["ram"], human(v["host_bytes"]), v.get("ksm_merging_pages", ""), v.get("ksm_zero_pages", "")]
-           for v in vms])
+    out.print(
+        f"KSM run={s.get('run')} pages_to_scan={s.get('pages_to_scan')} sleep={s.get('sleep_millisecs')} ms "
+        f"use_zero_pages={s.get('use_zero_pages')}; saving {human(report['saving_bytes'])}; "
+        f"ksmd used {report['ksmd_cpu_seconds']} s of CPU"
+    )
+    table(
+        None,
+        ["VM", "RAM", "HOST HOLDS", "KSM MERGING PAGES", "KSM ZERO PAGES"],
+        [
+            [v["name"], v["ram"], human(v["host_bytes"]), v.get("ksm_merging_pages", ""), v.get("ksm_zero_pages", "")]
+            for v in vms
+        ],
+    )
 
 
 @ksm_app.command("run")
@@ -164,13 +201,24 @@ def ksm_run(
     names: Annotated[list[str], typer.Argument(help="Running memvirt VMs with anonymous RAM.")],
     duration: Annotated[float, typer.Option(help="Seconds to drive KSM.")] = 120.0,
     interval: Annotated[float, typer.Option(help="Seconds between reports (and reclaim passes).")] = 5.0,
-    reclaim_free: Annotated[bool, typer.Option("--reclaim/--no-reclaim", help="Discard free guest pages each interval.")] = True,
+    reclaim_free: Annotated[
+        bool, typer.Option("--reclaim/--no-reclaim", help="Discard free guest pages each interval.")
+    ] = True,
     pages_to_scan: Annotated[int, typer.Option(help="KSM pages per wake-up (stock: 100).")] = 100,
     sleep_ms: Annotated[int, typer.Option(help="KSM sleep between wake-ups in ms (stock: 20).")] = 20,
-    zero_pages: Annotated[bool, typer.Option("--zero-pages/--no-zero-pages", help="Merge zero pages with the zero page.")] = True,
-    ksmd_cpu: Annotated[str | None, typer.Option(help="Keep ksmd within this share of one CPU, e.g. 0.5% "
-                                                       "(pages_to_scan set each interval, at most --pages-to-scan).")] = None,
-    keep: Annotated[bool, typer.Option("--keep/--restore", help="Leave KSM running with these settings at the end.")] = False,
+    zero_pages: Annotated[
+        bool, typer.Option("--zero-pages/--no-zero-pages", help="Merge zero pages with the zero page.")
+    ] = True,
+    ksmd_cpu: Annotated[
+        str | None,
+        typer.Option(
+            help="Keep ksmd within this share of one CPU, e.g. 0.5% "
+            "(pages_to_scan set each interval, at most --pages-to-scan)."
+        ),
+    ] = None,
+    keep: Annotated[
+        bool, typer.Option("--keep/--restore", help="Leave KSM running with these settings at the end.")
+    ] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Run KSM over the guests with introspection's help and report its saving over time.
@@ -191,8 +239,9 @@ def ksm_run(
     vms = [_running(n) for n in names]
     for vm in vms:
         if vm.config.ram != "anonymous":
-            raise UsageError(f"VM {vm.name!r} has {vm.config.ram} RAM: KSM merges only anonymous RAM "
-                             "(start it with --ram anonymous)")
+            raise UsageError(
+                f"VM {vm.name!r} has {vm.config.ram} RAM: KSM merges only anonymous RAM (start it with --ram anonymous)"
+            )
     ksm.refuse_other_tuners()
     samples = []
     before = ksm.settings()
@@ -202,8 +251,11 @@ def ksm_run(
         if keep:
             _apply(ksm, pages_to_scan, sleep_ms, zero_pages)
         else:
-            borrowed = stack.enter_context(ksm.configured(run=1, pages_to_scan=pages_to_scan,
-                                                          sleep_millisecs=sleep_ms, use_zero_pages=int(zero_pages)))
+            borrowed = stack.enter_context(
+                ksm.configured(
+                    run=1, pages_to_scan=pages_to_scan, sleep_millisecs=sleep_ms, use_zero_pages=int(zero_pages)
+                )
+            )
         pacer = ksm.Pacer(_share(ksmd_cpu), pages_to_scan, borrowed) if ksmd_cpu else None
         t0, cpu0, reclaimed = time.monotonic(), ksm.ksmd_cpu_seconds(), 0
         while True:
@@ -213,25 +265,42 @@ def ksm_run(
                 changed = borrowed.check()
                 if changed:
                     path, mine, now = changed[0]
-                    raise MemvirtError(f"another tool changed {path} ({mine} -> {now}) while memvirt drove KSM; "
-                                       "memvirt stops rather than fight it (its other settings are restored)")
+                    raise MemvirtError(
+                        f"another tool changed {path} ({mine} -> {now}) while memvirt drove KSM; "
+                        "memvirt stops rather than fight it (its other settings are restored)"
+                    )
             if pacer is not None:
                 pacer.step()
             s = ksm.sample(t0, [host_usage(vm) for vm in vms])
-            row = {**s.to_json(), "reclaimed_bytes": reclaimed, "ksmd_cpu_seconds": round(s.ksmd_cpu - cpu0, 3),
-                   "pages_to_scan": pacer.pages if pacer is not None else pages_to_scan}
+            row = {
+                **s.to_json(),
+                "reclaimed_bytes": reclaimed,
+                "ksmd_cpu_seconds": round(s.ksmd_cpu - cpu0, 3),
+                "pages_to_scan": pacer.pages if pacer is not None else pages_to_scan,
+            }
             samples.append(row)
             if not json_:
-                out.print(f"{row['t']:7.1f} s  guests hold {human(row['guest_bytes'])}  KSM saves "
-                          f"{human(row['ksm_saving_bytes'])}  reclaimed {human(reclaimed)}  "
-                          f"ksmd CPU {row['ksmd_cpu_seconds']:.2f} s")
+                out.print(
+                    f"{row['t']:7.1f} s  guests hold {human(row['guest_bytes'])}  KSM saves "
+                    f"{human(row['ksm_saving_bytes'])}  reclaimed {human(reclaimed)}  "
+                    f"ksmd CPU {row['ksmd_cpu_seconds']:.2f} s"
+                )
             if s.t >= duration:
                 break
             time.sleep(min(interval, max(duration - s.t, 0.05)))
-    report = {"vms": names, "settings": {"pages_to_scan": pages_to_scan, "sleep_millisecs": sleep_ms,
-                                         "use_zero_pages": int(zero_pages), "reclaim": reclaim_free,
-                                         "ksmd_cpu_budget": _share(ksmd_cpu) if ksmd_cpu else None},
-              "restored": not keep, "previous": before, "samples": samples}
+    report = {
+        "vms": names,
+        "settings": {
+            "pages_to_scan": pages_to_scan,
+            "sleep_millisecs": sleep_ms,
+            "use_zero_pages": int(zero_pages),
+            "reclaim": reclaim_free,
+            "ksmd_cpu_budget": _share(ksmd_cpu) if ksmd_cpu else None,
+        },
+        "restored": not keep,
+        "previous": before,
+        "samples": samples,
+    }
     if json_:
         emit_json(report)
 
@@ -251,7 +320,9 @@ def _apply(ksm, pages_to_scan: int, sleep_ms: int, zero_pages: bool) -> None:  #
 
 
 @ksm_app.command("stop")
-def ksm_stop(unmerge: Annotated[bool, typer.Option(help="Also split every merged page again (run=2).")] = False) -> None:
+def ksm_stop(
+    unmerge: Annotated[bool, typer.Option(help="Also split every merged page again (run=2).")] = False,
+) -> None:
     """Stop ksmd (merged pages stay merged unless --unmerge)."""
     from memvirt.dedup import ksm
 
@@ -270,8 +341,7 @@ def demo_reclaim(vm: VM) -> dict:
     with Reclaimer(vm) as rec:
         rep = rec.run()
     alive = vm.exec("echo alive").text.strip() == "alive"
-    return {"method": rec.discarder.method, "goal_ms": round(rec.budget_ms, 2), "guest_alive": alive,
-            **rep.to_json()}
+    return {"method": rec.discarder.method, "goal_ms": round(rec.budget_ms, 2), "guest_alive": alive, **rep.to_json()}
 
 
 def print_demo_reclaim(r: dict) -> None:

@@ -54,8 +54,15 @@ class Steps:
     show: bool
     done: list[dict[str, Any]] = field(default_factory=list)
 
-    def run(self, key: str, text: str, fn: Callable[[], Any], printer: Callable[[Any], None] | None = None,
-            needs: str | None = None, bad_input_ends: bool = False) -> Any:
+    def run(
+        self,
+        key: str,
+        text: str,
+        fn: Callable[[], Any],
+        printer: Callable[[Any], None] | None = None,
+        needs: str | None = None,
+        bad_input_ends: bool = False,
+    ) -> Any:
         """``fn()``'s result, or None when it failed or was skipped (recorded either way). ``needs``
         names an earlier step whose failure makes this one pointless; with ``bad_input_ends``, a
         UsageError (the user's input, not the host) ends the demo at once with exit code 2."""
@@ -104,8 +111,12 @@ def demo(
     memory: Annotated[str, typer.Option(help="Guest RAM.")] = "512M",
     image: Annotated[str | None, typer.Option(help="Image or kernel series (default: Debian 6.1).")] = None,
     name: Annotated[str, typer.Option(help="Name of the demo VM.")] = "memvirt-demo",
-    map_: Annotated[Path, typer.Option("--map", help="Where to draw the guest's memory map.")] = Path("memvirt-demo-map.png"),
-    pm: Annotated[bool, typer.Option("--pm/--no-pm", help="Also show physical-machine migration (two more boots).")] = True,
+    map_: Annotated[Path, typer.Option("--map", help="Where to draw the guest's memory map.")] = Path(
+        "memvirt-demo-map.png"
+    ),
+    pm: Annotated[
+        bool, typer.Option("--pm/--no-pm", help="Also show physical-machine migration (two more boots).")
+    ] = True,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Boot the default guest; inspect, reclaim, compress, clone and live-migrate it from the host; stop it.
@@ -116,8 +127,13 @@ def demo(
     mem_bytes = parse_size(memory)
     steps = Steps(show=not json_)
     report: dict[str, Any] = {"steps": steps.done}
-    img = steps.run("image", "building the default image (the first run downloads a Debian kernel)",
-                    lambda: find_image(image), lambda i: out.print(f"[bold]Image[/]: {i.path}"), bad_input_ends=True)
+    img = steps.run(
+        "image",
+        "building the default image (the first run downloads a Debian kernel)",
+        lambda: find_image(image),
+        lambda i: out.print(f"[bold]Image[/]: {i.path}"),
+        bad_input_ends=True,
+    )
     # Guests named NAME or NAME-* die with this command, however it ends (a SIGKILL included).
     before = reaper.existing()
     guard = reaper.spawn(name)
@@ -131,37 +147,69 @@ def demo(
         finally:
             end_watchdog(guard)
     failed = steps.failed()
-    summary = (f"demo: {sum(r['status'] == 'ok' for r in steps.done)} steps ok, {len(failed)} failed, "
-               f"{sum(r['status'] == 'skipped' for r in steps.done)} skipped")
+    summary = (
+        f"demo: {sum(r['status'] == 'ok' for r in steps.done)} steps ok, {len(failed)} failed, "
+        f"{sum(r['status'] == 'skipped' for r in steps.done)} skipped"
+    )
     err.print(summary, markup=False)
     if failed:
         raise MemvirtError(f"demo step {failed[0]['step']!r} failed: {failed[0]['reason']}")
 
 
-def _run(steps: Steps, report: dict[str, Any], img: Any, name: str, memory: int, map_: Path, pm: bool,
-         image: str | None) -> None:
+def _run(
+    steps: Steps, report: dict[str, Any], img: Any, name: str, memory: int, map_: Path, pm: bool, image: str | None
+) -> None:
     vm: VM | None = None
 
     def boot() -> dict[str, Any]:
         nonlocal vm
         t0 = time.monotonic()
         vm = start_vm(name, img, memory=memory)
-        return {"name": name, "boot_seconds": round(time.monotonic() - t0, 1),
-                "kernel": vm.exec("uname -r").check("uname").text.strip(), "workload": WORKLOAD}
+        return {
+            "name": name,
+            "boot_seconds": round(time.monotonic() - t0, 1),
+            "kernel": vm.exec("uname -r").check("uname").text.strip(),
+            "workload": WORKLOAD,
+        }
 
     try:
         steps.run("boot", f"booting {name}", boot, _print_boot, needs="image")
         steps.run("workload", f"starting a workload: {WORKLOAD}", lambda: _start_workload(_need(vm)), needs="boot")
-        steps.run("inspection", "inspecting the paused guest from the host", lambda: _inspect(_need(vm), map_),
-                  _print_inspection, needs="boot")
-        steps.run("reclaim", "reclaiming the guest's free pages (no guest driver)", lambda: demo_reclaim(_need(vm)),
-                  print_demo_reclaim, needs="boot")
-        steps.run("compression", "compressing the guest's cold memory, keeping its working set resident",
-                  lambda: _compress(_need(vm)), print_demo_compress, needs="boot")
-        steps.run("clone", f"cloning {name} lazily (its RAM shared copy-on-write)", lambda: _clone(name),
-                  lambda c: _print_clone(c, name), needs="boot")
-        steps.run("migration", "live-migrating the guest: memvirt, then QEMU's precopy",
-                  lambda: demo_migration(name), print_demo_migration, needs="boot")
+        steps.run(
+            "inspection",
+            "inspecting the paused guest from the host",
+            lambda: _inspect(_need(vm), map_),
+            _print_inspection,
+            needs="boot",
+        )
+        steps.run(
+            "reclaim",
+            "reclaiming the guest's free pages (no guest driver)",
+            lambda: demo_reclaim(_need(vm)),
+            print_demo_reclaim,
+            needs="boot",
+        )
+        steps.run(
+            "compression",
+            "compressing the guest's cold memory, keeping its working set resident",
+            lambda: _compress(_need(vm)),
+            print_demo_compress,
+            needs="boot",
+        )
+        steps.run(
+            "clone",
+            f"cloning {name} lazily (its RAM shared copy-on-write)",
+            lambda: _clone(name),
+            lambda c: _print_clone(c, name),
+            needs="boot",
+        )
+        steps.run(
+            "migration",
+            "live-migrating the guest: memvirt, then QEMU's precopy",
+            lambda: demo_migration(name),
+            print_demo_migration,
+            needs="boot",
+        )
     finally:
         if vm is not None:
             try:
@@ -169,8 +217,13 @@ def _run(steps: Steps, report: dict[str, Any], img: Any, name: str, memory: int,
             except MemvirtError:
                 pass
     if pm:
-        steps.run("pm", "physical-machine migration: two machines on a LAN, one moves onto the other",
-                  lambda: demo_pm(name, image), print_demo_pm, needs="image")
+        steps.run(
+            "pm",
+            "physical-machine migration: two machines on a LAN, one moves onto the other",
+            lambda: demo_pm(name, image),
+            print_demo_pm,
+            needs="image",
+        )
     for r in steps.done:
         if r["status"] == "ok" and r["step"] != "image":
             report[r["step"]] = r["result"]
@@ -194,8 +247,9 @@ def _compress(vm: VM) -> dict[str, Any]:
 
 
 def _print_boot(b: dict[str, Any]) -> None:
-    out.print(f"[bold]Guest[/] {b['name']}: Linux {b['kernel']}, booted in {b['boot_seconds']} s, "
-              f"running '{b['workload']}'")
+    out.print(
+        f"[bold]Guest[/] {b['name']}: Linux {b['kernel']}, booted in {b['boot_seconds']} s, running '{b['workload']}'"
+    )
 
 
 def _start_workload(vm: VM) -> dict[str, Any]:
@@ -220,10 +274,15 @@ def _clone(name: str) -> dict[str, object]:
     try:
         usage = mapping_usage(cl.config.pid, cl.config.backing, cl.config.memory)
         return {
-            "name": c.name, "running_ms": round(c.seconds * 1000), "qemu_start_ms": round(c.qemu_seconds * 1000),
-            "guest_answers_ms": round((c.guest_seconds or 0) * 1000), "hostname": cl.exec("hostname").text.strip(),
-            "workload_runs_on": cl.exec("pidof memtouch").rc == 0, "private_bytes": usage["private"],
-            "template_ram_bytes": os.stat(cl.config.backing).st_blocks * 512, "memory": cl.config.memory,
+            "name": c.name,
+            "running_ms": round(c.seconds * 1000),
+            "qemu_start_ms": round(c.qemu_seconds * 1000),
+            "guest_answers_ms": round((c.guest_seconds or 0) * 1000),
+            "hostname": cl.exec("hostname").text.strip(),
+            "workload_runs_on": cl.exec("pidof memtouch").rc == 0,
+            "private_bytes": usage["private"],
+            "template_ram_bytes": os.stat(cl.config.backing).st_blocks * 512,
+            "memory": cl.config.memory,
         }
     finally:
         cl.stop()
@@ -240,33 +299,50 @@ def _inspect(vm: VM, map_path: Path) -> dict[str, object]:
             census = intro.scan(content=True)
     figs = snap.figures
     guest = {
-        "free": figs.pages("MemFree"), "free_pcp": figs.pcp_total,
-        "page_cache": figs.pages("Cached") + figs.pages("Buffers"), "anon": figs.pages("AnonPages"),
-        "slab": figs.pages("Slab"), "page_table": figs.pages("PageTables"),
+        "free": figs.pages("MemFree"),
+        "free_pcp": figs.pcp_total,
+        "page_cache": figs.pages("Cached") + figs.pages("Buffers"),
+        "anon": figs.pages("AnonPages"),
+        "slab": figs.pages("Slab"),
+        "page_table": figs.pages("PageTables"),
     }
     draw_map(census, map_path, title=f"{vm.name}: Linux {census.release}, seen from the host")
     return {
-        "kernel": census.release, "regions": [{"gpa": r.gpa, "size": r.size} for r in vm.regions],
-        "pages": census.counts, "guest_says": guest, "map": str(map_path),
-        "bootstrap_ms": round(census.timings["bootstrap"] * 1000, 1), "scan_ms": round(census.timings["scan"] * 1000, 1),
+        "kernel": census.release,
+        "regions": [{"gpa": r.gpa, "size": r.size} for r in vm.regions],
+        "pages": census.counts,
+        "guest_says": guest,
+        "map": str(map_path),
+        "bootstrap_ms": round(census.timings["bootstrap"] * 1000, 1),
+        "scan_ms": round(census.timings["scan"] * 1000, 1),
         "layout_facts": intro.layout_sources(),
     }
 
 
 def _print_inspection(ins: dict[str, Any]) -> None:
-    table("Guest physical memory map", ["START", "END", "SIZE"],
-          [[f"{r['gpa']:#014x}", f"{r['gpa'] + r['size']:#014x}", human(r["size"])] for r in ins["regions"]])
+    table(
+        "Guest physical memory map",
+        ["START", "END", "SIZE"],
+        [[f"{r['gpa']:#014x}", f"{r['gpa'] + r['size']:#014x}", human(r["size"])] for r in ins["regions"]],
+    )
     pages, says = ins["pages"], ins["guest_says"]
     rows = [[c, pages[c], human(pages[c] * 4096), says.get(c, "")] for c in CLASSES]
     rows.append(["(zero content)", pages.get("zero", 0), human(pages.get("zero", 0) * 4096), ""])
-    table("What the host reads in guest memory (no agent, no debug symbols)",
-          ["CLASS", "PAGES", "SIZE", "GUEST'S OWN FIGURE (pages)"], rows)
-    out.print(f"bootstrap {ins['bootstrap_ms']} ms, scan {ins['scan_ms']} ms; "
-              f"layout facts from {ins['layout_facts']}; map: {ins['map']}")
+    table(
+        "What the host reads in guest memory (no agent, no debug symbols)",
+        ["CLASS", "PAGES", "SIZE", "GUEST'S OWN FIGURE (pages)"],
+        rows,
+    )
+    out.print(
+        f"bootstrap {ins['bootstrap_ms']} ms, scan {ins['scan_ms']} ms; "
+        f"layout facts from {ins['layout_facts']}; map: {ins['map']}"
+    )
 
 
 def _print_clone(c: dict[str, Any], name: str) -> None:
-    out.print(f"[bold]Clone[/] {c['name']} (hostname {c['hostname']}): running {c['running_ms']} ms after the request "
-              f"(QEMU's own start {c['qemu_start_ms']} ms), guest answered at {c['guest_answers_ms']} ms; workload "
-              f"{'runs on' if c['workload_runs_on'] else 'NOT running'}; private RAM {human(c['private_bytes'])} of "
-              f"{human(c['memory'])}, the rest shared copy-on-write with {name}'s {human(c['template_ram_bytes'])} RAM file")
+    out.print(
+        f"[bold]Clone[/] {c['name']} (hostname {c['hostname']}): running {c['running_ms']} ms after the request "
+        f"(QEMU's own start {c['qemu_start_ms']} ms), guest answered at {c['guest_answers_ms']} ms; workload "
+        f"{'runs on' if c['workload_runs_on'] else 'NOT running'}; private RAM {human(c['private_bytes'])} of "
+        f"{human(c['memory'])}, the rest shared copy-on-write with {name}'s {human(c['template_ram_bytes'])} RAM file"
+    )

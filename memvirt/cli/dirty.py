@@ -46,9 +46,11 @@ def ranges(mask: np.ndarray) -> list[list[int]]:
 
 
 def _row(r: Interval) -> str:
-    return (f"{r.t:7.2f}s  written {r.pages:>8} pages {human(r.bytes):>10}  "
-            f"rate {r.pages_per_s:>10.1f} pages/s {human(r.bytes_per_s):>10}/s  "
-            f"set {r.set_pages:>8} pages  (+{r.new_pages})  scan {r.scan_ms:.2f} ms")
+    return (
+        f"{r.t:7.2f}s  written {r.pages:>8} pages {human(r.bytes):>10}  "
+        f"rate {r.pages_per_s:>10.1f} pages/s {human(r.bytes_per_s):>10}/s  "
+        f"set {r.set_pages:>8} pages  (+{r.new_pages})  scan {r.scan_ms:.2f} ms"
+    )
 
 
 def draw(rows: list[Interval], path: Path, title: str) -> Path:
@@ -81,8 +83,9 @@ def dirty(
     name: Annotated[str, typer.Argument(help="A running memvirt VM.")],
     interval: Annotated[float, typer.Option(help="Seconds per scan.")] = 1.0,
     duration: Annotated[float | None, typer.Option(help="Stop after SECONDS (default: until Ctrl-C).")] = None,
-    method: Annotated[str, typer.Option(
-        help="auto (userfaultfd write-protect, else fingerprints), uffd-wp, or fingerprint.")] = "auto",
+    method: Annotated[
+        str, typer.Option(help="auto (userfaultfd write-protect, else fingerprints), uffd-wp, or fingerprint.")
+    ] = "auto",
     json_: Annotated[bool, typer.Option("--json", help="Print JSON at the end (with the written set).")] = False,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG of the dirty rate and written set over time.")] = None,
 ) -> None:
@@ -123,9 +126,17 @@ def dirty(
             written[pfns] = True
             secs = s1 - last
             n = len(pfns)
-            row = Interval(round(s1 - t0, 3), round(secs, 4), n, n * PAGE_SIZE, round(n / secs, 1),
-                           round(n * PAGE_SIZE / secs, 1), new, int(np.count_nonzero(written)),
-                           round((s1 - s0) * 1000, 3))
+            row = Interval(
+                round(s1 - t0, 3),
+                round(secs, 4),
+                n,
+                n * PAGE_SIZE,
+                round(n / secs, 1),
+                round(n * PAGE_SIZE / secs, 1),
+                new,
+                int(np.count_nonzero(written)),
+                round((s1 - s0) * 1000, 3),
+            )
             rows.append(row)
             last = s1
             if not json_:
@@ -140,21 +151,38 @@ def dirty(
     if json_:
         emit_json(report)
         return
-    table(None, ["VM", "method", "intervals", "seconds", "written set", "mean rate", "peak rate"],
-          [[vm.name, tracker.method, len(rows), f"{report['seconds']:.1f}",
-            f"{report['written_pages']} pages ({human(report['written_bytes'])})",
-            f"{human(report['mean_bytes_per_s'])}/s", f"{human(report['peak_bytes_per_s'])}/s"]])
+    table(
+        None,
+        ["VM", "method", "intervals", "seconds", "written set", "mean rate", "peak rate"],
+        [
+            [
+                vm.name,
+                tracker.method,
+                len(rows),
+                f"{report['seconds']:.1f}",
+                f"{report['written_pages']} pages ({human(report['written_bytes'])})",
+                f"{human(report['mean_bytes_per_s'])}/s",
+                f"{human(report['peak_bytes_per_s'])}/s",
+            ]
+        ],
+    )
     if "plot" in report:
         out.print(f"plot: {report['plot']}")
 
 
-def _report(name: str, method: str, notice: str, interval: float, rows: list[Interval],
-            written: np.ndarray) -> dict[str, Any]:
+def _report(
+    name: str, method: str, notice: str, interval: float, rows: list[Interval], written: np.ndarray
+) -> dict[str, Any]:
     seconds = sum(r.seconds for r in rows)
     total = sum(r.pages for r in rows)
     return {
-        "vm": name, "method": method, "notice": notice, "interval": interval, "page_size": PAGE_SIZE,
-        "seconds": round(seconds, 3), "scanned_pages_total": total,
+        "vm": name,
+        "method": method,
+        "notice": notice,
+        "interval": interval,
+        "page_size": PAGE_SIZE,
+        "seconds": round(seconds, 3),
+        "scanned_pages_total": total,
         "mean_pages_per_s": round(total / seconds, 1) if seconds else 0.0,
         "mean_bytes_per_s": round(total * PAGE_SIZE / seconds, 1) if seconds else 0.0,
         "peak_bytes_per_s": max((r.bytes_per_s for r in rows), default=0.0),

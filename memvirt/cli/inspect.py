@@ -30,7 +30,9 @@ def _owning_vm(source: str) -> VM | None:
         return next((v for v in vms.values() if str(v.config.pid) == source[4:]), None)
     if Path(source).exists():
         real = os.path.realpath(source)
-        return next((v for v in vms.values() if v.config.ram_path and os.path.realpath(v.config.ram_path) == real), None)
+        return next(
+            (v for v in vms.values() if v.config.ram_path and os.path.realpath(v.config.ram_path) == real), None
+        )
     return None
 
 
@@ -74,7 +76,9 @@ def inspect(
     map_: Annotated[Path | None, typer.Option("--map", help="Draw the guest-physical address space to a PNG.")] = None,
     pause: Annotated[bool, typer.Option("--pause/--no-pause", help="Pause a running guest while reading it.")] = True,
     layouts: Annotated[str, typer.Option(help=f"Layout source: {', '.join(CHOICES)}.")] = "auto",
-    content: Annotated[bool, typer.Option("--content/--no-content", help="Also count all-zero pages (reads all RAM).")] = True,
+    content: Annotated[
+        bool, typer.Option("--content/--no-content", help="Also count all-zero pages (reads all RAM).")
+    ] = True,
     format: Annotated[str, typer.Option("--format", "-f", help=f"File format: {', '.join(FORMATS)}.")] = "auto",
     ram_size: Annotated[str | None, typer.Option(help="Guest RAM size, for a RAM file or raw image.")] = None,
 ) -> None:
@@ -111,8 +115,10 @@ def _print(census: Census, report: dict) -> None:
     total = sum(census.counts[c] for c in CLASSES if c != "unbacked") or 1
     live = " (LIVE: racy, the guest kept running)" if census.live else ""
     out.print(f"[bold]{report['source']}[/]: Linux {census.release}{live}")
-    rows = [[c, census.counts[c], human(census.counts[c] * 4096), f"{100 * census.counts[c] / total:.1f} %"]
-            for c in CLASSES]
+    rows = [
+        [c, census.counts[c], human(census.counts[c] * 4096), f"{100 * census.counts[c] / total:.1f} %"]
+        for c in CLASSES
+    ]
     if "zero" in census.counts:
         rows.append(["(zero content)", census.counts["zero"], human(census.counts["zero"] * 4096), "of allocated"])
     table(None, ["CLASS", "PAGES", "SIZE", "SHARE"], rows)

@@ -14,7 +14,9 @@ from memvirt.memory.open import FORMATS, open_memory
 from memvirt.memory.source import PAGE_SIZE, GuestMemory
 from memvirt.units import parse_size
 
-app = typer.Typer(help="Read guest physical memory (VM, pid:N, RAM file, ELF/kdump dump, raw image).", no_args_is_help=True)
+app = typer.Typer(
+    help="Read guest physical memory (VM, pid:N, RAM file, ELF/kdump dump, raw image).", no_args_is_help=True
+)
 
 SourceArg = Annotated[str, typer.Argument(help="A VM name, pid:N, or a memory file (dump, RAM file, raw image).")]
 FormatOpt = Annotated[str, typer.Option("--format", "-f", help=f"File format: {', '.join(FORMATS)}.")]
@@ -45,19 +47,29 @@ def zero_pages(mem: GuestMemory) -> int:
 
 @app.command("info")
 def info(
-    source: SourceArg, format: FormatOpt = "auto", ram_size: RamSizeOpt = None,
+    source: SourceArg,
+    format: FormatOpt = "auto",
+    ram_size: RamSizeOpt = None,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show a source's RAM map and size."""
     with _open(source, format, ram_size) as mem:
         regions = [{"gpa": r.gpa, "end": r.end, "size": r.size} for r in mem.regions]
-        data = {"source": mem.describe(), "kind": mem.kind, "ram_bytes": mem.ram_size, "max_pfn": mem.max_pfn,
-                "regions": regions, "vmcoreinfo": mem.vmcoreinfo is not None}
+        data = {
+            "source": mem.describe(),
+            "kind": mem.kind,
+            "ram_bytes": mem.ram_size,
+            "max_pfn": mem.max_pfn,
+            "regions": regions,
+            "vmcoreinfo": mem.vmcoreinfo is not None,
+        }
     if json_:
         emit_json(data)
         return
     out.print(f"{data['source']}: {human(data['ram_bytes'])} of RAM, max pfn {data['max_pfn']:#x}")
-    table(None, ["START", "END", "SIZE"], [[f"{r['gpa']:#014x}", f"{r['end']:#014x}", human(r["size"])] for r in regions])
+    table(
+        None, ["START", "END", "SIZE"], [[f"{r['gpa']:#014x}", f"{r['end']:#014x}", human(r["size"])] for r in regions]
+    )
 
 
 @app.command("read")

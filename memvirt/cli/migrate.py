@@ -1,5 +1,4 @@
-"""``memvirt migrate`` and ``memvirt receive``: live migration with memvirt's own precopy engine.
-"""
+"""``memvirt migrate`` and ``memvirt receive``: live migration with memvirt's own precopy engine."""
 
 from __future__ import annotations
 
@@ -17,12 +16,22 @@ from memvirt.migrate.protocol import DEFAULT_PORT, SECRET_ENV, SECRET_FORMS, che
 from memvirt.units import parse_size
 
 SecretOpt = Annotated[
-    Path | None, typer.Option("--secret-file", help=(
-        f"File holding the shared secret, mode 0600 (else ${SECRET_ENV}, which memvirt removes from its "
-        f"environment at once); both ends need the same: {SECRET_FORMS}."))
+    Path | None,
+    typer.Option(
+        "--secret-file",
+        help=(
+            f"File holding the shared secret, mode 0600 (else ${SECRET_ENV}, which memvirt removes from its "
+            f"environment at once); both ends need the same: {SECRET_FORMS}."
+        ),
+    ),
 ]
-InsecureOpt = Annotated[bool, typer.Option("--insecure", help=(
-    "No shared secret: peers are not authenticated nor the stream hidden. Loopback addresses only."))]
+InsecureOpt = Annotated[
+    bool,
+    typer.Option(
+        "--insecure",
+        help=("No shared secret: peers are not authenticated nor the stream hidden. Loopback addresses only."),
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
@@ -54,38 +63,50 @@ def migrate(
     def progress(st: Round) -> None:
         if not json_:
             tag = "final" if st.final else f"round {st.index + 1}"
-            err.print(f"{tag}: {st.changed} changed, {st.free} free, sent {st.data} data, {st.zero} zero, "
-                      f"{st.dup} dup, {st.discarded} punched, {human(st.wire_bytes)} in {st.seconds * 1000:.0f} ms"
-                      + (f", guest throttled {st.throttle:.0%}" if st.throttle else ""))
+            err.print(
+                f"{tag}: {st.changed} changed, {st.free} free, sent {st.data} data, {st.zero} zero, "
+                f"{st.dup} dup, {st.discarded} punched, {human(st.wire_bytes)} in {st.seconds * 1000:.0f} ms"
+                + (f", guest throttled {st.throttle:.0%}" if st.throttle else "")
+            )
 
-    report = run(name, host, port, secret, as_, downtime / 1000, codec, free, max_rounds, progress,
-                 parse_size(max_bandwidth))
+    report = run(
+        name, host, port, secret, as_, downtime / 1000, codec, free, max_rounds, progress, parse_size(max_bandwidth)
+    )
     if json_:
         emit_json(report.to_json())
         return
     pages = report.pages()
     out.print(f"[bold]{name}[/] -> {report.target} at {report.peer}: running there ({report.stop_reason})")
-    table(None, ["", "VALUE"], [
-        ["rounds", len(report.rounds)],
-        ["pages sent as data", f"{pages['data']} ({human(pages['data'] * PAGE)})"],
-        ["zero pages (markers)", pages["zero"]],
-        ["duplicates (references)", pages["dup"]],
-        ["free at pause (not sent)", pages["free_final"]],
-        ["punched (became free)", pages["discarded"]],
-        ["bytes on the wire", human(report.wire_bytes)],
-        ["device state", human(report.devstate_bytes)],
-        ["codecs", ", ".join(f"{k} x{v}" for k, v in report.codecs.items()) or "-"],
-        ["total time", f"{report.total_seconds:.2f} s"],
-        ["downtime", f"{report.downtime_seconds * 1000:.0f} ms (target {report.downtime_target * 1000:.0f} ms)"],
-        ["guest throttled (auto-converge)", f"up to {report.max_throttle:.0%}" if report.max_throttle else "no"],
-    ])
+    table(
+        None,
+        ["", "VALUE"],
+        [
+            ["rounds", len(report.rounds)],
+            ["pages sent as data", f"{pages['data']} ({human(pages['data'] * PAGE)})"],
+            ["zero pages (markers)", pages["zero"]],
+            ["duplicates (references)", pages["dup"]],
+            ["free at pause (not sent)", pages["free_final"]],
+            ["punched (became free)", pages["discarded"]],
+            ["bytes on the wire", human(report.wire_bytes)],
+            ["device state", human(report.devstate_bytes)],
+            ["codecs", ", ".join(f"{k} x{v}" for k, v in report.codecs.items()) or "-"],
+            ["total time", f"{report.total_seconds:.2f} s"],
+            ["downtime", f"{report.downtime_seconds * 1000:.0f} ms (target {report.downtime_target * 1000:.0f} ms)"],
+            ["guest throttled (auto-converge)", f"up to {report.max_throttle:.0%}" if report.max_throttle else "no"],
+        ],
+    )
 
 
 def receive(
-    listen: Annotated[str, typer.Option("--listen", help="HOST:PORT to listen on (default loopback).")] = f"127.0.0.1:{DEFAULT_PORT}",
+    listen: Annotated[
+        str, typer.Option("--listen", help="HOST:PORT to listen on (default loopback).")
+    ] = f"127.0.0.1:{DEFAULT_PORT}",
     count: Annotated[int, typer.Option(help="Migrations to accept before exiting.")] = 1,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 600.0,
-    hold_file: Annotated[Path | None, typer.Option(hidden=True, help="Test hook: hold a verified, paused target until this file is removed.")] = None,
+    hold_file: Annotated[
+        Path | None,
+        typer.Option(hidden=True, help="Test hook: hold a verified, paused target until this file is removed."),
+    ] = None,
     secret_file: SecretOpt = None,
     insecure: InsecureOpt = False,
     json_: JsonOpt = False,
@@ -111,8 +132,10 @@ def receive(
         emit_json([r.__dict__ for r in results])
     else:
         for r in results:
-            out.print(f"{r.name}: {'running' if r.ok else 'failed: ' + r.error} ({r.rounds} rounds, "
-                      f"{human(r.bytes_received)} received, {r.seconds:.2f} s)")
+            out.print(
+                f"{r.name}: {'running' if r.ok else 'failed: ' + r.error} ({r.rounds} rounds, "
+                f"{human(r.bytes_received)} received, {r.seconds:.2f} s)"
+            )
 
 
 def demo_migration(name: str) -> dict[str, dict[str, object]]:
@@ -131,8 +154,13 @@ def demo_migration(name: str) -> dict[str, dict[str, object]]:
 
     secret = secrets.token_hex(32)
     env = {**os.environ, "MEMVIRT_SECRET": secret}
-    rx = subprocess.Popen([sys.executable, "-m", "memvirt", "receive", "--listen", "127.0.0.1:0",
-                           "--timeout", "300"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    rx = subprocess.Popen(
+        [sys.executable, "-m", "memvirt", "receive", "--listen", "127.0.0.1:0", "--timeout", "300"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     made = [f"{name}-m", f"{name}-q"]
     try:
         m = re.search(r":(\d+)", rx.stderr.readline() if rx.stderr else "")
@@ -140,8 +168,12 @@ def demo_migration(name: str) -> dict[str, dict[str, object]]:
             raise MemvirtError("the demo's receiver did not start")
         rep = run(name, "127.0.0.1", int(m.group(1)), secret.encode(), made[0])
         rx.wait(60)
-        ours = {"bytes": rep.wire_bytes, "total_s": round(rep.total_seconds, 2),
-                "downtime_ms": round(rep.downtime_seconds * 1000), "rounds": len(rep.rounds)}
+        ours = {
+            "bytes": rep.wire_bytes,
+            "total_s": round(rep.total_seconds, 2),
+            "downtime_ms": round(rep.downtime_seconds * 1000),
+            "rounds": len(rep.rounds),
+        }
         qemu = qemu_migrate(VM.load(made[0]), made[1])
         theirs = {k: qemu[k] for k in ("bytes", "total_s", "downtime_ms", "rounds")}
         return {"memvirt": ours, "qemu": theirs}
@@ -156,7 +188,8 @@ def demo_migration(name: str) -> dict[str, dict[str, object]]:
 
 
 def print_demo_migration(d: dict[str, dict[str, object]]) -> None:
-    rows = [[k, human(float(v["bytes"])), f"{float(v['total_s']):.2f} s", f"{v['downtime_ms']} ms", v["rounds"]]
-            for k, v in d.items()]
+    rows = [
+        [k, human(float(v["bytes"])), f"{float(v['total_s']):.2f} s", f"{v['downtime_ms']} ms", v["rounds"]]
+        for k, v in d.items()
+    ]
     table("live migration, memvirt vs QEMU precopy", ["ENGINE", "ON THE WIRE", "TOTAL", "DOWNTIME", "ROUNDS"], rows)
-

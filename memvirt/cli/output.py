@@ -40,8 +40,13 @@ def spinner(text: str) -> Iterator[None]:
 def byte_progress(text: str) -> Iterator[Any]:
     """A progress bar over bytes; yields ``update(done, total)``."""
     with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
-        console=err, transient=True,
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
     ) as p:
         task = p.add_task(text, total=None)
 

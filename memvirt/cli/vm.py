@@ -25,12 +25,26 @@ NameArg = Annotated[str, typer.Argument(help="VM name.")]
 def vm_info(vm: VM) -> dict[str, object]:
     c = vm.config
     return {
-        "name": c.name, "status": vm.status(), "pid": c.pid, "memory": c.memory, "cpus": c.cpus,
-        "ram": c.ram, "ram_path": c.ram_path or None, "accel": c.accel, "kernel": c.kernel_release,
-        "image": c.image, "uptime": round(time.time() - c.started, 1),
-        "regions": c.regions, "serial_log": str(vm.serial_log), "qmp": str(vm.qmp_path),
-        "role": c.role or ("clone" if c.clone_of else ""), "clone_of": c.clone_of or None,
-        "lazy": c.ram == "cow" if c.clone_of else None, "lan": c.lan or None, "lan_ip": c.extra.get("lan_ip"), "clones": [v.name for v in vm.lazy_clones()] if vm.is_template else [],
+        "name": c.name,
+        "status": vm.status(),
+        "pid": c.pid,
+        "memory": c.memory,
+        "cpus": c.cpus,
+        "ram": c.ram,
+        "ram_path": c.ram_path or None,
+        "accel": c.accel,
+        "kernel": c.kernel_release,
+        "image": c.image,
+        "uptime": round(time.time() - c.started, 1),
+        "regions": c.regions,
+        "serial_log": str(vm.serial_log),
+        "qmp": str(vm.qmp_path),
+        "role": c.role or ("clone" if c.clone_of else ""),
+        "clone_of": c.clone_of or None,
+        "lazy": c.ram == "cow" if c.clone_of else None,
+        "lan": c.lan or None,
+        "lan_ip": c.extra.get("lan_ip"),
+        "clones": [v.name for v in vm.lazy_clones()] if vm.is_template else [],
     }
 
 
@@ -88,7 +102,8 @@ def list_(json_: JsonOpt = False) -> None:
         emit_json(infos)
         return
     table(
-        None, ["NAME", "STATUS", "PID", "MEMORY", "RAM", "ACCEL", "KERNEL", "ROLE"],
+        None,
+        ["NAME", "STATUS", "PID", "MEMORY", "RAM", "ACCEL", "KERNEL", "ROLE"],
         [
             [i["name"], i["status"], i["pid"], human(i["memory"]), i["ram"], i["accel"], i["kernel"], role_text(i)]
             for i in infos
@@ -167,7 +182,12 @@ def dump(
     t0 = time.monotonic()
     with byte_progress(f"dumping {name} ({format})") as update:
         path = dump_vm(vm, file, format, update)
-    info = {"file": str(path), "format": format, "bytes": path.stat().st_size, "seconds": round(time.monotonic() - t0, 2)}
+    info = {
+        "file": str(path),
+        "format": format,
+        "bytes": path.stat().st_size,
+        "seconds": round(time.monotonic() - t0, 2),
+    }
     if json_:
         emit_json(info)
     else:

@@ -28,7 +28,9 @@ def find_cow_mapping(pid: int, backing: str, ram_size: int) -> tuple[int, int]:
     try:
         return find_file_mapping(pid, backing, ram_size, private=True)
     except BadImage:
-        raise BadImage(f"process {pid} has no private mapping of {backing} ({ram_size} bytes): is it a lazy clone?") from None
+        raise BadImage(
+            f"process {pid} has no private mapping of {backing} ({ram_size} bytes): is it a lazy clone?"
+        ) from None
 
 
 def _open_mapped_file(pid: int, lo: int, hi: int, backing: str, regions: tuple[Region, ...]) -> RamFileMemory:
@@ -75,8 +77,12 @@ class CloneMemory(GuestMemory):
     def private_mask(self, offset: int, npages: int) -> np.ndarray:
         """For ``npages`` pages from backing ``offset``: True where the clone holds its own copy."""
         entries = np.empty(npages, dtype=np.uint64)
-        pread_into(self._pagemap, ((self.base + offset) >> PAGE_SHIFT) * 8, memoryview(entries).cast("B"),
-                   f"/proc/{self.pid}/pagemap")
+        pread_into(
+            self._pagemap,
+            ((self.base + offset) >> PAGE_SHIFT) * 8,
+            memoryview(entries).cast("B"),
+            f"/proc/{self.pid}/pagemap",
+        )
         return ((entries & (PM_PRESENT | PM_SWAPPED)) != 0) & ((entries & PM_FILE) == 0)
 
     def _fill(self, offset: int, out: memoryview) -> None:

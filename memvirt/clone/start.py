@@ -139,10 +139,20 @@ def start_clone(template: VM, name: str, eager: bool = False, progress: Progress
         raise UsageError(f"a VM named {name!r} already exists: choose another --prefix") from None
     c = template.config
     config = VMConfig(
-        name=name, memory=c.memory, cpus=c.cpus, ram="shared" if eager else "cow", image=c.image,
-        kernel_release=c.kernel_release, accel=c.accel, append=c.append, regions=c.regions, started=time.time(),
-        extra={k: v for k, v in c.extra.items() if k not in TEMPLATE_ONLY}, clone_of=template.name,
-        ram_path=str(rams / f"{name}.ram") if rams else "", backing="" if eager else c.ram_path,
+        name=name,
+        memory=c.memory,
+        cpus=c.cpus,
+        ram="shared" if eager else "cow",
+        image=c.image,
+        kernel_release=c.kernel_release,
+        accel=c.accel,
+        append=c.append,
+        regions=c.regions,
+        started=time.time(),
+        extra={k: v for k, v in c.extra.items() if k not in TEMPLATE_ONLY},
+        clone_of=template.name,
+        ram_path=str(rams / f"{name}.ram") if rams else "",
+        backing="" if eager else c.ram_path,
     )
     vm = VM(config)
     result = Clone(name, 0, not eager, 0.0, 0.0, 0.0, t0=t0)

@@ -54,8 +54,10 @@ def check_cloneable(vm: VM) -> None:
     if not vm.alive():
         raise UsageError(f"VM {vm.name!r} is not running (its QEMU exited): only a live VM can be cloned")
     if c.lan:
-        raise UsageError(f"VM {vm.name!r} is on VM LAN {c.lan!r}: clones would share its NIC's MAC and disks; "
-                         "clone a VM started without --lan")
+        raise UsageError(
+            f"VM {vm.name!r} is on VM LAN {c.lan!r}: clones would share its NIC's MAC and disks; "
+            "clone a VM started without --lan"
+        )
 
 
 def wait_migration(mon: Monitor, what: str, timeout: float = MIGRATE_TIMEOUT) -> None:

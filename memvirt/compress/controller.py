@@ -119,8 +119,10 @@ class _VMState:
 def _group(vm: VM) -> MemCgroup:
     group = vm.memcg()
     if group is None:
-        raise UsageError(f"VM {vm.name!r} has no memory cgroup of its own (the host offered no memory controller "
-                         "when it started), so its memory can't be limited")
+        raise UsageError(
+            f"VM {vm.name!r} has no memory cgroup of its own (the host offered no memory controller "
+            "when it started), so its memory can't be limited"
+        )
     return group
 
 
@@ -138,16 +140,25 @@ def choose_method(method: str) -> tuple[str, str | None]:
     if reason is None:
         return "damon", None
     if method == "damon":
-        raise UsageError(f"--method damon: {reason}; memvirt never stops or reconfigures another tool's kdamond "
-                         "(use --method referenced)")
+        raise UsageError(
+            f"--method damon: {reason}; memvirt never stops or reconfigures another tool's kdamond "
+            "(use --method referenced)"
+        )
     return "referenced", f"working set from referenced bits, not DAMON: {reason}"
 
 
 class Controller:
     """Tracks and (per ``policy``) limits a set of running VMs; :meth:`run` is the loop."""
 
-    def __init__(self, vms: list[VM], policy: Policy, interval: float = 1.0, method: str = "auto",
-                 samples: int = 4096, owns_tier: bool = False):
+    def __init__(
+        self,
+        vms: list[VM],
+        policy: Policy,
+        interval: float = 1.0,
+        method: str = "auto",
+        samples: int = 4096,
+        owns_tier: bool = False,
+    ):
         """``owns_tier``: the caller set up the zram tier for this run; :meth:`close` takes it down
         (its pages come back into RAM), as the watchdog does if this process is killed."""
         if interval < 0.2:
@@ -172,15 +183,15 @@ class Controller:
         kdamonds = len(vms) if self.method == "damon" else 0
         # The watchdog is up before anything it undoes exists: no window where a kill leaves a cap,
         # a kdamond or the tier behind.
-        self._watchdog = (watchdog.spawn(limited, kdamonds, owns_tier) if (limited or kdamonds or owns_tier)
-                          else None)
+        self._watchdog = watchdog.spawn(limited, kdamonds, owns_tier) if (limited or kdamonds or owns_tier) else None
         try:
             if kdamonds:
                 us = int(interval * 1e6)
                 self.damon = Damon(kdamonds, sample_us=max(us // SAMPLES_PER_INTERVAL, 5000), aggr_us=us)
             for i, (vm, group) in enumerate(zip(vms, groups, strict=True)):
-                tracker: Tracker = (DamonTracker(vm, self.damon, i, samples, seed=i) if self.damon
-                                    else ReferencedTracker(vm))
+                tracker: Tracker = (
+                    DamonTracker(vm, self.damon, i, samples, seed=i) if self.damon else ReferencedTracker(vm)
+                )
                 tracker.start()
                 st = _VMState(vm, group, tracker)  # type: ignore[arg-type]
                 if group is not None:
@@ -207,9 +218,19 @@ class Controller:
         capacity = min(t.disksize, int(cap * (ratio or 1.0))) if cap else t.disksize
         return ratio, fill, capacity // max(len(self.states), 1)
 
-    def _decide(self, st: _VMState, est: Estimate, usage: int, refaulted: int, ratio: float | None,
-                fill: float = 0.0, share: int = UNLIMITED, stall: float = 0.0,
-                oom: bool = False, hits: int = 0) -> tuple[int, str]:
+    def _decide(
+        self,
+        st: _VMState,
+        est: Estimate,
+        usage: int,
+        refaulted: int,
+        ratio: float | None,
+        fill: float = 0.0,
+        share: int = UNLIMITED,
+        stall: float = 0.0,
+        oom: bool = False,
+        hits: int = 0,
+    ) -> tuple[int, str]:
         p = self.policy
         if p.name == "none":
             return st.limit, "measure"
@@ -291,14 +312,29 @@ class Controller:
                     rate = freed / took
                     st.reclaim_rate = rate if st.reclaim_rate is None else 0.5 * (st.reclaim_rate + rate)
                 st.limit = limit
-            s = Sample(round(est.t, 3), st.vm.name, est.wss, est.resident, est.swapped, usage,
-                       0 if st.limit >= UNLIMITED else st.limit, refaulted, action, ratio, hits)
+            s = Sample(
+                round(est.t, 3),
+                st.vm.name,
+                est.wss,
+                est.resident,
+                est.swapped,
+                usage,
+                0 if st.limit >= UNLIMITED else st.limit,
+                refaulted,
+                action,
+                ratio,
+                hits,
+            )
             st.samples.append(s)
             out.append(s)
         return out
 
-    def run(self, duration: float | None = None, on_sample: Callable[[list[Sample]], None] | None = None,
-            stop: Callable[[], bool] | None = None) -> None:
+    def run(
+        self,
+        duration: float | None = None,
+        on_sample: Callable[[list[Sample]], None] | None = None,
+        stop: Callable[[], bool] | None = None,
+    ) -> None:
         t0 = time.monotonic()
         while duration is None or time.monotonic() - t0 < duration:
             if stop is not None and stop():
@@ -342,15 +378,17 @@ class Controller:
             s = st.samples
             if not s:
                 continue
-            out.append({
-                "vm": st.vm.name,
-                "intervals": len(s),
-                "resident_first": s[0].resident,
-                "resident_last": s[-1].resident,
-                "resident_mean": sum(x.resident for x in s) // len(s),
-                "swapped_last": s[-1].swapped,
-                "wss_last": s[-1].wss,
-                "refaulted_total": sum(x.refaulted for x in s),
-                "back_offs": sum(x.action == "back off" for x in s),
-            })
+            out.append(
+                {
+                    "vm": st.vm.name,
+                    "intervals": len(s),
+                    "resident_first": s[0].resident,
+                    "resident_last": s[-1].resident,
+                    "resident_mean": sum(x.resident for x in s) // len(s),
+                    "swapped_last": s[-1].swapped,
+                    "wss_last": s[-1].wss,
+                    "refaulted_total": sum(x.refaulted for x in s),
+                    "back_offs": sum(x.action == "back off" for x in s),
+                }
+            )
         return out

@@ -135,8 +135,9 @@ class Damon:
     def __init__(self, count: int, sample_us: int = 50_000, aggr_us: int = 1_000_000):
         reason = unavailable_reason()
         if reason is not None:
-            raise UsageError(f"{reason}; memvirt never stops or reconfigures another tool's kdamond "
-                             "(use --method referenced)")
+            raise UsageError(
+                f"{reason}; memvirt never stops or reconfigures another tool's kdamond (use --method referenced)"
+            )
         self.count = count
         self._cpu = 0.0
         self._owned = False

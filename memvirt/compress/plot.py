@@ -29,7 +29,9 @@ def draw_timeline(samples: Sequence[Any], path: str | Path, title: str = "") -> 
         ax.plot(t, [r.swapped / MIB for r in rows], label="guest RAM in swap tiers", color="#2ca02c", ls="--")
         limits = [(r.t, r.limit / MIB) for r in rows if getattr(r, "limit", 0)]
         if limits:
-            ax.step(*zip(*limits, strict=True), where="post", label="memory limit (QEMU total)", color="#7f7f7f", ls=":")
+            ax.step(
+                *zip(*limits, strict=True), where="post", label="memory limit (QEMU total)", color="#7f7f7f", ls=":"
+            )
         ax.set_ylabel("MiB")
         ax.set_title(vm or title, fontsize=10)
         ax.grid(alpha=0.3)

@@ -24,8 +24,16 @@ ZRAM_CONTROL = Path("/sys/class/zram-control")
 SYS_BLOCK = Path("/sys/block")
 ZRAM_PRIORITY = 100
 DISK_PRIORITY = 10
-MM_STAT = ("orig_data_size", "compr_data_size", "mem_used_total", "mem_limit", "mem_used_max", "same_pages",
-           "pages_compacted", "huge_pages")
+MM_STAT = (
+    "orig_data_size",
+    "compr_data_size",
+    "mem_used_total",
+    "mem_limit",
+    "mem_used_max",
+    "same_pages",
+    "pages_compacted",
+    "huge_pages",
+)
 
 
 @dataclass
@@ -74,8 +82,9 @@ def _free_zram() -> tuple[str, bool]:
     try:
         n = int((ZRAM_CONTROL / "hot_add").read_text())
     except OSError:
-        raise UsageError("no free zram device and none can be added: this host kernel needs zram "
-                         "(CONFIG_ZRAM, 'modprobe zram')") from None
+        raise UsageError(
+            "no free zram device and none can be added: this host kernel needs zram (CONFIG_ZRAM, 'modprobe zram')"
+        ) from None
     return f"zram{n}", True
 
 
@@ -86,8 +95,7 @@ def load() -> Tiers | None:
         return None
 
 
-def up(algorithm: str = "lz4", disksize: int | None = None, mem_limit: int | None = None,
-       disk_swap: int = 0) -> Tiers:
+def up(algorithm: str = "lz4", disksize: int | None = None, mem_limit: int | None = None, disk_swap: int = 0) -> Tiers:
     """Set up the compressed tier (and a disk tier of ``disk_swap`` bytes below it); idempotent.
 
     Defaults: zram sized to half of host RAM (uncompressed capacity), allowed to use a quarter
@@ -174,8 +182,10 @@ def _check_room(tiers: Tiers, swaps: dict[str, dict[str, int]]) -> None:
         if line.startswith("MemAvailable:"):
             available = int(line.split()[1]) * 1024
     if need > available + compressed:
-        raise MemvirtError(f"tier down would bring {need >> 20} MiB of swapped memory back into RAM, but the host "
-                           f"has {(available + compressed) >> 20} MiB available: free memory (stop a VM) first")
+        raise MemvirtError(
+            f"tier down would bring {need >> 20} MiB of swapped memory back into RAM, but the host "
+            f"has {(available + compressed) >> 20} MiB available: free memory (stop a VM) first"
+        )
 
 
 def zram_stats(name: str) -> dict[str, int]:
@@ -192,6 +202,10 @@ def status() -> dict[str, Any]:
     if tiers is None or f"/dev/{tiers.zram}" not in swaps:
         return out
     st = zram_stats(tiers.zram)
-    out.update(up=True, tiers=asdict(tiers), zram=st,
-               ratio=(st["orig_data_size"] / st["compr_data_size"]) if st["compr_data_size"] else None)
+    out.update(
+        up=True,
+        tiers=asdict(tiers),
+        zram=st,
+        ratio=(st["orig_data_size"] / st["compr_data_size"]) if st["compr_data_size"] else None,
+    )
     return out

@@ -156,8 +156,18 @@ class DamonTracker:
             fraction = max(fraction, self.fraction)
             self.stale = False
         self.fraction = fraction
-        est = Estimate(time.monotonic() - self.t0, int(fraction * nbacked * PAGE_SIZE), resident * PAGE_SIZE,
-                       swapped * PAGE_SIZE, nbacked * PAGE_SIZE, self.method, k, accessed, refaulted, self.vm.name)
+        est = Estimate(
+            time.monotonic() - self.t0,
+            int(fraction * nbacked * PAGE_SIZE),
+            resident * PAGE_SIZE,
+            swapped * PAGE_SIZE,
+            nbacked * PAGE_SIZE,
+            self.method,
+            k,
+            accessed,
+            refaulted,
+            self.vm.name,
+        )
         moved = np.count_nonzero(now != self.prev_frames) / max(k, 1)
         if abs(nbacked - self.sampled_backed) > RESAMPLE_DRIFT * max(self.sampled_backed, 1):
             self._draw(entries)
@@ -204,8 +214,15 @@ class ReferencedTracker:
         time.sleep(interval)
         wss = self._referenced()
         _, resident, swapped, nbacked = _ram_state(self.vm, self.pm, self.vaddr, self.npages)
-        return Estimate(time.monotonic() - self.t0, wss, resident * PAGE_SIZE, swapped * PAGE_SIZE,
-                        nbacked * PAGE_SIZE, self.method, vm=self.vm.name)
+        return Estimate(
+            time.monotonic() - self.t0,
+            wss,
+            resident * PAGE_SIZE,
+            swapped * PAGE_SIZE,
+            nbacked * PAGE_SIZE,
+            self.method,
+            vm=self.vm.name,
+        )
 
     def close(self) -> None:
         self.pm.close()

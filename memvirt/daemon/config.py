@@ -146,7 +146,7 @@ def parse(data: dict[str, Any], where: str = "config") -> Config:
         _known(o, {"match", "reclaim", "compress"}, where, label)
         match = o.get("match")
         if not isinstance(match, str) or not match:
-            raise ConfigError(f"{where}: {label} needs match = \"PATTERN\" (an fnmatch pattern of VM names)")
+            raise ConfigError(f'{where}: {label} needs match = "PATTERN" (an fnmatch pattern of VM names)')
         r = _fields(Reclaim, o.get("reclaim", {}), where, f"{label} reclaim")
         c = _fields(Compress, o.get("compress", {}), where, f"{label} compress")
         ov = Override(match, r, c)
@@ -177,7 +177,7 @@ def _percent(v: Any, label: str) -> float:
         try:
             return float(v.strip().removesuffix("%")) / 100 if v.strip().endswith("%") else float(v)
         except ValueError:
-            raise ConfigError(f"{label} takes a percentage like \"10%\" or 0.10, not {v!r}") from None
+            raise ConfigError(f'{label} takes a percentage like "10%" or 0.10, not {v!r}') from None
     return _number(v, label, 0.0, 1e9)
 
 
@@ -202,7 +202,7 @@ def _fields(cls: type, d: Any, where: str, label: str) -> dict[str, Any]:
                 except UsageError:
                     raise ConfigError(f"{lab} is not a size: {v!r} (use e.g. 512M, 4G)") from None
             else:
-                raise ConfigError(f"{lab} must be a size such as \"512M\", not {v!r}")
+                raise ConfigError(f'{lab} must be a size such as "512M", not {v!r}')
         elif isinstance(default, bool):
             if not isinstance(v, bool):
                 raise ConfigError(f"{lab} must be true or false, not {v!r}")
@@ -222,8 +222,9 @@ def _fields(cls: type, d: Any, where: str, label: str) -> dict[str, Any]:
 
 def _section(cls: type, d: Any, where: str, name: str) -> Any:
     obj = cls(**_fields(cls, d, where, name))
-    check = {Trigger: _validate_trigger, Reclaim: _validate_reclaim, Compress: _validate_compress,
-             Ksm: _validate_ksm}[cls]
+    check = {Trigger: _validate_trigger, Reclaim: _validate_reclaim, Compress: _validate_compress, Ksm: _validate_ksm}[
+        cls
+    ]
     check(obj, where, name)
     return obj
 
@@ -263,4 +264,3 @@ def _validate_ksm(k: Ksm, where: str, label: str) -> None:
         raise ConfigError(f"{where}: {label}.max_pages_to_scan must be between 10 and 100000")
     if not 1 <= k.sleep_millisecs <= 10000:
         raise ConfigError(f"{where}: {label}.sleep_millisecs must be between 1 and 10000")
-

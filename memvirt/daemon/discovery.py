@@ -137,8 +137,11 @@ def _socket_owner_inodes(path: str) -> set[str]:
 def find_qemu_pid(qmp: str) -> int | None:
     """The QEMU process listening on the QMP socket ``qmp``, if exactly one does."""
     inodes = _socket_owner_inodes(qmp)
-    owners = [int(p) for p in os.listdir("/proc") if p.isdigit() and _is_qemu(int(p))
-              and inodes & _listening_inodes(int(p))] if inodes else []
+    owners = (
+        [int(p) for p in os.listdir("/proc") if p.isdigit() and _is_qemu(int(p)) and inodes & _listening_inodes(int(p))]
+        if inodes
+        else []
+    )
     return owners[0] if len(owners) == 1 else None
 
 
@@ -195,8 +198,9 @@ class AttachedSource:
                 continue
             if not pid_alive(pid) or not _is_qemu(pid):
                 continue  # gone: the record stays until 'memvirt attach --detach', a restarted QEMU has a new pid
-            cfg = VMConfig(name=name, memory=memory, ram="anonymous", pid=pid,
-                           regions=rammap.to_dict(rammap.pc_ram_map(memory)))
+            cfg = VMConfig(
+                name=name, memory=memory, ram="anonymous", pid=pid, regions=rammap.to_dict(rammap.pc_ram_map(memory))
+            )
             out.append(Target(name, AttachedVM(cfg, qmp), self.name))
         return out
 

@@ -30,20 +30,24 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         vm = ["vm"]
         self.ram = Gauge("memvirt_vm_ram_bytes", "Guest RAM size", vm, registry=r)
-        self.guest_free = Gauge("memvirt_vm_guest_free_bytes", "Memory the guest kernel holds free (introspected)",
-                                vm, registry=r)
-        self.reclaimed = Counter("memvirt_vm_reclaimed_bytes", "Host memory given back by free-page reclaim",
-                                 vm, registry=r)
+        self.guest_free = Gauge(
+            "memvirt_vm_guest_free_bytes", "Memory the guest kernel holds free (introspected)", vm, registry=r
+        )
+        self.reclaimed = Counter(
+            "memvirt_vm_reclaimed_bytes", "Host memory given back by free-page reclaim", vm, registry=r
+        )
         self.resident = Gauge("memvirt_vm_resident_bytes", "Host memory the guest's RAM holds", vm, registry=r)
         self.swapped = Gauge("memvirt_vm_swapped_bytes", "Guest RAM in host swap (zram first)", vm, registry=r)
         self.working_set = Gauge("memvirt_vm_working_set_bytes", "Working-set estimate", vm, registry=r)
         self.cap = Gauge("memvirt_vm_cap_bytes", "Memory cap the compression policy set (0: none)", vm, registry=r)
         self.refaulted = Counter("memvirt_vm_refaulted_bytes", "Guest memory faulted back from swap", vm, registry=r)
-        self.pause = Histogram("memvirt_vm_pause_seconds", "Guest pauses made by reclaim", vm,
-                               buckets=PAUSE_BUCKETS, registry=r)
+        self.pause = Histogram(
+            "memvirt_vm_pause_seconds", "Guest pauses made by reclaim", vm, buckets=PAUSE_BUCKETS, registry=r
+        )
         self.ksm_merging = Gauge("memvirt_vm_ksm_merging_bytes", "Guest RAM merged by KSM", vm, registry=r)
-        self.policy_errors = Counter("memvirt_vm_policy_errors", "Failed policy steps (retried later)",
-                                     ["vm", "policy"], registry=r)
+        self.policy_errors = Counter(
+            "memvirt_vm_policy_errors", "Failed policy steps (retried later)", ["vm", "policy"], registry=r
+        )
         self.mem_available = Gauge("memvirt_host_mem_available_bytes", "Host MemAvailable", registry=r)
         self.zram_orig = Gauge("memvirt_host_zram_original_bytes", "Data held by all zram devices", registry=r)
         self.zram_compr = Gauge("memvirt_host_zram_compressed_bytes", "That data compressed", registry=r)
@@ -70,8 +74,18 @@ class Metrics:
             self.server = None
 
     def drop_vm(self, name: str) -> None:
-        for m in (self.ram, self.guest_free, self.reclaimed, self.resident, self.swapped, self.working_set,
-                  self.cap, self.refaulted, self.pause, self.ksm_merging):
+        for m in (
+            self.ram,
+            self.guest_free,
+            self.reclaimed,
+            self.resident,
+            self.swapped,
+            self.working_set,
+            self.cap,
+            self.refaulted,
+            self.pause,
+            self.ksm_merging,
+        ):
             try:
                 m.remove(name)
             except KeyError:

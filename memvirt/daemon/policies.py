@@ -98,8 +98,12 @@ def meminfo(path: Path = Path("/proc/meminfo")) -> dict[str, int]:
 class HostTrigger:
     """Whether the host needs memory now (``always``, or PSI / MemAvailable past a threshold)."""
 
-    def __init__(self, trigger: Trigger, psi_path: Path = Path("/proc/pressure/memory"),
-                 meminfo_path: Path = Path("/proc/meminfo")):
+    def __init__(
+        self,
+        trigger: Trigger,
+        psi_path: Path = Path("/proc/pressure/memory"),
+        meminfo_path: Path = Path("/proc/meminfo"),
+    ):
         self.trigger, self.psi_path, self.meminfo_path = trigger, psi_path, meminfo_path
         self.engaged = trigger.mode == "always"
         self.reason = "always" if self.engaged else "not evaluated yet"
@@ -137,8 +141,9 @@ def vm_memory(vm: Any) -> tuple[int, int]:
 class VMWorker:
     """One VM's policies in a thread of its own."""
 
-    def __init__(self, target: Target, policy: VMPolicy, metrics: Metrics, engaged: threading.Event,
-                 sample_every: float):
+    def __init__(
+        self, target: Target, policy: VMPolicy, metrics: Metrics, engaged: threading.Event, sample_every: float
+    ):
         self.target, self.policy, self.metrics = target, policy, metrics
         self.engaged = engaged
         self.sample_every = sample_every
@@ -147,8 +152,14 @@ class VMWorker:
         self.rec: Any = None
         self.ctl: Any = None
         self._ctl_policy: Any = None
-        self.state: dict[str, Any] = {"reclaim": "waiting", "compress": "waiting", "errors": {}, "reclaimed_bytes": 0,
-                                      "passes": 0, "last_pause_ms": None}
+        self.state: dict[str, Any] = {
+            "reclaim": "waiting",
+            "compress": "waiting",
+            "errors": {},
+            "reclaimed_bytes": 0,
+            "passes": 0,
+            "last_pause_ms": None,
+        }
         self._retry: dict[str, float] = {}
         self._backoff: dict[str, float] = {}
         self._next_reclaim = time.monotonic() + 2.0
@@ -175,11 +186,17 @@ class VMWorker:
     def status(self) -> dict[str, Any]:
         p = self.policy
         with self._lock:
-            return {"vm": self.name, "source": self.target.source, "pid": self.target.pid,
-                    "ram": self.target.vm.config.ram,
-                    "policy": {"reclaim": f"every {p.reclaim.every:g} s" if p.reclaim.enabled else "off",
-                               "compress": p.compress.policy},
-                    **{k: (dict(v) if isinstance(v, dict) else v) for k, v in self.state.items()}}
+            return {
+                "vm": self.name,
+                "source": self.target.source,
+                "pid": self.target.pid,
+                "ram": self.target.vm.config.ram,
+                "policy": {
+                    "reclaim": f"every {p.reclaim.every:g} s" if p.reclaim.enabled else "off",
+                    "compress": p.compress.policy,
+                },
+                **{k: (dict(v) if isinstance(v, dict) else v) for k, v in self.state.items()},
+            }
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -269,8 +286,10 @@ class VMWorker:
         from memvirt.errors import UsageError
 
         if c.policy == "adaptive" and not tiers.active_swaps():
-            raise UsageError("adaptive compression needs a swap tier on the host ('memvirt tier up'): "
-                             "without one a cap could only stall the guest")
+            raise UsageError(
+                "adaptive compression needs a swap tier on the host ('memvirt tier up'): "
+                "without one a cap could only stall the guest"
+            )
         name = {"measure": "none"}.get(c.policy, c.policy)
         pol = Policy(name, c.margin, c.limit or None)
         return Controller([self.target.vm], pol, interval=c.interval, method=c.method)
@@ -330,8 +349,10 @@ class VMWorker:
             self.state["reclaimed_bytes"] += max(rep.reclaimed_bytes, 0)
             self.state["passes"] += 1
             self.state["last_pause_ms"] = round(max(rep.pauses_ms or [0.0]), 2)
-            self.state["reclaim"] = (f"{self.state['passes']} passes; last: {max(rep.reclaimed_bytes, 0) >> 20} MiB "
-                                     f"back, {len(rep.pauses_ms)} pauses <= {self.state['last_pause_ms']} ms")
+            self.state["reclaim"] = (
+                f"{self.state['passes']} passes; last: {max(rep.reclaimed_bytes, 0) >> 20} MiB "
+                f"back, {len(rep.pauses_ms)} pauses <= {self.state['last_pause_ms']} ms"
+            )
         return True
 
     def _sample(self) -> bool | None:
@@ -405,9 +426,14 @@ class KsmPolicy:
             if self._stack is None:
                 ksm.refuse_other_tuners()
                 stack = ExitStack()
-                self.borrowed = stack.enter_context(ksm.configured(
-                    run=1, pages_to_scan=cfg.max_pages_to_scan, sleep_millisecs=cfg.sleep_millisecs,
-                    use_zero_pages=int(cfg.use_zero_pages)))
+                self.borrowed = stack.enter_context(
+                    ksm.configured(
+                        run=1,
+                        pages_to_scan=cfg.max_pages_to_scan,
+                        sleep_millisecs=cfg.sleep_millisecs,
+                        use_zero_pages=int(cfg.use_zero_pages),
+                    )
+                )
                 self._stack, self.settings = stack, cfg
                 self.pacer = ksm.Pacer(cfg.ksmd_cpu, cfg.max_pages_to_scan, self.borrowed)
                 log.info("KSM on (borrowed; ksmd within %.2f %% of a CPU)", cfg.ksmd_cpu * 100)
@@ -458,7 +484,12 @@ def host_sample(metrics: Metrics, cpu0: float) -> dict[str, Any]:
         if line.startswith("VmRSS:"):
             rss = int(line.split()[1]) * 1024
     metrics.daemon_rss.set(rss)
-    return {"mem_available_bytes": m.get("MemAvailable", 0), "zram_orig_bytes": orig, "zram_compr_bytes": compr,
-            "ksm_saving_bytes": saving, "ksmd_cpu_seconds": round(ksmd, 3), "daemon_cpu_seconds": round(cpu, 3),
-            "daemon_rss_bytes": rss}
-
+    return {
+        "mem_available_bytes": m.get("MemAvailable", 0),
+        "zram_orig_bytes": orig,
+        "zram_compr_bytes": compr,
+        "ksm_saving_bytes": saving,
+        "ksmd_cpu_seconds": round(ksmd, 3),
+        "daemon_cpu_seconds": round(cpu, 3),
+        "daemon_rss_bytes": rss,
+    }

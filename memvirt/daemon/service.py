@@ -56,7 +56,11 @@ def _watchdogs_of(pid: int) -> list[int]:
         except OSError:
             continue
         for i, a in enumerate(argv[:-2]):
-            if a == b"-m" and argv[i + 1].decode(errors="replace") in WATCHDOG_MODULES and argv[i + 2] == str(pid).encode():
+            if (
+                a == b"-m"
+                and argv[i + 1].decode(errors="replace") in WATCHDOG_MODULES
+                and argv[i + 2] == str(pid).encode()
+            ):
                 out.append(int(p))
     return out
 
@@ -86,8 +90,13 @@ def adopt(previous: int) -> None:
 
 
 class Daemon:
-    def __init__(self, config_path: Path | None, metrics_addr: tuple[str, int], socket_path: Path | None = None,
-                 sources: list[Source] | None = None):
+    def __init__(
+        self,
+        config_path: Path | None,
+        metrics_addr: tuple[str, int],
+        socket_path: Path | None = None,
+        sources: list[Source] | None = None,
+    ):
         self.config_path = config_path
         self.cfg = config_mod.load(config_path)
         self.metrics_addr = metrics_addr
@@ -139,8 +148,14 @@ class Daemon:
         try:
             self.metrics_port = self.metrics.serve(*self.metrics_addr)
             server = control.ControlServer(self.socket_path, self.status)
-            log.info("memvirtd %d: config %s, metrics on http://%s:%d/metrics, control %s", os.getpid(),
-                     self.cfg.path, self.metrics_addr[0], self.metrics_port, self.socket_path)
+            log.info(
+                "memvirtd %d: config %s, metrics on http://%s:%d/metrics, control %s",
+                os.getpid(),
+                self.cfg.path,
+                self.metrics_addr[0],
+                self.metrics_port,
+                self.socket_path,
+            )
             first = True
             wd = notify.watchdog_interval()
             while not self._stop:
@@ -242,10 +257,15 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         """What ``memvirt status`` shows (called from the control thread)."""
         workers = list(self.workers.values())
-        return {"pid": os.getpid(), "started": round(self.started, 1), "config": self.cfg.path,
-                "interval": self.cfg.interval,
-                "metrics": f"http://{self.metrics_addr[0]}:{self.metrics_port}/metrics",
-                "trigger": {"mode": self.cfg.trigger.mode, "engaged": self.engaged.is_set(),
-                            "reason": self.trigger.reason},
-                "ksm": self.ksm.state, "reloads": dict(self.reloads), "host": dict(self.host),
-                "vms": [w.status() for w in workers]}
+        return {
+            "pid": os.getpid(),
+            "started": round(self.started, 1),
+            "config": self.cfg.path,
+            "interval": self.cfg.interval,
+            "metrics": f"http://{self.metrics_addr[0]}:{self.metrics_port}/metrics",
+            "trigger": {"mode": self.cfg.trigger.mode, "engaged": self.engaged.is_set(), "reason": self.trigger.reason},
+            "ksm": self.ksm.state,
+            "reloads": dict(self.reloads),
+            "host": dict(self.host),
+            "vms": [w.status() for w in workers],
+        }

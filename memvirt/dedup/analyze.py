@@ -61,8 +61,12 @@ class Analysis:
             "page_size": PAGE_SIZE,
             "sources": [s.__dict__ for s in self.sources],
             "total": {
-                "pages": self.pages, "zero": self.zero, "free": self.free, "distinct_nonzero": self.distinct,
-                "content_saving_pages": self.content_saving, "free_aware_saving_pages": self.free_aware_saving,
+                "pages": self.pages,
+                "zero": self.zero,
+                "free": self.free,
+                "distinct_nonzero": self.distinct,
+                "content_saving_pages": self.content_saving,
+                "free_aware_saving_pages": self.free_aware_saving,
                 "free_unlocks_pages": self.free_unlocks,
                 "content_saving_bytes": self.content_saving * PAGE_SIZE,
                 "free_aware_saving_bytes": self.free_aware_saving * PAGE_SIZE,
@@ -89,8 +93,11 @@ def _distinct(keys: np.ndarray) -> int:
     return len(np.unique(keys, axis=0)) if len(keys) else 0
 
 
-def analyze(named: list[tuple[str, GuestMemory, bool]], progress: Callable[[int, int], None] | None = None,
-            introspect: bool = True) -> Analysis:
+def analyze(
+    named: list[tuple[str, GuestMemory, bool]],
+    progress: Callable[[int, int], None] | None = None,
+    introspect: bool = True,
+) -> Analysis:
     """Analyze ``(name, memory, live)`` sources together (``live``: a running guest, read as it runs)."""
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -112,18 +119,36 @@ def analyze(named: list[tuple[str, GuestMemory, bool]], progress: Callable[[int,
     for (name, m, _), fp, f, k, n in zip(named, prints, frees, kernels, notes, strict=True):
         nz = ~fp.zero
         unique = _distinct(fp.keys()[nz])
-        figures.append(SourceFigures(
-            name=name, describe=m.describe(), pages=len(fp.pfns), zero=int(fp.zero.sum()),
-            free=None if f is None else int(f.sum()), unique=unique, duplicate=int(nz.sum()) - unique,
-            kernel=k, note=n,
-        ))
+        figures.append(
+            SourceFigures(
+                name=name,
+                describe=m.describe(),
+                pages=len(fp.pfns),
+                zero=int(fp.zero.sum()),
+                free=None if f is None else int(f.sum()),
+                unique=unique,
+                duplicate=int(nz.sum()) - unique,
+                kernel=k,
+                note=n,
+            )
+        )
     keys = np.concatenate([p.keys() for p in prints])
     zero = np.concatenate([p.zero for p in prints])
-    free = np.concatenate([f if f is not None else np.zeros(len(p.pfns), dtype=bool) for f, p in zip(frees, prints,
-                                                                                                      strict=True)])
+    free = np.concatenate(
+        [f if f is not None else np.zeros(len(p.pfns), dtype=bool) for f, p in zip(frees, prints, strict=True)]
+    )
     distinct = _distinct(keys[~zero])
     content = len(keys) - distinct
     kept = ~zero & ~free
     free_aware = len(keys) - _distinct(keys[kept])
-    return Analysis(figures, len(keys), int(zero.sum()), int(free.sum()), distinct, content, free_aware,
-                    time.perf_counter() - t0, timings)
+    return Analysis(
+        figures,
+        len(keys),
+        int(zero.sum()),
+        int(free.sum()),
+        distinct,
+        content,
+        free_aware,
+        time.perf_counter() - t0,
+        timings,
+    )

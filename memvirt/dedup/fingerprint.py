@@ -22,8 +22,7 @@ from memvirt.migrate.fingerprint import hash_pages
 WORDS = PAGE_SIZE // 8
 SAMPLE = np.arange(16) * (WORDS // 16) + np.arange(16) % 8
 """Word indices of the sample: one word in each 256-byte stretch, at varying cache-line offsets."""
-MULT = (np.random.default_rng(0x6D656D76).integers(1, 1 << 63, size=len(SAMPLE), dtype=np.uint64)
-        | np.uint64(1))
+MULT = np.random.default_rng(0x6D656D76).integers(1, 1 << 63, size=len(SAMPLE), dtype=np.uint64) | np.uint64(1)
 CHUNK = 64 << 20
 
 Progress = Callable[[int, int], None]
@@ -79,8 +78,14 @@ def collisions(prints: list[Fingerprints]) -> list[np.ndarray]:
     return [np.flatnonzero(~p.zero & np.isin(p.sample, shared)) for p in prints]
 
 
-def hash_pass(mem: GuestMemory, fp: Fingerprints, which: np.ndarray, progress: Progress | None = None,
-              done: int = 0, total: int = 0) -> None:
+def hash_pass(
+    mem: GuestMemory,
+    fp: Fingerprints,
+    which: np.ndarray,
+    progress: Progress | None = None,
+    done: int = 0,
+    total: int = 0,
+) -> None:
     """Pass 2 over one source: the full-page hash (XXH3-64, the C loop migration uses) of the pages
     at indices ``which`` into ``fp.full``."""
     want = np.zeros(len(fp.pfns), dtype=bool)

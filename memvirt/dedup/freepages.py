@@ -127,7 +127,8 @@ class FreePageOracle:
         discarded page reads as zeros. (``init_on_free`` is fine: it wants free pages zero.)"""
         try:
             cmdline = self.kv.read_cstr_va(self.kv.read_u64_va(self.kv.symbol("saved_command_line")), 4096).decode(
-                errors="replace")
+                errors="replace"
+            )
         except Exception:  # noqa: BLE001 - a kernel without the symbol: the content test below still runs
             cmdline = ""
         if any(arg in cmdline.split() for arg in POISON_ARGS):
@@ -138,5 +139,7 @@ class FreePageOracle:
         sample = pfns[np.linspace(0, len(pfns) - 1, min(64, len(pfns))).astype(np.int64)]
         pages = self.mem.read_pages(sample)
         if len(sample) >= 8 and (pages == PAGE_POISON).all(axis=1).mean() > 0.9:
-            raise UsageError("the guest's free pages are filled with the page-poison byte 0xaa: it checks them, "
-                             "so memvirt will not discard them")
+            raise UsageError(
+                "the guest's free pages are filled with the page-poison byte 0xaa: it checks them, "
+                "so memvirt will not discard them"
+            )

@@ -24,8 +24,16 @@ from memvirt.memory.source import PAGE_SIZE
 
 KSM = Path("/sys/kernel/mm/ksm")
 SETTINGS = ("run", "pages_to_scan", "sleep_millisecs", "use_zero_pages")
-COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "full_scans", "ksm_zero_pages",
-            "general_profit", "pages_scanned")
+COUNTERS = (
+    "pages_shared",
+    "pages_sharing",
+    "pages_unshared",
+    "pages_volatile",
+    "full_scans",
+    "ksm_zero_pages",
+    "general_profit",
+    "pages_scanned",
+)
 STOCK = {"pages_to_scan": 100, "sleep_millisecs": 20, "use_zero_pages": 0}
 """The kernel's defaults: what "stock KSM" means in memvirt's figures."""
 
@@ -109,8 +117,9 @@ def refuse_other_tuners() -> None:
     tuners = other_tuners()
     if tuners:
         pid, name = tuners[0]
-        raise UsageError(f"{name} (pid {pid}) tunes KSM on this host; memvirt won't fight it over "
-                         f"{KSM}: stop {name} first")
+        raise UsageError(
+            f"{name} (pid {pid}) tunes KSM on this host; memvirt won't fight it over {KSM}: stop {name} first"
+        )
 
 
 @contextmanager
@@ -195,8 +204,10 @@ class Pacer:
         """
         current = read("pages_to_scan")
         if self._written is not None and current != self._written:
-            raise MemvirtError(f"another tool changed {KSM / 'pages_to_scan'} ({self._written} -> {current}) while "
-                               "memvirt paced ksmd; memvirt stops rather than fight it (ksmtuned?)")
+            raise MemvirtError(
+                f"another tool changed {KSM / 'pages_to_scan'} ({self._written} -> {current}) while "
+                "memvirt paced ksmd; memvirt stops rather than fight it (ksmtuned?)"
+            )
         now, cpu = time.monotonic(), ksmd_cpu_seconds()
         if self._last is not None and now - self._last[0] > 0.5:
             share = (cpu - self._last[1]) / (now - self._last[0])
@@ -235,10 +246,13 @@ class Sample:
     counters: dict[str, int]
 
     def to_json(self) -> dict[str, Any]:
-        return {"t": round(self.t, 2), "guest_bytes": self.guest_bytes, "ksm_saving_bytes": self.ksm_saving,
-                "ksmd_cpu_seconds": round(self.ksmd_cpu, 3), **{k: self.counters[k] for k in
-                                                                ("pages_sharing", "ksm_zero_pages", "full_scans")
-                                                                if k in self.counters}}
+        return {
+            "t": round(self.t, 2),
+            "guest_bytes": self.guest_bytes,
+            "ksm_saving_bytes": self.ksm_saving,
+            "ksmd_cpu_seconds": round(self.ksmd_cpu, 3),
+            **{k: self.counters[k] for k in ("pages_sharing", "ksm_zero_pages", "full_scans") if k in self.counters},
+        }
 
 
 def sample(t0: float, usage: list[int]) -> Sample:

@@ -63,9 +63,16 @@ class ReclaimPass:
         d.pop("pauses_ms")
         d.pop("wall_ms")
         p = self.pauses_ms or [0.0]
-        d.update(wall_max_ms=round(max(self.wall_ms or [0.0]), 2), reclaimed_bytes=self.reclaimed_bytes, pauses=len(self.pauses_ms), pause_max_ms=round(max(p), 2),
-                 pause_total_ms=round(sum(p), 2), pause_mean_ms=round(float(np.mean(p)), 2),
-                 budget_ms=round(self.budget_ms, 2), seconds=round(self.seconds, 3))
+        d.update(
+            wall_max_ms=round(max(self.wall_ms or [0.0]), 2),
+            reclaimed_bytes=self.reclaimed_bytes,
+            pauses=len(self.pauses_ms),
+            pause_max_ms=round(max(p), 2),
+            pause_total_ms=round(sum(p), 2),
+            pause_mean_ms=round(float(np.mean(p)), 2),
+            budget_ms=round(self.budget_ms, 2),
+            seconds=round(self.seconds, 3),
+        )
         return d
 
 
@@ -127,8 +134,9 @@ class Reclaimer:
         rep.seconds = time.perf_counter() - t0
         return rep
 
-    def _batches(self, cand: FreeBlocks, backed: np.ndarray, rep: ReclaimPass,
-                 progress: Callable[[int, int], None] | None) -> None:
+    def _batches(
+        self, cand: FreeBlocks, backed: np.ndarray, rep: ReclaimPass, progress: Callable[[int, int], None] | None
+    ) -> None:
         """The pass's pauses, batch by batch, over one QMP connection."""
         done = 0
         with self.vm.monitor() as mon:
@@ -175,7 +183,6 @@ class Reclaimer:
             self.overhead_ms = max(0.5 * self.overhead_ms, pause - spent * 1000, 0.5)
             return
         raise VMError(f"the guest held a zone lock at {LOCK_RETRIES} pauses in a row: try again")
-
 
 
 def _event_pause_ms(mon: Monitor, fallback: float) -> float:

@@ -87,7 +87,8 @@ def _compile_programs(workdir: Path) -> dict[str, bytes]:
         binary = workdir / name
         proc = subprocess.run(
             [cc, "-O2", "-static", "-s", "-Wall", "-Wextra", "-o", str(binary), str(src), *flags],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         if proc.returncode != 0:
             raise MemvirtError(f"compiling guest program {name} failed: {proc.stderr.strip()[-500:]}")

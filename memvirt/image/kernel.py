@@ -59,7 +59,9 @@ def newest_package(series: str, flavour: str) -> str:
     pat = package_pattern(series, flavour)
     out = subprocess.run(
         ["apt-cache", "search", "--names-only", f"^linux-image-{re.escape(series)}"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     ).stdout
     names = [line.split()[0] for line in out.splitlines() if line.strip()]
     names = [n for n in names if pat.match(n)]

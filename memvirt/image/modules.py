@@ -17,8 +17,19 @@ from elftools.elf.elffile import ELFFile
 
 from memvirt.errors import MemvirtError
 
-GUEST_MODULES = ("virtio_pci", "virtio_console", "qemu_fw_cfg", "virtio_net", "virtio_balloon", "virtio_blk",
-                 "zram", "zsmalloc", "lzo_rle", "lzo", "lz4")
+GUEST_MODULES = (
+    "virtio_pci",
+    "virtio_console",
+    "qemu_fw_cfg",
+    "virtio_net",
+    "virtio_balloon",
+    "virtio_blk",
+    "zram",
+    "zsmalloc",
+    "lzo_rle",
+    "lzo",
+    "lz4",
+)
 """What the guest init loads: command channel, VMCOREINFO export to QEMU dumps, network, balloon, disks, and
 compressed swap in RAM for hibernating a machine more than half full (``memvirt pm``). zram asks for its
 compressor by name through the crypto API, which .modinfo ``depends`` does not show, so the compressors are

@@ -81,7 +81,13 @@ class Introspector:
         census = self.scanner.scan(live=live, content=content)
         census.timings["bootstrap"] = self.bootstrap_seconds
         if self._to_store is not None:
-            buildcache.store(self.kernel.vmcoreinfo, self.layouts, self.kernel.read_va, self._to_store,
-                             dict(self.layout.values), dict(self.layout.provenance))
+            buildcache.store(
+                self.kernel.vmcoreinfo,
+                self.layouts,
+                self.kernel.read_va,
+                self._to_store,
+                dict(self.layout.values),
+                dict(self.layout.provenance),
+            )
             self._to_store = None
         return census

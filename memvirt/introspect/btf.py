@@ -29,12 +29,49 @@ _HEADER = struct.Struct("<HBBIIIII")
 
 # enum btf_kind (include/uapi/linux/btf.h); ENUM64 since v6.0 (commit 6089fb325cf7).
 KIND_NAMES = (
-    "UNKN", "INT", "PTR", "ARRAY", "STRUCT", "UNION", "ENUM", "FWD", "TYPEDEF", "VOLATILE",
-    "CONST", "RESTRICT", "FUNC", "FUNC_PROTO", "VAR", "DATASEC", "FLOAT", "DECL_TAG",
-    "TYPE_TAG", "ENUM64",
+    "UNKN",
+    "INT",
+    "PTR",
+    "ARRAY",
+    "STRUCT",
+    "UNION",
+    "ENUM",
+    "FWD",
+    "TYPEDEF",
+    "VOLATILE",
+    "CONST",
+    "RESTRICT",
+    "FUNC",
+    "FUNC_PROTO",
+    "VAR",
+    "DATASEC",
+    "FLOAT",
+    "DECL_TAG",
+    "TYPE_TAG",
+    "ENUM64",
 )
-(UNKN, INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC,
- FUNC_PROTO, VAR, DATASEC, FLOAT, DECL_TAG, TYPE_TAG, ENUM64) = range(20)
+(
+    UNKN,
+    INT,
+    PTR,
+    ARRAY,
+    STRUCT,
+    UNION,
+    ENUM,
+    FWD,
+    TYPEDEF,
+    VOLATILE,
+    CONST,
+    RESTRICT,
+    FUNC,
+    FUNC_PROTO,
+    VAR,
+    DATASEC,
+    FLOAT,
+    DECL_TAG,
+    TYPE_TAG,
+    ENUM64,
+) = range(20)
 # Words after the 3-word struct btf_type: fixed part, and per vlen entry.
 _TAIL_FIXED = np.array([0, 1, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 1, 0, 0] + [0] * 12, dtype=np.int64)
 _TAIL_PER_VLEN = np.array([0, 0, 0, 0, 3, 3, 2, 0, 0, 0, 0, 0, 0, 2, 0, 3, 0, 0, 0, 3] + [0] * 12, dtype=np.int64)
@@ -75,8 +112,15 @@ class Btf:
         if magic != BTF_MAGIC or version != 1:
             raise BadImage(f"BTF header invalid in {source}: magic {magic:#x} version {version}")
         data_len = len(blob) - hdr_len
-        if (hdr_len < _HEADER.size or type_off % 4 or type_len % 4 or type_len == 0 or str_len == 0
-                or type_off + type_len > data_len or str_off + str_len > data_len):
+        if (
+            hdr_len < _HEADER.size
+            or type_off % 4
+            or type_len % 4
+            or type_len == 0
+            or str_len == 0
+            or type_off + type_len > data_len
+            or str_off + str_len > data_len
+        ):
             raise BadImage(
                 f"BTF header invalid in {source}: hdr_len {hdr_len}, types {type_off}+{type_len}, "
                 f"strings {str_off}+{str_len}, {data_len} data bytes"
@@ -163,8 +207,9 @@ class Btf:
         while i >= 0:
             out.append(i + 1)
             if len(out) > MAX_NAME_COPIES:
-                raise GuestStructureError(f"BTF of {self.source} repeats the string {name!r} more than "
-                                          f"{MAX_NAME_COPIES} times")
+                raise GuestStructureError(
+                    f"BTF of {self.source} repeats the string {name!r} more than {MAX_NAME_COPIES} times"
+                )
             i = self.strings.find(needle, i + 1)
         return out
 
@@ -257,13 +302,16 @@ class Btf:
     def _find_member(self, tid: int, name: str, path: tuple[int, ...], budget: list[int]) -> Member | None:
         t = self.resolve(tid)
         if t in path or len(path) >= MAX_DEPTH:
-            raise GuestStructureError(f"BTF of {self.source}: anonymous members of type {t} nest "
-                                      f"{'in a cycle' if t in path else f'deeper than {MAX_DEPTH}'}")
+            raise GuestStructureError(
+                f"BTF of {self.source}: anonymous members of type {t} nest "
+                f"{'in a cycle' if t in path else f'deeper than {MAX_DEPTH}'}"
+            )
         members = self.members(t)
         budget[0] -= len(members)
         if budget[0] < 0:
-            raise GuestStructureError(f"BTF of {self.source}: looking up {name!r} visits more than "
-                                      f"{MAX_MEMBERS_VISITED} anonymous members")
+            raise GuestStructureError(
+                f"BTF of {self.source}: looking up {name!r} visits more than {MAX_MEMBERS_VISITED} anonymous members"
+            )
         for m in members:
             if m.name == name:
                 return m
@@ -405,7 +453,9 @@ class BtfLayout:
     def member_offset(self, struct: str, path: str) -> int:
         m = self.btf.member(struct, path)
         if m.bitfield_size or m.bit_offset % 8:
-            raise LayoutMissing(f"BTF member {struct}.{path} is a bitfield at bit {m.bit_offset}: it has no byte offset")
+            raise LayoutMissing(
+                f"BTF member {struct}.{path} is a bitfield at bit {m.bit_offset}: it has no byte offset"
+            )
         return m.bit_offset // 8
 
     def member_bit_offset(self, struct: str, path: str) -> int:

@@ -46,16 +46,32 @@ log = logging.getLogger(__name__)
 VERSION = 2
 BOOT_SYMBOLS = ("page_offset_base", "vmemmap_base", "__start_BTF", "__stop_BTF", "_stext", "init_top_pgt")
 """Symbols the bootstrap itself looks up, before anything could record them."""
-KALLSYMS_SYMBOLS = ("kallsyms_names", "kallsyms_num_syms", "kallsyms_token_table", "kallsyms_token_index",
-                    "kallsyms_offsets", "kallsyms_relative_base", "kallsyms_addresses", "kallsyms_markers")
+KALLSYMS_SYMBOLS = (
+    "kallsyms_names",
+    "kallsyms_num_syms",
+    "kallsyms_token_table",
+    "kallsyms_token_index",
+    "kallsyms_offsets",
+    "kallsyms_relative_base",
+    "kallsyms_addresses",
+    "kallsyms_markers",
+)
 MAX_HASHED = 64 << 20
 """Kallsyms tables or a BTF blob bigger than this (6.12's BTF is ~6 MiB) are not cached."""
 MAX_ENTRY_BYTES = 4 << 20
 MAX_CANDIDATES = 8
 """Entries of one build and VMCOREINFO looked at on load; more can only come from hostile guests."""
 # NUMBER() lines that change from boot to boot (KASLR, the machine) and say nothing about layouts.
-_BOOT_NUMBERS = {"phys_base", "VMALLOC_START", "VMEMMAP_START", "PAGE_OFFSET", "page_offset_base", "sme_mask",
-                 "KERNEL_IMAGE_SIZE", "pgtable_l5_enabled"}
+_BOOT_NUMBERS = {
+    "phys_base",
+    "VMALLOC_START",
+    "VMEMMAP_START",
+    "PAGE_OFFSET",
+    "page_offset_base",
+    "sme_mask",
+    "KERNEL_IMAGE_SIZE",
+    "pgtable_l5_enabled",
+}
 _CHOICE = re.compile(r"[a-z]{1,16}")
 _HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -174,10 +190,15 @@ def _well_formed(entry: Any, choice: str) -> bool:
         return isinstance(d, dict) and all(isinstance(k, str) and isinstance(v, value) for k, v in d.items())
 
     return (
-        isinstance(entry, dict) and entry.get("version") == VERSION and entry.get("choice") == choice
-        and isinstance(entry.get("release"), str) and isinstance(entry.get("content"), str)
-        and _HEX.fullmatch(entry["content"]) is not None and table(entry.get("symbols"), (int, type(None)))
-        and table(entry.get("facts"), (int,)) and table(entry.get("sources"), (str,))
+        isinstance(entry, dict)
+        and entry.get("version") == VERSION
+        and entry.get("choice") == choice
+        and isinstance(entry.get("release"), str)
+        and isinstance(entry.get("content"), str)
+        and _HEX.fullmatch(entry["content"]) is not None
+        and table(entry.get("symbols"), (int, type(None)))
+        and table(entry.get("facts"), (int,))
+        and table(entry.get("sources"), (str,))
         and all(not isinstance(v, bool) for v in entry["facts"].values())
     )
 
@@ -197,7 +218,12 @@ def _contradiction(entry: dict[str, Any], info: Vmcoreinfo) -> str | None:
                 return f"{key} is {value} in the cache, VMCOREINFO says {mine}"
     kaslr = info.kerneloffset
     for name, rel in entry["symbols"].items():
-        if rel is not None and info.has_symbol(name) and _in_image(info.symbol(name)) and rel + kaslr != info.symbol(name):
+        if (
+            rel is not None
+            and info.has_symbol(name)
+            and _in_image(info.symbol(name))
+            and rel + kaslr != info.symbol(name)
+        ):
             return f"symbol {name} differs from VMCOREINFO"
     return None
 
@@ -228,18 +254,29 @@ def load(info: Vmcoreinfo, choice: str, read_va: ReadVA) -> tuple[CachedSymbols,
             why = _contradiction(entry, info)
             if why is None and not path.name.endswith(f"-{entry['content'][:32]}.json"):
                 why = "its name does not match its content digest"
-            if why is None and content_digest(info, read_va, _btf_span(entry["symbols"], info.kerneloffset)) != entry["content"]:
+            if (
+                why is None
+                and content_digest(info, read_va, _btf_span(entry["symbols"], info.kerneloffset)) != entry["content"]
+            ):
                 why = "this guest's kallsyms or BTF bytes differ from those it was derived from"
             if why is None:
-                return CachedSymbols(entry["symbols"], info.kerneloffset), CachedLayout(entry["facts"], entry["sources"])
+                return CachedSymbols(entry["symbols"], info.kerneloffset), CachedLayout(
+                    entry["facts"], entry["sources"]
+                )
         except MemvirtError as e:
             why = str(e)
         log.warning("build-id cache entry %s ignored: %s", path.name, why)
     return None
 
 
-def store(info: Vmcoreinfo, choice: str, read_va: ReadVA, symbols: RecordingSymbols, values: dict[str, int],
-          sources: dict[str, str]) -> Path | None:
+def store(
+    info: Vmcoreinfo,
+    choice: str,
+    read_va: ReadVA,
+    symbols: RecordingSymbols,
+    values: dict[str, int],
+    sources: dict[str, str],
+) -> Path | None:
     """Remember what a census of this build used (symbols relative to the boot's KASLR offset).
 
     Write-once: an entry already there (from this or any other bootstrap) stays as it is.
@@ -262,8 +299,15 @@ def store(info: Vmcoreinfo, choice: str, read_va: ReadVA, symbols: RecordingSymb
     folder = _folder(create=True) if content is not None else None
     if folder is None or content is None:
         return None
-    entry = {"version": VERSION, "release": info.osrelease, "choice": choice, "content": content,
-             "symbols": rel, "facts": values, "sources": sources}
+    entry = {
+        "version": VERSION,
+        "release": info.osrelease,
+        "choice": choice,
+        "content": content,
+        "symbols": rel,
+        "facts": values,
+        "sources": sources,
+    }
     path = folder / f"{stem}-{content[:32]}.json"
     if path.exists():
         return path

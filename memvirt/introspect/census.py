@@ -68,8 +68,16 @@ class Census:
             "page_size": PAGE_SIZE,
             "pages": pages,
             "zones": [
-                {"node": z.node, "name": z.name, "start_pfn": z.start_pfn, "spanned": z.spanned,
-                 "present": z.present, "managed": z.managed, "free": z.free_pages, "pcp": sum(z.pcp.values())}
+                {
+                    "node": z.node,
+                    "name": z.name,
+                    "start_pfn": z.start_pfn,
+                    "spanned": z.spanned,
+                    "present": z.present,
+                    "managed": z.managed,
+                    "free": z.free_pages,
+                    "pcp": sum(z.pcp.values()),
+                }
                 for z in self.zones
             ],
             "layout_source": self.layout_source,
@@ -126,12 +134,21 @@ class PageScanner:
     def _layout_struct(self) -> native.LayoutStruct:
         t = self.types
         return native.LayoutStruct(
-            stride=self.page_size, off_flags=self.col["flags"] * 8, off_head=self.col["head"] * 8,
-            off_mapping=self.col["mapping"] * 8, off_type=self.type_off, off_private=self.col["private"] * 8,
-            off_lru=self.lru, head_mask=self.head_mask, top_byte=int(t.top_byte), buddy=t.buddy,
-            table=-1 if t.table is None else t.table, slab_type=-1 if t.slab_type is None else t.slab_type,
+            stride=self.page_size,
+            off_flags=self.col["flags"] * 8,
+            off_head=self.col["head"] * 8,
+            off_mapping=self.col["mapping"] * 8,
+            off_type=self.type_off,
+            off_private=self.col["private"] * 8,
+            off_lru=self.lru,
+            head_mask=self.head_mask,
+            top_byte=int(t.top_byte),
+            buddy=t.buddy,
+            table=-1 if t.table is None else t.table,
+            slab_type=-1 if t.slab_type is None else t.slab_type,
             slab_bit=-1 if t.slab_flag is None else t.slab_flag,
-            reserved_bit=-1 if t.reserved_flag is None else t.reserved_flag, max_order=self.orders,
+            reserved_bit=-1 if t.reserved_flag is None else t.reserved_flag,
+            max_order=self.orders,
         )
 
     @staticmethod
@@ -156,7 +173,9 @@ class PageScanner:
                 leaf_end = (va // leaf + 1) * leaf
                 last = min(end, (leaf_end - self.kv.vmemmap_base) // per)
                 if last <= pfn:
-                    raise BadImage("struct page straddles a vmemmap mapping boundary: sizeof(struct page) does not divide it")
+                    raise BadImage(
+                        "struct page straddles a vmemmap mapping boundary: sizeof(struct page) does not divide it"
+                    )
                 if runs and runs[-1][1] == pfn and runs[-1][2] + (pfn - runs[-1][0]) * per == pa:
                     runs[-1] = (runs[-1][0], last, runs[-1][2])
                 else:
@@ -190,9 +209,19 @@ class PageScanner:
         t_idx, t_head = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.uint64)
         nb, nt = ctypes.c_uint64(), ctypes.c_uint64()
         self.native.classify_block(
-            ctypes.byref(self._native_layout), blk.ctypes.data, n, classes.ctypes.data, p0, self.kv.vmemmap_base,
-            self.lru_next[p0:].ctypes.data, b_idx.ctypes.data, b_priv.ctypes.data, ctypes.byref(nb),
-            t_idx.ctypes.data, t_head.ctypes.data, ctypes.byref(nt),
+            ctypes.byref(self._native_layout),
+            blk.ctypes.data,
+            n,
+            classes.ctypes.data,
+            p0,
+            self.kv.vmemmap_base,
+            self.lru_next[p0:].ctypes.data,
+            b_idx.ctypes.data,
+            b_priv.ctypes.data,
+            ctypes.byref(nb),
+            t_idx.ctypes.data,
+            t_head.ctypes.data,
+            ctypes.byref(nt),
         )
         return b_idx[: nb.value], b_priv[: nb.value], t_idx[: nt.value], t_head[: nt.value]
 
@@ -270,9 +299,14 @@ class PageScanner:
         t["free_lists"] = time.perf_counter() - t1
         counts = self._count(classes)
         census = Census(
-            release=self.kv.release, classes=classes,
+            release=self.kv.release,
+            classes=classes,
             counts={name: int(counts[i]) for i, name in enumerate(CLASSES)},
-            zones=zones, layout_source=self.layout.source, live=live, timings=t, warnings=warnings,
+            zones=zones,
+            layout_source=self.layout.source,
+            live=live,
+            timings=t,
+            warnings=warnings,
         )
         for m in self.types.missing():
             warnings.append(f"not classified: {m}")
@@ -295,8 +329,9 @@ class PageScanner:
         if self.native is not None:
             heads = np.ascontiguousarray(heads, dtype=np.int64)
             orders = np.ascontiguousarray(orders, dtype=np.int64)
-            self.native.mark_blocks(classes.ctypes.data, len(classes), heads.ctypes.data, orders.ctypes.data,
-                                    len(heads), code)
+            self.native.mark_blocks(
+                classes.ctypes.data, len(classes), heads.ctypes.data, orders.ctypes.data, len(heads), code
+            )
         else:
             classes[_expand(heads, orders, len(classes))] = code
 
@@ -311,7 +346,9 @@ class PageScanner:
         heads, order = self.buddy_heads, self.buddy_orders
         bad = (order < 0) | (order >= self.orders) | (heads + (1 << np.clip(order, 0, 30)) > self.max_pfn)
         if bad.any():
-            self._inconsistent(live, warnings, f"{int(bad.sum())} buddy pages with an order outside 0..{self.orders - 1}")
+            self._inconsistent(
+                live, warnings, f"{int(bad.sum())} buddy pages with an order outside 0..{self.orders - 1}"
+            )
             heads, order = heads[~bad], order[~bad]
         self.buddy_heads, self.buddy_orders = heads, order
 
@@ -322,7 +359,8 @@ class PageScanner:
             per_order = np.bincount(self.buddy_orders[inzone], minlength=self.orders)
             if per_order.tolist() != z.nr_free:
                 self._inconsistent(
-                    live, warnings,
+                    live,
+                    warnings,
                     f"zone {z.key}: free lists say {z.nr_free}, struct pages say {per_order.tolist()} per order",
                 )
             if z.free_pages > z.managed:
@@ -358,7 +396,9 @@ class PageScanner:
                     if self.native is not None:
                         pfns = self._walk_native(nxt, head_va, limit, visited)
                         if pfns is None:
-                            self._inconsistent(live, warnings, f"per-cpu list {i} of cpu {cpu} in zone {z.key} is broken")
+                            self._inconsistent(
+                                live, warnings, f"per-cpu list {i} of cpu {cpu} in zone {z.key} is broken"
+                            )
                             continue
                         found.append(pfns)
                         found_orders.append(np.full(len(pfns), p.orders[i], dtype=np.int64))
@@ -368,7 +408,9 @@ class PageScanner:
                     while nxt != head_va:
                         pfn, rem = divmod(nxt - self.lru - vbase, self.page_size)
                         if rem or not 0 <= pfn < self.max_pfn or len(walked) > limit or visited[pfn]:
-                            self._inconsistent(live, warnings, f"per-cpu list {i} of cpu {cpu} in zone {z.key} is broken")
+                            self._inconsistent(
+                                live, warnings, f"per-cpu list {i} of cpu {cpu} in zone {z.key} is broken"
+                            )
                             break
                         visited[pfn] = 1
                         walked.append(pfn)
@@ -386,8 +428,18 @@ class PageScanner:
 
     def _walk_native(self, first: int, sentinel: int, limit: int, visited: np.ndarray) -> np.ndarray | None:
         out = np.empty(limit + 1, dtype=np.int64)
-        n = self.native.walk_list(self.lru_next.ctypes.data, self.max_pfn, first, sentinel, self.kv.vmemmap_base,
-                                  self.lru, self.page_size, out.ctypes.data, len(out), visited.ctypes.data)
+        n = self.native.walk_list(
+            self.lru_next.ctypes.data,
+            self.max_pfn,
+            first,
+            sentinel,
+            self.kv.vmemmap_base,
+            self.lru,
+            self.page_size,
+            out.ctypes.data,
+            len(out),
+            visited.ctypes.data,
+        )
         return None if n < 0 else out[:n]
 
 

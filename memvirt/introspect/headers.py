@@ -72,11 +72,28 @@ class ProbeCompileError(HeadersError):
 
 # Public headers, each its own unit so that one that does not compile loses only its own facts.
 _HEADERS = (
-    "linux/types.h", "linux/list.h", "linux/mm_types.h", "linux/mmzone.h", "linux/page-flags.h",
-    "linux/mm.h", "linux/sched.h", "linux/slab.h", "linux/vmalloc.h", "linux/utsname.h",
-    "linux/dev_printk.h", "linux/vmstat.h", "linux/memcontrol.h", "linux/pagemap.h", "linux/fs.h",
-    "linux/xarray.h", "linux/maple_tree.h", "linux/rmap.h", "linux/swap.h", "linux/pid.h",
-    "linux/hugetlb.h", "linux/nodemask.h",
+    "linux/types.h",
+    "linux/list.h",
+    "linux/mm_types.h",
+    "linux/mmzone.h",
+    "linux/page-flags.h",
+    "linux/mm.h",
+    "linux/sched.h",
+    "linux/slab.h",
+    "linux/vmalloc.h",
+    "linux/utsname.h",
+    "linux/dev_printk.h",
+    "linux/vmstat.h",
+    "linux/memcontrol.h",
+    "linux/pagemap.h",
+    "linux/fs.h",
+    "linux/xarray.h",
+    "linux/maple_tree.h",
+    "linux/rmap.h",
+    "linux/swap.h",
+    "linux/pid.h",
+    "linux/hugetlb.h",
+    "linux/nodemask.h",
 )
 
 # Headers a full source tree has and Debian's header packages do not; looked up in the source
@@ -85,76 +102,241 @@ _HEADERS = (
 # stand-in with just the fields those helpers touch lets the header compile. The stand-in is
 # only ever reached through pointers, so it never enters the recorded layouts.
 _PRIVATE_UNITS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("mm/slab.h", (
-        '#if __has_include("mm/slab.h")\n#include "mm/slab.h"\nstruct slab *memvirt_s_slab;\n'
-        "struct kmem_cache_node *memvirt_s_kmem_cache_node;\n#else\n#error no mm/slab.h\n#endif",
-        "#if __has_include(<linux/slub_def.h>) && defined(CONFIG_SLUB)\n"
-        "struct slab { unsigned int objects; };\n"
-        "static inline void *slab_address(const struct slab *slab) { return (void *)slab; }\n"
-        "#include <linux/slub_def.h>\n#endif",
-    )),
-    ("kernel/printk/printk_ringbuffer.h", (
-        '#if __has_include("kernel/printk/printk_ringbuffer.h")\n'
-        '#include "kernel/printk/printk_ringbuffer.h"\n#endif',
-    )),
+    (
+        "mm/slab.h",
+        (
+            '#if __has_include("mm/slab.h")\n#include "mm/slab.h"\nstruct slab *memvirt_s_slab;\n'
+            "struct kmem_cache_node *memvirt_s_kmem_cache_node;\n#else\n#error no mm/slab.h\n#endif",
+            "#if __has_include(<linux/slub_def.h>) && defined(CONFIG_SLUB)\n"
+            "struct slab { unsigned int objects; };\n"
+            "static inline void *slab_address(const struct slab *slab) { return (void *)slab; }\n"
+            "#include <linux/slub_def.h>\n#endif",
+        ),
+    ),
+    (
+        "kernel/printk/printk_ringbuffer.h",
+        (
+            '#if __has_include("kernel/printk/printk_ringbuffer.h")\n'
+            '#include "kernel/printk/printk_ringbuffer.h"\n#endif',
+        ),
+    ),
 )
 
 # Types whose layout is recorded: ``struct`` tags, then typedef names.
 STRUCTS = (
-    "page", "folio", "zone", "pglist_data", "free_area", "per_cpu_pages", "per_cpu_zonestat",
-    "per_cpu_nodestat", "lruvec", "list_head", "hlist_head", "hlist_node", "mem_section",
-    "mem_section_usage", "address_space", "inode", "kmem_cache", "kmem_cache_cpu", "task_struct",
-    "mm_struct", "vm_area_struct", "anon_vma", "xarray", "xa_node", "maple_tree", "maple_node",
-    "maple_range_64", "maple_arange_64", "rb_root", "rb_node", "uts_namespace", "new_utsname",
-    "vmap_area", "vm_struct", "dev_printk_info", "printk_ringbuffer", "prb_desc_ring", "prb_desc",
-    "prb_data_blk_lpos", "printk_info", "prb_data_ring", "pid", "upid", "zonelist", "zoneref",
-    "swap_info_struct", "page_counter", "mem_cgroup", "hstate", "callback_head",
+    "page",
+    "folio",
+    "zone",
+    "pglist_data",
+    "free_area",
+    "per_cpu_pages",
+    "per_cpu_zonestat",
+    "per_cpu_nodestat",
+    "lruvec",
+    "list_head",
+    "hlist_head",
+    "hlist_node",
+    "mem_section",
+    "mem_section_usage",
+    "address_space",
+    "inode",
+    "kmem_cache",
+    "kmem_cache_cpu",
+    "task_struct",
+    "mm_struct",
+    "vm_area_struct",
+    "anon_vma",
+    "xarray",
+    "xa_node",
+    "maple_tree",
+    "maple_node",
+    "maple_range_64",
+    "maple_arange_64",
+    "rb_root",
+    "rb_node",
+    "uts_namespace",
+    "new_utsname",
+    "vmap_area",
+    "vm_struct",
+    "dev_printk_info",
+    "printk_ringbuffer",
+    "prb_desc_ring",
+    "prb_desc",
+    "prb_data_blk_lpos",
+    "printk_info",
+    "prb_data_ring",
+    "pid",
+    "upid",
+    "zonelist",
+    "zoneref",
+    "swap_info_struct",
+    "page_counter",
+    "mem_cgroup",
+    "hstate",
+    "callback_head",
 )
 TYPEDEFS = (
-    "nodemask_t", "atomic_t", "atomic_long_t", "atomic64_t", "spinlock_t", "pgd_t", "p4d_t", "pud_t",
-    "pmd_t", "pte_t", "pgprot_t", "swp_entry_t", "cpumask_t", "refcount_t",
+    "nodemask_t",
+    "atomic_t",
+    "atomic_long_t",
+    "atomic64_t",
+    "spinlock_t",
+    "pgd_t",
+    "p4d_t",
+    "pud_t",
+    "pmd_t",
+    "pte_t",
+    "pgprot_t",
+    "swp_entry_t",
+    "cpumask_t",
+    "refcount_t",
 )
 # Enums recorded whole (every enumerator also becomes a :meth:`HeadersLayout.constant`).
 ENUMS = (
-    "pageflags", "pagetype", "zone_type", "migratetype", "node_stat_item", "zone_stat_item",
-    "numa_stat_item", "lru_list", "pageblock_bits", "compound_dtor_id", "zone_watermarks",
-    "vm_event_item", "memcg_stat_item", "kmalloc_cache_type", "zone_flags", "pgdat_flags",
-    "node_states", "mapping_flags", "pid_type", "maple_type", "stat_item", "lru_status",
+    "pageflags",
+    "pagetype",
+    "zone_type",
+    "migratetype",
+    "node_stat_item",
+    "zone_stat_item",
+    "numa_stat_item",
+    "lru_list",
+    "pageblock_bits",
+    "compound_dtor_id",
+    "zone_watermarks",
+    "vm_event_item",
+    "memcg_stat_item",
+    "kmalloc_cache_type",
+    "zone_flags",
+    "pgdat_flags",
+    "node_states",
+    "mapping_flags",
+    "pid_type",
+    "maple_type",
+    "stat_item",
+    "lru_status",
 )
 # Macros and enumerators of unnamed enums (which DWARF only carries if something uses them).
 CONSTANTS = (
     # page types: 6.1 keeps inverted bits under PAGE_TYPE_BASE, 6.12 an enum in the top byte
-    "PAGE_TYPE_BASE", "PAGE_MAPCOUNT_RESERVE", "PG_buddy", "PG_offline", "PG_table", "PG_guard",
-    "PG_head_mask", "PAGE_TYPE_SHIFT",
-    "PAGE_MAPPING_ANON", "PAGE_MAPPING_MOVABLE", "PAGE_MAPPING_KSM", "PAGE_MAPPING_FLAGS",
-    "NR_PAGEFLAGS", "__NR_PAGEFLAGS",
+    "PAGE_TYPE_BASE",
+    "PAGE_MAPCOUNT_RESERVE",
+    "PG_buddy",
+    "PG_offline",
+    "PG_table",
+    "PG_guard",
+    "PG_head_mask",
+    "PAGE_TYPE_SHIFT",
+    "PAGE_MAPPING_ANON",
+    "PAGE_MAPPING_MOVABLE",
+    "PAGE_MAPPING_KSM",
+    "PAGE_MAPPING_FLAGS",
+    "NR_PAGEFLAGS",
+    "__NR_PAGEFLAGS",
     # buddy allocator and per-cpu lists
-    "MAX_ORDER", "MAX_PAGE_ORDER", "NR_PAGE_ORDERS", "MAX_ORDER_NR_PAGES", "PAGE_ALLOC_COSTLY_ORDER",
-    "NR_PCP_LISTS", "NR_LOWORDER_PCP_LISTS", "NR_PCP_THP", "MIGRATE_PCPTYPES", "MIGRATE_TYPES",
-    "pageblock_order", "NR_PAGEBLOCK_BITS", "MAX_NR_ZONES", "__MAX_NR_ZONES",
-    "NR_VM_ZONE_STAT_ITEMS", "NR_VM_NODE_STAT_ITEMS", "NR_VM_NUMA_EVENT_ITEMS", "NR_LRU_LISTS",
-    "PAGE_SHIFT", "PAGE_SIZE", "HPAGE_PMD_ORDER", "HUGETLB_PAGE_ORDER",
+    "MAX_ORDER",
+    "MAX_PAGE_ORDER",
+    "NR_PAGE_ORDERS",
+    "MAX_ORDER_NR_PAGES",
+    "PAGE_ALLOC_COSTLY_ORDER",
+    "NR_PCP_LISTS",
+    "NR_LOWORDER_PCP_LISTS",
+    "NR_PCP_THP",
+    "MIGRATE_PCPTYPES",
+    "MIGRATE_TYPES",
+    "pageblock_order",
+    "NR_PAGEBLOCK_BITS",
+    "MAX_NR_ZONES",
+    "__MAX_NR_ZONES",
+    "NR_VM_ZONE_STAT_ITEMS",
+    "NR_VM_NODE_STAT_ITEMS",
+    "NR_VM_NUMA_EVENT_ITEMS",
+    "NR_LRU_LISTS",
+    "PAGE_SHIFT",
+    "PAGE_SIZE",
+    "HPAGE_PMD_ORDER",
+    "HUGETLB_PAGE_ORDER",
     # page->flags fields
-    "ZONES_SHIFT", "ZONES_WIDTH", "ZONES_PGSHIFT", "ZONES_MASK", "NODES_SHIFT", "NODES_WIDTH",
-    "NODES_PGSHIFT", "NODES_MASK", "SECTIONS_WIDTH", "SECTIONS_PGSHIFT", "SECTIONS_MASK",
-    "LAST_CPUPID_WIDTH", "LAST_CPUPID_PGSHIFT", "KASAN_TAG_WIDTH", "LRU_GEN_WIDTH", "LRU_REFS_WIDTH",
-    "LRU_GEN_PGOFF", "LRU_REFS_PGOFF", "MAX_NR_GENS",
+    "ZONES_SHIFT",
+    "ZONES_WIDTH",
+    "ZONES_PGSHIFT",
+    "ZONES_MASK",
+    "NODES_SHIFT",
+    "NODES_WIDTH",
+    "NODES_PGSHIFT",
+    "NODES_MASK",
+    "SECTIONS_WIDTH",
+    "SECTIONS_PGSHIFT",
+    "SECTIONS_MASK",
+    "LAST_CPUPID_WIDTH",
+    "LAST_CPUPID_PGSHIFT",
+    "KASAN_TAG_WIDTH",
+    "LRU_GEN_WIDTH",
+    "LRU_REFS_WIDTH",
+    "LRU_GEN_PGOFF",
+    "LRU_REFS_PGOFF",
+    "MAX_NR_GENS",
     # sparse memory model
-    "SECTION_SIZE_BITS", "MAX_PHYSMEM_BITS", "PFN_SECTION_SHIFT", "PAGES_PER_SECTION", "SECTIONS_SHIFT",
-    "SECTIONS_PER_ROOT", "NR_SECTION_ROOTS", "NR_MEM_SECTIONS", "SECTION_MARKED_PRESENT",
-    "SECTION_HAS_MEM_MAP", "SECTION_IS_ONLINE", "SECTION_IS_EARLY", "SECTION_TAINT_ZONE_DEVICE",
-    "SECTION_MAP_LAST_BIT", "SECTION_MAP_MASK", "SECTION_NID_SHIFT", "MAX_NUMNODES", "NR_CPUS",
+    "SECTION_SIZE_BITS",
+    "MAX_PHYSMEM_BITS",
+    "PFN_SECTION_SHIFT",
+    "PAGES_PER_SECTION",
+    "SECTIONS_SHIFT",
+    "SECTIONS_PER_ROOT",
+    "NR_SECTION_ROOTS",
+    "NR_MEM_SECTIONS",
+    "SECTION_MARKED_PRESENT",
+    "SECTION_HAS_MEM_MAP",
+    "SECTION_IS_ONLINE",
+    "SECTION_IS_EARLY",
+    "SECTION_TAINT_ZONE_DEVICE",
+    "SECTION_MAP_LAST_BIT",
+    "SECTION_MAP_MASK",
+    "SECTION_NID_SHIFT",
+    "MAX_NUMNODES",
+    "NR_CPUS",
     # x86-64 address space and page tables
-    "__PAGE_OFFSET_BASE_L4", "__PAGE_OFFSET_BASE_L5", "__START_KERNEL_map", "__PHYSICAL_START",
-    "KERNEL_IMAGE_SIZE", "__VMEMMAP_BASE_L4", "__VMALLOC_BASE_L4", "__PHYSICAL_MASK_SHIFT",
-    "__VIRTUAL_MASK_SHIFT", "PTRS_PER_PTE", "PTRS_PER_PMD", "PTRS_PER_PUD", "PTRS_PER_P4D",
-    "PMD_SHIFT", "PUD_SHIFT", "P4D_SHIFT", "PGDIR_SHIFT", "_PAGE_BIT_PRESENT", "_PAGE_PRESENT",
-    "_PAGE_PSE", "_PAGE_NX", "_PAGE_PROTNONE", "THREAD_SIZE",
+    "__PAGE_OFFSET_BASE_L4",
+    "__PAGE_OFFSET_BASE_L5",
+    "__START_KERNEL_map",
+    "__PHYSICAL_START",
+    "KERNEL_IMAGE_SIZE",
+    "__VMEMMAP_BASE_L4",
+    "__VMALLOC_BASE_L4",
+    "__PHYSICAL_MASK_SHIFT",
+    "__VIRTUAL_MASK_SHIFT",
+    "PTRS_PER_PTE",
+    "PTRS_PER_PMD",
+    "PTRS_PER_PUD",
+    "PTRS_PER_P4D",
+    "PMD_SHIFT",
+    "PUD_SHIFT",
+    "P4D_SHIFT",
+    "PGDIR_SHIFT",
+    "_PAGE_BIT_PRESENT",
+    "_PAGE_PRESENT",
+    "_PAGE_PSE",
+    "_PAGE_NX",
+    "_PAGE_PROTNONE",
+    "THREAD_SIZE",
     # slab, tasks, mm counters, xarray, maple tree
-    "KMALLOC_SHIFT_LOW", "KMALLOC_SHIFT_HIGH", "KMALLOC_MIN_SIZE", "NR_KMALLOC_TYPES",
-    "TASK_COMM_LEN", "MM_FILEPAGES", "MM_ANONPAGES", "MM_SWAPENTS", "MM_SHMEMPAGES", "NR_MM_COUNTERS",
-    "XA_CHUNK_SHIFT", "XA_CHUNK_SIZE", "MAPLE_NODE_SLOTS", "MAPLE_RANGE64_SLOTS",
-    "MAPLE_ARANGE64_SLOTS", "MAPLE_NODE_MASK", "HUGETLB_PAGE_DTOR",
+    "KMALLOC_SHIFT_LOW",
+    "KMALLOC_SHIFT_HIGH",
+    "KMALLOC_MIN_SIZE",
+    "NR_KMALLOC_TYPES",
+    "TASK_COMM_LEN",
+    "MM_FILEPAGES",
+    "MM_ANONPAGES",
+    "MM_SWAPENTS",
+    "MM_SHMEMPAGES",
+    "NR_MM_COUNTERS",
+    "XA_CHUNK_SHIFT",
+    "XA_CHUNK_SIZE",
+    "MAPLE_NODE_SLOTS",
+    "MAPLE_RANGE64_SLOTS",
+    "MAPLE_ARANGE64_SLOTS",
+    "MAPLE_NODE_MASK",
+    "HUGETLB_PAGE_DTOR",
 )
 
 _PRELUDE = """\
@@ -382,12 +564,30 @@ def _front_end_flags() -> list[str]:
     a parameter to an ``asm`` "i" constraint, which only constant propagation makes legal.
     """
     return [
-        "-D__KERNEL__", "-DKBUILD_MODFILE=\"memvirt/probe\"", "-DKBUILD_BASENAME=\"probe\"",
-        "-DKBUILD_MODNAME=\"probe\"", "-D__KBUILD_MODNAME=kmod_probe",
-        "-fshort-wchar", "-fno-common", "-fno-PIE", "-fno-strict-aliasing",
-        "-m64", "-mno-sse", "-mno-mmx", "-mno-sse2", "-mno-3dnow", "-mno-avx", "-mno-80387",
-        "-mno-fp-ret-in-387", "-mno-red-zone", "-mcmodel=kernel", "-fno-asynchronous-unwind-tables",
-        "-w", "-g", "-O2", "-c",
+        "-D__KERNEL__",
+        '-DKBUILD_MODFILE="memvirt/probe"',
+        '-DKBUILD_BASENAME="probe"',
+        '-DKBUILD_MODNAME="probe"',
+        "-D__KBUILD_MODNAME=kmod_probe",
+        "-fshort-wchar",
+        "-fno-common",
+        "-fno-PIE",
+        "-fno-strict-aliasing",
+        "-m64",
+        "-mno-sse",
+        "-mno-mmx",
+        "-mno-sse2",
+        "-mno-3dnow",
+        "-mno-avx",
+        "-mno-80387",
+        "-mno-fp-ret-in-387",
+        "-mno-red-zone",
+        "-mcmodel=kernel",
+        "-fno-asynchronous-unwind-tables",
+        "-w",
+        "-g",
+        "-O2",
+        "-c",
     ]
 
 
@@ -396,8 +596,13 @@ def kernel_cflags(tree: HeaderTree) -> list[str]:
     its ``-std`` and char signedness (``-funsigned-char`` since v6.2), then the front-end set."""
     s, o = tree.srctree, tree.objtree
     incs = [
-        s / "arch/x86/include", o / "arch/x86/include/generated", s / "include", o / "include",
-        s / "arch/x86/include/uapi", o / "arch/x86/include/generated/uapi", s / "include/uapi",
+        s / "arch/x86/include",
+        o / "arch/x86/include/generated",
+        s / "include",
+        o / "include",
+        s / "arch/x86/include/uapi",
+        o / "arch/x86/include/generated/uapi",
+        s / "include/uapi",
         o / "include/generated/uapi",
     ]
     flags = ["-nostdinc", *(f"-I{p}" for p in incs), f"-idirafter{s}"]
@@ -428,8 +633,11 @@ def find_compiler(tree: HeaderTree) -> str:
     """The gcc the kernel was built with if the host has it (``gcc-12`` for Debian 12 kernels),
     else any gcc: struct layout is the x86-64 ABI's, not the compiler version's."""
     cfg = _config(tree)
-    if any((k.startswith("CONFIG_RANDSTRUCT") and not k.endswith("_NONE") or k == "CONFIG_GCC_PLUGIN_RANDSTRUCT")
-           and v == "y" for k, v in cfg.items()):
+    if any(
+        (k.startswith("CONFIG_RANDSTRUCT") and not k.endswith("_NONE") or k == "CONFIG_GCC_PLUGIN_RANDSTRUCT")
+        and v == "y"
+        for k, v in cfg.items()
+    ):
         raise HeadersError(
             f"{tree.release} is built with CONFIG_RANDSTRUCT: its struct layouts come from a gcc plugin's seed, not the headers"
         )
@@ -464,24 +672,35 @@ def compile_probe(tree: HeaderTree, workdir: Path) -> ProbeResult:
     for rounds in range(1, _MAX_ROUNDS + 1):
         text, owner = render_probe(choice)
         src.write_text(text)
-        proc = subprocess.run([cc, *flags, "-o", obj.name, src.name], capture_output=True, text=True, cwd=workdir,
-                              env={**os.environ, "LC_ALL": "C"})
+        proc = subprocess.run(
+            [cc, *flags, "-o", obj.name, src.name],
+            capture_output=True,
+            text=True,
+            cwd=workdir,
+            env={**os.environ, "LC_ALL": "C"},
+        )
         if proc.returncode == 0:
             return ProbeResult(obj, dropped, rounds, cc)
         blamed, first = blame_errors(proc.stderr, src.name, owner)
         first_error = first_error or first
         if not blamed:
-            raise ProbeCompileError(f"gcc cannot compile the layout probe against {tree.describe}: {first or _first_line(proc.stderr)}")
+            raise ProbeCompileError(
+                f"gcc cannot compile the layout probe against {tree.describe}: {first or _first_line(proc.stderr)}"
+            )
         for i, reason in blamed.items():
             if choice[i] + 1 < len(units[i].alternatives):
                 choice[i] += 1
             else:
                 del choice[i]
                 dropped[units[i].fact] = reason
-    raise ProbeCompileError(f"gcc still rejects the layout probe for {tree.describe} after {_MAX_ROUNDS} rounds: {first_error}")
+    raise ProbeCompileError(
+        f"gcc still rejects the layout probe for {tree.describe} after {_MAX_ROUNDS} rounds: {first_error}"
+    )
 
 
-_DIAG = re.compile(r"^(?P<file>[^:\s][^:]*):(?P<line>\d+):(?:\d+:)? (?P<kind>fatal error|error|warning|note): (?P<msg>.*)$")
+_DIAG = re.compile(
+    r"^(?P<file>[^:\s][^:]*):(?P<line>\d+):(?:\d+:)? (?P<kind>fatal error|error|warning|note): (?P<msg>.*)$"
+)
 _INCLUDED = re.compile(r"^(?:In file included|\s+) from (?P<file>[^:]+):(?P<line>\d+)[:,]$")
 
 
@@ -571,8 +790,13 @@ def parse_probe_object(path: Path) -> dict[str, Any]:
                     pointee = _attr_die(target, "DW_AT_type")
                     if pointee is not None:
                         reader.root(pointee)
-    return {"types": reader.types, "names": reader.names, "declared": sorted(reader.declared), "enums": enums,
-            "constants": constants}
+    return {
+        "types": reader.types,
+        "names": reader.names,
+        "declared": sorted(reader.declared),
+        "enums": enums,
+        "constants": constants,
+    }
 
 
 def _name(die: DIE) -> str | None:
@@ -603,7 +827,7 @@ def _constant_symbols(elf: ELFFile) -> dict[str, int]:
         if shndx not in data:
             data[shndx] = elf.get_section(shndx).data()
         value, negative = cstruct.unpack_from("<Qi", data[shndx], sym["st_value"])
-        out[sym.name[len(_VAR_CONST):]] = value - (1 << 64) if negative else value
+        out[sym.name[len(_VAR_CONST) :]] = value - (1 << 64) if negative else value
     return out
 
 
@@ -644,8 +868,12 @@ class _TypeReader:
 
     def read(self, die: DIE | None) -> int:
         """Index of ``die``'s entry (qualifiers are looked through), reading it if new."""
-        while die is not None and die.tag in ("DW_TAG_const_type", "DW_TAG_volatile_type", "DW_TAG_restrict_type",
-                                              "DW_TAG_atomic_type"):
+        while die is not None and die.tag in (
+            "DW_TAG_const_type",
+            "DW_TAG_volatile_type",
+            "DW_TAG_restrict_type",
+            "DW_TAG_atomic_type",
+        ):
             die = _attr_die(die, "DW_AT_type")
         key = -1 if die is None else die.offset
         if key in self._index:
@@ -791,7 +1019,9 @@ class HeadersLayout:
         ``make modules_prepare``'d source tree, or its ``O=`` build directory)."""
         tree = open_tree(path)
         stamp = (tree.objtree / "include" / "generated" / "autoconf.h").stat()
-        key = hashlib.sha256(f"{probe_key()} {tree.objtree} {stamp.st_mtime_ns} {stamp.st_size}".encode()).hexdigest()[:16]
+        key = hashlib.sha256(f"{probe_key()} {tree.objtree} {stamp.st_mtime_ns} {stamp.st_size}".encode()).hexdigest()[
+            :16
+        ]
         where = hashlib.sha256(str(tree.objtree).encode()).hexdigest()[:8]
         cached = cache_home() / "layouts" / f"headers-{tree.release}-{where}.json"
         origin = str(tree.objtree)
@@ -809,7 +1039,9 @@ class HeadersLayout:
     def member_offset(self, struct: str, path: str) -> int:
         m = self._member(struct, path)
         if m.bit_size or m.bit_offset % 8:
-            raise LayoutMissing(f"{self._where}: {struct}.{path} is a bitfield at bit {m.bit_offset}: it has no byte offset")
+            raise LayoutMissing(
+                f"{self._where}: {struct}.{path} is a bitfield at bit {m.bit_offset}: it has no byte offset"
+            )
         return m.bit_offset // 8
 
     def array_length(self, struct: str, path: str) -> int:
@@ -909,10 +1141,14 @@ class HeadersLayout:
             if key in self._names:
                 return self._resolve(self._names[key])
         if f"struct {bare}" in self._declared or f"union {bare}" in self._declared:
-            raise LayoutMissing(f"{self._where} declare {bare!r} but do not define it: its definition is in a .c "
-                                "file or a private header (mm/, kernel/) that header packages do not ship")
-        raise LayoutMissing(f"{self._where} have no struct, union or typedef {bare!r}{self._why(f'struct {bare}')}"
-                            f"{self._why(f'typedef {bare}')}")
+            raise LayoutMissing(
+                f"{self._where} declare {bare!r} but do not define it: its definition is in a .c "
+                "file or a private header (mm/, kernel/) that header packages do not ship"
+            )
+        raise LayoutMissing(
+            f"{self._where} have no struct, union or typedef {bare!r}{self._why(f'struct {bare}')}"
+            f"{self._why(f'typedef {bare}')}"
+        )
 
     def _resolve(self, idx: int) -> int:
         for _ in range(64):
@@ -993,8 +1229,13 @@ def _build(tree: HeaderTree, key: str, timings: dict[str, float]) -> dict[str, A
         raise ProbeCompileError(f"the layout probe found no struct page in {tree.describe}: {reason}")
     data["dropped"] = result.dropped
     data["meta"] = {
-        "key": key, "format": FORMAT, "release": tree.release, "objtree": str(tree.objtree),
-        "srctree": str(tree.srctree), "compiler": result.compiler, "rounds": result.rounds,
+        "key": key,
+        "format": FORMAT,
+        "release": tree.release,
+        "objtree": str(tree.objtree),
+        "srctree": str(tree.srctree),
+        "compiler": result.compiler,
+        "rounds": result.rounds,
         "timings": {**timings, "compile": t1 - t0, "parse": t2 - t1},
     }
     return data
@@ -1015,4 +1256,3 @@ def _store(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text(json.dumps(data, separators=(",", ":")))
     os.replace(tmp, path)
-

@@ -156,8 +156,14 @@ def _names_extent(info: Vmcoreinfo, names_va: int, num: int) -> int:
     after it, else a generous bound (2 length bytes + 127 codes per symbol)."""
     others = [
         info.symbol(n)
-        for n in ("kallsyms_token_table", "kallsyms_token_index", "kallsyms_offsets",
-                  "kallsyms_relative_base", "kallsyms_addresses", "kallsyms_num_syms")
+        for n in (
+            "kallsyms_token_table",
+            "kallsyms_token_index",
+            "kallsyms_offsets",
+            "kallsyms_relative_base",
+            "kallsyms_addresses",
+            "kallsyms_num_syms",
+        )
         if info.has_symbol(n)
     ]
     above = [a - names_va for a in others if a > names_va]
@@ -272,8 +278,9 @@ def kallsyms_expand_symbols(blob: np.ndarray, starts: np.ndarray, tokens: list[b
         ends = np.cumsum(out_len, dtype=np.int64)
         total = int(ends[-1]) if len(ends) else 0
         if total > min(len(starts) * (KSYM_NAME_LEN + 1), _MAX_EXPANDED):
-            raise BadImage(f"kallsyms names expand to {total} bytes for {len(starts)} symbols: "
-                           "the tables are inconsistent")
+            raise BadImage(
+                f"kallsyms names expand to {total} bytes for {len(starts)} symbols: the tables are inconsistent"
+            )
         src -= (ends - out_len).astype(np.int32)
         gather = np.repeat(src, out_len)
         gather += np.arange(len(gather), dtype=np.int32)

@@ -55,7 +55,10 @@ class KernelView:
 
     @classmethod
     def open(
-        cls, mem: GuestMemory, hint_gpa: int | None = None, load_btf: bool = True,
+        cls,
+        mem: GuestMemory,
+        hint_gpa: int | None = None,
+        load_btf: bool = True,
         cached_symbols: Callable[[Vmcoreinfo, Callable[[int, int], np.ndarray]], Any] | None = None,
     ) -> KernelView:
         """Bootstrap from ``mem``; ``hint_gpa`` is a cached VMCOREINFO location to try first.
@@ -244,7 +247,10 @@ class KernelView:
         """
         derived = self._derive_vmemmap_base()
         for what, get in (
-            ("VMCOREINFO SYMBOL(vmemmap)", lambda: self.vmcoreinfo.symbol("vmemmap") if self.vmcoreinfo.has_symbol("vmemmap") else None),
+            (
+                "VMCOREINFO SYMBOL(vmemmap)",
+                lambda: self.vmcoreinfo.symbol("vmemmap") if self.vmcoreinfo.has_symbol("vmemmap") else None,
+            ),
             ("kallsyms vmemmap_base", self._vmemmap_base_variable),
         ):
             value = get()
@@ -313,8 +319,10 @@ def _first_consistent_note(
     try:
         for tried, (_gpa, info) in enumerate(iter_vmcoreinfo(mem, hint_gpa)):
             if tried == MAX_NOTES:
-                raise GuestStructureError(f"{MAX_NOTES} VMCOREINFO notes in {mem.describe()} and none maps its own "
-                                          f"kernel; the first said: {first_error}")
+                raise GuestStructureError(
+                    f"{MAX_NOTES} VMCOREINFO notes in {mem.describe()} and none maps its own "
+                    f"kernel; the first said: {first_error}"
+                )
             t = time.perf_counter()
             try:
                 return info, _page_table(mem, info)
@@ -377,6 +385,8 @@ def _kallsyms(pt: PageTable, info: Vmcoreinfo, notes: dict[str, str]) -> Kallsym
         raise BadImage("kallsyms has no _stext: the tables are inconsistent")
     for name in ("_stext", "init_top_pgt", "node_data"):
         if info.has_symbol(name) and name in syms and syms[name] != info.symbol(name):
-            raise BadImage(f"kallsyms puts {name} at {syms[name]:#x}, VMCOREINFO at {info.symbol(name):#x}: inconsistent image")
+            raise BadImage(
+                f"kallsyms puts {name} at {syms[name]:#x}, VMCOREINFO at {info.symbol(name):#x}: inconsistent image"
+            )
     notes["kallsyms"] = f"{len(syms)} symbols"
     return syms

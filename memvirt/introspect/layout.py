@@ -82,7 +82,9 @@ class VmcoreinfoLayout(KeyedLayout):
 
     def _get(self, key: str) -> int:
         if key not in self.info:
-            raise LayoutMissing(f"VMCOREINFO lacks {key}: kernel {self.info.entries.get('OSRELEASE', '?')} does not export it")
+            raise LayoutMissing(
+                f"VMCOREINFO lacks {key}: kernel {self.info.entries.get('OSRELEASE', '?')} does not export it"
+            )
         return self.info.integer(key, 0 if key.startswith("NUMBER(") else 10)
 
     def has_member(self, struct: str, path: str) -> bool:
@@ -129,16 +131,38 @@ _FACT = re.compile(r"^(SIZE|OFFSET|LENGTH|NUMBER|ENUM)\(([A-Za-z0-9_]+)(?:\.([A-
 # flag and page-type numbers. Which of them exist depends on the kernel (6.12 has no PG_slab
 # but PAGE_SLAB_MAPCOUNT_VALUE): ask with ``required=False`` and check what came back.
 MM_FACTS = (
-    "SIZE(page)", "OFFSET(page.flags)", "OFFSET(page._refcount)", "OFFSET(page._mapcount)",
-    "OFFSET(page.private)", "OFFSET(page.lru)", "OFFSET(page.mapping)", "OFFSET(page.compound_head)",
-    "SIZE(pglist_data)", "OFFSET(pglist_data.node_zones)", "OFFSET(pglist_data.nr_zones)",
-    "OFFSET(pglist_data.node_start_pfn)", "OFFSET(pglist_data.node_spanned_pages)",
-    "SIZE(zone)", "OFFSET(zone.free_area)", "OFFSET(zone.spanned_pages)", "OFFSET(zone.vm_stat)",
-    "LENGTH(zone.free_area)", "SIZE(free_area)", "OFFSET(free_area.free_list)",
-    "OFFSET(free_area.nr_free)", "LENGTH(free_area.free_list)",
-    "NUMBER(PG_lru)", "NUMBER(PG_private)", "NUMBER(PG_swapcache)", "NUMBER(PG_swapbacked)",
-    "NUMBER(PG_slab)", "NUMBER(PG_head_mask)", "NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)",
-    "NUMBER(PAGE_SLAB_MAPCOUNT_VALUE)", "NUMBER(PAGE_OFFLINE_MAPCOUNT_VALUE)", "NUMBER(NR_FREE_PAGES)",
+    "SIZE(page)",
+    "OFFSET(page.flags)",
+    "OFFSET(page._refcount)",
+    "OFFSET(page._mapcount)",
+    "OFFSET(page.private)",
+    "OFFSET(page.lru)",
+    "OFFSET(page.mapping)",
+    "OFFSET(page.compound_head)",
+    "SIZE(pglist_data)",
+    "OFFSET(pglist_data.node_zones)",
+    "OFFSET(pglist_data.nr_zones)",
+    "OFFSET(pglist_data.node_start_pfn)",
+    "OFFSET(pglist_data.node_spanned_pages)",
+    "SIZE(zone)",
+    "OFFSET(zone.free_area)",
+    "OFFSET(zone.spanned_pages)",
+    "OFFSET(zone.vm_stat)",
+    "LENGTH(zone.free_area)",
+    "SIZE(free_area)",
+    "OFFSET(free_area.free_list)",
+    "OFFSET(free_area.nr_free)",
+    "LENGTH(free_area.free_list)",
+    "NUMBER(PG_lru)",
+    "NUMBER(PG_private)",
+    "NUMBER(PG_swapcache)",
+    "NUMBER(PG_swapbacked)",
+    "NUMBER(PG_slab)",
+    "NUMBER(PG_head_mask)",
+    "NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)",
+    "NUMBER(PAGE_SLAB_MAPCOUNT_VALUE)",
+    "NUMBER(PAGE_OFFLINE_MAPCOUNT_VALUE)",
+    "NUMBER(NR_FREE_PAGES)",
 )
 
 

@@ -80,8 +80,11 @@ def for_each_online_pgdat(kv: KernelView) -> Iterator[tuple[int, int]]:
     """
     info = kv.vmcoreinfo
     if info.has_symbol("node_data"):
-        length = check_range("LENGTH(node_data)", info.length("node_data"), 1, MAX_NODES) \
-            if "LENGTH(node_data)" in info else 1
+        length = (
+            check_range("LENGTH(node_data)", info.length("node_data"), 1, MAX_NODES)
+            if "LENGTH(node_data)" in info
+            else 1
+        )
         online = _bitmap(kv, kv.symbol("node_online_map"), length) if info.has_symbol("node_online_map") else [0]
         base = kv.symbol("node_data")
         for nid in online:
@@ -111,21 +114,26 @@ def _read_str(kv: KernelView, va: int, limit: int = 32) -> str:
 def for_each_zone(kv: KernelView, layout: Layout) -> Iterator[Zone]:
     """Every populated zone of every online node, with its free and per-cpu counts."""
     zone_size = check_range("sizeof(struct zone)", layout.struct_size("zone"), 8, MAX_STRUCT)
-    nzones = check_range("LENGTH(pglist_data.node_zones)", layout.array_length("pglist_data", "node_zones"),
-                         1, MAX_ZONES)
-    node_zones = check_range("OFFSET(pglist_data.node_zones)", layout.member_offset("pglist_data", "node_zones"),
-                             0, MAX_STRUCT)
+    nzones = check_range(
+        "LENGTH(pglist_data.node_zones)", layout.array_length("pglist_data", "node_zones"), 1, MAX_ZONES
+    )
+    node_zones = check_range(
+        "OFFSET(pglist_data.node_zones)", layout.member_offset("pglist_data", "node_zones"), 0, MAX_STRUCT
+    )
     orders = check_range("LENGTH(zone.free_area)", layout.array_length("zone", "free_area"), 1, MAX_ORDERS)
     free_area = layout.member_offset("zone", "free_area")
     free_area_size = check_range("sizeof(struct free_area)", layout.struct_size("free_area"), 8, MAX_STRUCT)
-    nr_free = check_range("OFFSET(free_area.nr_free)", layout.member_offset("free_area", "nr_free"),
-                          0, free_area_size - 8)
+    nr_free = check_range(
+        "OFFSET(free_area.nr_free)", layout.member_offset("free_area", "nr_free"), 0, free_area_size - 8
+    )
     check_range("OFFSET(zone.free_area)", free_area, 0, zone_size - orders * free_area_size)
     vm_stat = layout.member_offset("zone", "vm_stat")
     nr_free_pages = layout.enum_value("zone_stat_item", "NR_FREE_PAGES")
     check_range("OFFSET(zone.vm_stat[NR_FREE_PAGES])", vm_stat + 8 * nr_free_pages, 0, zone_size - 8)
-    off = {m: check_range(f"OFFSET(zone.{m})", layout.member_offset("zone", m), 0, zone_size - 8)
-           for m in ("zone_start_pfn", "spanned_pages", "present_pages", "managed_pages", "name", "per_cpu_pageset")}
+    off = {
+        m: check_range(f"OFFSET(zone.{m})", layout.member_offset("zone", m), 0, zone_size - 8)
+        for m in ("zone_start_pfn", "spanned_pages", "present_pages", "managed_pages", "name", "per_cpu_pageset")
+    }
     cpus = for_each_online_cpu(kv)
     populated = 0
     for nid, pgdat in for_each_online_pgdat(kv):
@@ -146,9 +154,15 @@ def for_each_zone(kv: KernelView, layout: Layout) -> Iterator[Zone]:
             check_range(f"node {nid} zone {z} spanned pages", spanned, 0, MAX_PFN - start)
             frees = [u64(free_area + o * free_area_size + nr_free) for o in range(orders)]
             zone = Zone(
-                node=nid, index=z, name=_read_str(kv, u64(off["name"])),
-                va=pgdat + node_zones + z * zone_size, start_pfn=start, spanned=spanned,
-                present=u64(off["present_pages"]), managed=u64(off["managed_pages"]), nr_free=frees,
+                node=nid,
+                index=z,
+                name=_read_str(kv, u64(off["name"])),
+                va=pgdat + node_zones + z * zone_size,
+                start_pfn=start,
+                spanned=spanned,
+                present=u64(off["present_pages"]),
+                managed=u64(off["managed_pages"]),
+                nr_free=frees,
                 nr_free_pages=np_i64(u64(vm_stat + 8 * nr_free_pages)),
             )
             pageset = u64(off["per_cpu_pageset"])
@@ -181,18 +195,24 @@ class PcpLayout:
 
     @classmethod
     def from_layout(cls, layout: Layout) -> PcpLayout:
-        nlists = check_range("LENGTH(per_cpu_pages.lists)", layout.array_length("per_cpu_pages", "lists"),
-                             1, MAX_PCP_LISTS)
+        nlists = check_range(
+            "LENGTH(per_cpu_pages.lists)", layout.array_length("per_cpu_pages", "lists"), 1, MAX_PCP_LISTS
+        )
         pcptypes = check_range("MIGRATE_PCPTYPES", layout.enum_value("migratetype", "MIGRATE_PCPTYPES"), 1, nlists)
         thp_lists = next(t for t in range(pcptypes) if (nlists - t) % pcptypes == 0)
         low = nlists - thp_lists
         orders = tuple(p // pcptypes if p < low else HPAGE_PMD_ORDER for p in range(nlists))
         check_range("the order of a per-cpu list", max(orders), 0, MAX_ORDERS - 1)
         list_head = check_range("sizeof(struct list_head)", layout.struct_size("list_head"), 8, 64)
-        lists = check_range("OFFSET(per_cpu_pages.lists)", layout.member_offset("per_cpu_pages", "lists"),
-                            0, MAX_STRUCT)
-        count = check_range("OFFSET(per_cpu_pages.count)", layout.member_offset("per_cpu_pages", "count"),
-                            0, lists + nlists * list_head - 4)
+        lists = check_range(
+            "OFFSET(per_cpu_pages.lists)", layout.member_offset("per_cpu_pages", "lists"), 0, MAX_STRUCT
+        )
+        count = check_range(
+            "OFFSET(per_cpu_pages.count)",
+            layout.member_offset("per_cpu_pages", "count"),
+            0,
+            lists + nlists * list_head - 4,
+        )
         return cls(count=count, lists=lists, nlists=nlists, list_head_size=list_head, orders=orders)
 
 

@@ -15,11 +15,24 @@ SOURCE = "pageclass.c"
 class LayoutStruct(ctypes.Structure):
     """Mirror of ``struct layout`` in pageclass.c."""
 
-    _fields_ = [(n, ctypes.c_uint64) for n in (
-        "stride", "off_flags", "off_head", "off_mapping", "off_type", "off_private", "off_lru", "head_mask",
-    )] + [("top_byte", ctypes.c_int64), ("buddy", ctypes.c_uint64)] + [
-        (n, ctypes.c_int64) for n in ("table", "slab_type", "slab_bit", "reserved_bit")
-    ] + [("max_order", ctypes.c_uint64)]
+    _fields_ = (
+        [
+            (n, ctypes.c_uint64)
+            for n in (
+                "stride",
+                "off_flags",
+                "off_head",
+                "off_mapping",
+                "off_type",
+                "off_private",
+                "off_lru",
+                "head_mask",
+            )
+        ]
+        + [("top_byte", ctypes.c_int64), ("buddy", ctypes.c_uint64)]
+        + [(n, ctypes.c_int64) for n in ("table", "slab_type", "slab_bit", "reserved_bit")]
+        + [("max_order", ctypes.c_uint64)]
+    )
 
 
 @cache

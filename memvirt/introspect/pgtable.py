@@ -99,8 +99,9 @@ class PageTable:
         """Sizes come from guest values: a read larger than the guest's RAM cannot be one of
         its structures, and must not make the host allocate it."""
         if not 0 <= size <= self.mem.ram_size:
-            raise GuestStructureError(f"a read of {size} bytes at {va:#x} does not fit in the guest's "
-                                      f"{self.mem.ram_size >> 20} MiB of RAM")
+            raise GuestStructureError(
+                f"a read of {size} bytes at {va:#x} does not fit in the guest's {self.mem.ram_size >> 20} MiB of RAM"
+            )
 
     def runs(self, va: int, size: int) -> list[tuple[int, int]]:
         """``[(pa, length), ...]`` covering ``[va, va + size)``, physically contiguous runs merged."""

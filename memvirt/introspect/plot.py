@@ -9,8 +9,15 @@ import numpy as np
 from memvirt.introspect.census import CLASSES, Census
 
 COLOURS = {
-    "unbacked": "#d9d9d9", "reserved": "#525252", "free": "#a1d99b", "free_pcp": "#31a354",
-    "page_cache": "#6baed6", "anon": "#fd8d3c", "slab": "#9e9ac8", "page_table": "#e7298a", "kernel": "#8c6d31",
+    "unbacked": "#d9d9d9",
+    "reserved": "#525252",
+    "free": "#a1d99b",
+    "free_pcp": "#31a354",
+    "page_cache": "#6baed6",
+    "anon": "#fd8d3c",
+    "slab": "#9e9ac8",
+    "page_table": "#e7298a",
+    "kernel": "#8c6d31",
 }
 
 

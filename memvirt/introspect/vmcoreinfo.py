@@ -79,7 +79,9 @@ class Vmcoreinfo:
         try:
             return self.entries[key]
         except KeyError:
-            raise BadImage(f"VMCOREINFO lacks {key}: kernel {self.entries.get('OSRELEASE', '?')} does not export it") from None
+            raise BadImage(
+                f"VMCOREINFO lacks {key}: kernel {self.entries.get('OSRELEASE', '?')} does not export it"
+            ) from None
 
     def integer(self, key: str, base: int = 10) -> int:
         """The value of ``key`` as an integer; a value that is not one is a :class:`BadImage`

@@ -70,8 +70,6 @@ def guess_ram_size(pid: int) -> int:
     raise BadImage(f"process {pid} has no -m option: pass the RAM size")
 
 
-
-
 class ProcMemory(GuestMemory):
     """Reads guest RAM from a live QEMU's address space."""
 

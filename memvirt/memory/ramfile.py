@@ -69,10 +69,12 @@ class RamFileMemory(GuestMemory):
             if grown_from is None:
                 spans = [(r.offset, r.offset + r.size)]
             else:
-                hole = ~grown_from[p0:p0 + (r.size >> PAGE_SHIFT)]
+                hole = ~grown_from[p0 : p0 + (r.size >> PAGE_SHIFT)]
                 edges = np.flatnonzero(np.diff(np.concatenate(([False], hole, [False])).astype(np.int8)))
-                spans = [(r.offset + (a << PAGE_SHIFT), r.offset + (b << PAGE_SHIFT))
-                         for a, b in edges.reshape(-1, 2).tolist()]
+                spans = [
+                    (r.offset + (a << PAGE_SHIFT), r.offset + (b << PAGE_SHIFT))
+                    for a, b in edges.reshape(-1, 2).tolist()
+                ]
             for pos, end in spans:
                 while pos < end:
                     try:

@@ -84,12 +84,12 @@ def _numpy_hash(pages: np.ndarray) -> np.ndarray:
         for block in range(3):
             for s in range(16):
                 w = block * 128 + s * 8
-                _stripe(acc, pages[:, w:w + 8], _KEY[s:s + 8])
+                _stripe(acc, pages[:, w : w + 8], _KEY[s : s + 8])
             acc ^= acc >> np.uint64(47)
             acc ^= _KEY[16:24, None]
             acc *= np.uint64(_P32_1)
         for s in range(15):
-            _stripe(acc, pages[:, 384 + s * 8:392 + s * 8], _KEY[s:s + 8])
+            _stripe(acc, pages[:, 384 + s * 8 : 392 + s * 8], _KEY[s : s + 8])
         _stripe(acc, pages[:, 504:512], _LAST_KEY)
         h = np.full(n, (PAGE * _P64[0]) % (1 << 64), dtype=np.uint64)
         for i in range(4):
@@ -125,6 +125,14 @@ def hash_pages(buf: np.ndarray, skip: np.ndarray | None = None) -> np.ndarray:
         return out
     bounds = np.linspace(0, n, _THREADS + 1).astype(int)
     with ThreadPoolExecutor(_THREADS) as pool:
-        list(pool.map(lambda i: _hash_into(buf[bounds[i] * PAGE:], None if sk is None else sk[bounds[i]:bounds[i + 1]],
-                                           out[bounds[i]:bounds[i + 1]]), range(_THREADS)))
+        list(
+            pool.map(
+                lambda i: _hash_into(
+                    buf[bounds[i] * PAGE :],
+                    None if sk is None else sk[bounds[i] : bounds[i + 1]],
+                    out[bounds[i] : bounds[i + 1]],
+                ),
+                range(_THREADS),
+            )
+        )
     return out

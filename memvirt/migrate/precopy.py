@@ -135,7 +135,7 @@ class Tracker:
         self.chooser.pause()
         st.data, st.data_bytes = len(data), len(data) * PAGE
         for part in range(0, len(dst), MAX_PAIRS):
-            d, s = dst[part:part + MAX_PAIRS], src[part:part + MAX_PAIRS]
+            d, s = dst[part : part + MAX_PAIRS], src[part : part + MAX_PAIRS]
             st.wire_bytes += send(Kind.DUP, [codec.encode_pairs(d, s)])
             self.held[d] = self.held[s]
         st.dup = len(dst)
@@ -184,7 +184,7 @@ class Tracker:
     def _read(self, pfns: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Copies of the pages ``pfns`` (all populated: a mapping's read of a hole would allocate
         it), gathered from the mapped RAM file in one vectorized step per region."""
-        out = np.empty((len(pfns), PAGE), dtype=np.uint8) if out is None else out[:len(pfns)]
+        out = np.empty((len(pfns), PAGE), dtype=np.uint8) if out is None else out[: len(pfns)]
         for p0, p1, pages in self._views:
             sel = (pfns >= p0) & (pfns < p1)
             if sel.all():
@@ -206,4 +206,4 @@ class Tracker:
 
 def _split(a: np.ndarray, n: int) -> Iterator[np.ndarray]:
     for i in range(0, len(a), n):
-        yield a[i:i + n]
+        yield a[i : i + n]

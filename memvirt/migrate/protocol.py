@@ -73,8 +73,9 @@ HANDSHAKE_TIMEOUT = 10.0
 MAX_JSON = 1 << 20
 """Largest JSON control frame (SETUP, COMMIT, ...) accepted."""
 SECRET_BYTES = 32
-SECRET_FORMS = ("64 or more hex digits ('openssl rand -hex 32') or base64 of 32 or more bytes "
-                "('head -c 32 /dev/urandom | base64')")
+SECRET_FORMS = (
+    "64 or more hex digits ('openssl rand -hex 32') or base64 of 32 or more bytes ('head -c 32 /dev/urandom | base64')"
+)
 """How a shared secret is written; the same text on both ends."""
 MAX_SECRET_FILE = 4096
 
@@ -128,8 +129,10 @@ def load_secret(secret_file: Path | None, insecure: bool) -> bytes | None:
     else:
         secret = env.encode(errors="replace").strip()
     if not secret:
-        raise UsageError(f"no shared secret: give --secret-file FILE or set ${SECRET_ENV} to {SECRET_FORMS} "
-                         f"(or --insecure on loopback)")
+        raise UsageError(
+            f"no shared secret: give --secret-file FILE or set ${SECRET_ENV} to {SECRET_FORMS} "
+            f"(or --insecure on loopback)"
+        )
     return check_secret(secret)
 
 
@@ -143,8 +146,9 @@ def _read_secret_file(path: Path) -> bytes:
         if not stat.S_ISREG(st.st_mode):
             raise UsageError(f"secret file {path} is not a regular file")
         if st.st_mode & 0o077:
-            raise UsageError(f"secret file {path} is open to group or others (mode {st.st_mode & 0o777:04o}): "
-                             f"'chmod 600 {path}'")
+            raise UsageError(
+                f"secret file {path} is open to group or others (mode {st.st_mode & 0o777:04o}): 'chmod 600 {path}'"
+            )
         if st.st_uid not in (os.getuid(), 0):
             raise UsageError(f"secret file {path} belongs to another user (uid {st.st_uid})")
         data = os.read(fd, MAX_SECRET_FILE + 1)
@@ -171,7 +175,7 @@ def check_secret(secret: bytes) -> bytes:
         raise UsageError(weak) from None
     raw: bytes | None = None
     if re.fullmatch(r"[0-9a-fA-F]+", text):
-        raw = bytes.fromhex(text[:len(text) // 2 * 2])
+        raw = bytes.fromhex(text[: len(text) // 2 * 2])
     elif re.fullmatch(r"[A-Za-z0-9+/_-]+={0,2}", text):
         b64 = text.rstrip("=").replace("-", "+").replace("_", "/")
         try:
@@ -192,8 +196,9 @@ def check_insecure(host: str) -> None:
     except ValueError:
         loopback = host == "localhost"
     if not loopback:
-        raise UsageError(f"--insecure is only allowed on loopback (127.0.0.1, ::1), not on {host!r}: "
-                         f"give a shared secret")
+        raise UsageError(
+            f"--insecure is only allowed on loopback (127.0.0.1, ::1), not on {host!r}: give a shared secret"
+        )
 
 
 def parse_endpoint(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
@@ -258,7 +263,7 @@ class Channel:
                     self.sock.sendall(header + self._seal.encrypt(nonce, plain, header))
                 else:
                     plain = _gather(pieces, self._buf("out_plain", n), n)
-                    sealed = memoryview(self._buf("out_sealed", n + TAG))[:n + TAG]
+                    sealed = memoryview(self._buf("out_sealed", n + TAG))[: n + TAG]
                     self._seal.encrypt_into(nonce, plain, header, sealed)
                     self.sock.sendall(header)
                     self.sock.sendall(sealed)
@@ -305,7 +310,7 @@ class Channel:
         nonce = _nonce(self._recv_seq)
         try:
             if borrow and n >= SMALL_FRAME:
-                sealed = _recv_into(self.sock, memoryview(self._buf("in_sealed", n + TAG))[:n + TAG])
+                sealed = _recv_into(self.sock, memoryview(self._buf("in_sealed", n + TAG))[: n + TAG])
                 payload: bytes | memoryview = memoryview(self._buf("in_plain", n))[:n]
                 self._open.decrypt_into(nonce, sealed, header, payload)
             else:
@@ -477,7 +482,7 @@ def _gather(pieces: list[Buffer], buf: bytearray, n: int) -> memoryview:
     pos = 0
     for p in pieces:
         m = memoryview(p).cast("B")
-        out[pos:pos + m.nbytes] = m
+        out[pos : pos + m.nbytes] = m
         pos += m.nbytes
     return out
 
@@ -487,8 +492,9 @@ def _keys(secret: bytes, cn: bytes, sn: bytes) -> tuple[bytes, bytes]:
     return _mac(secret, b"memvirt-migrate c2s", cn, sn), _mac(secret, b"memvirt-migrate s2c", cn, sn)
 
 
-def client_handshake(sock: socket.socket, secret: bytes | None, timeout: float,
-                     limit: float = HANDSHAKE_TIMEOUT) -> Channel:
+def client_handshake(
+    sock: socket.socket, secret: bytes | None, timeout: float, limit: float = HANDSHAKE_TIMEOUT
+) -> Channel:
     """Authenticate to a receiver (and it to us) within ``limit`` seconds; returns the session."""
     key = secret if secret is not None else INSECURE_SECRET
     flags = FLAG_INSECURE if secret is None else 0
@@ -508,8 +514,11 @@ def client_handshake(sock: socket.socket, secret: bytes | None, timeout: float,
     if version != VERSION:
         raise ProtocolError(f"protocol version mismatch: receiver speaks v{version}, this memvirt v{VERSION}")
     if sflags != flags:
-        raise AuthError("the receiver requires a shared secret; this side runs --insecure" if flags
-                        else "the receiver runs --insecure (unauthenticated): refusing to send to it")
+        raise AuthError(
+            "the receiver requires a shared secret; this side runs --insecure"
+            if flags
+            else "the receiver runs --insecure (unauthenticated): refusing to send to it"
+        )
     if not hmac.compare_digest(proof, _mac(key, b"memvirt-migrate server", cn, sn)):
         raise AuthError("the receiver failed authentication (shared secrets differ)")
     try:
@@ -528,8 +537,9 @@ def client_handshake(sock: socket.socket, secret: bytes | None, timeout: float,
     return chan
 
 
-def server_handshake(sock: socket.socket, secret: bytes | None, timeout: float,
-                     limit: float = HANDSHAKE_TIMEOUT) -> Channel:
+def server_handshake(
+    sock: socket.socket, secret: bytes | None, timeout: float, limit: float = HANDSHAKE_TIMEOUT
+) -> Channel:
     """Check a connecting sender, all within ``limit`` seconds; raises :class:`AuthError` if it
     cannot prove the secret, :class:`ProtocolError` if it is too slow or not a memvirt sender.
     Nothing is allocated or computed for the peer before it proved the secret but two HMACs."""
@@ -549,7 +559,9 @@ def server_handshake(sock: socket.socket, secret: bytes | None, timeout: float,
     if version != VERSION:
         raise ProtocolError(f"protocol version mismatch: sender speaks v{version}, this memvirt v{VERSION}")
     if cflags != flags:
-        raise AuthError("refused an insecure sender" if cflags else "the sender requires a secret; this receiver runs --insecure")
+        raise AuthError(
+            "refused an insecure sender" if cflags else "the sender requires a secret; this receiver runs --insecure"
+        )
     answer = _recv_exact(sock, PROOF, deadline)
     if not hmac.compare_digest(answer, _mac(key, b"memvirt-migrate client", cn, sn)):
         raise AuthError("refused a sender that failed authentication")

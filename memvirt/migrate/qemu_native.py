@@ -23,8 +23,9 @@ from memvirt.qemu.vm import VM
 CAPS = {"plain": [], "xbzrle": ["xbzrle"], "multifd": ["multifd"]}
 
 
-def qemu_migrate(src: VM, dst: str, variant: str = "plain", timeout: float = 180.0,
-                 max_bandwidth: int = 4 << 30) -> dict[str, Any]:
+def qemu_migrate(
+    src: VM, dst: str, variant: str = "plain", timeout: float = 180.0, max_bandwidth: int = 4 << 30
+) -> dict[str, Any]:
     """Migrate ``src`` to a new local VM ``dst`` with QEMU's precopy; the source is stopped on success.
     ``max_bandwidth`` is QEMU's parameter of that name (bytes per second).
 
@@ -32,11 +33,24 @@ def qemu_migrate(src: VM, dst: str, variant: str = "plain", timeout: float = 180
     converged."""
     caps = CAPS[variant]
     c = src.config
-    target = start_target({"name": dst, "source": src.name, "memory": c.memory, "cpus": c.cpus, "image": c.image,
-                           "accel": c.accel, "append": c.append, "regions": c.regions}, lambda m: None,
-                          ignore_shared=False)
+    target = start_target(
+        {
+            "name": dst,
+            "source": src.name,
+            "memory": c.memory,
+            "cpus": c.cpus,
+            "image": c.image,
+            "accel": c.accel,
+            "append": c.append,
+            "regions": c.regions,
+        },
+        lambda m: None,
+        ignore_shared=False,
+    )
     port = 48000 + secrets.randbelow(1000)
-    capabilities = [{"capability": "x-ignore-shared", "state": False}] + [{"capability": k, "state": True} for k in caps]
+    capabilities = [{"capability": "x-ignore-shared", "state": False}] + [
+        {"capability": k, "state": True} for k in caps
+    ]
     try:
         with target.monitor() as tm, src.monitor() as sm:
             for m in (tm, sm):
@@ -57,16 +71,28 @@ def qemu_migrate(src: VM, dst: str, variant: str = "plain", timeout: float = 180
         ram = st.get("ram", {})
         if st["status"] != "completed":
             target.discard()
-            return {"bytes": ram.get("transferred", 0), "total_s": time.perf_counter() - t0, "downtime_ms": None,
-                    "rounds": ram.get("dirty-sync-count"), "converged": False, "detail": st["status"]}
+            return {
+                "bytes": ram.get("transferred", 0),
+                "total_s": time.perf_counter() - t0,
+                "downtime_ms": None,
+                "rounds": ram.get("dirty-sync-count"),
+                "converged": False,
+                "detail": st["status"],
+            }
         target.config.extra.pop(INCOMING, None)
         target.save()
         with target.monitor() as tm:
             if tm.status() == "paused":
                 tm.command("cont")
         src.stop()
-        return {"bytes": ram["transferred"], "total_s": st["total-time"] / 1000, "downtime_ms": st.get("downtime"),
-                "rounds": ram.get("dirty-sync-count"), "converged": True, "detail": ""}
+        return {
+            "bytes": ram["transferred"],
+            "total_s": st["total-time"] / 1000,
+            "downtime_ms": st.get("downtime"),
+            "rounds": ram.get("dirty-sync-count"),
+            "converged": True,
+            "detail": "",
+        }
     except BaseException:
         if target.alive() and target.status() != "running":
             target.discard()

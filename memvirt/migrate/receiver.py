@@ -161,10 +161,11 @@ class TargetRam:
         view = memoryview(data)
         pos = 0
         for off, n in zip(offs.tolist(), (lengths.astype(np.int64) * PAGE).tolist(), strict=True):
-            os.pwrite(self.fd, view[pos:pos + n], off)
+            os.pwrite(self.fd, view[pos : pos + n], off)
             pos += n
         self.held[codec.expand(starts.astype(np.int64), lengths.astype(np.int64))] = hash_pages(
-            np.frombuffer(data, np.uint8))
+            np.frombuffer(data, np.uint8)
+        )
         return int(lengths.sum())
 
     def _punch(self, offs: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> int:
@@ -216,6 +217,7 @@ def check_setup(setup: object) -> Setup:
     The image is looked up by name in this host's own image cache (the peer's path is not used),
     and the region list must be the ``pc`` machine's map for the memory size, which is what
     QEMU builds from ``-m``: any other list would write pages where the guest does not see them."""
+
     def bad(what: str) -> ProtocolError:
         return ProtocolError(f"refused SETUP: {what}")
 
@@ -256,14 +258,22 @@ def check_setup(setup: object) -> Setup:
     image_name = image.rpartition("/")[2]  # only the name is used: the folder is this host's cache
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}", image_name):
         raise bad(f"image name {image_name[:80]!r} is not a memvirt image name")
-    return Setup(name=name, source=text("source", 256), memory=memory, cpus=number("cpus", 1, MAX_CPUS),
-                 image=cache_home() / "images" / image_name, accel=accel, append=text("append", MAX_APPEND),
-                 regions=check_regions(setup["regions"], memory))
+    return Setup(
+        name=name,
+        source=text("source", 256),
+        memory=memory,
+        cpus=number("cpus", 1, MAX_CPUS),
+        image=cache_home() / "images" / image_name,
+        accel=accel,
+        append=text("append", MAX_APPEND),
+        regions=check_regions(setup["regions"], memory),
+    )
 
 
 def check_regions(items: object, memory: int) -> tuple[Region, ...]:
     """The SETUP region list as Regions: page-aligned, sorted, overlapping neither in guest-physical
     space nor in the file, summing to ``memory``, and the ``pc`` machine's map for it."""
+
     def bad(what: str) -> ProtocolError:
         return ProtocolError(f"refused SETUP: regions {what}")
 
@@ -318,11 +328,21 @@ def prepare_target(setup: object) -> tuple[VM, Image]:
     try:
         private_dir(vdir, exclusive=True)
     except FileExistsError:
-        raise UsageError(f"a VM named {st.name!r} already exists on the receiving host (migrate with --as NEW)") from None
+        raise UsageError(
+            f"a VM named {st.name!r} already exists on the receiving host (migrate with --as NEW)"
+        ) from None
     config = VMConfig(
-        name=st.name, memory=st.memory, cpus=st.cpus, ram="shared", image=str(image.path),
-        kernel_release=image.release, accel=st.accel, append=st.append, ram_path=str(ram_path),
-        regions=rammap.to_dict(st.regions), started=time.time(),
+        name=st.name,
+        memory=st.memory,
+        cpus=st.cpus,
+        ram="shared",
+        image=str(image.path),
+        kernel_release=image.release,
+        accel=st.accel,
+        append=st.append,
+        ram_path=str(ram_path),
+        regions=rammap.to_dict(st.regions),
+        started=time.time(),
         extra={INCOMING: os.getpid(), "migrated_from": st.source},
     )
     vm = VM(config)
@@ -349,14 +369,15 @@ def launch_target(vm: VM, image: Image, log: Log, ignore_shared: bool = True) ->
         msg = proc.stderr.strip().splitlines()
         raise VMError(f"QEMU failed to start target VM {vm.name!r}: {msg[-1] if msg else proc.returncode}")
     with vm.monitor() as mon:
-        mon.command("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": ignore_shared}])
+        mon.command(
+            "migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": ignore_shared}]
+        )
     log(f"target VM {vm.name!r} started (pid {vm.config.pid}), waiting for RAM")
 
 
 def _watchdog(vm: VM) -> None:
     """A detached process that removes the partial VM if this receiver dies before it runs."""
     spawn_watchdog("memvirt.migrate.watchdog", str(vm.dir))
-
 
 
 def _load_device_state(vm: VM, mon: Monitor, state: bytes) -> None:
@@ -415,8 +436,9 @@ def receive_one(chan: Channel, peer: str, log: Log, hold_file: Path | None = Non
         chan.send_json(Kind.READY, {"name": vm.name})
         state = b""
         while True:
-            kind, payload = chan.recv(Kind.DATA, Kind.ZERO, Kind.DISCARD, Kind.DUP, Kind.ROUND_END, Kind.DEVSTATE,
-                                      borrow=True)
+            kind, payload = chan.recv(
+                Kind.DATA, Kind.ZERO, Kind.DISCARD, Kind.DUP, Kind.ROUND_END, Kind.DEVSTATE, borrow=True
+            )
             if kind == Kind.ROUND_END:
                 res.rounds += 1
                 if qemu.done():
@@ -460,8 +482,11 @@ def receive_one(chan: Channel, peer: str, log: Log, hold_file: Path | None = Non
         if not committed:
             vm.discard()
         msg = str(e) if isinstance(e, MemvirtError) else f"{e.__class__.__name__}: {e}"
-        chan.send_error(f"receiver: {msg}; target VM removed" if not committed
-                        else f"receiver: {msg}; target VM {vm.name!r} left as it is (it may have run)")
+        chan.send_error(
+            f"receiver: {msg}; target VM removed"
+            if not committed
+            else f"receiver: {msg}; target VM {vm.name!r} left as it is (it may have run)"
+        )
         raise
     pool.shutdown()
     res.bytes_received = chan.bytes_received
@@ -471,8 +496,14 @@ def receive_one(chan: Channel, peer: str, log: Log, hold_file: Path | None = Non
 
 
 def serve(
-    host: str, port: int, secret: bytes | None, count: int = 1, timeout: float = 600.0,
-    hold_file: Path | None = None, log: Log = print, listening: Callable[[str, int], None] | None = None,
+    host: str,
+    port: int,
+    secret: bytes | None,
+    count: int = 1,
+    timeout: float = 600.0,
+    hold_file: Path | None = None,
+    log: Log = print,
+    listening: Callable[[str, int], None] | None = None,
 ) -> list[Received]:
     """Accept up to ``count`` migrations (failed ones count too) within ``timeout`` seconds.
 
@@ -542,7 +573,9 @@ def serve(
             while len(results) < count:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise MemvirtError(f"no sender came in {timeout:.0f} s ({len(results)} of {count} migrations received)")
+                    raise MemvirtError(
+                        f"no sender came in {timeout:.0f} s ({len(results)} of {count} migrations received)"
+                    )
                 try:
                     chan, peer = ready.get(timeout=left)
                 except queue.Empty:

@@ -87,15 +87,26 @@ class Report:
 
     def to_json(self) -> dict[str, object]:
         return {
-            "vm": self.vm, "target": self.target, "peer": self.peer, "elide_free": self.elide_free,
-            "rounds": len(self.rounds), "stop_reason": self.stop_reason, "pages": self.pages(),
-            "wire_bytes": self.wire_bytes, "devstate_bytes": self.devstate_bytes,
-            "setup_seconds": round(self.setup_seconds, 3), "bootstrap_seconds": round(self.bootstrap_seconds, 3),
-            "total_seconds": round(self.total_seconds, 3), "source_stop_seconds": round(self.source_stop_seconds, 3),
+            "vm": self.vm,
+            "target": self.target,
+            "peer": self.peer,
+            "elide_free": self.elide_free,
+            "rounds": len(self.rounds),
+            "stop_reason": self.stop_reason,
+            "pages": self.pages(),
+            "wire_bytes": self.wire_bytes,
+            "devstate_bytes": self.devstate_bytes,
+            "setup_seconds": round(self.setup_seconds, 3),
+            "bootstrap_seconds": round(self.bootstrap_seconds, 3),
+            "total_seconds": round(self.total_seconds, 3),
+            "source_stop_seconds": round(self.source_stop_seconds, 3),
             "downtime_seconds": round(self.downtime_seconds, 4),
-            "final_round_seconds": round(self.final_round_seconds, 4), "downtime_target": self.downtime_target,
-            "max_bandwidth": self.max_bandwidth, "max_throttle": self.max_throttle,
-            "codecs": self.codecs, "per_round": [r.to_json() for r in self.rounds],
+            "final_round_seconds": round(self.final_round_seconds, 4),
+            "downtime_target": self.downtime_target,
+            "max_bandwidth": self.max_bandwidth,
+            "max_throttle": self.max_throttle,
+            "codecs": self.codecs,
+            "per_round": [r.to_json() for r in self.rounds],
         }
 
 
@@ -107,8 +118,10 @@ def check_source(vm: VM) -> str:
     if vm.is_template:
         raise UsageError(f"VM {vm.name!r} is a frozen template backing clones: migrate a clone or resume it first")
     if c.lan:
-        raise UsageError(f"VM {vm.name!r} is on VM LAN {c.lan!r}, which a receiving host does not have: "
-                         f"move it within the LAN with 'memvirt pm migrate {vm.name} --to OTHER'")
+        raise UsageError(
+            f"VM {vm.name!r} is on VM LAN {c.lan!r}, which a receiving host does not have: "
+            f"move it within the LAN with 'memvirt pm migrate {vm.name} --to OTHER'"
+        )
     vm.require_alive()
     status = vm.status()
     if status not in ("running", "paused"):
@@ -170,9 +183,17 @@ def _finish_device_state(vm: VM, mon: Monitor, path: Path) -> bytes:
 
 
 def migrate(
-    name: str, host: str, port: int, secret: bytes | None, target_name: str | None = None,
-    downtime: float = 0.3, codec: str = "auto", elide_free: bool = True, max_rounds: int = 30,
-    progress: Progress | None = None, max_bandwidth: float = 0.0,
+    name: str,
+    host: str,
+    port: int,
+    secret: bytes | None,
+    target_name: str | None = None,
+    downtime: float = 0.3,
+    codec: str = "auto",
+    elide_free: bool = True,
+    max_rounds: int = 30,
+    progress: Progress | None = None,
+    max_bandwidth: float = 0.0,
 ) -> Report:
     """Migrate VM ``name`` to the receiver at ``host:port``; on success the source is stopped.
     ``max_bandwidth`` (bytes per second, 0 for none) caps what is sent, as QEMU's parameter does."""
@@ -207,10 +228,19 @@ def migrate(
         chan = client_handshake(sock, secret, SESSION_TIMEOUT)
         chan.max_rate = max_bandwidth
         c = vm.config
-        chan.send_json(Kind.SETUP, {
-            "name": target, "source": name, "memory": c.memory, "cpus": c.cpus, "image": c.image,
-            "accel": c.accel, "append": c.append, "regions": c.regions,
-        })
+        chan.send_json(
+            Kind.SETUP,
+            {
+                "name": target,
+                "source": name,
+                "memory": c.memory,
+                "cpus": c.cpus,
+                "image": c.image,
+                "accel": c.accel,
+                "append": c.append,
+                "regions": c.regions,
+            },
+        )
         with vm.monitor() as m:
             m.command("migrate-set-capabilities", capabilities=IGNORE_SHARED)
         chan.recv_json(Kind.READY)
@@ -254,8 +284,10 @@ def migrate(
                 elif prev is None or st.changed < SHRINK * prev or len(report.rounds) < 3:
                     continue
                 elif floor > downtime:
-                    report.stop_reason = (f"dirty set stopped shrinking, and fingerprinting the pages in use alone "
-                                          f"takes {floor * 1000:.0f} ms (est. {est * 1000:.0f} ms)")
+                    report.stop_reason = (
+                        f"dirty set stopped shrinking, and fingerprinting the pages in use alone "
+                        f"takes {floor * 1000:.0f} ms (est. {est * 1000:.0f} ms)"
+                    )
                 elif throttle is None or not throttle.at_max:
                     throttle = throttle or Throttle(vm)
                     report.max_throttle = throttle.harder()
@@ -305,10 +337,13 @@ def migrate(
             raise MemvirtError(
                 f"migration of {name!r}: the target was told to run but did not confirm ({e}); {name!r} is left "
                 f"paused here so the guest never runs twice: check {target!r} on the receiver, then "
-                f"'memvirt vm stop {name}' (or 'memvirt vm resume {name}' if the target is gone)") from None
+                f"'memvirt vm stop {name}' (or 'memvirt vm resume {name}' if the target is gone)"
+            ) from None
         if isinstance(e, ProtocolError | MemvirtError):
             where = "receiver" if isinstance(e, PeerError) else "link" if isinstance(e, ProtocolError) else "source"
-            raise MemvirtError(f"migration of {name!r} failed ({where}: {e}); {name!r} runs on here, unchanged") from None
+            raise MemvirtError(
+                f"migration of {name!r} failed ({where}: {e}); {name!r} runs on here, unchanged"
+            ) from None
         raise
     report.wire_bytes = chan.bytes_sent + chan.bytes_received
     report.codecs = dict(chooser.used)

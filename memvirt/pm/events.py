@@ -28,8 +28,13 @@ MAX_LINE = 2048
 MAX_READ = 1 << 20
 """Bytes read from a console per poll, so a guest flooding its console cannot stall the host."""
 _NAME = re.compile(r"[a-z][a-z_]{0,31}\Z")
-TEXT = {"connected": {"to", "scheme", "compress"}, "accepted": {"scheme", "compress"}, "listening": {"on"},
-        "awaiting": {"on"}, "acked": {"verdict"}}
+TEXT = {
+    "connected": {"to", "scheme", "compress"},
+    "accepted": {"scheme", "compress"},
+    "listening": {"on"},
+    "awaiting": {"on"},
+    "acked": {"verdict"},
+}
 """Fields that are words, per event (and ``error`` in any); every other field is a figure and must
 be a finite non-negative number (``compress`` is the codec in ``connected``, seconds in ``sent``)."""
 
@@ -72,7 +77,7 @@ def parse_line(line: str, at: float) -> Event | None:
         log.warning("ignored an over-long console line (%d bytes)", len(line))
         return None
     try:
-        words = shlex.split(line[start + len(PREFIX):].strip())
+        words = shlex.split(line[start + len(PREFIX) :].strip())
     except ValueError:
         return None
     if len(words) < 2 or not _NAME.match(words[0]) or not _NAME.match(words[1]):
@@ -135,8 +140,9 @@ class ConsoleTail:
             if self.roles is not None and e.role not in self.roles:
                 if len(self.ignored) < 20:
                     self.ignored.append(f"{e.role} {e.name}")
-                log.warning("ignored an event from %s's console claiming role %r: %s %s",
-                            self.machine, e.role, e.role, e.name)
+                log.warning(
+                    "ignored an event from %s's console claiming role %r: %s %s", self.machine, e.role, e.role, e.name
+                )
                 continue
             events.append(e)
         return events

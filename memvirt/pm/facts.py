@@ -77,10 +77,18 @@ def parse_facts(name: str, ram: int, text: str) -> Facts:
     kv = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
     try:
         return Facts(
-            name=name, release=kv["release"], version=kv["version"], power_state=kv.get("power_state", ""),
-            snapshot=kv.get("snapshot") == "1", pmagent=kv.get("pmagent") == "1", ram=ram,
-            mem_total=int(kv["MemTotal"]), mem_free=int(kv["MemFree"]), mem_available=int(kv["MemAvailable"]),
-            disks={k[5:]: v for k, v in kv.items() if k.startswith("disk_")}, zram=kv.get("zram") == "1",
+            name=name,
+            release=kv["release"],
+            version=kv["version"],
+            power_state=kv.get("power_state", ""),
+            snapshot=kv.get("snapshot") == "1",
+            pmagent=kv.get("pmagent") == "1",
+            ram=ram,
+            mem_total=int(kv["MemTotal"]),
+            mem_free=int(kv["MemFree"]),
+            mem_available=int(kv["MemAvailable"]),
+            disks={k[5:]: v for k, v in kv.items() if k.startswith("disk_")},
+            zram=kv.get("zram") == "1",
         )
     except (KeyError, ValueError):
         raise MemvirtError(f"VM {name!r} did not report its kernel and memory: {text.strip()[:200]}") from None
@@ -117,8 +125,9 @@ def check_pair(src: Facts, dst: Facts, scheme: str, zram: bool | None = None) ->
     need, cap = src.image_estimate, src.image_limit
     use_zram = need > cap if zram is None else zram
     if use_zram and not src.zram:
-        raise PMRefused(f"{src.name!r} cannot add zram swap (no zram module): its image predates zram support "
-                        "(rebuild it)")
+        raise PMRefused(
+            f"{src.name!r} cannot add zram swap (no zram module): its image predates zram support (rebuild it)"
+        )
     if use_zram:
         need = min(need, cap)  # the kernel swaps into zram until the image fits
     if need > cap or need + IMAGE_MARGIN > dst.mem_available:
@@ -129,8 +138,10 @@ def check_pair(src: Facts, dst: Facts, scheme: str, zram: bool | None = None) ->
             f"kernel needs a free page for every page it saves: {hint})"
         )
     if STORE_SERIAL not in src.disks:
-        raise PMRefused(f"{src.name!r} has no {STORE_SERIAL} disk (where the host's verdict goes if the target's "
-                        "answer is lost): start both machines with --lan")
+        raise PMRefused(
+            f"{src.name!r} has no {STORE_SERIAL} disk (where the host's verdict goes if the target's "
+            "answer is lost): start both machines with --lan"
+        )
     wanted = {"disk": [SHARED_SERIAL], "iterative": [STORE_SERIAL]}.get(scheme, [])
     for serial in wanted:
         for f in (src, dst):

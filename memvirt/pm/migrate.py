@@ -121,8 +121,10 @@ class _Migration:
         self.progress = progress
         self.events: dict[tuple[str, str], Event] = {}
         # Events are keyed by the console they came from: the target cannot speak for the source.
-        self.tails = [ConsoleTail(src.serial_log, src.name, ("source",)),
-                      ConsoleTail(dst.serial_log, dst.name, ("target", "resumed"))]
+        self.tails = [
+            ConsoleTail(src.serial_log, src.name, ("source",)),
+            ConsoleTail(dst.serial_log, dst.name, ("target", "resumed")),
+        ]
         self.key = b""
         self.verdict = ""
         self.verdict_at = 0.0
@@ -147,8 +149,10 @@ class _Migration:
         port = 20000 + secrets.randbelow(30000)
         ip = dst.config.extra["lan_ip"]
         recv = f"pmagent recv --listen {ip}:{port} --timeout {int(LISTEN_TIMEOUT + 30)}"
-        send = (f"pmagent send --to {ip}:{port} --scheme {r.scheme} --compress {r.compress} "
-                f"--verdict {src_facts.disks[lan.STORE_SERIAL]}")
+        send = (
+            f"pmagent send --to {ip}:{port} --scheme {r.scheme} --compress {r.compress} "
+            f"--verdict {src_facts.disks[lan.STORE_SERIAL]}"
+        )
         if r.scheme == "disk":
             recv += f" --disk {dst_facts.disks[lan.SHARED_SERIAL]}"
             send += f" --disk {src_facts.disks[lan.SHARED_SERIAL]}"
@@ -204,21 +208,27 @@ class _Migration:
                     why = e.fields.get("error", "")
                     if tgt and (why.startswith(("peer failed", "sending failed")) or self.report.ack_lost):
                         why = tgt.fields.get("error", why)  # the target stopped first and said why
-                    raise PMFailed(f"migration failed, {self.src.name!r} runs on: {why}"
-                                   + (f" ({self.fenced})" if self.fenced else ""))
+                    raise PMFailed(
+                        f"migration failed, {self.src.name!r} runs on: {why}"
+                        + (f" ({self.fenced})" if self.fenced else "")
+                    )
             if self._seen("source", "uncertain") and not self.verdict:
                 self._arbitrate()
                 continue
             if self.verdict == "thaw":
                 if time.monotonic() > self.verdict_at + 60 or not self.src.alive():
-                    raise PMFailed(f"{self.src.name!r} did not thaw after the host's verdict (see {self.src.serial_log})")
+                    raise PMFailed(
+                        f"{self.src.name!r} did not thaw after the host's verdict (see {self.src.serial_log})"
+                    )
                 time.sleep(0.05)
                 continue
             lost = self._seen("target", "failed")
             if lost and self._seen("target", "restoring") and self._seen("source", "acked"):
                 # The only window without a way back: the source had its ack and powered off.
-                raise PMFailed(f"{self.dst.name!r} acknowledged the image but could not restore it "
-                               f"({lost.fields.get('error')}); {self.src.name!r} has powered off")
+                raise PMFailed(
+                    f"{self.dst.name!r} acknowledged the image but could not restore it "
+                    f"({lost.fields.get('error')}); {self.src.name!r} has powered off"
+                )
             if not self.src.alive() and not self._seen("source", "acked"):
                 raise PMFailed(f"{self.src.name!r} died during the migration (see {self.src.serial_log})")
             if not self.dst.alive():
@@ -237,8 +247,9 @@ class _Migration:
         """The source cannot tell whether the target restored (its ACK was lost): decide from the
         target's console and QEMU, and give the source its verdict."""
         if self._seen("source", "uncertain"):
-            log.warning("%s did not get the target's answer; the host decides whether it powers off or thaws",
-                        self.src.name)
+            log.warning(
+                "%s did not get the target's answer; the host decides whether it powers off or thaws", self.src.name
+            )
         deadline = time.monotonic() + wait
         next_probe = 0.0
         while True:

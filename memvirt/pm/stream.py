@@ -93,7 +93,7 @@ def decode(dkey: bytes, data: bytes, seq: int) -> tuple[int, bytes, bytes]:
     if len(data) < end:
         raise StreamError("truncated frame")
     try:
-        payload = ChaCha20Poly1305(dkey).decrypt(_nonce(seq), data[HEADER.size:end], data[:HEADER.size])
+        payload = ChaCha20Poly1305(dkey).decrypt(_nonce(seq), data[HEADER.size : end], data[: HEADER.size])
     except InvalidTag:
         raise StreamError("bad tag") from None
     return kind, payload, data[end:]

@@ -103,8 +103,9 @@ def remove(vm: VM, timeout: float = 300.0) -> ZramStats:
         raise ZramError(f"cannot remove memvirt's zram swap on {vm.name!r} (rc {res.rc}): {res.text.strip()[:200]}")
     kv = dict(w.split("=", 1) for w in res.text.split() if "=" in w)
     try:
-        return ZramStats(int(kv.get("stored", 0)), int(kv.get("compressed", 0)), int(kv.get("pool", 0)),
-                         float(kv.get("seconds", 0)))
+        return ZramStats(
+            int(kv.get("stored", 0)), int(kv.get("compressed", 0)), int(kv.get("pool", 0)), float(kv.get("seconds", 0))
+        )
     except ValueError:  # the machine's own words: not trusted to be numbers
         raise ZramError(f"{vm.name!r} reported garbage removing zram swap: {res.text.strip()[:200]!r}") from None
 

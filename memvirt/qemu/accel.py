@@ -32,8 +32,21 @@ def _probe_kvm(kernel: Path) -> bool:
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False
     argv = [
-        qemu_binary(), "-accel", "kvm", "-m", "128M", "-nodefaults", "-display", "none", "-no-reboot",
-        "-serial", "stdio", "-kernel", str(kernel), "-append", "console=ttyS0 panic=-1 loglevel=7",
+        qemu_binary(),
+        "-accel",
+        "kvm",
+        "-m",
+        "128M",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+        "-kernel",
+        str(kernel),
+        "-append",
+        "console=ttyS0 panic=-1 loglevel=7",
     ]
     try:
         proc = subprocess.run(argv, capture_output=True, timeout=PROBE_SECONDS, stdin=subprocess.DEVNULL)

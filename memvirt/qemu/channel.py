@@ -101,8 +101,10 @@ class GuestChannel:
                 raise GuestError(f"the command channel of VM {self.vm_name!r} closed (did QEMU exit?)")
             buf += chunk
             if len(buf) > self.max_answer:
-                raise GuestError(f"VM {self.vm_name!r} sent an answer over {self.max_answer >> 20} MiB "
-                                 "(redirect big output to a file in the guest)")
+                raise GuestError(
+                    f"VM {self.vm_name!r} sent an answer over {self.max_answer >> 20} MiB "
+                    "(redirect big output to a file in the guest)"
+                )
 
     def _parse(self, line: bytes, req_id: str) -> Result | None:
         """Our answer from ``line``, or None for another request's stale answer."""

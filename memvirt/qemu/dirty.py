@@ -80,16 +80,34 @@ class _UffdioApi(ctypes.Structure):
 class _UffdioRegister(ctypes.Structure):
     """``struct uffdio_register`` (its ``struct uffdio_range`` inlined)."""
 
-    _fields_ = [("start", ctypes.c_uint64), ("len", ctypes.c_uint64), ("mode", ctypes.c_uint64),
-                ("ioctls", ctypes.c_uint64)]
+    _fields_ = [
+        ("start", ctypes.c_uint64),
+        ("len", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("ioctls", ctypes.c_uint64),
+    ]
 
 
 class _PmScanArg(ctypes.Structure):
     """``struct pm_scan_arg`` (linux/fs.h)."""
 
-    _fields_ = [(n, ctypes.c_uint64) for n in (
-        "size", "flags", "start", "end", "walk_end", "vec", "vec_len", "max_pages", "category_inverted",
-        "category_mask", "category_anyof_mask", "return_mask")]
+    _fields_ = [
+        (n, ctypes.c_uint64)
+        for n in (
+            "size",
+            "flags",
+            "start",
+            "end",
+            "walk_end",
+            "vec",
+            "vec_len",
+            "max_pages",
+            "category_inverted",
+            "category_mask",
+            "category_anyof_mask",
+            "return_mask",
+        )
+    ]
 
 
 UFFDIO_API = _ioc(3, 0xAA, 0x3F, ctypes.sizeof(_UffdioApi))
@@ -116,8 +134,15 @@ def pagemap_scan_supported() -> bool:
     buf = np.zeros(2 * PAGE_SIZE, dtype=np.uint8)
     addr = (buf.ctypes.data + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
     vec = np.zeros((1, 3), dtype=np.uint64)
-    arg = _PmScanArg(size=ctypes.sizeof(_PmScanArg), start=addr, end=addr, vec=vec.ctypes.data, vec_len=1,
-                     category_mask=PAGE_IS_WRITTEN, return_mask=PAGE_IS_WRITTEN)
+    arg = _PmScanArg(
+        size=ctypes.sizeof(_PmScanArg),
+        start=addr,
+        end=addr,
+        vec=vec.ctypes.data,
+        vec_len=1,
+        category_mask=PAGE_IS_WRITTEN,
+        return_mask=PAGE_IS_WRITTEN,
+    )
     try:
         fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -227,9 +252,11 @@ class WriteTracker:
                             self.strays_closed += 1
                 theirs = rp.syscall(SYS_USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK)
                 if theirs < 0:
-                    raise Unsupported(f"QEMU (process {self.pid}) may not create a userfaultfd: "
-                                      f"{os.strerror(-theirs)} (vm.unprivileged_userfaultfd is "
-                                      f"{_read_sysctl('vm/unprivileged_userfaultfd')})")
+                    raise Unsupported(
+                        f"QEMU (process {self.pid}) may not create a userfaultfd: "
+                        f"{os.strerror(-theirs)} (vm.unprivileged_userfaultfd is "
+                        f"{_read_sysctl('vm/unprivileged_userfaultfd')})"
+                    )
                 mine = _libc.syscall(SYS_PIDFD_GETFD, pidfd, theirs, 0)
                 err = ctypes.get_errno()
                 # Close QEMU's copy only if it is still the descriptor made above, never one of QEMU's own.
@@ -254,13 +281,17 @@ class WriteTracker:
         ret = _ioctl(self.uffd, UFFDIO_API, api)
         if ret < 0 or api.features & FEATURES != FEATURES:
             why = os.strerror(-ret) if ret < 0 else f"features {api.features:#x}"
-            raise Unsupported(f"this kernel has no asynchronous userfaultfd write-protect (WP_ASYNC, Linux 6.7+): {why}")
+            raise Unsupported(
+                f"this kernel has no asynchronous userfaultfd write-protect (WP_ASYNC, Linux 6.7+): {why}"
+            )
         reg = _UffdioRegister(start=self.start_addr, len=self.end - self.start_addr, mode=UFFDIO_REGISTER_MODE_WP)
         ret = _ioctl(self.uffd, UFFDIO_REGISTER, reg)
         if ret == -errno.EBUSY:  # the kernel's word; smaps (a page-table walk, 75 ms/GiB) only names the kind
             held = ", ".join(uffd_holds(self.pid, self.start_addr, self.end)) or "unknown kind"
-            raise VMError(f"the memory of process {self.pid} is already registered with another userfaultfd "
-                          f"({held}: another memvirt tracker, or QEMU's postcopy or background snapshot)")
+            raise VMError(
+                f"the memory of process {self.pid} is already registered with another userfaultfd "
+                f"({held}: another memvirt tracker, or QEMU's postcopy or background snapshot)"
+            )
         if ret == -errno.EINVAL:
             raise Unsupported(f"the kernel cannot write-protect this mapping of process {self.pid} with userfaultfd")
         if ret < 0:
@@ -276,10 +307,16 @@ class WriteTracker:
         found = []
         pos = self.start_addr
         while pos < self.end:
-            arg = _PmScanArg(size=ctypes.sizeof(_PmScanArg), flags=PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
-                             start=pos, end=self.end, vec=0 if vec is None else vec.ctypes.data,
-                             vec_len=0 if vec is None else len(vec), category_mask=PAGE_IS_WRITTEN,
-                             return_mask=PAGE_IS_WRITTEN)
+            arg = _PmScanArg(
+                size=ctypes.sizeof(_PmScanArg),
+                flags=PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+                start=pos,
+                end=self.end,
+                vec=0 if vec is None else vec.ctypes.data,
+                vec_len=0 if vec is None else len(vec),
+                category_mask=PAGE_IS_WRITTEN,
+                return_mask=PAGE_IS_WRITTEN,
+            )
             n = _ioctl(self.pagemap, PAGEMAP_SCAN, arg)
             if n == -errno.ENOTTY:
                 raise Unsupported("this kernel has no PAGEMAP_SCAN ioctl (Linux 6.7+)")
@@ -291,7 +328,9 @@ class WriteTracker:
                 raise VMError(f"PAGEMAP_SCAN on process {self.pid} failed: {os.strerror(-n)}")
             if n and vec is not None:
                 r = vec[:n].astype(np.int64)
-                found.append(_expand((r[:, 0] - self.start_addr) >> PAGE_SHIFT, (r[:, 1] - self.start_addr) >> PAGE_SHIFT))
+                found.append(
+                    _expand((r[:, 0] - self.start_addr) >> PAGE_SHIFT, (r[:, 1] - self.start_addr) >> PAGE_SHIFT)
+                )
             if arg.walk_end <= pos:
                 raise VMError(f"PAGEMAP_SCAN on process {self.pid} made no progress at {pos:#x}")
             pos = arg.walk_end
@@ -375,8 +414,13 @@ def _maps_writable(pid: str, dev: str, ino: str) -> str:
         with open(f"/proc/{pid}/maps") as f:
             for line in f:
                 fields = line.split(None, 5)
-                if len(fields) >= 5 and fields[4] == ino and fields[3] == dev and fields[1][1] == "w" \
-                        and fields[1][3] == "s":
+                if (
+                    len(fields) >= 5
+                    and fields[4] == ino
+                    and fields[3] == dev
+                    and fields[1][1] == "w"
+                    and fields[1][3] == "s"
+                ):
                     return "maps it writable"
     except OSError:
         pass
@@ -452,8 +496,7 @@ class VMWriteTracker:
         self.tracker = WriteTracker(vm.config.pid, start, size)
         self.tracker.start()
         if self.tracker.strays_closed:
-            self.notice = (f"closed {self.tracker.strays_closed} unused userfaultfd(s) an earlier tracker "
-                           f"left in QEMU")
+            self.notice = f"closed {self.tracker.strays_closed} unused userfaultfd(s) an earlier tracker left in QEMU"
 
     def _check_writers(self) -> None:
         self._checked = time.monotonic()
@@ -461,8 +504,10 @@ class VMWriteTracker:
             return
         writers = ram_file_writers(self.file, self.vm.config.pid)
         if writers:
-            raise VMError(f"{writers[0]}: VM {self.vm.name!r}'s RAM file {self.file} can be written outside QEMU, "
-                          f"and such writes are not tracked")
+            raise VMError(
+                f"{writers[0]}: VM {self.vm.name!r}'s RAM file {self.file} can be written outside QEMU, "
+                f"and such writes are not tracked"
+            )
 
     def scan(self) -> np.ndarray:
         idx = self.tracker.scan()

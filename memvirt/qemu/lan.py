@@ -122,12 +122,18 @@ def qemu_args(vm: VM) -> list[str]:
     if not store.exists():
         touch_private(store, vm.config.memory)
     return [
-        "-netdev", f"socket,id=lan0,mcast={mcast_endpoint(lan)},localaddr=127.0.0.1",
-        "-device", f"virtio-net-pci,netdev=lan0,mac={vm.config.extra['lan_mac']}",
-        "-drive", f"file={shared_disk(lan)},if=none,id=shared0,format=raw,file.locking=off",
-        "-device", f"virtio-blk-pci,drive=shared0,serial={SHARED_SERIAL},share-rw=on",
-        "-drive", f"file={store},if=none,id=store0,format=raw",
-        "-device", f"virtio-blk-pci,drive=store0,serial={STORE_SERIAL}",
+        "-netdev",
+        f"socket,id=lan0,mcast={mcast_endpoint(lan)},localaddr=127.0.0.1",
+        "-device",
+        f"virtio-net-pci,netdev=lan0,mac={vm.config.extra['lan_mac']}",
+        "-drive",
+        f"file={shared_disk(lan)},if=none,id=shared0,format=raw,file.locking=off",
+        "-device",
+        f"virtio-blk-pci,drive=shared0,serial={SHARED_SERIAL},share-rw=on",
+        "-drive",
+        f"file={store},if=none,id=store0,format=raw",
+        "-device",
+        f"virtio-blk-pci,drive=store0,serial={STORE_SERIAL}",
     ]
 
 

@@ -144,7 +144,8 @@ class MemCgroup:
         """(pages faulted back in from swap, bytes swapped out now), the two signals of pressure and saving."""
         s = self.stat()
         refaults = s.get("workingset_refault_anon", s.get("workingset_refault", 0)) + s.get(
-            "workingset_refault_file", 0)
+            "workingset_refault_file", 0
+        )
         swapped = s.get("swap", 0) if self.version == 1 else int(self._file("", "memory.swap.current").read_text())
         return refaults, swapped
 

@@ -28,7 +28,9 @@ class Monitor:
         try:
             self._qmp.connect()
         except (TimeoutError, OSError, QMPError) as e:
-            raise VMError(f"cannot reach QEMU of VM {vm_name!r} ({e.__class__.__name__}: {e}); is it running?") from None
+            raise VMError(
+                f"cannot reach QEMU of VM {vm_name!r} ({e.__class__.__name__}: {e}); is it running?"
+            ) from None
         self._qmp.settimeout(timeout)
 
     def __enter__(self) -> Monitor:

@@ -61,9 +61,38 @@ FIND_TRIES = 20
 class Regs(ctypes.Structure):
     """``struct user_regs_struct`` of x86-64."""
 
-    _fields_ = [(n, ctypes.c_ulonglong) for n in (
-        "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx", "rdx", "rsi", "rdi",
-        "orig_rax", "rip", "cs", "eflags", "rsp", "ss", "fs_base", "gs_base", "ds", "es", "fs", "gs")]
+    _fields_ = [
+        (n, ctypes.c_ulonglong)
+        for n in (
+            "r15",
+            "r14",
+            "r13",
+            "r12",
+            "rbp",
+            "rbx",
+            "r11",
+            "r10",
+            "r9",
+            "r8",
+            "rax",
+            "rcx",
+            "rdx",
+            "rsi",
+            "rdi",
+            "orig_rax",
+            "rip",
+            "cs",
+            "eflags",
+            "rsp",
+            "ss",
+            "fs_base",
+            "gs_base",
+            "ds",
+            "es",
+            "fs",
+            "gs",
+        )
+    ]
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -131,9 +160,28 @@ def _find_blocked(pid: int) -> tuple[int, int]:
     raise VMError(f"QEMU process {pid} has no idle thread blocked in a system call to borrow")
 
 
-_DEFERRED = tuple(getattr(signal, n) for n in (
-    "SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGTSTP", "SIGTTIN", "SIGTTOU",
-    "SIGXCPU", "SIGXFSZ", "SIGVTALRM", "SIGPROF", "SIGPWR", "SIGIO") if hasattr(signal, n))
+_DEFERRED = tuple(
+    getattr(signal, n)
+    for n in (
+        "SIGINT",
+        "SIGTERM",
+        "SIGHUP",
+        "SIGQUIT",
+        "SIGUSR1",
+        "SIGUSR2",
+        "SIGALRM",
+        "SIGTSTP",
+        "SIGTTIN",
+        "SIGTTOU",
+        "SIGXCPU",
+        "SIGXFSZ",
+        "SIGVTALRM",
+        "SIGPROF",
+        "SIGPWR",
+        "SIGIO",
+    )
+    if hasattr(signal, n)
+)
 """Signals that would end or stop memvirt (or raise KeyboardInterrupt) in the middle of a borrow."""
 
 

@@ -55,5 +55,8 @@ def spawn_serial_drain(sock: Path, log: Path, cap: int = SERIAL_CAP) -> subproce
     """Start the reader that copies the console on ``sock`` into ``log`` (capped), detached."""
     return subprocess.Popen(
         [sys.executable, "-S", "-c", _DRAIN, str(sock), str(log), str(cap), str(CONNECT_TIMEOUT)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )

@@ -214,7 +214,9 @@ class VM:
         QEMU's migration sending RAM again (freezing left ``x-ignore-shared`` on)."""
         if self.alive():
             with self.monitor() as mon:
-                mon.command("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": False}])
+                mon.command(
+                    "migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": False}]
+                )
         os.chmod(self.config.ram_path, self.config.extra.pop("ram_file_mode", PRIVATE_FILE) & 0o700)
         self.config.extra.pop("frozen", None)
         (self.dir / TEMPLATE_STATE).unlink(missing_ok=True)
@@ -321,34 +323,74 @@ def qemu_argv(vm: VM, image: Image, incoming: str | None = None) -> list[str]:
     cpu = "host" if c.accel == "kvm" else "qemu64"
     d = vm.dir
     append = f"console=ttyS0 panic=-1 quiet memvirt.name={c.name} {c.append}".strip()
-    return [
-        qemu_binary(),
-        "-name", c.name,
-        "-machine", f"pc,accel={c.accel},memory-backend=ram0",
-        "-cpu", cpu, "-smp", str(c.cpus), "-m", size,
-        "-object", backend,
-        "-nodefaults", "-display", "none", "-no-reboot",
-        "-kernel", str(image.vmlinuz), "-initrd", str(image.initrd), "-append", append,
-        "-chardev", f"socket,id=ser0,path={d / SERIAL_SOCK},server=on,wait=off", "-serial", "chardev:ser0",
-        "-qmp", f"unix:{d / 'qmp.sock'},server=on,wait=off",
-        "-device", "virtio-serial-pci,id=vser0",
-        "-chardev", f"socket,id=cmdch,path={d / 'cmd.sock'},server=on,wait=off",
-        "-device", "virtserialport,bus=vser0.0,chardev=cmdch,name=org.memvirt.cmd",
-        "-device", "vmcoreinfo",
-        "-device", "pvpanic", "-action", "panic=pause",
-        "-daemonize", "-pidfile", str(d / "qemu.pid"),
-    ] + (lan.qemu_args(vm) if c.lan else []) + (["-incoming", incoming] if incoming else [])
+    return (
+        [
+            qemu_binary(),
+            "-name",
+            c.name,
+            "-machine",
+            f"pc,accel={c.accel},memory-backend=ram0",
+            "-cpu",
+            cpu,
+            "-smp",
+            str(c.cpus),
+            "-m",
+            size,
+            "-object",
+            backend,
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-kernel",
+            str(image.vmlinuz),
+            "-initrd",
+            str(image.initrd),
+            "-append",
+            append,
+            "-chardev",
+            f"socket,id=ser0,path={d / SERIAL_SOCK},server=on,wait=off",
+            "-serial",
+            "chardev:ser0",
+            "-qmp",
+            f"unix:{d / 'qmp.sock'},server=on,wait=off",
+            "-device",
+            "virtio-serial-pci,id=vser0",
+            "-chardev",
+            f"socket,id=cmdch,path={d / 'cmd.sock'},server=on,wait=off",
+            "-device",
+            "virtserialport,bus=vser0.0,chardev=cmdch,name=org.memvirt.cmd",
+            "-device",
+            "vmcoreinfo",
+            "-device",
+            "pvpanic",
+            "-action",
+            "panic=pause",
+            "-daemonize",
+            "-pidfile",
+            str(d / "qemu.pid"),
+        ]
+        + (lan.qemu_args(vm) if c.lan else [])
+        + (["-incoming", incoming] if incoming else [])
+    )
 
 
-def launch_qemu(vm: VM, image: Image, incoming: str | None = None,
-                pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess[str]:
+def launch_qemu(
+    vm: VM, image: Image, incoming: str | None = None, pass_fds: tuple[int, ...] = ()
+) -> subprocess.CompletedProcess[str]:
     """Run QEMU (it daemonizes) inside the VM's own memory cgroup, recorded in its config."""
     group = MemCgroup.create(vm.name, vm.dir)
     drain = spawn_serial_drain(vm.dir / SERIAL_SOCK, vm.serial_log)
     if group is not None:
         vm.config.extra["memcg"] = str(group.path)
-    proc = subprocess.run(qemu_argv(vm, image, incoming), capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                          pass_fds=pass_fds, preexec_fn=group.enter if group is not None else None)
+    proc = subprocess.run(
+        qemu_argv(vm, image, incoming),
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        pass_fds=pass_fds,
+        preexec_fn=group.enter if group is not None else None,
+    )
     if proc.returncode != 0:
         drain.kill()
         drain.wait()
@@ -386,9 +428,17 @@ def start_vm(
         Path(ram_path).unlink(missing_ok=True)
         touch_private(ram_path, memory)
     config = VMConfig(
-        name=name, memory=memory, cpus=cpus, ram=ram, image=str(image.path), kernel_release=image.release,
-        accel=choose_accel(image.vmlinuz), append=append, ram_path=ram_path,
-        regions=rammap.to_dict(rammap.pc_ram_map(memory)), started=time.time(),
+        name=name,
+        memory=memory,
+        cpus=cpus,
+        ram=ram,
+        image=str(image.path),
+        kernel_release=image.release,
+        accel=choose_accel(image.vmlinuz),
+        append=append,
+        ram_path=ram_path,
+        regions=rammap.to_dict(rammap.pc_ram_map(memory)),
+        started=time.time(),
         lan=lan.check_lan_name(lan_name) if lan_name else "",
     )
     vm = VM(config)

@@ -88,29 +88,32 @@ def test_overrides_first_match_wins_field_by_field(tmp_path: Path) -> None:
     assert c.for_vm("DB-main").compress.policy == "measure", "patterns are case-sensitive"
 
 
-@pytest.mark.parametrize("text, message", [
-    ("interval = 0.1", "interval must be between 1 and 3600"),
-    ("interval = 'x'", "interval must be a number"),
-    ("bogus = 1", "unknown key 'bogus' in the top level"),
-    ("[trigger]\nmode = 'sometimes'", "trigger.mode must be one of always, pressure"),
-    ("[trigger]\npsi_some_avg10 = 140", "trigger.psi_some_avg10 must be a percentage"),
-    ("[reclaim]\nevery = 1", "reclaim.every must be between 5 and 86400"),
-    ("[reclaim]\nenabled = 'yes'", "reclaim.enabled must be true or false"),
-    ("[reclaim]\nspeed = 3", "unknown key 'speed' in [reclaim]"),
-    ("[compress]\npolicy = 'squeeze'", "compress.policy must be one of off, measure, adaptive, static"),
-    ("[compress]\npolicy = 'static'", "policy static needs limit"),
-    ("[compress]\nmargin = 'ten'", "takes a percentage"),
-    ("[compress]\nlimit = 'lots'", "is not a size"),
-    ("[compress]\nmethod = 'guess'", "compress.method must be one of"),
-    ("[ksm]\nksmd_cpu = '0%'", "ksmd_cpu must be a share of one CPU"),
-    ("[ksm]\nmax_pages_to_scan = 1.5", "max_pages_to_scan must be a whole number"),
-    ("[[vm]]\nreclaim = {every = 10}", "needs match"),
-    ("[[vm]]\nmatch = 'a*'\ncompress = {policy = 'static'}", "[[vm]] #1 compress: policy static needs limit"),
-    ("[[vm]]\nmatch = 'a*'\nreclaim = {every = 2}", "[[vm]] #1 reclaim.every must be between"),
-    ("[[vm]]\nmatch = 'a*'\nksm = {enabled = true}", "unknown key 'ksm' in [[vm]] #1"),
-    ("vm = 3", "'vm' must be an array of tables"),
-    ("[reclaim\nevery = 5", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("interval = 0.1", "interval must be between 1 and 3600"),
+        ("interval = 'x'", "interval must be a number"),
+        ("bogus = 1", "unknown key 'bogus' in the top level"),
+        ("[trigger]\nmode = 'sometimes'", "trigger.mode must be one of always, pressure"),
+        ("[trigger]\npsi_some_avg10 = 140", "trigger.psi_some_avg10 must be a percentage"),
+        ("[reclaim]\nevery = 1", "reclaim.every must be between 5 and 86400"),
+        ("[reclaim]\nenabled = 'yes'", "reclaim.enabled must be true or false"),
+        ("[reclaim]\nspeed = 3", "unknown key 'speed' in [reclaim]"),
+        ("[compress]\npolicy = 'squeeze'", "compress.policy must be one of off, measure, adaptive, static"),
+        ("[compress]\npolicy = 'static'", "policy static needs limit"),
+        ("[compress]\nmargin = 'ten'", "takes a percentage"),
+        ("[compress]\nlimit = 'lots'", "is not a size"),
+        ("[compress]\nmethod = 'guess'", "compress.method must be one of"),
+        ("[ksm]\nksmd_cpu = '0%'", "ksmd_cpu must be a share of one CPU"),
+        ("[ksm]\nmax_pages_to_scan = 1.5", "max_pages_to_scan must be a whole number"),
+        ("[[vm]]\nreclaim = {every = 10}", "needs match"),
+        ("[[vm]]\nmatch = 'a*'\ncompress = {policy = 'static'}", "[[vm]] #1 compress: policy static needs limit"),
+        ("[[vm]]\nmatch = 'a*'\nreclaim = {every = 2}", "[[vm]] #1 reclaim.every must be between"),
+        ("[[vm]]\nmatch = 'a*'\nksm = {enabled = true}", "unknown key 'ksm' in [[vm]] #1"),
+        ("vm = 3", "'vm' must be an array of tables"),
+        ("[reclaim\nevery = 5", "not valid TOML"),
+    ],
+)
 def test_bad_configs_are_one_line_errors_naming_file_and_key(tmp_path: Path, text: str, message: str) -> None:
     p = write(tmp_path, text)
     with pytest.raises(ConfigError) as e:
@@ -150,8 +153,18 @@ def test_the_unit_file_and_dashboard_match_the_daemon() -> None:
     for line in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "KillMode=process"):
         assert f"\n{line}\n" in unit
     m = Metrics()
-    for g in (m.ram, m.guest_free, m.reclaimed, m.resident, m.swapped, m.working_set, m.cap, m.refaulted, m.pause,
-              m.ksm_merging):
+    for g in (
+        m.ram,
+        m.guest_free,
+        m.reclaimed,
+        m.resident,
+        m.swapped,
+        m.working_set,
+        m.cap,
+        m.refaulted,
+        m.pause,
+        m.ksm_merging,
+    ):
         g.labels(vm="x")
     m.policy_errors.labels(vm="x", policy="reclaim")
     exported = set(re.findall(r"^(memvirt_\w+?)(?:\{| )", generate_latest(m.registry).decode(), re.M))

@@ -149,8 +149,12 @@ def test_attach_refuses_what_is_not_a_qemu(monkeypatch: pytest.MonkeyPatch, tmp_
         with pytest.raises(UsageError, match=f"pid {os.getpid()} is not a running QEMU"):
             discovery.register(str(sock_path), os.getpid(), None)
     env = {**os.environ, "MEMVIRT_HOME": str(tmp_path)}
-    p = subprocess.run([sys.executable, "-m", "memvirt", "attach", "--qmp", str(tmp_path), "--pid", "1"],
-                       capture_output=True, text=True, env=env)
+    p = subprocess.run(
+        [sys.executable, "-m", "memvirt", "attach", "--qmp", str(tmp_path), "--pid", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert p.returncode == 2 and p.stderr.strip() == f"memvirt: error: --qmp {tmp_path}: not a Unix socket"
 
 
@@ -158,19 +162,33 @@ def test_second_daemon_refused_and_bad_config_at_start(tmp_path: Path) -> None:
     env = {**os.environ, "MEMVIRT_HOME": str(tmp_path)}
     bad = tmp_path / "bad.toml"
     bad.write_text("[compress]\npolicy = 'squeeze'\n")
-    p = subprocess.run([sys.executable, "-m", "memvirt", "daemon", "--config", str(bad)], capture_output=True,
-                       text=True, env=env, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "memvirt", "daemon", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert p.returncode == 2 and p.stderr.startswith("memvirt: error: ") and len(p.stderr.splitlines()) == 1
-    d = subprocess.Popen([sys.executable, "-m", "memvirt", "daemon", "--metrics", "127.0.0.1:0"], env=env,
-                         stderr=subprocess.PIPE, text=True)
+    d = subprocess.Popen(
+        [sys.executable, "-m", "memvirt", "daemon", "--metrics", "127.0.0.1:0"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         sock = tmp_path / "memvirtd" / "control.sock"
         deadline = time.monotonic() + 30
         while not sock.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert control.query(sock)["pid"] == d.pid
-        p = subprocess.run([sys.executable, "-m", "memvirt", "daemon", "--metrics", "127.0.0.1:0"],
-                           capture_output=True, text=True, env=env, timeout=60)
+        p = subprocess.run(
+            [sys.executable, "-m", "memvirt", "daemon", "--metrics", "127.0.0.1:0"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
         assert p.returncode == 2 and f"memvirtd already runs for {tmp_path} (pid {d.pid})" in p.stderr
     finally:
         d.terminate()
@@ -178,8 +196,9 @@ def test_second_daemon_refused_and_bad_config_at_start(tmp_path: Path) -> None:
     assert not sock.exists()
 
 
-def test_a_failing_vm_is_retried_with_backoff_and_never_ends_the_worker(monkeypatch: pytest.MonkeyPatch,
-                                                                        tmp_path: Path) -> None:
+def test_a_failing_vm_is_retried_with_backoff_and_never_ends_the_worker(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """A VM whose QEMU is gone: every policy fails, is recorded once, retried later; stop() still works."""
     import threading
 
@@ -195,8 +214,9 @@ def test_a_failing_vm_is_retried_with_backoff_and_never_ends_the_worker(monkeypa
     engaged = threading.Event()
     engaged.set()
     m = Metrics()
-    w = policies.VMWorker(Target("ghost", vm, "memvirt"), VMPolicy(Reclaim(every=5), Compress("measure")), m,
-                          engaged, 0.1)
+    w = policies.VMWorker(
+        Target("ghost", vm, "memvirt"), VMPolicy(Reclaim(every=5), Compress("measure")), m, engaged, 0.1
+    )
     w._next_reclaim = 0.0
     w.start()
     try:
@@ -222,8 +242,12 @@ def test_the_memvirtd_entry_point_is_memvirt_daemon(tmp_path: Path) -> None:
     code = "import sys; sys.argv = ['memvirtd', *sys.argv[1:]]; from memvirt.cli.daemon import memvirtd; memvirtd()"
     p = subprocess.run([sys.executable, "-c", code, "--check"], capture_output=True, text=True, env=env)
     assert p.returncode == 0 and json.loads(p.stdout)["reclaim"]["every"] == 60
-    p = subprocess.run([sys.executable, "-c", code, "--check", "--config", str(tmp_path / "x.toml")],
-                       capture_output=True, text=True, env=env)
+    p = subprocess.run(
+        [sys.executable, "-c", code, "--check", "--config", str(tmp_path / "x.toml")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert p.returncode == 2 and p.stderr.strip() == f"memvirt: error: {tmp_path / 'x.toml'}: no such config file"
 
 
@@ -239,8 +263,13 @@ def test_without_host_pressure_nothing_is_taken(monkeypatch: pytest.MonkeyPatch,
 
     monkeypatch.setenv("MEMVIRT_HOME", str(tmp_path))
     vm = VM(VMConfig(name="calm", memory=64 << 20, ram="anonymous", pid=999999999))
-    w = policies.VMWorker(Target("calm", vm, "memvirt"), VMPolicy(Reclaim(every=5), Compress("static", limit=1 << 30)),
-                          Metrics(), threading.Event(), 60.0)
+    w = policies.VMWorker(
+        Target("calm", vm, "memvirt"),
+        VMPolicy(Reclaim(every=5), Compress("static", limit=1 << 30)),
+        Metrics(),
+        threading.Event(),
+        60.0,
+    )
     w._next_reclaim = 0.0
     w._next_sample = 1e18
     w.start()
@@ -280,8 +309,9 @@ def test_daemon_speaks_sd_notify_ready_watchdog_stopping(tmp_path: Path) -> None
         s.bind(str(path))
         s.settimeout(30)
         env = {**os.environ, "MEMVIRT_HOME": str(tmp_path), "NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"}
-        d = subprocess.Popen([sys.executable, "-m", "memvirt", "daemon", "--metrics", "127.0.0.1:0"], env=env,
-                             stderr=subprocess.DEVNULL)
+        d = subprocess.Popen(
+            [sys.executable, "-m", "memvirt", "daemon", "--metrics", "127.0.0.1:0"], env=env, stderr=subprocess.DEVNULL
+        )
         try:
             ready = s.recv(4096).decode()
             assert ready.startswith("READY=1\n") and f"MAINPID={d.pid}" in ready

@@ -16,8 +16,10 @@ def test_ranges_are_the_runs_of_written_frames() -> None:
 
 
 def test_report_totals_and_rates() -> None:
-    rows = [Interval(0.5, 0.5, 100, 409600, 200.0, 819200.0, 100, 100, 0.2),
-            Interval(1.0, 0.5, 50, 204800, 100.0, 409600.0, 10, 110, 0.1)]
+    rows = [
+        Interval(0.5, 0.5, 100, 409600, 200.0, 819200.0, 100, 100, 0.2),
+        Interval(1.0, 0.5, 50, 204800, 100.0, 409600.0, 10, 110, 0.1),
+    ]
     written = np.zeros(1000, dtype=bool)
     written[:110] = True
     r = _report("vm1", "uffd-wp", "", 0.5, rows, written)

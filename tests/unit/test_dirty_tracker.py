@@ -74,8 +74,9 @@ pytestmark = pytest.mark.skipif(bool(_root_and_scan()), reason=_root_and_scan() 
 
 class Child:
     def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", CHILD, str(PAGES)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(PAGES)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         anon, shared, cow, mfd = self._line().split()
         self.addr = {"anon": int(anon), "shared": int(shared), "cow": int(cow)}
         self.memfd = int(mfd)
@@ -160,8 +161,10 @@ def test_a_second_tracker_on_the_same_memory_is_refused(child: Child) -> None:
     assert child.holds("shared") == []
     assert sorted(os.listdir("/proc/self/fd")) == fds, "no descriptor left open in memvirt"
     assert stray_uffds(child.proc.pid) == [] and "userfaultfd" not in " ".join(
-        os.readlink(f"/proc/{child.proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{child.proc.pid}/fd")
-        if os.path.exists(f"/proc/{child.proc.pid}/fd/{fd}")), "nor in the tracked process"
+        os.readlink(f"/proc/{child.proc.pid}/fd/{fd}")
+        for fd in os.listdir(f"/proc/{child.proc.pid}/fd")
+        if os.path.exists(f"/proc/{child.proc.pid}/fd/{fd}")
+    ), "nor in the tracked process"
 
 
 def test_writes_through_the_file_by_another_process_are_not_seen(child: Child) -> None:
@@ -186,8 +189,12 @@ def test_a_sigkilled_tracker_leaves_nothing_registered(child: Child) -> None:
         print("tracking", flush=True)
         time.sleep(60)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+    )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "tracking"
         assert child.holds("anon") == ["write-protect"]
@@ -252,8 +259,9 @@ def test_ram_file_writers_names_other_mappers_and_writers(tmp_path: Path) -> Non
             assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
             found = ram_file_writers(str(path), owner=1)
             mine = [w for w in found if w.startswith(f"process {proc.pid} ")]
-            assert mine == ([] if expect is None else [f"process {proc.pid} (python3) {expect}"]) or \
-                (expect is not None and len(mine) == 1 and mine[0].endswith(expect)), (mode, found)
+            assert mine == ([] if expect is None else [f"process {proc.pid} (python3) {expect}"]) or (
+                expect is not None and len(mine) == 1 and mine[0].endswith(expect)
+            ), (mode, found)
             assert ram_file_writers(str(path), owner=proc.pid) == [], "the owner itself does not count"
         finally:
             proc.kill()

@@ -70,8 +70,16 @@ NAME_PA = 0xA03800
 PAGES_PA = 0xC00000
 PTE_VM = PGD_PA + 0x6000
 CPU_VA = 0xFFFFFFFF81000000 + 0x180400  # nr_cpu_ids, __cpu_online_mask, __per_cpu_offset[]
-ZONE = {"free_area": 0, "zone_start_pfn": 176, "spanned_pages": 184, "present_pages": 192, "managed_pages": 200,
-        "name": 208, "per_cpu_pageset": 216, "vm_stat": 224}
+ZONE = {
+    "free_area": 0,
+    "zone_start_pfn": 176,
+    "spanned_pages": 184,
+    "present_pages": 192,
+    "managed_pages": 200,
+    "name": 208,
+    "per_cpu_pageset": 216,
+    "vm_stat": 224,
+}
 ZONE_SIZE = 256
 BUDDY = 0xFFFFFF7F  # PAGE_BUDDY_MAPCOUNT_VALUE -129 as a u32
 RELEASE = "synthetic-6.99"  # not a Debian release: no layout source goes looking for its headers
@@ -80,15 +88,27 @@ RELEASE = "synthetic-6.99"  # not a Debian release: no layout source goes lookin
 def census_lines(**override: str) -> list[str]:
     """VMCOREINFO lines that give every fact the census asks for (SIZE/OFFSET/LENGTH/NUMBER)."""
     facts = {
-        "SYMBOL(nr_cpu_ids)": f"{CPU_VA:x}", "SYMBOL(__cpu_online_mask)": f"{CPU_VA + 8:x}",
+        "SYMBOL(nr_cpu_ids)": f"{CPU_VA:x}",
+        "SYMBOL(__cpu_online_mask)": f"{CPU_VA + 8:x}",
         "SYMBOL(__per_cpu_offset)": f"{CPU_VA + 16:x}",
-        "OFFSET(page.flags)": "0", "OFFSET(page.mapping)": "24", "OFFSET(page.private)": "40",
-        "NUMBER(PG_head_mask)": "65536", "NUMBER(PG_reserved)": "10",
-        "SIZE(pglist_data)": "512", "OFFSET(pglist_data.node_zones)": "0", "LENGTH(pglist_data.node_zones)": "2",
-        "SIZE(zone)": str(ZONE_SIZE), "SIZE(free_area)": "16", "OFFSET(free_area.nr_free)": "8",
+        "OFFSET(page.flags)": "0",
+        "OFFSET(page.mapping)": "24",
+        "OFFSET(page.private)": "40",
+        "NUMBER(PG_head_mask)": "65536",
+        "NUMBER(PG_reserved)": "10",
+        "SIZE(pglist_data)": "512",
+        "OFFSET(pglist_data.node_zones)": "0",
+        "LENGTH(pglist_data.node_zones)": "2",
+        "SIZE(zone)": str(ZONE_SIZE),
+        "SIZE(free_area)": "16",
+        "OFFSET(free_area.nr_free)": "8",
         **{f"OFFSET(zone.{k})": str(v) for k, v in ZONE.items()},
-        "NUMBER(NR_FREE_PAGES)": "0", "SIZE(list_head)": "16", "NUMBER(MIGRATE_PCPTYPES)": "3",
-        "OFFSET(per_cpu_pages.count)": "0", "OFFSET(per_cpu_pages.lists)": "8", "LENGTH(per_cpu_pages.lists)": "3",
+        "NUMBER(NR_FREE_PAGES)": "0",
+        "SIZE(list_head)": "16",
+        "NUMBER(MIGRATE_PCPTYPES)": "3",
+        "OFFSET(per_cpu_pages.count)": "0",
+        "OFFSET(per_cpu_pages.lists)": "8",
+        "LENGTH(per_cpu_pages.lists)": "3",
     }
     facts.update(override)
     return [f"{k}={v}" for k, v in facts.items() if v is not None]
@@ -135,9 +155,15 @@ def census_synthetic(**override: str) -> Synthetic:
     s.put(NAME_PA, b"Normal\0")
     zone = PGDAT_PA
     s.put(zone, bytes(2 * ZONE_SIZE))
-    for key, value in (("zone_start_pfn", 0), ("spanned_pages", 4096), ("present_pages", 4096),
-                       ("managed_pages", 4000), ("name", POB + NAME_PA), ("per_cpu_pageset", POB + PCP_PA),
-                       ("vm_stat", 9)):
+    for key, value in (
+        ("zone_start_pfn", 0),
+        ("spanned_pages", 4096),
+        ("present_pages", 4096),
+        ("managed_pages", 4000),
+        ("name", POB + NAME_PA),
+        ("per_cpu_pageset", POB + PCP_PA),
+        ("vm_stat", 9),
+    ):
         s.u64(zone + ZONE[key], value)
     s.u64(zone + 16 * 0 + 8, 1)
     s.u64(zone + 16 * 3 + 8, 1)
@@ -314,8 +340,7 @@ BUDDY_CASES = {
     "nr_free huge": ({PGDAT_PA + 8: u64(2**63)}, "zone 0:Normal: free lists say"),
     "order huge": ({page_pa(0x900) + 40: u64(2**40)}, "buddy pages with an order outside 0..10"),
     "order 63": ({page_pa(0x900) + 40: u64(63)}, "buddy pages with an order outside"),
-    "cycle in free_list": ({PGDAT_PA + 0: u64(POB + PGDAT_PA), PGDAT_PA + 16 * 3: u64(POB + PGDAT_PA + 48)},
-                           None),
+    "cycle in free_list": ({PGDAT_PA + 0: u64(POB + PGDAT_PA), PGDAT_PA + 16 * 3: u64(POB + PGDAT_PA + 48)}, None),
 }
 
 
@@ -330,8 +355,10 @@ def test_hostile_buddy(good: bytes, case: str) -> None:
 
 
 LAYOUT_CASES = {
-    "LENGTH(node_data)": ({"LENGTH(node_data)": str(10**15), "SYMBOL(node_online_map)": f"{CPU_VA + 8:x}"},
-                          "LENGTH(node_data) is 1000000000000000"),
+    "LENGTH(node_data)": (
+        {"LENGTH(node_data)": str(10**15), "SYMBOL(node_online_map)": f"{CPU_VA + 8:x}"},
+        "LENGTH(node_data) is 1000000000000000",
+    ),
     "LENGTH(zone.free_area)": ({"LENGTH(zone.free_area)": str(2**40)}, "LENGTH(zone.free_area)"),
     "LENGTH(pglist_data.node_zones)": ({"LENGTH(pglist_data.node_zones)": str(2**31)}, "node_zones"),
     "SIZE(zone)": ({"SIZE(zone)": str(2**44)}, "sizeof(struct zone)"),
@@ -375,8 +402,9 @@ def test_hostile_cpu_and_zone_counts(good: bytes) -> None:
     """A zone spanning more frames than a pfn has bits, and 8192 online CPUs with one zone
     each is fine, but not times 256 zones."""
     zone_spanned = PGDAT_PA + ZONE["spanned_pages"]
-    assert_structure_error(bounded(lambda: census(patched(good, {zone_spanned: u64(2**62)})), 256 * MiB, 20),
-                           "spanned pages")
+    assert_structure_error(
+        bounded(lambda: census(patched(good, {zone_spanned: u64(2**62)})), 256 * MiB, 20), "spanned pages"
+    )
     many = {kpa(CPU_VA): struct.pack("<I", 8192), kpa(CPU_VA + 8): b"\xff" * 1024}
     outcome = bounded(lambda: census(patched(good, many)), 256 * MiB, 30)
     assert outcome[0] in ("GuestStructureError", "BadImage", "UnmappedAddress") and outcome[2], outcome
@@ -447,16 +475,21 @@ def self_referencing_btf(kind: str) -> Btf:
     return Btf(b.blob(), kind)
 
 
-@pytest.mark.parametrize("kind", ["anonymous member of itself", "pointer to itself", "array of itself",
-                                  "typedef cycle", "fan-out"])
+@pytest.mark.parametrize(
+    "kind", ["anonymous member of itself", "pointer to itself", "array of itself", "typedef cycle", "fan-out"]
+)
 def test_self_referencing_btf(kind: str) -> None:
     def lookups() -> list[Any]:
         lay = BtfLayout(self_referencing_btf(kind))
         out: list[Any] = []
-        for call in (lambda: lay.member_offset("loop", "nope"), lambda: lay.struct_size("loop"),
-                     lambda: [lay.btf.type_name(t) for t in range(len(lay.btf))],
-                     lambda: lay.member_type("loop", {"array of itself": "a", "typedef cycle": "t"}.get(kind, "p")),
-                     lambda: lay.struct_size("t1"), lambda: lay.member_offset("loop", "t.x")):
+        for call in (
+            lambda: lay.member_offset("loop", "nope"),
+            lambda: lay.struct_size("loop"),
+            lambda: [lay.btf.type_name(t) for t in range(len(lay.btf))],
+            lambda: lay.member_type("loop", {"array of itself": "a", "typedef cycle": "t"}.get(kind, "p")),
+            lambda: lay.struct_size("t1"),
+            lambda: lay.member_offset("loop", "t.x"),
+        ):
             try:
                 out.append(call())
             except GuestStructureError as e:
@@ -485,8 +518,11 @@ def test_memsnap_garbage_is_a_guest_error() -> None:
     from memvirt.errors import GuestError
     from memvirt.introspect.groundtruth import parse_snapshot
 
-    for text in ("==> /proc/zoneinfo <==\nNode 0, zone Normal\n count: lots\n",
-                 "==> /proc/vmstat <==\nnr_free_pages 1 2\n", "==> /proc/vmstat <==\nnr_free_pages x\n"):
+    for text in (
+        "==> /proc/zoneinfo <==\nNode 0, zone Normal\n count: lots\n",
+        "==> /proc/vmstat <==\nnr_free_pages 1 2\n",
+        "==> /proc/vmstat <==\nnr_free_pages x\n",
+    ):
         with pytest.raises(GuestError, match="memsnap output does not parse"):
             parse_snapshot(text)
     big = "==> /proc/vmstat <==\n" + "nr_x 1\n" * 200_000
@@ -528,8 +564,16 @@ def test_build_id_cache_round_trip(good: bytes, cache: Path) -> None:
     assert entries[0].stat().st_mode & 0o777 == 0o600 and cache.stat().st_mode & 0o777 == 0o700
 
 
-@pytest.mark.parametrize("build_id", ["../../x/vm", "../../../escaped", "00112233445566778899AABBCCDDEEFF00112233",
-                                      "0011", "00112233445566778899aabbccddeeff00112233/../../x"])
+@pytest.mark.parametrize(
+    "build_id",
+    [
+        "../../x/vm",
+        "../../../escaped",
+        "00112233445566778899AABBCCDDEEFF00112233",
+        "0011",
+        "00112233445566778899aabbccddeeff00112233/../../x",
+    ],
+)
 def test_build_id_traversal(build_id: str, cache: Path, tmp_path: Path) -> None:
     """A BUILD-ID that is not 40 lowercase hex digits names no file: nothing is written."""
     s = census_synthetic()
@@ -548,9 +592,16 @@ def test_content_digest_is_the_same_for_every_boot(good: bytes) -> None:
     info, btf = kv.vmcoreinfo, (kv.symbol("__start_BTF"), kv.symbol("__stop_BTF"))
     digest = buildcache.content_digest(info, kv.read_va, btf)
     shift = 0x1E00000
-    moved = Vmcoreinfo.parse("".join(
-        f"{k}={int(v, 16) + shift:x}\n" if k.startswith("SYMBOL(kallsyms") else
-        f"KERNELOFFSET={shift:x}\n" if k == "KERNELOFFSET" else f"{k}={v}\n" for k, v in info.entries.items()).encode())
+    moved = Vmcoreinfo.parse(
+        "".join(
+            f"{k}={int(v, 16) + shift:x}\n"
+            if k.startswith("SYMBOL(kallsyms")
+            else f"KERNELOFFSET={shift:x}\n"
+            if k == "KERNELOFFSET"
+            else f"{k}={v}\n"
+            for k, v in info.entries.items()
+        ).encode()
+    )
     base_va = info.symbol("kallsyms_relative_base")
 
     def read_moved(va: int, n: int, flip: int | None = None) -> np.ndarray:
@@ -564,10 +615,16 @@ def test_content_digest_is_the_same_for_every_boot(good: bytes) -> None:
 
     assert buildcache.content_digest(moved, read_moved, (btf[0] + shift, btf[1] + shift)) == digest
     names = info.symbol("kallsyms_names") + shift + 3
-    assert buildcache.content_digest(moved, lambda va, n: read_moved(va, n, names),
-                                     (btf[0] + shift, btf[1] + shift)) != digest
-    assert buildcache.content_digest(moved, lambda va, n: read_moved(va, n, btf[0] + shift + 40),
-                                     (btf[0] + shift, btf[1] + shift)) != digest
+    assert (
+        buildcache.content_digest(moved, lambda va, n: read_moved(va, n, names), (btf[0] + shift, btf[1] + shift))
+        != digest
+    )
+    assert (
+        buildcache.content_digest(
+            moved, lambda va, n: read_moved(va, n, btf[0] + shift + 40), (btf[0] + shift, btf[1] + shift)
+        )
+        != digest
+    )
 
 
 def test_build_id_cache_without_kaslr_offset(good: bytes, cache: Path) -> None:
@@ -657,8 +714,22 @@ def _mutated_note(rng: random.Random, lines: list[str]) -> bytes:
     for _ in range(rng.randint(1, 3)):
         i = rng.randrange(len(lines))
         key = lines[i].split("=", 1)[0]
-        value = rng.choice(["0", "-1", "1", "4096", str(2**63), str(2**64 - 1), "0x" + "f" * 16, "zz", "",
-                            "9" * 40, str(rng.randrange(-(2**32), 2**32)), f"{rng.getrandbits(64):x}"])
+        value = rng.choice(
+            [
+                "0",
+                "-1",
+                "1",
+                "4096",
+                str(2**63),
+                str(2**64 - 1),
+                "0x" + "f" * 16,
+                "zz",
+                "",
+                "9" * 40,
+                str(rng.randrange(-(2**32), 2**32)),
+                f"{rng.getrandbits(64):x}",
+            ]
+        )
         lines[i] = f"{key}={value}" if rng.random() < 0.95 else "GARBAGE LINE"
     return note_page(lines)
 
@@ -673,11 +744,31 @@ def _fuzz_cases(n: int, seed: int) -> list[tuple[str, dict[int, bytes] | bytes]]
     hot += [page_pa(p) + o for p in (0x800, 0x900, 0xA00, 0xA01) for o in (0, 8, 24, 40, 48)]
     hot += [kpa(CPU_VA) + o for o in (0, 8, 16)] + [PGD_PA + 8 * i for i in range(512)]
     hot += [PTE_VM + 8 * i for i in range(64)]
-    hot += [kpa(base.sym[n]) + o for n in ("kallsyms_num_syms", "kallsyms_names", "kallsyms_token_index",
-                                           "kallsyms_token_table", "kallsyms_offsets", "kallsyms_markers")
-            for o in (0, 8, 64, 504)]
-    values = [0, 1, 2**63, 2**64 - 1, 0x7FFFFFFF, VMEMMAP, POB + PCP_PA, lru_va(0xA00), pcp_head_va(0), 4_000_000,
-              0xFFFF_FFFF_FFFF_FF7F]
+    hot += [
+        kpa(base.sym[n]) + o
+        for n in (
+            "kallsyms_num_syms",
+            "kallsyms_names",
+            "kallsyms_token_index",
+            "kallsyms_token_table",
+            "kallsyms_offsets",
+            "kallsyms_markers",
+        )
+        for o in (0, 8, 64, 504)
+    ]
+    values = [
+        0,
+        1,
+        2**63,
+        2**64 - 1,
+        0x7FFFFFFF,
+        VMEMMAP,
+        POB + PCP_PA,
+        lru_va(0xA00),
+        pcp_head_va(0),
+        4_000_000,
+        0xFFFF_FFFF_FFFF_FF7F,
+    ]
     cases: list[tuple[str, dict[int, bytes] | bytes]] = []
     for _ in range(n):
         what = rng.choice(["vmcoreinfo", "memory", "memory", "btf"])
@@ -694,8 +785,12 @@ def _fuzz_cases(n: int, seed: int) -> list[tuple[str, dict[int, bytes] | bytes]]
             blob = bytearray(btf)
             for _ in range(rng.randint(1, 4)):
                 i = rng.randrange(24, len(blob) - 4)
-                blob[i : i + 4] = struct.pack("<I", rng.choice([0, 1, 2, 3, 0xFFFFFFFF, rng.getrandbits(32),
-                                                                 (rng.randrange(20) << 24) | rng.randrange(4)]))
+                blob[i : i + 4] = struct.pack(
+                    "<I",
+                    rng.choice(
+                        [0, 1, 2, 3, 0xFFFFFFFF, rng.getrandbits(32), (rng.randrange(20) << 24) | rng.randrange(4)]
+                    ),
+                )
             cases.append((what, bytes(blob)))
     return cases
 

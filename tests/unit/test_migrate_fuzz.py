@@ -61,8 +61,28 @@ class FrameGen:
 
     def start(self) -> int:
         r = self.rng
-        edges = [0, 1, 63, 64, 65, 255, 256, 319, 320, 321, self.max_pfn - 1, 1 << 31, 1 << 32, (1 << 52),
-                 (1 << 63) - 1, 1 << 63, U64, U64 - 1, U64 - 63, (1 << 64) - self.max_pfn]
+        edges = [
+            0,
+            1,
+            63,
+            64,
+            65,
+            255,
+            256,
+            319,
+            320,
+            321,
+            self.max_pfn - 1,
+            1 << 31,
+            1 << 32,
+            (1 << 52),
+            (1 << 63) - 1,
+            1 << 63,
+            U64,
+            U64 - 1,
+            U64 - 63,
+            (1 << 64) - self.max_pfn,
+        ]
         if r.random() < 0.6:
             reg = r.choice(self.regions)
             return reg.gpa // PAGE + r.randrange(reg.size // PAGE)
@@ -113,9 +133,13 @@ class FrameGen:
             c = r.choice([codec.NONE, codec.LZ4, codec.ZSTD, codec.NONE, r.randint(3, 255)])
             blob = bytes(codec.compress(c, memoryview(plain))) if c in codec.NAMES else plain
             if r.random() < 0.1:
-                blob = blob[:r.randint(0, len(blob))]
-            payload = struct.pack("!BI", c, len(starts)) + b"".join(struct.pack("!Q", s) for s in starts) \
-                + b"".join(struct.pack("!I", n) for n in lengths) + blob
+                blob = blob[: r.randint(0, len(blob))]
+            payload = (
+                struct.pack("!BI", c, len(starts))
+                + b"".join(struct.pack("!Q", s) for s in starts)
+                + b"".join(struct.pack("!I", n) for n in lengths)
+                + blob
+            )
         elif kind == "DUP":
             n = r.choice([0, 1, 2, 4, r.randint(1, 64)])
             pick = self.start if r.random() < 0.5 else self.inside
@@ -139,12 +163,12 @@ class FrameGen:
             if op < 0.4 and buf:
                 buf[r.randrange(len(buf))] ^= 1 << r.randrange(8)
             elif op < 0.6:
-                del buf[r.randint(0, len(buf)):]
+                del buf[r.randint(0, len(buf)) :]
             elif op < 0.8:
                 buf += r.randbytes(r.randint(1, 32))
             elif len(buf) >= 8:
                 i = r.randrange(len(buf) - 7)
-                buf[i:i + 8] = struct.pack("!Q", r.choice([U64, 1 << 63, (1 << 63) - 1, 0, 1 << 32]))
+                buf[i : i + 8] = struct.pack("!Q", r.choice([U64, 1 << 63, (1 << 63) - 1, 0, 1 << 32]))
         return bytes(buf)
 
 
@@ -163,7 +187,7 @@ def expected(kind: str, payload: bytes, regions, max_pfn: int):  # noqa: ANN001,
             return None
         if sum(lengths) > max_pfn or c > 2:
             return None
-        return ("DATA", list(zip(starts, lengths, strict=True)), c, payload[5 + 12 * n:])
+        return ("DATA", list(zip(starts, lengths, strict=True)), c, payload[5 + 12 * n :])
     if len(payload) < 4:
         return None
     (n,) = struct.unpack_from("!I", payload)
@@ -215,7 +239,7 @@ def fuzz_frames(folder: Path, seed: int, cases: int) -> dict[str, int]:
     gen = FrameGen(rng, ram.max_pfn, regions)
     in_ram = np.zeros(ram.max_pfn, dtype=bool)
     for r in regions:
-        in_ram[r.gpa // PAGE:r.end // PAGE] = True
+        in_ram[r.gpa // PAGE : r.end // PAGE] = True
     counts = {"refused": 0, "applied": 0, "wrote": 0}
     t0 = time.monotonic()
     for case in range(cases):
@@ -244,23 +268,25 @@ def fuzz_frames(folder: Path, seed: int, cases: int) -> dict[str, int]:
             for s, n in runs:
                 for p in range(s, s + n):
                     off = _file_offset(regions, p)
-                    new[off:off + PAGE] = data[pos:pos + PAGE]
+                    new[off : off + PAGE] = data[pos : pos + PAGE]
                     pos += PAGE
         elif want[0] == "DUP":
             old = bytes(model)
             for d, src in want[1]:
                 o, so = _file_offset(regions, d), _file_offset(regions, src)
-                new[o:o + PAGE] = old[so:so + PAGE]
+                new[o : o + PAGE] = old[so : so + PAGE]
             for d, _ in want[1]:  # a destination named twice may hold any of its sources
                 o = _file_offset(regions, d)
-                options = {old[_file_offset(regions, s):_file_offset(regions, s) + PAGE] for dd, s in want[1] if dd == d}
-                assert got[o:o + PAGE] in options, f"case {case}: DUP wrote the wrong page"
-                new[o:o + PAGE] = got[o:o + PAGE]
+                options = {
+                    old[_file_offset(regions, s) : _file_offset(regions, s) + PAGE] for dd, s in want[1] if dd == d
+                }
+                assert got[o : o + PAGE] in options, f"case {case}: DUP wrote the wrong page"
+                new[o : o + PAGE] = got[o : o + PAGE]
         else:
             for s, n in want[1]:
                 for p in range(s, s + n):
                     off = _file_offset(regions, p)
-                    new[off:off + PAGE] = bytes(PAGE)
+                    new[off : off + PAGE] = bytes(PAGE)
         assert got == bytes(new), f"case {case}: {kind} frame changed the file other than its runs say"
         counts["applied"] += 1
         counts["wrote"] += new != model
@@ -269,7 +295,7 @@ def fuzz_frames(folder: Path, seed: int, cases: int) -> dict[str, int]:
         pages = np.frombuffer(got, np.uint8)
         held = ram.held
         assert (held[~in_ram] == ZERO_HASH).all(), f"case {case}: fingerprints outside guest RAM"
-        want_held = np.concatenate([hash_pages(pages[r.offset:r.offset + r.size]) for r in regions])
+        want_held = np.concatenate([hash_pages(pages[r.offset : r.offset + r.size]) for r in regions])
         assert (held[in_ram] == want_held).all(), f"case {case}: fingerprints differ from the file"
         assert time.monotonic() - t0 < TIME_LIMIT, "fuzzing took too long"
     ram.close()
@@ -286,8 +312,14 @@ def fuzz_handshake(seed: int, cases: int) -> dict[str, int]:
     for case in range(cases):
         a, b = socket.socketpair()
         hello = HELLO.pack(MAGIC, rng.choice([VERSION, VERSION + 1, 0]), rng.choice([0, 1, 255]), rng.randbytes(32))
-        msg = rng.choice([hello + rng.randbytes(32), hello[:rng.randrange(len(hello))], rng.randbytes(rng.randint(0, 80)),
-                          hello + rng.randbytes(rng.randint(0, 31))])
+        msg = rng.choice(
+            [
+                hello + rng.randbytes(32),
+                hello[: rng.randrange(len(hello))],
+                rng.randbytes(rng.randint(0, 80)),
+                hello + rng.randbytes(rng.randint(0, 31)),
+            ]
+        )
         a.sendall(msg)
         a.shutdown(socket.SHUT_WR)
         t = time.monotonic()
@@ -327,7 +359,7 @@ def fuzz_channel(seed: int, cases: int) -> dict[str, int]:
         elif op < 0.5:
             frame[1:5] = struct.pack("!I", rng.choice([0, 1, (128 << 20), (128 << 20) + 1, 0xFFFFFFFF]))
         elif op < 0.7:
-            frame = frame[:rng.randrange(len(frame))]
+            frame = frame[: rng.randrange(len(frame))]
         else:
             frame = bytearray(rng.randbytes(rng.randint(0, 64)))
         a.sendall(frame)  # at most a few hundred bytes: the socket buffer takes them
@@ -363,12 +395,46 @@ def fuzz_setup(seed: int, cases: int) -> dict[str, int]:
 
     rng = random.Random(seed)
     counts = {"refused": 0, "accepted": 0}
-    weird = [None, True, False, -1, 0, 1, 2**63, 2**64 + 5, 1.5, 1e308, "", ",", "tcg,accel=kvm", "a\nb", "\x00",
-             "é", [], {}, [[[]]], "x" * 5000, "../../etc", "tcg", "kvm", 512 << 20, 4096, 1 << 52]
+    weird = [
+        None,
+        True,
+        False,
+        -1,
+        0,
+        1,
+        2**63,
+        2**64 + 5,
+        1.5,
+        1e308,
+        "",
+        ",",
+        "tcg,accel=kvm",
+        "a\nb",
+        "\x00",
+        "é",
+        [],
+        {},
+        [[[]]],
+        "x" * 5000,
+        "../../etc",
+        "tcg",
+        "kvm",
+        512 << 20,
+        4096,
+        1 << 52,
+    ]
     for _ in range(cases):
         mem = rng.choice([64 << 20, 512 << 20, 4 << 30, 3584 << 20])
-        setup: dict = {"name": "vm1", "source": "src", "memory": mem, "cpus": 1, "image": "/x/images/6.1-abc",
-                       "accel": "tcg", "append": "", "regions": rammap.to_dict(rammap.pc_ram_map(mem))}
+        setup: dict = {
+            "name": "vm1",
+            "source": "src",
+            "memory": mem,
+            "cpus": 1,
+            "image": "/x/images/6.1-abc",
+            "accel": "tcg",
+            "append": "",
+            "regions": rammap.to_dict(rammap.pc_ram_map(mem)),
+        }
         for _ in range(rng.randint(1, 3)):
             op = rng.random()
             key = rng.choice(list(setup) + ["extra"])
@@ -391,7 +457,7 @@ def fuzz_setup(seed: int, cases: int) -> dict[str, int]:
                 setup[key] = rng.choice(weird)
         raw = json.dumps(setup).encode()
         if rng.random() < 0.1:
-            raw = raw[:rng.randrange(len(raw) + 1)]
+            raw = raw[: rng.randrange(len(raw) + 1)]
         try:
             st = check_setup(parse_json(Kind.SETUP, raw))
         except ProtocolError:
@@ -411,10 +477,20 @@ def fuzz_setup(seed: int, cases: int) -> dict[str, int]:
     return counts
 
 
-@pytest.mark.parametrize(("kind", "a", "b"), [
-    ("ZERO", (1 << 63) - 1, 2), ("ZERO", 5, (1 << 64) - 3), ("DISCARD", U64, 1), ("ZERO", 63, 2), ("ZERO", 64, 1),
-    ("ZERO", 0, 0), ("DUP", (1 << 63) + 3, 0), ("DUP", 0, (1 << 64) - 256), ("DATA", (1 << 64) - 1, 2),
-])
+@pytest.mark.parametrize(
+    ("kind", "a", "b"),
+    [
+        ("ZERO", (1 << 63) - 1, 2),
+        ("ZERO", 5, (1 << 64) - 3),
+        ("DISCARD", U64, 1),
+        ("ZERO", 63, 2),
+        ("ZERO", 64, 1),
+        ("ZERO", 0, 0),
+        ("DUP", (1 << 63) + 3, 0),
+        ("DUP", 0, (1 << 64) - 256),
+        ("DATA", (1 << 64) - 1, 2),
+    ],
+)
 def test_runs_that_wrap_or_leave_ram_are_refused(tmp_path: Path, kind: str, a: int, b: int) -> None:
     """The int64 wrap-around of the old bounds check, and runs across a region's end or into the
     hole: a protocol error, and the file is untouched."""
@@ -442,8 +518,12 @@ def _child(folder: str) -> None:
         vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
     resource.setrlimit(resource.RLIMIT_AS, (vm + AS_HEADROOM, vm + AS_HEADROOM))
     resource.setrlimit(resource.RLIMIT_CPU, (TIME_LIMIT, TIME_LIMIT))
-    out = {"frames": fuzz_frames(Path(folder), SEED, CASES), "handshake": fuzz_handshake(SEED + 1, 300),
-           "channel": fuzz_channel(SEED + 2, 500), "setup": fuzz_setup(SEED + 3, 3000)}
+    out = {
+        "frames": fuzz_frames(Path(folder), SEED, CASES),
+        "handshake": fuzz_handshake(SEED + 1, 300),
+        "channel": fuzz_channel(SEED + 2, 500),
+        "setup": fuzz_setup(SEED + 3, 3000),
+    }
     print(json.dumps(out))
 
 
@@ -451,10 +531,16 @@ def test_fuzz_receiver_decoders_bounded(tmp_path: Path) -> None:
     """A few thousand seeded frames against a real RAM file, in a child with capped memory and
     time: every case is a clean protocol error or a correct write within the regions."""
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, env=env,
-                          timeout=TIME_LIMIT + 30)
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OPENBLAS_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "MALLOC_ARENA_MAX": "2",
+    }
+    proc = subprocess.run(
+        [sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, env=env, timeout=TIME_LIMIT + 30
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     counts = json.loads(proc.stdout.strip().splitlines()[-1])
     frames = counts["frames"]

@@ -23,10 +23,20 @@ SECRET = secrets.token_hex(32)
 
 def _receiver(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], int]:
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": str(root), "MEMVIRT_SECRET": SECRET, "MEMVIRT_HOME": str(tmp_path / "home"),
-           "MEMVIRT_RAM_DIR": str(tmp_path / "ram")}
-    proc = subprocess.Popen([sys.executable, "-m", "memvirt", "receive", "--listen", "127.0.0.1:0", "--timeout", "60",
-                             *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(root),
+        "MEMVIRT_SECRET": SECRET,
+        "MEMVIRT_HOME": str(tmp_path / "home"),
+        "MEMVIRT_RAM_DIR": str(tmp_path / "ram"),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "memvirt", "receive", "--listen", "127.0.0.1:0", "--timeout", "60", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     line = proc.stderr.readline()
     m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
     assert m, line
@@ -71,8 +81,17 @@ def test_slow_loris_is_dropped_while_a_good_sender_gets_through(tmp_path: Path) 
         t.join(HANDSHAKE_TIMEOUT + 10)
         assert dropped and HANDSHAKE_TIMEOUT - 0.5 <= dropped[0] <= HANDSHAKE_TIMEOUT + 3, dropped
         # The good session is still served: its SETUP (a comma in accel) is refused with a reason.
-        good.send_json(Kind.SETUP, {"name": "hs", "memory": 64 << 20, "cpus": 1, "image": "x", "accel": "tcg,x=y",
-                                    "regions": [{"gpa": 0, "size": 64 << 20, "offset": 0}]})
+        good.send_json(
+            Kind.SETUP,
+            {
+                "name": "hs",
+                "memory": 64 << 20,
+                "cpus": 1,
+                "image": "x",
+                "accel": "tcg,x=y",
+                "regions": [{"gpa": 0, "size": 64 << 20, "offset": 0}],
+            },
+        )
         with pytest.raises(PeerError, match="accel"):
             good.recv(Kind.READY)
         good.close()

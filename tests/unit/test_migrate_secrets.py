@@ -25,18 +25,33 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     return subprocess.run([sys.executable, "-m", "memvirt", *args], capture_output=True, text=True, env=e, timeout=60)
 
 
-@pytest.mark.parametrize("secret", [
-    GOOD, GOOD.upper(), secrets.token_hex(40), base64.b64encode(secrets.token_bytes(32)).decode(),
-    base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("="),
-])
+@pytest.mark.parametrize(
+    "secret",
+    [
+        GOOD,
+        GOOD.upper(),
+        secrets.token_hex(40),
+        base64.b64encode(secrets.token_bytes(32)).decode(),
+        base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("="),
+    ],
+)
 def test_strong_secrets_are_accepted(secret: str) -> None:
     assert check_secret(secret.encode()) == secret.encode()
 
 
-@pytest.mark.parametrize("secret", [
-    "migrate-test-secret-0123456789abcdef", "x" * 32, GOOD[:62], "0" * 64, "0123456789abcdef" * 4,
-    base64.b64encode(secrets.token_bytes(31)).decode(), "é" * 64, "correct horse battery staple" * 3,
-])
+@pytest.mark.parametrize(
+    "secret",
+    [
+        "migrate-test-secret-0123456789abcdef",
+        "x" * 32,
+        GOOD[:62],
+        "0" * 64,
+        "0123456789abcdef" * 4,
+        base64.b64encode(secrets.token_bytes(31)).decode(),
+        "é" * 64,
+        "correct horse battery staple" * 3,
+    ],
+)
 def test_weak_secrets_are_refused(secret: str) -> None:
     with pytest.raises(UsageError, match="openssl rand -hex 32"):
         check_secret(secret.encode())
@@ -86,12 +101,19 @@ def test_insecure_is_for_loopback_only() -> None:
 def test_secret_leaves_the_environment_once_read() -> None:
     """Read from $MEMVIRT_SECRET, the secret is removed from the process's environment, so a
     child it starts (QEMU, a watchdog) does not inherit it."""
-    code = ("import os, subprocess; from memvirt.migrate.protocol import load_secret; "
-            "s = load_secret(None, False); assert 'MEMVIRT_SECRET' not in os.environ; "
-            "print(len(s)); print(subprocess.run(['env'], capture_output=True, text=True).stdout)")
+    code = (
+        "import os, subprocess; from memvirt.migrate.protocol import load_secret; "
+        "s = load_secret(None, False); assert 'MEMVIRT_SECRET' not in os.environ; "
+        "print(len(s)); print(subprocess.run(['env'], capture_output=True, text=True).stdout)"
+    )
     root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(root), SECRET_ENV: GOOD})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(root), SECRET_ENV: GOOD},
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0] == "64"
     assert GOOD not in proc.stdout and SECRET_ENV not in proc.stdout

@@ -13,8 +13,16 @@ from memvirt.migrate.protocol import ProtocolError
 from memvirt.migrate.receiver import check_setup, max_memory, prepare_target
 
 MEM = 512 << 20
-GOOD = {"name": "vm-1", "source": "src", "memory": MEM, "cpus": 2, "image": "/home/x/.cache/memvirt/images/6.1.0-abc",
-        "accel": "tcg", "append": "loglevel=3 foo=a,b", "regions": rammap.to_dict(rammap.pc_ram_map(MEM))}
+GOOD = {
+    "name": "vm-1",
+    "source": "src",
+    "memory": MEM,
+    "cpus": 2,
+    "image": "/home/x/.cache/memvirt/images/6.1.0-abc",
+    "accel": "tcg",
+    "append": "loglevel=3 foo=a,b",
+    "regions": rammap.to_dict(rammap.pc_ram_map(MEM)),
+}
 
 
 def _with(**changes: object) -> dict:
@@ -37,38 +45,48 @@ def test_a_good_setup_is_accepted_and_the_image_is_looked_up_here() -> None:
         assert len(check_setup(_with(memory=big, regions=rammap.to_dict(rammap.pc_ram_map(big)))).regions) == 2
 
 
-@pytest.mark.parametrize(("changes", "needle"), [
-    ({"accel": "tcg,kernel-irqchip=off"}, "accel"),
-    ({"accel": "kvm:tcg"}, "accel"),
-    ({"accel": ["tcg"]}, "accel"),
-    ({"name": "a,b"}, "invalid VM name"),
-    ({"name": "../x"}, "invalid VM name"),
-    ({"append": "quiet\ninit=/bin/sh"}, "append"),
-    ({"append": "x" * 5000}, "append"),
-    ({"source": "a\x1b[31m"}, "source"),
-    ({"image": "/x/images/.."}, "image"),
-    ({"image": "/x/images/a,b"}, "image"),
-    ({"memory": 1 << 60}, "memory"),
-    ({"memory": -(1 << 20)}, "memory"),
-    ({"memory": (512 << 20) + 4096}, "memory"),
-    ({"memory": 512.0 * (1 << 20)}, "memory"),
-    ({"memory": True}, "memory"),
-    ({"cpus": 0}, "cpus"),
-    ({"cpus": 100000}, "cpus"),
-    ({"cpus": "1"}, "cpus"),
-    ({"regions": [{"gpa": 0, "size": MEM, "offset": 0}, {"gpa": 4096, "size": 4096, "offset": MEM}]}, "overlap"),
-    ({"regions": [{"gpa": 0, "size": MEM // 2, "offset": 0}, {"gpa": MEM // 2, "size": MEM // 2, "offset": 4096}]},
-     "overlap in the RAM file"),
-    ({"regions": [{"gpa": 1, "size": MEM, "offset": 0}]}, "page-aligned"),
-    ({"regions": [{"gpa": 0, "size": MEM, "offset": 1 << 62}]}, "page-aligned"),
-    ({"regions": [{"gpa": 0, "size": MEM - 4096, "offset": 0}]}, "add up to"),
-    ({"regions": [{"gpa": 1 << 40, "size": MEM, "offset": 0}]}, "pc machine"),
-    ({"regions": [{"gpa": 0, "size": MEM, "offset": 0, "x": 1}]}, "exactly"),
-    ({"regions": [{"gpa": 0, "size": MEM, "offset": 0}] * 9}, "1 to 8"),
-    ({"regions": {}}, "list"),
-    ({"evil": 1}, "unknown field"),
-    ({"accel": KeyError}, "missing field"),
-])
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"accel": "tcg,kernel-irqchip=off"}, "accel"),
+        ({"accel": "kvm:tcg"}, "accel"),
+        ({"accel": ["tcg"]}, "accel"),
+        ({"name": "a,b"}, "invalid VM name"),
+        ({"name": "../x"}, "invalid VM name"),
+        ({"append": "quiet\ninit=/bin/sh"}, "append"),
+        ({"append": "x" * 5000}, "append"),
+        ({"source": "a\x1b[31m"}, "source"),
+        ({"image": "/x/images/.."}, "image"),
+        ({"image": "/x/images/a,b"}, "image"),
+        ({"memory": 1 << 60}, "memory"),
+        ({"memory": -(1 << 20)}, "memory"),
+        ({"memory": (512 << 20) + 4096}, "memory"),
+        ({"memory": 512.0 * (1 << 20)}, "memory"),
+        ({"memory": True}, "memory"),
+        ({"cpus": 0}, "cpus"),
+        ({"cpus": 100000}, "cpus"),
+        ({"cpus": "1"}, "cpus"),
+        ({"regions": [{"gpa": 0, "size": MEM, "offset": 0}, {"gpa": 4096, "size": 4096, "offset": MEM}]}, "overlap"),
+        (
+            {
+                "regions": [
+                    {"gpa": 0, "size": MEM // 2, "offset": 0},
+                    {"gpa": MEM // 2, "size": MEM // 2, "offset": 4096},
+                ]
+            },
+            "overlap in the RAM file",
+        ),
+        ({"regions": [{"gpa": 1, "size": MEM, "offset": 0}]}, "page-aligned"),
+        ({"regions": [{"gpa": 0, "size": MEM, "offset": 1 << 62}]}, "page-aligned"),
+        ({"regions": [{"gpa": 0, "size": MEM - 4096, "offset": 0}]}, "add up to"),
+        ({"regions": [{"gpa": 1 << 40, "size": MEM, "offset": 0}]}, "pc machine"),
+        ({"regions": [{"gpa": 0, "size": MEM, "offset": 0, "x": 1}]}, "exactly"),
+        ({"regions": [{"gpa": 0, "size": MEM, "offset": 0}] * 9}, "1 to 8"),
+        ({"regions": {}}, "list"),
+        ({"evil": 1}, "unknown field"),
+        ({"accel": KeyError}, "missing field"),
+    ],
+)
 def test_bad_setups_are_refused(changes: dict, needle: str) -> None:
     with pytest.raises(ProtocolError, match="refused SETUP") as e:
         check_setup(_with(**changes))

@@ -23,30 +23,36 @@ KEY = bytes(range(32))
 
 
 def test_good_lines_parse() -> None:
-    e = parse_line('\r[  3.1] memvirt-pm: source sent literal=5 zero=2 ref=0 wire=4096 disk=0 seconds=0.5 '
-                   'read=0.1 scan=0.0 compress=0.2 send=0.1 t=9.25', 4.0)
+    e = parse_line(
+        "\r[  3.1] memvirt-pm: source sent literal=5 zero=2 ref=0 wire=4096 disk=0 seconds=0.5 "
+        "read=0.1 scan=0.0 compress=0.2 send=0.1 t=9.25",
+        4.0,
+    )
     assert e is not None and (e.role, e.name, e.at) == ("source", "sent", 4.0)
     assert e.num("literal") == 5 and e.num("compress") == 0.2 and e.num("missing") == 0
-    e = parse_line('memvirt-pm: source connected to=10.77.0.3:2000 scheme=disk compress=zstd t=1', 0)
+    e = parse_line("memvirt-pm: source connected to=10.77.0.3:2000 scheme=disk compress=zstd t=1", 0)
     assert e is not None and e.fields["compress"] == "zstd"
     e = parse_line('memvirt-pm: target failed error="peer failed: bad tag? x" t=2', 0)
     assert e is not None and e.fields["error"] == "peer failed: bad tag? x"
 
 
-@pytest.mark.parametrize("line", [
-    "memvirt-pm: source created seconds=abc image=1 t=1",          # a figure that is not a number
-    "memvirt-pm: source created seconds=nan t=1",
-    "memvirt-pm: source created seconds=inf t=1",
-    "memvirt-pm: source created seconds=-1 t=1",
-    "memvirt-pm: source created seconds=1e999 t=1",
-    'memvirt-pm: source thawed error="unbalanced t=1',
-    "memvirt-pm: Source thawed t=1",                                # not an agent's role name
-    "memvirt-pm: source ../../x t=1",
-    "memvirt-pm: source",
-    "memvirt-pm: source sent wire=1 Bad-Key=2",
-    "memvirt-pm: source frozen seconds=" + "9" * 3000,               # over-long
-    "memvirt-pm: \x00\x01\x02 \udcff",
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "memvirt-pm: source created seconds=abc image=1 t=1",  # a figure that is not a number
+        "memvirt-pm: source created seconds=nan t=1",
+        "memvirt-pm: source created seconds=inf t=1",
+        "memvirt-pm: source created seconds=-1 t=1",
+        "memvirt-pm: source created seconds=1e999 t=1",
+        'memvirt-pm: source thawed error="unbalanced t=1',
+        "memvirt-pm: Source thawed t=1",  # not an agent's role name
+        "memvirt-pm: source ../../x t=1",
+        "memvirt-pm: source",
+        "memvirt-pm: source sent wire=1 Bad-Key=2",
+        "memvirt-pm: source frozen seconds=" + "9" * 3000,  # over-long
+        "memvirt-pm: \x00\x01\x02 \udcff",
+    ],
+)
 def test_garbage_lines_are_not_events(line: str, caplog: pytest.LogCaptureFixture) -> None:
     assert parse_line(line, 0) is None
 
@@ -55,11 +61,13 @@ def test_random_lines_never_raise() -> None:
     """Seeded garbage around the prefix: parsing returns an event or None, and any figure of an
     event it returns is a finite number."""
     rng = random.Random(14)
-    alphabet = string.printable + '"\'=\\\x00\x7f\u00e9'
+    alphabet = string.printable + "\"'=\\\x00\x7f\u00e9"
     words = ["source", "target", "resumed", "created", "sent", "seconds=", "image=", "error=", '"', "=", "t=1"]
     for _ in range(5000):
-        parts = [rng.choice(words) if rng.random() < 0.6 else "".join(rng.choices(alphabet, k=rng.randrange(8)))
-                 for _ in range(rng.randrange(6))]
+        parts = [
+            rng.choice(words) if rng.random() < 0.6 else "".join(rng.choices(alphabet, k=rng.randrange(8)))
+            for _ in range(rng.randrange(6))
+        ]
         line = "memvirt-pm: " + " ".join(parts) if rng.random() < 0.9 else "".join(parts)
         e = parse_line(line, 0.0)
         if e is not None:
@@ -77,8 +85,13 @@ def test_console_tail_keys_events_by_machine(tmp_path: Path, caplog: pytest.LogC
     log = tmp_path / "serial.log"
     _log(log, "memvirt-pm: target listening on=1.2.3.4:5 t=0")  # before the tail opened: not ours
     tail = ConsoleTail(log, "pm-t1", ("target", "resumed"))
-    _log(log, "memvirt-pm: source thawed error=forged t=1", "memvirt-pm: target restoring t=2",
-         "memvirt-pm: resumed running t=3", "memvirt-pm: source acked seconds=1 t=4")
+    _log(
+        log,
+        "memvirt-pm: source thawed error=forged t=1",
+        "memvirt-pm: target restoring t=2",
+        "memvirt-pm: resumed running t=3",
+        "memvirt-pm: source acked seconds=1 t=4",
+    )
     with caplog.at_level(logging.WARNING, "memvirt.pm"):
         got = [(e.role, e.name) for e in tail.poll()]
     assert got == [("target", "restoring"), ("resumed", "running")]
@@ -103,6 +116,7 @@ def test_console_tail_bounds_lines_and_reads(tmp_path: Path) -> None:
 
 
 # --- the host's decisions, over stand-in machines -----------------------------------------------
+
 
 class FakeVM:
     """What _Migration uses of a VM: a name, a serial log, a store disk, liveness, exec, pause."""
@@ -148,8 +162,12 @@ def test_lost_ack_after_the_restore_powers_the_source_off(tmp_path: Path) -> Non
     (one machine), and a forged "source thawed" on the target's console changes nothing."""
     m, src, dst = _migration(tmp_path)
     _log(src.serial_log, 'memvirt-pm: source uncertain error="stream truncated (peer closed)" t=5')
-    _log(dst.serial_log, 'memvirt-pm: source thawed error="forged by the target" t=5',
-         "memvirt-pm: target restoring t=6", "memvirt-pm: resumed running t=7")
+    _log(
+        dst.serial_log,
+        'memvirt-pm: source thawed error="forged by the target" t=5',
+        "memvirt-pm: target restoring t=6",
+        "memvirt-pm: resumed running t=7",
+    )
     m._follow(deadline=1e18)
     assert _verdict(src) == stream.verdict_block(KEY, thaw=False)
     assert m.report.verdict == "off" and m.report.ack_lost
@@ -158,8 +176,12 @@ def test_lost_ack_after_the_restore_powers_the_source_off(tmp_path: Path) -> Non
 
 def test_forged_source_failure_on_the_target_console_is_ignored(tmp_path: Path) -> None:
     m, src, dst = _migration(tmp_path)
-    _log(dst.serial_log, 'memvirt-pm: source failed error="stop the real source" t=1',
-         'memvirt-pm: source thawed error="stop the real source" t=1', "memvirt-pm: resumed running t=2")
+    _log(
+        dst.serial_log,
+        'memvirt-pm: source failed error="stop the real source" t=1',
+        'memvirt-pm: source thawed error="stop the real source" t=1',
+        "memvirt-pm: resumed running t=2",
+    )
     m._follow(deadline=1e18)  # returns: the machine runs on the target; the forged lines did not count
     assert m.report.verdict == "off" and not m.report.ack_lost
 
@@ -170,7 +192,9 @@ def test_lost_answer_with_a_failed_target_thaws_the_source(tmp_path: Path) -> No
     _log(dst.serial_log, 'memvirt-pm: target failed error="freezing the target failed: EBUSY" t=5')
     m._arbitrate()
     assert _verdict(src) == stream.verdict_block(KEY, thaw=True) and m.report.verdict == "thaw"
-    _log(src.serial_log, "memvirt-pm: source verdict thaw t=6", 'memvirt-pm: source thawed error="receiving failed" t=6')
+    _log(
+        src.serial_log, "memvirt-pm: source verdict thaw t=6", 'memvirt-pm: source thawed error="receiving failed" t=6'
+    )
     with pytest.raises(PMFailed, match="'pm-s1' runs on: freezing the target failed"):
         m._follow(deadline=1e18)
 

@@ -44,9 +44,27 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Path:
     src.write_bytes(resources.files("memvirt.image").joinpath("guest", "pmagent.c").read_bytes())
     out = d / "pmagent-fuzz"
     proc = subprocess.run(
-        ["gcc", "-O1", "-g", "-DPMAGENT_FUZZ", "-fsanitize=address,undefined", "-fno-omit-frame-pointer",
-         "-Wall", "-Wextra", "-Wno-unused-function", "-Werror", "-o", str(out), str(src), "-llz4", "-lzstd",
-         "-lcrypto"], capture_output=True, text=True)
+        [
+            "gcc",
+            "-O1",
+            "-g",
+            "-DPMAGENT_FUZZ",
+            "-fsanitize=address,undefined",
+            "-fno-omit-frame-pointer",
+            "-Wall",
+            "-Wextra",
+            "-Wno-unused-function",
+            "-Werror",
+            "-o",
+            str(out),
+            str(src),
+            "-llz4",
+            "-lzstd",
+            "-lcrypto",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode and ("No such file" in proc.stderr or "cannot find -l" in proc.stderr):
         pytest.skip(f"sanitizer build impossible here (headers or libraries missing): {proc.stderr.strip()[-300:]}")
     assert proc.returncode == 0, proc.stderr
@@ -54,6 +72,7 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # --- valid streams ------------------------------------------------------------------------------
+
 
 def _host_open(scheme: int, codec: int) -> bytes:
     u = os.uname()
@@ -84,10 +103,12 @@ def _pages(rng: random.Random, n: int) -> list[bytes]:
     return out
 
 
-def _data_frames(codec: int, pages: list[bytes], slots: dict[bytes, int], chunk: int = 5) -> list[tuple[int, int, bytes]]:
+def _data_frames(
+    codec: int, pages: list[bytes], slots: dict[bytes, int], chunk: int = 5
+) -> list[tuple[int, int, bytes]]:
     frames = []
     for i in range(0, len(pages), chunk):
-        group = pages[i:i + chunk]
+        group = pages[i : i + chunk]
         kinds, refs, lit = bytearray(), [], b""
         for p in group:
             if p == bytes(PAGE):
@@ -98,25 +119,40 @@ def _data_frames(codec: int, pages: list[bytes], slots: dict[bytes, int], chunk:
             else:
                 kinds.append(stream.LITERAL)
                 lit += p
-        frames.append((Frame.DATA, codec, stream.data_payload(bytes(kinds), refs, lit, _compress(codec, lit) if lit else b"")))
+        frames.append(
+            (Frame.DATA, codec, stream.data_payload(bytes(kinds), refs, lit, _compress(codec, lit) if lit else b""))
+        )
     return frames
 
 
-def valid_stream(rng: random.Random, scheme: str, codec: int) -> tuple[list[tuple[int, int, bytes]], list[tuple[int, int, bytes]]]:
+def valid_stream(
+    rng: random.Random, scheme: str, codec: int
+) -> tuple[list[tuple[int, int, bytes]], list[tuple[int, int, bytes]]]:
     """(network frames, shared-disk frames) of a small machine image, as the source sends them."""
     pages = _pages(rng, rng.randrange(1, 14))
-    net: list[tuple[int, int, bytes]] = [(Frame.OPEN, 0, _host_open(("memory", "disk", "iterative").index(scheme), codec))]
+    net: list[tuple[int, int, bytes]] = [
+        (Frame.OPEN, 0, _host_open(("memory", "disk", "iterative").index(scheme), codec))
+    ]
     slots: dict[bytes, int] = {}
     if scheme == "iterative":
         pre = [p for p in dict.fromkeys(pages) if p != bytes(PAGE)][: max(1, len(pages) // 2)]
         for i in range(0, len(pre), 3):
-            group = b"".join(pre[i:i + 3])
-            net.append((Frame.PAGES, codec, stream.DATA_HEAD.pack(len(group) // PAGE, 0, len(_compress(codec, group)),
-                                                                   len(group)) + _compress(codec, group)))
+            group = b"".join(pre[i : i + 3])
+            net.append(
+                (
+                    Frame.PAGES,
+                    codec,
+                    stream.DATA_HEAD.pack(len(group) // PAGE, 0, len(_compress(codec, group)), len(group))
+                    + _compress(codec, group),
+                )
+            )
         slots = {p: i for i, p in enumerate(pre)}
         net.append((Frame.PRECOPY_END, 0, struct.pack("<I", len(pre))))
-    image = [(Frame.HELLO, 0, stream.HELLO.pack(len(pages) * PAGE)), *_data_frames(codec, pages, slots),
-             (Frame.END, 0, stream.END.pack(len(pages) * PAGE, stream.image_checksum(pages)))]
+    image = [
+        (Frame.HELLO, 0, stream.HELLO.pack(len(pages) * PAGE)),
+        *_data_frames(codec, pages, slots),
+        (Frame.END, 0, stream.END.pack(len(pages) * PAGE, stream.image_checksum(pages))),
+    ]
     if scheme == "disk":
         return net, image
     return net + image, []
@@ -186,8 +222,9 @@ def mutate_wire(rng: random.Random, data: bytes) -> bytes:
         for _ in range(rng.randrange(1, 4)):
             d[rng.randrange(len(d))] ^= 1 << rng.randrange(8)
     elif r < 0.6:  # a header field of the first frame: length, zero, sequence
-        field = rng.choice([(4, "<I", [0, 1 << 30, stream.MAX_FRAME + 1, (1 << 32) - 1]), (2, "<H", [1]),
-                            (8, "<Q", [1, 1 << 63])])
+        field = rng.choice(
+            [(4, "<I", [0, 1 << 30, stream.MAX_FRAME + 1, (1 << 32) - 1]), (2, "<H", [1]), (8, "<Q", [1, 1 << 63])]
+        )
         struct.pack_into(field[1], d, field[0], rng.choice(field[2]))
     elif r < 0.8:
         d = d[: rng.randrange(len(d))]
@@ -227,26 +264,49 @@ def run_harness(harness: Path, tmp: Path, cases: list[tuple[bytes, bytes]]) -> t
     with path.open("wb") as f:
         for n, d in cases:
             f.write(struct.pack("<II", len(n), len(d)) + n + d)
-    env = {**os.environ, "PMAGENT_KEY": KEY.hex(),
-           "ASAN_OPTIONS": "halt_on_error=1:detect_leaks=1:abort_on_error=0:exitcode=99",
-           "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1:exitcode=98"}
+    env = {
+        **os.environ,
+        "PMAGENT_KEY": KEY.hex(),
+        "ASAN_OPTIONS": "halt_on_error=1:detect_leaks=1:abort_on_error=0:exitcode=99",
+        "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1:exitcode=98",
+    }
     # The harness's own peak: wait4 in a small Python parent that forks it. Measured from this
     # process, the child's pre-exec moments would count (vfork shares this process's memory:
     # ~1 GB in a full test run), and RUSAGE_CHILDREN holds every earlier child too.
-    runner = ("import os, sys\n"
-              "pid = os.fork()\n"
-              "if pid == 0:\n"
-              "    os.execv(sys.argv[2], sys.argv[2:])\n"
-              "_, status, usage = os.wait4(pid, 0)\n"
-              "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
-              "sys.exit(os.waitstatus_to_exitcode(status))\n")
+    runner = (
+        "import os, sys\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    os.execv(sys.argv[2], sys.argv[2:])\n"
+        "_, status, usage = os.wait4(pid, 0)\n"
+        "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
+        "sys.exit(os.waitstatus_to_exitcode(status))\n"
+    )
     with (tmp / "stdout").open("w") as out, (tmp / "stderr").open("w") as err:
-        child = subprocess.run([sys.executable, "-S", "-c", runner, str(tmp / "maxrss"), str(harness), str(path),
-                                str(tmp / "store"), str(tmp / "disk")], env=env, stdout=out, stderr=err, timeout=600)
+        child = subprocess.run(
+            [
+                sys.executable,
+                "-S",
+                "-c",
+                runner,
+                str(tmp / "maxrss"),
+                str(harness),
+                str(path),
+                str(tmp / "store"),
+                str(tmp / "disk"),
+            ],
+            env=env,
+            stdout=out,
+            stderr=err,
+            timeout=600,
+        )
     rss = int((tmp / "maxrss").read_text())
-    proc = subprocess.CompletedProcess(child.args, child.returncode,
-                                       (tmp / "stdout").read_text(errors="replace"),
-                                       (tmp / "stderr").read_text(errors="replace"))
+    proc = subprocess.CompletedProcess(
+        child.args,
+        child.returncode,
+        (tmp / "stdout").read_text(errors="replace"),
+        (tmp / "stderr").read_text(errors="replace"),
+    )
     assert not any(m in proc.stderr for m in SANITIZER_MARKS), proc.stderr[-4000:]
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     lines = [line for line in proc.stdout.splitlines() if line.startswith("case ")]
@@ -277,8 +337,14 @@ def test_mutated_streams_are_rejected_cleanly_under_sanitizers(harness: Path, tm
     # decoders past the tag must have been reached.
     assert len(rejected) > 0.75 * len(mutated), len(rejected)
     kinds = {e.split(":")[0].split(" (")[0] for e in rejected}
-    for needle in ("bad tag", "malformed data frame", "image checksum mismatch", "unexpected frame type",
-                   "stream truncated", "malformed frame"):
+    for needle in (
+        "bad tag",
+        "malformed data frame",
+        "image checksum mismatch",
+        "unexpected frame type",
+        "stream truncated",
+        "malformed frame",
+    ):
         assert any(k.startswith(needle) for k in kinds), (needle, sorted(kinds))
     assert rss_kib < 512 << 10, f"harness peak RSS {rss_kib} KiB"
 
@@ -289,8 +355,13 @@ def test_verdict_block_is_read_by_the_agent(harness: Path, tmp_path: Path) -> No
 
     def read(block: bytes, key: bytes = KEY) -> str:
         dev.write_bytes(block)
-        proc = subprocess.run([str(harness), "verdict", str(dev)], env={**os.environ, "PMAGENT_KEY": key.hex()},
-                              capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(
+            [str(harness), "verdict", str(dev)],
+            env={**os.environ, "PMAGENT_KEY": key.hex()},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert proc.returncode == 0 and not any(m in proc.stderr for m in SANITIZER_MARKS), proc.stderr
         return proc.stdout.strip()
 
