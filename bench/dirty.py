@@ -24,11 +24,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, best_of, machine_info, size_arg, write_json  # noqa: E402
+from common import RESULTS, best_of, machine_info, size_arg, write_json
 
-from memvirt.memory.source import PAGE_SIZE  # noqa: E402
-from memvirt.migrate.fingerprint import hash_pages  # noqa: E402
-from memvirt.qemu.dirty import WriteTracker  # noqa: E402
+from memvirt.memory.source import PAGE_SIZE
+from memvirt.migrate.fingerprint import hash_pages
+from memvirt.qemu.dirty import WriteTracker
 
 CHILD = textwrap.dedent("""
     import ctypes, mmap, os, sys, threading

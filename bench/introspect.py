@@ -599,7 +599,8 @@ def summary_table(report: dict[str, Any]) -> Any:
             ms((m.get("first_scan") or {}).get("median_s")),
             _mmp(r),
             f"{mark(r.get('median_s'), GOAL_RESCAN_S)} (p95 {mark(r.get('p95_s'), GOAL_RESCAN_S)})" if r else "-",
-            f"{ms((m.get('rescan_cpu') or {}).get('median_s'))} {mark((m.get('rescan_cpu') or {}).get('median_s'), GOAL_RESCAN_S)}"
+            f"{ms((m.get('rescan_cpu') or {}).get('median_s'))} "
+            f"{mark((m.get('rescan_cpu') or {}).get('median_s'), GOAL_RESCAN_S)}"
             if m.get("rescan_cpu")
             else "-",
             ms((m.get("content_scan") or {}).get("median_s")),
@@ -1054,7 +1055,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.rounds}; with the build-id cache a previous census wrote, and with cache=False: the first sight of "
         f"a kernel build), rescan <= {GOAL_RESCAN_S * 1e3:.0f} ms (median of {per_round * args.rounds} over "
         f"{args.rounds} processes; p95 marked too). CPU = the measuring process's user+system time "
-        f"(time.process_time), which leaves out time other jobs held the CPU. Peak RSS = the measuring processes' highest VmHWM over "
+        "(time.process_time), which leaves out time other jobs held the CPU. Peak RSS = the measuring processes' "
+        "highest VmHWM over "
         f"bootstrap, rescans and content scans (reset between phases; on the RAM file the mapped struct pages "
         f"count as RssShmem); baseline = Python + numpy + memvirt imported; guest RAM {args.memory / GIB:.0f} GiB. "
         f"Host load (1-min) per phase: "

@@ -408,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
                 if fmt == "kdump-zlib":
                     ranges = [(0, dump["size_bytes"])]
                     what = "preadv of the whole compressed dump file"
-                    note = f"memvirt incl. zlib decompression; baseline = the {dump['size_bytes'] / GB:.2f} GB compressed file"
+                    dump_gb = f"{dump['size_bytes'] / GB:.2f} GB"
+                    note = f"memvirt incl. zlib decompression; baseline = the {dump_gb} compressed file"
                     if getattr(mem, "flattened", False):
                         note += " (flattened)"
                 else:

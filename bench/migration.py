@@ -1,7 +1,8 @@
 """Migration: QEMU's native precopy beside memvirt's engine, same guest and workload, one run.
 
 Each scenario boots one guest and migrates it hop after hop on this host (target of one hop is
-the source of the next), once per engine (``idle1g`` caps both engines to a 1 Gbit/s link): memvirt with free-page elision, memvirt without it,
+the source of the next), once per engine (``idle1g`` caps both engines to a 1 Gbit/s link): memvirt with free-page
+elision, memvirt without it,
 QEMU plain precopy, QEMU with xbzrle, QEMU with multifd (2 channels). QEMU gets
 ``max-bandwidth`` 4 GiB/s (its 32 MiB/s default would make it look worse than it is) and
 ``downtime-limit`` 300 ms, memvirt ``--downtime 300``. After every hop the guest must answer,
@@ -154,7 +155,7 @@ def main() -> None:
                 hop += 1
                 try:
                     res, vm = run_hop(vm, engine, f"mg-{key}-{hop}", sc)
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     res = {"error": f"{e.__class__.__name__}: {e}", "trace": traceback.format_exc(limit=3)}
                 rows["engines"][engine] = res
                 print(key, engine, {k: v for k, v in res.items() if k != "trace"}, flush=True)
@@ -182,7 +183,7 @@ def reliability(n: int) -> dict[str, Any]:
         for i in range(1, n + 1):
             try:
                 res, vm = run_hop(vm, engine, f"mg-rel-{engine}-{i}", sc)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 res = {"guest": f"migration failed: {e}"}
             if res.get("guest"):
                 errors.append(f"run {i}: {res['guest']}")

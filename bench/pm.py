@@ -29,14 +29,14 @@ os.environ.setdefault("MEMVIRT_RAM_DIR", "/dev/shm/bench-pm-ram")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, guest_health, machine_info, size_arg, start_workload, write_json  # noqa: E402
+from common import RESULTS, guest_health, machine_info, size_arg, start_workload, write_json
 
-from memvirt.errors import MemvirtError  # noqa: E402
-from memvirt.image.build import default_image  # noqa: E402
-from memvirt.pm.link import measure_link  # noqa: E402
-from memvirt.pm.migrate import migrate  # noqa: E402
-from memvirt.qemu.accel import qemu_binary  # noqa: E402
-from memvirt.qemu.vm import VM, start_vm  # noqa: E402
+from memvirt.errors import MemvirtError
+from memvirt.image.build import default_image
+from memvirt.pm.link import measure_link
+from memvirt.pm.migrate import migrate
+from memvirt.qemu.accel import qemu_binary
+from memvirt.qemu.vm import VM, start_vm
 
 LAN = "pm-bench"
 DC_SIZE = 16 << 20

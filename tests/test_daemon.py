@@ -121,7 +121,7 @@ class Daemon:
                 out[(s.name, s.labels.get("vm", ""))] = s.value
         return out
 
-    def wait(self, what: str, cond, timeout: float = 60.0):  # noqa: ANN001
+    def wait(self, what: str, cond, timeout: float = 60.0):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"the daemon died: {self.log.read_text()[-2000:]}"

@@ -213,7 +213,7 @@ def test_codec_and_fingerprint_units() -> None:
         codec.decompress(codec.LZ4, memoryview(b"\xff" * 20), 4096)
 
 
-def test_codec_chooser_tries_each_then_keeps_the_fastest(monkeypatch) -> None:  # noqa: ANN001
+def test_codec_chooser_tries_each_then_keeps_the_fastest(monkeypatch) -> None:
     """Auto mode gives lz4, none and zstd a trial each, then keeps the one the pipeline moved
     fastest, trying the others again now and then; a fixed codec is always used."""
     clock = [0.0]
@@ -274,7 +274,7 @@ def test_send_queue_keeps_order_and_reports_a_dead_link() -> None:
     srv.close()
 
 
-def test_populated_pages_grow_from_an_earlier_answer(tmp_path) -> None:  # noqa: ANN001
+def test_populated_pages_grow_from_an_earlier_answer(tmp_path) -> None:
     """Probing only an earlier answer's holes finds what the full SEEK_DATA walk finds."""
     path = tmp_path / "ram"
     with open(path, "wb") as f:
@@ -295,7 +295,7 @@ def test_populated_pages_grow_from_an_earlier_answer(tmp_path) -> None:  # noqa:
         os.close(fd)
 
 
-def test_migrate_invariant_and_guest_runs_on(image, vm_factory, host_b) -> None:  # noqa: ANN001
+def test_migrate_invariant_and_guest_runs_on(image, vm_factory, host_b) -> None:
     """A dirtying guest migrates: at pause every non-free page is byte-identical on the target and
     every free page reads zero there; the guest's counter continues and its data checks out."""
     src = vm_factory("mg-src", image, memory=512 << 20)
@@ -351,7 +351,7 @@ def test_migrate_invariant_and_guest_runs_on(image, vm_factory, host_b) -> None:
         os.environ["MEMVIRT_HOME"] = home
 
 
-def test_refuses_peers_without_the_secret_and_malformed_frames(source_guest, host_b) -> None:  # noqa: ANN001
+def test_refuses_peers_without_the_secret_and_malformed_frames(source_guest, host_b) -> None:
     """Wrong secret or --insecure: refused at the handshake. A peer with the secret that then sends
     a malformed frame: the receiver removes its partial VM and exits 1 with one line."""
     rx = Receiver(host_b, "--count", "1")
@@ -409,7 +409,7 @@ def test_refuses_peers_without_the_secret_and_malformed_frames(source_guest, hos
 
 
 @pytest.mark.parametrize("mode", ["drop", "flip"])
-def test_link_fault_leaves_source_running(source_guest, host_b, mode) -> None:  # noqa: ANN001
+def test_link_fault_leaves_source_running(source_guest, host_b, mode) -> None:
     """The connection dropped, or one byte changed in flight, after 3 MiB: the sender fails with
     one line, the source runs on, the receiver removes its partial VM."""
     rx = Receiver(host_b)
@@ -443,7 +443,7 @@ def test_link_fault_leaves_source_running(source_guest, host_b, mode) -> None:  
     _assert_runs_on(source_guest)
 
 
-def test_receiver_killed_at_switch_over_resumes_source(source_guest, host_b) -> None:  # noqa: ANN001
+def test_receiver_killed_at_switch_over_resumes_source(source_guest, host_b) -> None:
     """The receiver dies while the source is paused for the switch-over: the source is resumed and
     runs on; the receiver's watchdog removes the target it never resumed."""
     hold = Path(host_b["MEMVIRT_HOME"]) / "hold"
@@ -472,7 +472,7 @@ def test_receiver_killed_at_switch_over_resumes_source(source_guest, host_b) -> 
 
 
 @pytest.mark.parametrize("point", ["committed", "resumed"])
-def test_receiver_killed_around_cont_keeps_the_target(source_guest, host_b, point) -> None:  # noqa: ANN001
+def test_receiver_killed_around_cont_keeps_the_target(source_guest, host_b, point) -> None:
     """The receiver is SIGKILLed (fault injection at the exact point) after GO, just before or
     just after it resumes the target: its watchdog must leave the target alone (running after
     ``cont``, paused before it), since the sender committed and left the source paused."""
@@ -511,7 +511,7 @@ def test_receiver_killed_around_cont_keeps_the_target(source_guest, host_b, poin
     _assert_runs_on(source_guest)
 
 
-def test_throttle_slows_the_guest_and_leaves_it_running(source_guest) -> None:  # noqa: ANN001
+def test_throttle_slows_the_guest_and_leaves_it_running(source_guest) -> None:
     """Auto-converge's duty cycle: held half the time, the guest's workload advances clearly
     slower than unthrottled over the same wall time; closed, the guest runs."""
     from memvirt.migrate.throttle import Throttle
@@ -536,7 +536,7 @@ def test_throttle_slows_the_guest_and_leaves_it_running(source_guest) -> None:  
 
 
 @pytest.mark.parametrize("committed", [False, True])
-def test_source_guard_resumes_a_held_source_unless_committed(source_guest, committed) -> None:  # noqa: ANN001
+def test_source_guard_resumes_a_held_source_unless_committed(source_guest, committed) -> None:
     """The sender dies while its source is paused: the guard resumes it, but never once the
     target was told to run (the guest must not run twice)."""
     from memvirt.migrate.watchdog import COMMITTED
@@ -564,7 +564,7 @@ def test_source_guard_resumes_a_held_source_unless_committed(source_guest, commi
     _assert_runs_on(source_guest)
 
 
-def test_usage_errors(source_guest) -> None:  # noqa: ANN001
+def test_usage_errors(source_guest) -> None:
     """No secret: refused (secure by default), exit 2; bad endpoint, exit 2; nobody listening, exit 1."""
     env = {k: v for k, v in os.environ.items() if k != "MEMVIRT_SECRET"}
     run = [sys.executable, *_entry(), "migrate", source_guest.name]

@@ -228,7 +228,7 @@ def test_agent_authenticates_its_answer_and_refuses_an_oversized_image(host_pmag
 # --- real guests ------------------------------------------------------------------------------
 
 
-def _boot_pair(image: Image, vm_factory, workload: str) -> tuple[VM, VM]:  # noqa: ANN001
+def _boot_pair(image: Image, vm_factory, workload: str) -> tuple[VM, VM]:
     """Two fresh 512 MiB guests on one LAN, booted side by side; the first runs ``workload``."""
     n = next(_PAIRS)
     names, lan = (f"pm-s{n}", f"pm-t{n}"), f"pm-lan{n}"
@@ -245,7 +245,7 @@ def _boot_pair(image: Image, vm_factory, workload: str) -> tuple[VM, VM]:  # noq
 
 
 @pytest.fixture
-def pair(image: Image, vm_factory) -> Iterator[tuple[VM, VM]]:  # noqa: ANN001
+def pair(image: Image, vm_factory) -> Iterator[tuple[VM, VM]]:
     yield _boot_pair(image, vm_factory, WORKLOAD)
 
 
@@ -296,7 +296,7 @@ def test_machine_moves_and_its_workload_continues(pair: tuple[VM, VM], scheme: s
 
 
 @pytest.mark.timeout(900)
-def test_machine_more_than_half_full_moves_through_zram(image: Image, vm_factory) -> None:  # noqa: ANN001
+def test_machine_more_than_half_full_moves_through_zram(image: Image, vm_factory) -> None:
     """About 200 MiB in use of 512 MiB (realistic mixed content): without swap the kernel cannot
     make the image (ENOMEM), so memvirt adds zram swap on the source, the image is made to fit,
     the machine and its swapped pages continue on the target, and the zram device is gone after."""

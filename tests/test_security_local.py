@@ -77,7 +77,7 @@ def traversable(*dirs: Path) -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def small_guest(image) -> Iterator[VM]:  # noqa: ANN001
+def small_guest(image) -> Iterator[VM]:
     from memvirt.qemu.vm import start_vm
 
     vm = start_vm("sec-shared", image, memory=256 << 20, ram="shared")
@@ -195,7 +195,7 @@ def test_planted_ram_folder_is_refused(plant: str, other_user: pwd.struct_passwd
 
 
 @pytest.fixture(scope="module")
-def anon_small(image) -> Iterator[VM]:  # noqa: ANN001
+def anon_small(image) -> Iterator[VM]:
     from memvirt.qemu.vm import start_vm
 
     vm = start_vm("sec-anon", image, memory=384 << 20, ram="anonymous")

@@ -21,7 +21,8 @@ def clone(
 ) -> None:
     """Clone a running VM; lazy clones share its RAM copy-on-write and start in about QEMU's own start time.
 
-    The source becomes a frozen template (paused, RAM file read-only); 'vm resume' and 'vm stop' of it are refused while lazy clones run, unless --force.
+    The source becomes a frozen template (paused, RAM file read-only); 'vm resume' and 'vm stop' of it are refused
+    while lazy clones run, unless --force.
     """
     with Progress(
         SpinnerColumn(),

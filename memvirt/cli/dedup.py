@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -156,7 +156,7 @@ def ksm_status(json_: Annotated[bool, typer.Option("--json", help="Print JSON.")
 
     if not ksm.available():
         raise UsageError("this host kernel has no KSM (/sys/kernel/mm/ksm is missing)")
-    vms = []
+    vms: list[dict[str, Any]] = []
     for vm in VM.all():
         if not vm.alive():
             continue
@@ -170,7 +170,7 @@ def ksm_status(json_: Annotated[bool, typer.Option("--json", help="Print JSON.")
                 **st,
             }
         )
-    report = {
+    report: dict[str, Any] = {
         "settings": ksm.settings(),
         "counters": ksm.counters(),
         "saving_bytes": ksm.saving_bytes(),
@@ -288,7 +288,7 @@ def ksm_run(
             if s.t >= duration:
                 break
             time.sleep(min(interval, max(duration - s.t, 0.05)))
-    report = {
+    report: dict[str, Any] = {
         "vms": names,
         "settings": {
             "pages_to_scan": pages_to_scan,
@@ -313,7 +313,7 @@ def _share(text: str) -> float:
         raise UsageError(f"--ksmd-cpu takes a share of one CPU such as 0.5% or 0.005, not {text!r}") from None
 
 
-def _apply(ksm, pages_to_scan: int, sleep_ms: int, zero_pages: bool) -> None:  # noqa: ANN001
+def _apply(ksm, pages_to_scan: int, sleep_ms: int, zero_pages: bool) -> None:
     for k, v in (("pages_to_scan", pages_to_scan), ("sleep_millisecs", sleep_ms), ("use_zero_pages", int(zero_pages))):
         ksm.write(k, v)
     ksm.write("run", 1)

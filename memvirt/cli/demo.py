@@ -87,7 +87,7 @@ class Steps:
                 rec.update(status="failed", reason="interrupted", seconds=round(time.monotonic() - t0, 2))
                 self.done.append(rec)
                 raise
-            except Exception as e:  # noqa: BLE001 - a bug in one step must not hide the others
+            except Exception as e:
                 if os.environ.get("MEMVIRT_DEBUG"):
                     traceback.print_exc()
                 rec.update(status="failed", reason=f"internal error: {type(e).__name__}: {e}")
@@ -298,6 +298,7 @@ def _inspect(vm: VM, map_path: Path) -> dict[str, object]:
         with FrozenFigures(vm) as snap:
             census = intro.scan(content=True)
     figs = snap.figures
+    assert figs is not None  # FrozenFigures fills it on a clean exit, else raises
     guest = {
         "free": figs.pages("MemFree"),
         "free_pcp": figs.pcp_total,

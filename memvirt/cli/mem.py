@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import typer
@@ -55,7 +55,7 @@ def info(
     """Show a source's RAM map and size."""
     with _open(source, format, ram_size) as mem:
         regions = [{"gpa": r.gpa, "end": r.end, "size": r.size} for r in mem.regions]
-        data = {
+        data: dict[str, Any] = {
             "source": mem.describe(),
             "kind": mem.kind,
             "ram_bytes": mem.ram_size,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -138,7 +138,7 @@ def receive(
             )
 
 
-def demo_migration(name: str) -> dict[str, dict[str, object]]:
+def demo_migration(name: str) -> dict[str, dict[str, Any]]:
     """For ``memvirt demo``: migrate VM ``name`` with memvirt (to a separate receiver process, with a
     one-off secret), then the result with QEMU's own precopy; stops every VM it made, ``name`` too.
     QEMU's migration listens unauthenticated on a loopback port for its few seconds (as QEMU's
@@ -187,7 +187,7 @@ def demo_migration(name: str) -> dict[str, dict[str, object]]:
                 pass
 
 
-def print_demo_migration(d: dict[str, dict[str, object]]) -> None:
+def print_demo_migration(d: dict[str, dict[str, Any]]) -> None:
     rows = [
         [k, human(float(v["bytes"])), f"{float(v['total_s']):.2f} s", f"{v['downtime_ms']} ms", v["rounds"]]
         for k, v in d.items()

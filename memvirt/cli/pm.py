@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -155,7 +155,7 @@ def check(
     from memvirt.pm.migrate import preflight
 
     _, _, (s, d), zram = preflight(source, to, scheme)
-    info = {
+    info: dict[str, Any] = {
         "source": source,
         "target": to,
         "kernel": s.release,
@@ -191,7 +191,7 @@ def link(
         out.print(f"{source} -> {target}: {rate / 1e6:.1f} MB/s")
 
 
-def demo_pm(name: str, image: str | None) -> dict[str, object]:
+def demo_pm(name: str, image: str | None) -> dict[str, Any]:
     """For ``memvirt demo``: two machines on a LAN, one running a workload, moved with the iterative
     scheme; stops both machines."""
     from concurrent.futures import ThreadPoolExecutor
@@ -234,7 +234,7 @@ def demo_pm(name: str, image: str | None) -> dict[str, object]:
                 pass
 
 
-def print_demo_pm(d: dict[str, object]) -> None:
+def print_demo_pm(d: dict[str, Any]) -> None:
     out.print(
         f"[bold]Physical-machine migration[/] {d['source']} -> {d['target']} (iterative, through the kernel's "
         f"hibernation image): the machine runs on as {d['target']} (hostname {d['hostname']}), workload "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -22,7 +22,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 NameArg = Annotated[str, typer.Argument(help="VM name.")]
 
 
-def vm_info(vm: VM) -> dict[str, object]:
+def vm_info(vm: VM) -> dict[str, Any]:
     c = vm.config
     return {
         "name": c.name,
@@ -48,7 +48,7 @@ def vm_info(vm: VM) -> dict[str, object]:
     }
 
 
-def role_text(info: dict[str, object]) -> str:
+def role_text(info: dict[str, Any]) -> str:
     """``template (N lazy clones)``, ``lazy clone of T``, ``eager clone of T`` or empty."""
     if info["role"] == "template":
         return f"template ({len(info['clones'])} lazy clones)"
@@ -182,7 +182,7 @@ def dump(
     t0 = time.monotonic()
     with byte_progress(f"dumping {name} ({format})") as update:
         path = dump_vm(vm, file, format, update)
-    info = {
+    info: dict[str, Any] = {
         "file": str(path),
         "format": format,
         "bytes": path.stat().st_size,

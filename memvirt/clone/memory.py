@@ -80,7 +80,7 @@ class CloneMemory(GuestMemory):
         pread_into(
             self._pagemap,
             ((self.base + offset) >> PAGE_SHIFT) * 8,
-            memoryview(entries).cast("B"),
+            entries.data.cast("B"),
             f"/proc/{self.pid}/pagemap",
         )
         return ((entries & (PM_PRESENT | PM_SWAPPED)) != 0) & ((entries & PM_FILE) == 0)

@@ -9,7 +9,8 @@ with ``-incoming defer`` and an inherited descriptor of the template's saved dev
 from its command line), skipping the RAM the clone already has.
 
 Run-state pitfall: the saved state records that the template was *paused* when it was saved, so
-after loading it QEMU leaves the clone ``paused`` rather than running; memvirt sends ``cont``. The guest inside still believes it is the template (hostname, ``memvirt.name`` on its
+after loading it QEMU leaves the clone ``paused`` rather than running; memvirt sends ``cont``. The guest inside
+still believes it is the template (hostname, ``memvirt.name`` on its
 command line), so once its agent answers memvirt sets its hostname to the clone's name.
 """
 

@@ -4,7 +4,8 @@ QEMU's ``x-ignore-shared`` migration capability leaves RAM that lives in a share
 of the migration stream, so "migrating" the paused VM into ``exec:cat > FILE`` saves only its
 device state (a few hundred KiB, in milliseconds, whatever the RAM size). The VM stays paused in
 QEMU's ``postmigrate`` state; its RAM file is made read-only (0400, owner only: it is guest memory)
-and must never change again while a clone maps it, so memvirt refuses to resume or stop it then (:meth:`memvirt.qemu.vm.VM.resume`).
+and must never change again while a clone maps it, so memvirt refuses to resume or stop it then
+(:meth:`memvirt.qemu.vm.VM.resume`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ A VM left under a memory cap by a dead controller would stall the moment its wor
 (memvirt caps wait instead of OOM-killing), and a kdamond left on blocks every later DAMON user.
 The controller starts this detached as ``python -m memvirt.compress.watchdog PID N TIER GROUP...``
 (``N``: how many kdamonds it created, 0 for none; ``TIER`` 1 if the command set up the zram
-tier itself; each ``GROUP`` as ``PATH=LIMIT``, the cap it had before) and stops it with SIGTERM after its own clean-up; if ``PID`` goes away first, the
+tier itself; each ``GROUP`` as ``PATH=LIMIT``, the cap it had before) and stops it with SIGTERM after its own
+clean-up; if ``PID`` goes away first, the
 watchdog puts the groups' caps back as they were, removes those kdamonds, and only those
 (:func:`memvirt.compress.damon.release`: another tool's stay as they are), and takes down the
 tier the command set up, so the host's swap is as it was before the command.

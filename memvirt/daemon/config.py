@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,7 @@ def default_path() -> Path:
 def load(path: Path | None = None) -> Config:
     """Read and validate the config; an absent default file gives the defaults, an absent named one is an error."""
     explicit = path is not None
-    path = Path(path) if explicit else default_path()
+    path = Path(path) if path is not None else default_path()
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_FILE + 1)
@@ -222,10 +223,13 @@ def _fields(cls: type, d: Any, where: str, label: str) -> dict[str, Any]:
 
 def _section(cls: type, d: Any, where: str, name: str) -> Any:
     obj = cls(**_fields(cls, d, where, name))
-    check = {Trigger: _validate_trigger, Reclaim: _validate_reclaim, Compress: _validate_compress, Ksm: _validate_ksm}[
-        cls
-    ]
-    check(obj, where, name)
+    checks: dict[type, Callable[..., None]] = {
+        Trigger: _validate_trigger,
+        Reclaim: _validate_reclaim,
+        Compress: _validate_compress,
+        Ksm: _validate_ksm,
+    }
+    checks[cls](obj, where, name)
     return obj
 
 

@@ -217,7 +217,7 @@ class VMWorker:
             if self.rec is not None:
                 try:
                     self.rec.close()
-                except Exception:  # noqa: BLE001 - the VM may be gone; nothing of the host's is held
+                except Exception:
                     pass
                 self.rec = None
 
@@ -228,7 +228,7 @@ class VMWorker:
             return False
         try:
             out = fn()
-        except Exception as e:  # noqa: BLE001 - never let one VM's failure end the daemon
+        except Exception as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             with self._lock:
                 known = self.state["errors"].get(what)
@@ -299,7 +299,7 @@ class VMWorker:
         if ctl is not None:
             try:
                 ctl.close()
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 log.warning("%s: closing compression failed: %s", self.name, e)
 
     def _reclaimer(self, goal: float) -> Any:
@@ -376,7 +376,7 @@ class VMWorker:
             return True
         try:
             census, _ = self._reclaimer(self.policy.reclaim.goal_ms_per_gib).oracle.scan()
-        except Exception as e:  # noqa: BLE001 - introspection may be impossible (no kernel yet, odd guest)
+        except Exception as e:
             wait = self._backoff["free"] = min(self._backoff.get("free", BACKOFF[0] / 2) * 2, BACKOFF[1])
             self._retry["free"] = now + wait
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__

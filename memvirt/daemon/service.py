@@ -114,7 +114,7 @@ class Daemon:
         self.started = time.time()
         self.metrics_port = 0
         self.host: dict[str, Any] = {}
-        self.reloads = {"ok": 0, "refused": 0, "last_error": None}
+        self.reloads: dict[str, Any] = {"ok": 0, "refused": 0, "last_error": None}
         t = os.times()
         self._cpu0 = t.user + t.system + t.children_user + t.children_system
 
@@ -164,7 +164,7 @@ class Daemon:
                     self.reload()
                 try:
                     self.round()
-                except Exception as e:  # noqa: BLE001 - a bug in one round must not end the service
+                except Exception as e:
                     log.error("round failed: %s: %s", type(e).__name__, e)
                 if first:
                     notify.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=managing {len(self.workers)} VMs")
@@ -222,7 +222,7 @@ class Daemon:
         """One turn of the loop; nothing in it may end the daemon."""
         try:
             engaged = self.trigger.evaluate()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             log.warning("host trigger: %s", e)
             engaged = False
         if engaged:
@@ -246,12 +246,12 @@ class Daemon:
         anon = any(w.target.vm.config.ram == "anonymous" for w in self.workers.values())
         try:
             self.ksm.step(self.cfg.ksm, engaged and anon)
-        except Exception as e:  # noqa: BLE001 - e.g. an OSError from sysfs: give KSM back, go on
+        except Exception as e:
             log.warning("KSM: %s; settings given back", e)
             self.ksm.stop(f"error: {e}")
         try:
             self.host = host_sample(self.metrics, self._cpu0)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             log.warning("host metrics: %s", e)
 
     def status(self) -> dict[str, Any]:

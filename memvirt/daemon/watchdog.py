@@ -22,7 +22,7 @@ from memvirt.procs import pid_alive, spawn_watchdog
 POLL = 0.2
 
 
-def spawn(journal: Path):  # noqa: ANN201 - subprocess.Popen
+def spawn(journal: Path):
     return spawn_watchdog("memvirt.daemon.watchdog", str(journal))
 
 

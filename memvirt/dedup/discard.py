@@ -16,6 +16,7 @@ import ctypes
 import os
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import numpy as np
 
@@ -55,6 +56,9 @@ class Discarder(ABC):
     def populated(self) -> np.ndarray:
         """Boolean per guest frame: the host holds memory for it."""
 
+    def close(self) -> None:
+        """Release what the discarder holds open (nothing by default)."""
+
     def session(self) -> AbstractContextManager[object]:
         """Whatever must be set up around a series of :meth:`discard` calls during one pause."""
         return nullcontext()
@@ -85,7 +89,8 @@ class FileHoles(Discarder):
         os.close(self.fd)
 
     def populated(self) -> np.ndarray:
-        return self.mem.populated_pfns()
+        # only a RAM file's reader (RamFileMemory, CloneMemory) is handed to FileHoles
+        return self.mem.populated_pfns()  # type: ignore[attr-defined]
 
     def discard(self, starts: np.ndarray, ends: np.ndarray) -> None:
         offs, lens = backing_ranges(self.mem, starts, ends)
@@ -138,7 +143,7 @@ class _Bound(AbstractContextManager):
         self.owner._advise = self.cm.__enter__()
         return self.owner._advise
 
-    def __exit__(self, *exc: object) -> bool | None:
+    def __exit__(self, *exc: Any) -> bool | None:
         self.owner._advise = None
         return self.cm.__exit__(*exc)
 
@@ -169,7 +174,7 @@ def ram_mapping_usage(pid: int, start: int) -> dict[str, int]:
     return out
 
 
-def discarder_for(vm, mem: GuestMemory) -> Discarder:  # noqa: ANN001 - a memvirt.qemu.vm.VM
+def discarder_for(vm, mem: GuestMemory) -> Discarder:
     """The discard method for a VM's kind of RAM."""
     if vm.config.ram == "shared":
         return FileHoles(mem, vm.config.ram_path)
@@ -178,7 +183,7 @@ def discarder_for(vm, mem: GuestMemory) -> Discarder:  # noqa: ANN001 - a memvir
     raise UsageError(f"VM {vm.name!r} has {vm.config.ram!r} RAM: reclaim handles shared and anonymous RAM")
 
 
-def host_usage(vm) -> int:  # noqa: ANN001 - a memvirt.qemu.vm.VM
+def host_usage(vm) -> int:
     """Host memory a VM's RAM holds now: its RAM file's blocks, or the proportional share (Pss)
     of QEMU's RAM mapping (KSM-shared pages split among sharers, zero-page mappings free)."""
     if vm.config.ram == "shared":

@@ -57,7 +57,7 @@ def sample_pass(mem: GuestMemory, progress: Progress | None = None, done: int = 
         n = len(chunk) >> PAGE_SHIFT
         w = chunk.view("<u8").reshape(n, WORDS)
         s = w[:, SAMPLE]
-        maybe = ~s.any(axis=1)
+        maybe = ~np.asarray(s.any(axis=1))
         z = maybe.copy()
         if maybe.any():
             z[maybe] = ~w[maybe].any(axis=1)

@@ -79,7 +79,7 @@ class ReclaimPass:
 class Reclaimer:
     """Reclaims free pages of one running VM; bootstraps introspection once, then runs passes."""
 
-    def __init__(self, vm, goal_ms_per_gib: float = GOAL_MS_PER_GIB):  # noqa: ANN001 - memvirt.qemu.vm.VM
+    def __init__(self, vm, goal_ms_per_gib: float = GOAL_MS_PER_GIB):
         vm.require_alive()
         self.vm = vm
         self.mem = vm.memory()
@@ -197,7 +197,7 @@ def _event_pause_ms(mon: Monitor, fallback: float) -> float:
     return (at(resume) - at(stop)) * 1000
 
 
-def _full_introspector(mem) -> Introspector:  # noqa: ANN001
+def _full_introspector(mem) -> Introspector:
     """An introspector with every layout source, for facts a cached bootstrap did not record
     (the zone lock); refuses with a clear message when the kernel really lacks them."""
     try:

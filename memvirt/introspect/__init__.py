@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from memvirt.introspect import buildcache
 from memvirt.introspect.census import CLASSES, CODE, Census, PageScanner
@@ -33,9 +34,9 @@ class Introspector:
         self.cached = False
         self._to_store: buildcache.RecordingSymbols | None = None
         if cache:
-            hit: dict[str, object] = {}
+            hit: dict[str, Any] = {}
 
-            def from_cache(info, read_va):  # noqa: ANN001, ANN202
+            def from_cache(info, read_va):
                 found = buildcache.load(info, layouts, read_va)
                 if found is not None:
                     hit["layout"] = found[1]
@@ -68,7 +69,9 @@ class Introspector:
         """How many layout facts each source gave (``cache`` means: as a previous census found)."""
         if self.cached:
             counts: dict[str, int] = {}
-            for src in self.layout.layouts[0].sources.values():
+            cached = self.layout.layouts[0]
+            assert isinstance(cached, buildcache.CachedLayout)
+            for src in cached.sources.values():
                 counts[src] = counts.get(src, 0) + 1
             return {f"{k} (cached)": v for k, v in counts.items()}
         return self.layout.summary()

@@ -162,7 +162,7 @@ class Btf:
         kind = (info >> 24) & 0x1F
         nxt = np.arange(n, dtype=np.int64) + 3 + _TAIL_FIXED[kind] + _TAIL_PER_VLEN[kind] * (info & 0xFFFF)
         step = memoryview(nxt)
-        starts = []
+        starts: list[int] = []
         append = starts.append
         p = 0
         while p < n:

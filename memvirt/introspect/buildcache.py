@@ -128,7 +128,7 @@ def content_digest(info: Vmcoreinfo, read_va: ReadVA, btf: tuple[int, int] | Non
                     if name in at and (at[name] - start) % 8 == 0:
                         words = data[at[name] - start :][: 8 * count].view("<u8")
                         words -= np.uint64(kaslr % (1 << 64))
-            h.update(data)
+            h.update(data.data)
     except MemvirtError:
         return None
     return h.hexdigest()

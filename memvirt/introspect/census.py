@@ -208,6 +208,7 @@ class PageScanner:
         b_idx, b_priv = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.uint64)
         t_idx, t_head = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.uint64)
         nb, nt = ctypes.c_uint64(), ctypes.c_uint64()
+        assert self.native is not None  # only called when the helper loaded
         self.native.classify_block(
             ctypes.byref(self._native_layout),
             blk.ctypes.data,
@@ -428,6 +429,7 @@ class PageScanner:
 
     def _walk_native(self, first: int, sentinel: int, limit: int, visited: np.ndarray) -> np.ndarray | None:
         out = np.empty(limit + 1, dtype=np.int64)
+        assert self.native is not None  # only called when the helper loaded
         n = self.native.walk_list(
             self.lru_next.ctypes.data,
             self.max_pfn,
@@ -452,7 +454,7 @@ def _expand(heads: np.ndarray, orders: np.ndarray, n: int) -> np.ndarray:
     return np.cumsum(delta[:n], dtype=np.int8).view(bool)
 
 
-def zero_pages(mem, max_pfn: int) -> np.ndarray:  # noqa: ANN001
+def zero_pages(mem, max_pfn: int) -> np.ndarray:
     """All-zero frames; holes of a sparse RAM file count as zero without being read."""
     zero = np.zeros(max_pfn, dtype=bool)
     populated = mem.populated_pfns() if hasattr(mem, "populated_pfns") else None

@@ -500,7 +500,8 @@ def debian_header_packages(release: str) -> list[str]:
     """
     if shutil.which("apt-cache") is None or shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         raise HeadersError(
-            f"apt-get/dpkg-deb not found: cannot fetch linux-headers-{release}; pass a prepared tree to HeadersLayout.from_tree"
+            f"apt-get/dpkg-deb not found: cannot fetch linux-headers-{release}; pass a prepared tree to "
+            "HeadersLayout.from_tree"
         )
     package = f"linux-headers-{release}"
     proc = subprocess.run(["apt-cache", "depends", package], capture_output=True, text=True)
@@ -639,7 +640,8 @@ def find_compiler(tree: HeaderTree) -> str:
         for k, v in cfg.items()
     ):
         raise HeadersError(
-            f"{tree.release} is built with CONFIG_RANDSTRUCT: its struct layouts come from a gcc plugin's seed, not the headers"
+            f"{tree.release} is built with CONFIG_RANDSTRUCT: its struct layouts come from a gcc plugin's seed, "
+            "not the headers"
         )
     major = int(cfg.get("CONFIG_GCC_VERSION", "0") or 0) // 10000
     names = [f"x86_64-linux-gnu-gcc-{major}", f"gcc-{major}"] if major else []
@@ -815,9 +817,11 @@ def _int_attr(die: DIE, attr: str, default: int = 0) -> int:
 
 def _constant_symbols(elf: ELFFile) -> dict[str, int]:
     """Each ``MEMVIRT_CONST(name)``: a ``{u64 value; int negative}`` in ``.rodata``."""
+    from elftools.elf.sections import SymbolTableSection
+
     out: dict[str, int] = {}
     symtab = elf.get_section_by_name(".symtab")
-    if symtab is None:
+    if not isinstance(symtab, SymbolTableSection):
         return out
     data: dict[int, bytes] = {}
     for sym in symtab.iter_symbols():
@@ -942,7 +946,7 @@ def _spell(die: DIE | None, depth: int = 0) -> str:
         return "void"
     if depth > 16:
         return "..."
-    tag = die.tag
+    tag = str(die.tag)
     name = _name(die)
     inner = _attr_die(die, "DW_AT_type")
     if tag in ("DW_TAG_structure_type", "DW_TAG_union_type", "DW_TAG_enumeration_type"):

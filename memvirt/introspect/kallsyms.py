@@ -24,6 +24,7 @@ The whole table is expanded at once with numpy (one gather over all token codes)
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import numpy as np
 
@@ -42,6 +43,19 @@ KSYM_NAME_LEN = 512
 _MAX_EXPANDED = 64 << 20
 _SEP = 256
 _EMPTY = 257
+
+
+class Symbols(Protocol):
+    """What the bootstrap needs of a symbol table: :class:`Kallsyms`, or the build cache's stand-ins
+    (``buildcache.RecordingSymbols`` records the lookups, ``CachedSymbols`` replays them)."""
+
+    def get(self, name: str, default: int | None = None) -> int | None: ...
+
+    def __contains__(self, name: object) -> bool: ...
+
+    def __getitem__(self, name: str) -> int: ...
+
+    def __len__(self) -> int: ...
 
 
 class Kallsyms:

@@ -17,7 +17,7 @@ import numpy as np
 
 from memvirt.errors import BadImage, GuestStructureError
 from memvirt.introspect.btf import Btf, BtfLayout, read_btf
-from memvirt.introspect.kallsyms import KALLSYMS_TABLES, Kallsyms, read_kallsyms
+from memvirt.introspect.kallsyms import KALLSYMS_TABLES, Kallsyms, Symbols, read_kallsyms
 from memvirt.introspect.layout import ChainLayout, Layout, LayoutMissing, VmcoreinfoLayout
 from memvirt.introspect.pgtable import (
     KERNEL_IMAGE_SIZE,
@@ -46,7 +46,7 @@ class KernelView:
     mem: GuestMemory
     vmcoreinfo: Vmcoreinfo
     page_table: PageTable
-    symbols: Kallsyms | None
+    symbols: Symbols | None
     page_offset_base: int
     vmemmap_base: int
     btf: Btf | None

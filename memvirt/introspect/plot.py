@@ -32,9 +32,9 @@ def draw_map(census: Census, path: str | Path, title: str = "", width: int = 102
 
     classes = census.classes
     rows = -(-len(classes) // width)
-    grid = np.zeros(rows * width, dtype=np.uint8)
-    grid[: len(classes)] = classes
-    grid = grid.reshape(rows, width)
+    cells = np.zeros(rows * width, dtype=np.uint8)
+    cells[: len(classes)] = classes
+    grid = cells.reshape(rows, width)
     cmap = ListedColormap([COLOURS[c] for c in CLASSES])
     fig, ax = plt.subplots(figsize=(10, max(3.0, min(14.0, rows / 60 + 2))), dpi=120)
     ax.imshow(grid, cmap=cmap, vmin=0, vmax=len(CLASSES) - 1, aspect="auto", interpolation="nearest")

@@ -38,12 +38,12 @@ class LazyLayout:
             except LayoutMissing as e:
                 self._error = e
                 raise
-            except Exception as e:  # noqa: BLE001 - any failure to get headers is "headers missing"
+            except Exception as e:
                 self._error = LayoutMissing(f"kernel headers unavailable: {e}")
                 raise self._error from None
         return self._layout
 
-    def __getattr__(self, name: str):  # noqa: ANN204
+    def __getattr__(self, name: str):
         return getattr(self._get(), name)
 
     def has_member(self, struct: str, path: str) -> bool:

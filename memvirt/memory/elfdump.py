@@ -199,11 +199,11 @@ class ElfDumpMemory(GuestMemory):
         check_regions(self.regions, f"ELF dump {self.path}")
         budget = _MAX_NOTES
         for note in np.concatenate(notes)[:_MAX_NOTE_SEGMENTS]:
-            size = min(int(note["p_filesz"]), budget)
-            if size <= 0:
+            n = min(int(note["p_filesz"]), budget)
+            if n <= 0:
                 break
-            budget -= size
-            desc = find_note(self._read(int(note["p_offset"]), size, "the PT_NOTE segment"), b"VMCOREINFO")
+            budget -= n
+            desc = find_note(self._read(int(note["p_offset"]), n, "the PT_NOTE segment"), b"VMCOREINFO")
             if desc is not None:
                 self._vmcoreinfo = desc.rstrip(b"\0")
                 break

@@ -232,19 +232,19 @@ def _optional_decompressor(flag: int) -> Callable[[memoryview], bytes] | None:
     """A page decompressor for LZO or snappy if a binding is installed; they are not dependencies."""
     if flag == COMPRESSED_LZO:
         try:
-            import lzo  # type: ignore[import-not-found]
+            import lzo
         except ImportError:
             return None
         return lambda data: lzo.decompress(bytes(data), False, PAGE_SIZE)
     if flag == COMPRESSED_SNAPPY:
         try:
-            import cramjam  # type: ignore[import-not-found]
+            import cramjam
 
             return lambda data: bytes(cramjam.snappy.decompress_raw(_snappy_checked(data)))
         except ImportError:
             pass
         try:
-            import snappy  # type: ignore[import-not-found]
+            import snappy
         except ImportError:
             return None
         return lambda data: snappy.uncompress(_snappy_checked(data))
@@ -374,7 +374,7 @@ class KdumpMemory(GuestMemory):
         self._starts, self._ends = starts, ends
 
         dumped = np.zeros((nbytes + 7) // 8 * 8, dtype=np.uint8)
-        self._file.read(bitmap_at + bitmap_len, memoryview(dumped)[:nbytes])
+        self._file.read(bitmap_at + bitmap_len, dumped.data[:nbytes])
         if nbits % 8:
             dumped[nbytes - 1] &= (1 << (nbits % 8)) - 1
         self._nbits = nbits
@@ -476,7 +476,7 @@ class KdumpMemory(GuestMemory):
 
     def _read_desc_range(self, k0: int, k1: int) -> np.ndarray:
         buf = np.empty(k1 - k0, dtype=PAGE_DESC)
-        self._file.read(self._desc_at + k0 * PAGE_DESC.itemsize, memoryview(buf).cast("B"))
+        self._file.read(self._desc_at + k0 * PAGE_DESC.itemsize, buf.data.cast("B"))
         return buf
 
     def _descriptors(self, idx: np.ndarray) -> np.ndarray:
@@ -519,7 +519,7 @@ class KdumpMemory(GuestMemory):
                 break
         base = np.r_[0, np.cumsum(span_len)[:-1]]
         buf = np.empty(max(int(span_len.sum()), PAGE_SIZE), dtype=np.uint8)
-        view = memoryview(buf)
+        view = buf.data
         for b, s, n in zip(base.tolist(), span_lo.tolist(), span_len.tolist(), strict=True):
             self._file.read(s, view[b : b + n])
         span = np.repeat(np.arange(len(first)), last - first + 1)

@@ -47,7 +47,7 @@ class PageMap:
     def entries(self, vaddr: int, npages: int) -> np.ndarray:
         """The raw entries of ``npages`` pages from host virtual address ``vaddr``."""
         out = np.empty(npages, dtype="<u8")
-        pread_into(self.fd, (vaddr >> PAGE_SHIFT) * 8, memoryview(out).cast("B"), f"/proc/{self.pid}/pagemap")
+        pread_into(self.fd, (vaddr >> PAGE_SHIFT) * 8, out.data.cast("B"), f"/proc/{self.pid}/pagemap")
         return out
 
 

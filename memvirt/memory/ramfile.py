@@ -69,8 +69,8 @@ class RamFileMemory(GuestMemory):
             if grown_from is None:
                 spans = [(r.offset, r.offset + r.size)]
             else:
-                hole = ~grown_from[p0 : p0 + (r.size >> PAGE_SHIFT)]
-                edges = np.flatnonzero(np.diff(np.concatenate(([False], hole, [False])).astype(np.int8)))
+                holes = ~grown_from[p0 : p0 + (r.size >> PAGE_SHIFT)]
+                edges = np.flatnonzero(np.diff(np.concatenate(([False], holes, [False])).astype(np.int8)))
                 spans = [
                     (r.offset + (a << PAGE_SHIFT), r.offset + (b << PAGE_SHIFT))
                     for a, b in edges.reshape(-1, 2).tolist()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Self
 
 import numpy as np
 
@@ -58,7 +59,7 @@ class GuestMemory(ABC):
     kind: str = "memory"
     regions: tuple[Region, ...] = ()
 
-    def __enter__(self) -> GuestMemory:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -107,7 +108,7 @@ class GuestMemory(ABC):
 
     def read_into(self, gpa: int, out: np.ndarray) -> None:
         """Fill ``out`` (a contiguous uint8 array) from guest-physical address ``gpa``."""
-        view = memoryview(out).cast("B")
+        view = out.data.cast("B")
         pos = 0
         while pos < len(view):
             r = self.region_of(gpa + pos)
@@ -151,7 +152,7 @@ class GuestMemory(ABC):
         for r in self.regions:
             for off in range(0, r.size, chunk_bytes):
                 n = min(chunk_bytes, r.size - off)
-                self._fill(r.offset + off, memoryview(buf)[:n])
+                self._fill(r.offset + off, buf.data[:n])
                 yield r.gpa + off, buf[:n]
 
     def pfn_ranges(self) -> list[tuple[int, int]]:

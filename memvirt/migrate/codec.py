@@ -80,7 +80,7 @@ def expand(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 def encode_data(
     codec: int, starts: np.ndarray, lengths: np.ndarray, blob: bytes | memoryview
-) -> list[bytes | memoryview]:
+) -> list[bytes | bytearray | memoryview]:
     """A DATA frame's payload, as pieces to join."""
     head = DATA_HEAD.pack(codec, len(starts))
     return [head, starts.astype(">u8").tobytes(), lengths.astype(">u4").tobytes(), blob]

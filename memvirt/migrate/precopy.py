@@ -41,7 +41,7 @@ RING = QUEUE_DEPTH + 3
 while the next is read, so a buffer comes round again only after its frame was sent. Reusing
 them spares the page faults of a fresh megabyte per batch."""
 
-Send = Callable[[Kind, list[bytes | memoryview]], int]
+Send = Callable[[Kind, list[bytes | bytearray | memoryview]], int]
 """Sends one frame made of the given pieces; returns its size on the wire."""
 
 
@@ -134,8 +134,8 @@ class Tracker:
             st.wire_bytes += self._send_data(batch, send)
         self.chooser.pause()
         st.data, st.data_bytes = len(data), len(data) * PAGE
-        for part in range(0, len(dst), MAX_PAIRS):
-            d, s = dst[part : part + MAX_PAIRS], src[part : part + MAX_PAIRS]
+        for at in range(0, len(dst), MAX_PAIRS):
+            d, s = dst[at : at + MAX_PAIRS], src[at : at + MAX_PAIRS]
             st.wire_bytes += send(Kind.DUP, [codec.encode_pairs(d, s)])
             self.held[d] = self.held[s]
         st.dup = len(dst)
@@ -199,7 +199,7 @@ class Tracker:
         self._turn = (self._turn + 1) % RING
         pages = self._read(batch, self._ring[self._turn])
         self.held[batch] = hash_pages(pages.reshape(-1))
-        c, blob = self.chooser.encode(memoryview(pages.reshape(-1)))
+        c, blob = self.chooser.encode(pages.reshape(-1).data)
         starts, lengths = codec.runs(batch)
         return send(Kind.DATA, codec.encode_data(c, starts, lengths, blob))
 

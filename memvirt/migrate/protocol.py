@@ -397,7 +397,7 @@ class SendQueue:
                     t = time.perf_counter()
                     self.sent_bytes += self.chan.send(*item)
                     self.busy_seconds += time.perf_counter() - t
-                except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                except BaseException as e:
                     self._error = e
             self._q.task_done()
         self._q.task_done()

@@ -534,7 +534,7 @@ def serve(
     def handshake(conn: socket.socket, peer: str) -> None:
         try:
             chan = server_handshake(conn, secret, SESSION_TIMEOUT)
-        except Exception as e:  # noqa: BLE001 - any failure refuses this peer only
+        except Exception as e:
             log(f"refused {peer}: {e}")
             conn.close()
             return

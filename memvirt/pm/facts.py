@@ -109,7 +109,8 @@ def check_pair(src: Facts, dst: Facts, scheme: str, zram: bool | None = None) ->
         if not f.hibernation:
             raise PMRefused(
                 f"the kernel of {f.name!r} ({f.release}) does not support hibernation "
-                f"(/sys/power/state: {f.power_state or 'missing'!r}, /dev/snapshot {'present' if f.snapshot else 'missing'})"
+                f"(/sys/power/state: {f.power_state or 'missing'!r}, /dev/snapshot "
+                f"{'present' if f.snapshot else 'missing'})"
             )
         if not f.pmagent:
             raise PMRefused(f"{f.name!r} has no pmagent: its image predates physical-machine migration (rebuild it)")

@@ -331,7 +331,7 @@ class _Migration:
         if self.sending and not self.verdict and self.src.alive() and not self._seen("source", "thawed"):
             try:
                 self._arbitrate(wait=60.0)
-            except BaseException:  # noqa: BLE001 - interrupted again: the source waits for an admin
+            except BaseException:
                 log.warning("%s may be left frozen, waiting for a verdict", self.src.name)
         if self.src.alive():
             try:

@@ -73,7 +73,7 @@ def _dump_raw(vm: VM, fd: int, progress: Progress | None) -> None:
         os.ftruncate(fd, max(r.end for r in mem.regions))
         for gpa, chunk in mem.chunks(16 << 20):
             if np.any(chunk.view(np.uint64)):
-                os.pwrite(fd, chunk, gpa)
+                os.pwrite(fd, chunk.data, gpa)
             done += len(chunk)
             if progress:
                 progress(done, total)

@@ -52,7 +52,7 @@ class Monitor:
         try:
             return self._qmp.cmd(name, **args)
         except ExecuteError as e:
-            raise VMError(f"QEMU refused {name} on VM {self.vm_name!r}: {e.error.desc}") from None
+            raise VMError(f"QEMU refused {name} on VM {self.vm_name!r}: {e.error.error.desc}") from None
         except (OSError, QMPError, EOFError) as e:
             raise VMError(f"lost QEMU of VM {self.vm_name!r} during {name}: {e}") from None
         except TimeoutError:
@@ -60,7 +60,8 @@ class Monitor:
 
     def hmp(self, line: str) -> str:
         """A human-monitor command, for the few things QMP lacks."""
-        return str(self.command("human-monitor-command", **{"command-line": line}))
+        args: dict[str, Any] = {"command-line": line}
+        return str(self.command("human-monitor-command", **args))
 
     def status(self) -> str:
         return str(self.command("query-status")["status"])

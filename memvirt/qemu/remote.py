@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 
@@ -197,8 +198,8 @@ class _SignalsHeld:
 
     def __init__(self) -> None:
         self.got: list[int] = []
-        self.handlers: dict[int, object] = {}
-        self.mask: set[signal.Signals] | None = None
+        self.handlers: dict[int, Any] = {}
+        self.mask: set[int] | None = None
 
     def __enter__(self) -> _SignalsHeld:
         if threading.current_thread() is threading.main_thread():

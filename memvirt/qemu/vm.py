@@ -149,7 +149,8 @@ class VM:
             names = ", ".join(v.name for v in clones[:5]) + (", ..." if len(clones) > 5 else "")
             raise UsageError(
                 f"VM {self.name!r} is the template of {len(clones)} running lazy clone(s) ({names}); "
-                f"{action} would {'corrupt' if action == 'resuming it' else 'orphan'} them: stop them first or use --force"
+                f"{action} would {'corrupt' if action == 'resuming it' else 'orphan'} them: stop them first or "
+                "use --force"
             )
 
     def save(self) -> None:

@@ -15,7 +15,7 @@ from test_dumps_hostile import elf_paddr_huge, kdump_huge_bitmap_flattened
 
 
 @pytest.mark.parametrize("build", [kdump_huge_bitmap_flattened, elf_paddr_huge])
-def test_inspect_of_a_hostile_dump_is_one_line(build, tmp_path: Path) -> None:  # noqa: ANN001
+def test_inspect_of_a_hostile_dump_is_one_line(build, tmp_path: Path) -> None:
     path = tmp_path / "hostile.dump"
     path.write_bytes(build())
     assert_one_line_error(memvirt("inspect", str(path), timeout=120), 2, str(path))

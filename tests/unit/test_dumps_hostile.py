@@ -176,7 +176,8 @@ def _limits() -> None:
 
 def in_child(what: str, *args: object) -> dict[str, Any]:
     """Run ``probe``/``fuzz`` of this module in a fresh interpreter under the ceilings."""
-    code = f"import sys; sys.path[:0] = {[str(HERE), str(HERE.parent)]!r}; import {Path(__file__).stem} as t; t._child_main()"
+    paths = [str(HERE), str(HERE.parent)]
+    code = f"import sys; sys.path[:0] = {paths!r}; import {Path(__file__).stem} as t; t._child_main()"
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
     try:
         proc = subprocess.run(

@@ -25,8 +25,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cli import assert_one_line_error, memvirt  # noqa: E402
-from test_introspect_bootstrap import (  # noqa: E402
+from cli import assert_one_line_error, memvirt
+from test_introspect_bootstrap import (
     BTF_VA,
     DECOY_PA,
     NOTE_PA,
@@ -45,15 +45,15 @@ from test_introspect_bootstrap import (  # noqa: E402
     vmcoreinfo_text,
 )
 
-from memvirt.errors import GuestStructureError, MemvirtError  # noqa: E402
-from memvirt.introspect import Introspector, buildcache, native  # noqa: E402
-from memvirt.introspect.btf import ARRAY, PTR, STRUCT, TYPEDEF, Btf, BtfLayout  # noqa: E402
-from memvirt.introspect.census import CODE, PageScanner  # noqa: E402
-from memvirt.introspect.kallsyms import kallsyms_expand_symbols  # noqa: E402
-from memvirt.introspect.kernel import KernelView  # noqa: E402
-from memvirt.introspect.pgtable import PageTable  # noqa: E402
-from memvirt.introspect.vmcoreinfo import Vmcoreinfo  # noqa: E402
-from memvirt.memory.source import GuestMemory, Region  # noqa: E402
+from memvirt.errors import GuestStructureError, MemvirtError
+from memvirt.introspect import Introspector, buildcache, native
+from memvirt.introspect.btf import ARRAY, PTR, STRUCT, TYPEDEF, Btf, BtfLayout
+from memvirt.introspect.census import CODE, PageScanner
+from memvirt.introspect.kallsyms import kallsyms_expand_symbols
+from memvirt.introspect.kernel import KernelView
+from memvirt.introspect.pgtable import PageTable
+from memvirt.introspect.vmcoreinfo import Vmcoreinfo
+from memvirt.memory.source import GuestMemory, Region
 
 MiB = 1 << 20
 PREFIX = GuestStructureError.PREFIX
@@ -224,10 +224,10 @@ def bounded(fn: Callable[[], Any], mem: int = 512 * MiB, seconds: float = 30) ->
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
             try:
                 out: tuple[str, Any] = ("ok", fn())
-            except BaseException as e:  # noqa: BLE001 - reported to the parent, which judges it
+            except BaseException as e:
                 out = (type(e).__name__, str(e)[:2000], isinstance(e, MemvirtError))
             data = pickle.dumps(out)
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             data = pickle.dumps((type(e).__name__, f"cannot report: {e}", False))
         with os.fdopen(w, "wb") as f:
             f.write(data)
@@ -827,7 +827,7 @@ def test_fuzz_hostile_images(good: bytes) -> None:
             t = time.perf_counter()
             try:
                 outcome = _run_case(good, what, case)
-            except Exception as e:  # noqa: BLE001 - the finding: report which case
+            except Exception as e:
                 return {"escaped": f"{what} {case!r:.300}: {type(e).__name__}: {e}"}
             slowest = max(slowest, time.perf_counter() - t)
             tally[f"{what} {outcome}"] = tally.get(f"{what} {outcome}", 0) + 1

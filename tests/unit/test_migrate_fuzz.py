@@ -33,19 +33,19 @@ PAGE = 4096
 U64 = (1 << 64) - 1
 
 
-def _regions():  # noqa: ANN202 - Region tuple, imported lazily
+def _regions():
     from memvirt.memory.source import Region
 
     # Two regions with a hole between them, as on a pc machine with over 3.5 GiB.
     return (Region(0, 64 * PAGE, 0), Region(256 * PAGE, 64 * PAGE, 64 * PAGE))
 
 
-def _inside(regions, start: int, length: int) -> bool:  # noqa: ANN001
+def _inside(regions, start: int, length: int) -> bool:
     """The oracle: run [start, start+length) (pfns, exact integers) lies inside one region."""
     return length >= 1 and any(r.gpa // PAGE <= start and start + length <= r.end // PAGE for r in regions)
 
 
-def _file_offset(regions, pfn: int) -> int:  # noqa: ANN001
+def _file_offset(regions, pfn: int) -> int:
     for r in regions:
         if r.gpa // PAGE <= pfn < r.end // PAGE:
             return r.offset + (pfn - r.gpa // PAGE) * PAGE
@@ -56,7 +56,7 @@ class FrameGen:
     """Frames that are valid, near-valid (runs at and across every boundary, wrap-around values)
     and garbage (mutated valid frames, random bytes)."""
 
-    def __init__(self, rng: random.Random, max_pfn: int, regions):  # noqa: ANN001
+    def __init__(self, rng: random.Random, max_pfn: int, regions):
         self.rng, self.max_pfn, self.regions = rng, max_pfn, regions
 
     def start(self) -> int:
@@ -172,7 +172,7 @@ class FrameGen:
         return bytes(buf)
 
 
-def expected(kind: str, payload: bytes, regions, max_pfn: int):  # noqa: ANN001, ANN201
+def expected(kind: str, payload: bytes, regions, max_pfn: int):
     """The oracle's view of a frame: None if it must be refused, else the list of page writes
     it may make as (kind, runs). Exact integers throughout."""
     if kind == "DATA":
@@ -215,7 +215,7 @@ def _decompress(c: int, blob: bytes, size: int) -> bytes | None:
             out = zstandard.ZstdDecompressor().decompress(blob, max_output_size=size)
         else:
             out = blob
-    except Exception:  # noqa: BLE001 - any failure means the receiver must refuse too
+    except Exception:
         return None
     return out if len(out) == size else None
 

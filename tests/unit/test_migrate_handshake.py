@@ -149,7 +149,7 @@ def test_threads_sharing_a_channel_never_reuse_a_nonce() -> None:
         try:
             for _ in range(400):
                 got.append(bytes(chan.recv(Kind.DATA)[1]))
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:
             errors.append(e)
         conn.close()
 

@@ -93,7 +93,7 @@ def test_bad_setups_are_refused(changes: dict, needle: str) -> None:
     assert needle in str(e.value)
 
 
-def test_prepare_target_refuses_before_making_anything(tmp_path) -> None:  # noqa: ANN001
+def test_prepare_target_refuses_before_making_anything(tmp_path) -> None:
     """A refused SETUP leaves no VM folder or RAM file behind."""
     from memvirt.paths import ram_dir
     from memvirt.qemu.vm import vms_root
