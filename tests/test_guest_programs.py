@@ -15,6 +15,7 @@ import sys
 import time
 import zlib
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,19 @@ def _read_mem(pid: int, addr: int, size: int) -> bytes:
         pytest.skip(f"cannot read /proc/{pid}/mem: {e}")
 
 
+@contextmanager
+def _reaped(p: subprocess.Popen):
+    """Kill ``p`` if the block fails, so the block's own failure is the one reported (an assert
+    in ``finally`` would replace it)."""
+    try:
+        yield p
+    except BaseException:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+        raise
+
+
 def _stop(p: subprocess.Popen, timeout: float = 5) -> int:
     if p.poll() is None:
         p.send_signal(signal.SIGTERM)
@@ -228,17 +242,16 @@ def test_memtouch_readonly_counter_and_sigterm(bins, tmp_path):
         stdout=subprocess.PIPE,
         text=True,
     )
-    try:
+    with _reaped(p):
         assert READY_RE.match(p.stdout.readline())
         line = p.stdout.readline()
         m = REPORT_RE.match(line.strip())
         assert m and int(m[4]) == 0, line
         first = _wait_for(lambda: int(counter.read_text() or 0), 3, "counter > 0")
         _wait_for(lambda: int(counter.read_text() or 0) > first, 3, "counter to grow")
-    finally:
-        t = time.monotonic()
-        assert _stop(p) == 0
-        assert time.monotonic() - t < 2
+    t = time.monotonic()
+    assert _stop(p) == 0
+    assert time.monotonic() - t < 2
     rest = p.stdout.read().splitlines()
     assert all(REPORT_RE.match(x) and x.endswith("dirtied=0") for x in rest), rest
 
@@ -283,7 +296,7 @@ def test_memtouch_content_mix(bins):
         stdout=subprocess.PIPE,
         text=True,
     )
-    try:
+    with _reaped(p):
         m = READY_RE.match(p.stdout.readline())
         assert m
         pid, hot, cold = int(m[5]), int(m[6], 16), int(m[7], 16)
@@ -302,8 +315,7 @@ def test_memtouch_content_mix(bins):
                 break
             time.sleep(0.05)
         cold_after = _read_mem(pid, cold, n * PAGE)
-    finally:
-        assert _stop(p) == 0
+    assert _stop(p) == 0
     assert cold_before == cold_after  # cold set is never rewritten
     for mem in (cold_before, hot_mem):
         pages = _pages(mem)
@@ -327,12 +339,11 @@ def test_memtouch_single_class_and_mix_option(bins):
             stdout=subprocess.PIPE,
             text=True,
         )
-        try:
+        with _reaped(p):
             m = READY_RE.match(p.stdout.readline())
             assert m
             mem = _read_mem(int(m[5]), int(m[7], 16), 100 * PAGE)
-        finally:
-            assert _stop(p) == 0
+        assert _stop(p) == 0
         assert _classify(_pages(mem)) == want, args
 
 
@@ -343,7 +354,7 @@ def test_memtouch_phase_file(bins, tmp_path):
         stdout=subprocess.PIPE,
         text=True,
     )
-    try:
+    with _reaped(p):
         m = READY_RE.match(p.stdout.readline())
         assert m and int(m[1]) == 2 << 20
 
@@ -365,8 +376,7 @@ def test_memtouch_phase_file(bins, tmp_path):
         phase.write_text("garbage")  # ignored
         phase.write_text("3M")  # shrink-then-grow within the allocation
         wait_phase(3 << 20)
-    finally:
-        assert _stop(p) == 0
+    assert _stop(p) == 0
 
 
 @pytest.mark.parametrize(
@@ -417,7 +427,7 @@ def _verify(bins, state: Path, *extra: str):
 def test_datacheck_ok_bad_and_pattern(bins, tmp_path):
     state = tmp_path / "dc.state"
     p, pages, addr = _start_datacheck(bins, state, "8M", 42)
-    try:
+    with _reaped(p):
         assert pages == 2048
         # the documented pattern
         for idx in (0, 1, 2047):
@@ -438,8 +448,7 @@ def test_datacheck_ok_bad_and_pattern(bins, tmp_path):
         assert r.returncode == 1
         assert re.fullmatch(r"BAD seq=3 pages=2048 first_bad_page=5 bad_pages=2 start_ns=\d+\n", r.stdout), r.stdout
         assert (tmp_path / "dc.state.result").read_text() == r.stdout
-    finally:
-        assert _stop(p) == 0
+    assert _stop(p) == 0
     assert not state.exists()
     assert _verify(bins, state).returncode == 2
 
@@ -482,7 +491,7 @@ def test_datacheck_verify_errors(bins, tmp_path):
 def test_datacheck_concurrent_verifiers(bins, tmp_path):
     state = tmp_path / "dc.state"
     p, _, _ = _start_datacheck(bins, state, "32M", 7)
-    try:
+    with _reaped(p):
         vs = [
             subprocess.Popen([bins["datacheck"], "verify", "--state", str(state)], stdout=subprocess.PIPE, text=True)
             for _ in range(4)
@@ -490,8 +499,7 @@ def test_datacheck_concurrent_verifiers(bins, tmp_path):
         for v in vs:
             out, _ = v.communicate(timeout=15)
             assert v.returncode == 0 and out.startswith("OK seq="), out
-    finally:
-        assert _stop(p) == 0
+    assert _stop(p) == 0
 
 
 # --------------------------------------------------------------------------
@@ -536,15 +544,14 @@ def test_physaddr_hold(bins):
         stderr=subprocess.PIPE,
         text=True,
     )
-    try:
+    with _reaped(p):
         first = [p.stdout.readline() for _ in range(4)]
         assert first[-1] == "READY\n"
         p.send_signal(signal.SIGUSR1)
         again = [p.stdout.readline() for _ in range(4)]
         assert again == first
         assert p.poll() is None
-    finally:
-        assert _stop(p) == 0
+    assert _stop(p) == 0
     r = subprocess.run([bins["physaddr"], "mark", "--pages", "0", "--seed", "1"], capture_output=True, text=True)
     assert r.returncode == 2 and "usage:" in r.stderr
 

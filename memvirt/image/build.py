@@ -27,6 +27,8 @@ from memvirt.paths import cache_home
 
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 GUEST_DIR = "memvirt.image"
+GUEST_HEADERS = ("common.h",)
+"""Headers the guest programs include (copied beside them; part of the image's digest)."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,8 @@ def _compile_programs(workdir: Path) -> dict[str, bytes]:
     if cc is None:
         raise NotFound("no C compiler found: install Debian's gcc and libc6-dev")
     out: dict[str, bytes] = {}
+    for header in GUEST_HEADERS:
+        (workdir / header).write_bytes(_guest_file(header))
     for name, source, flags in _program_list():
         src = workdir / source
         src.write_bytes(_guest_file(source))
@@ -106,7 +110,7 @@ def _digest(*parts: bytes) -> str:
 def build_image(kernel: Kernel, force: bool = False) -> Image:
     """Build (or reuse) the image for ``kernel``."""
     busybox = _static_busybox().read_bytes()
-    guest_sources = [_guest_file(n) for n in ("init", "memvirt-agent", "programs.txt")]
+    guest_sources = [_guest_file(n) for n in ("init", "memvirt-agent", "programs.txt", *GUEST_HEADERS)]
     guest_sources += [_guest_file(src) for _, src, _ in _program_list()]
     mods = kmod.resolve(kernel.modules, kmod.GUEST_MODULES) if kernel.modules else []
     name = f"{kernel.release}-{_digest(busybox, kernel.vmlinuz.read_bytes(), *guest_sources, *(m for _, m in mods))}"

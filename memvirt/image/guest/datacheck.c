@@ -42,6 +42,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common.h"
+
 #define PAGE 4096UL
 #define WORDS (PAGE / 8)
 
@@ -55,52 +57,6 @@ static void usage(const char *msg)
         "  SIZE: integer or decimal with optional K/M/G suffix (binary units)\n"
         "  verify exit status: 0 OK, 1 BAD, 2 error/timeout\n");
     exit(2);
-}
-
-static int parse_size(const char *s, uint64_t *out)
-{
-    char *end;
-    double v;
-    uint64_t mul = 1;
-
-    if (!s || !*s || *s == '-')
-        return -1;
-    errno = 0;
-    v = strtod(s, &end);
-    if (errno || end == s || v < 0)
-        return -1;
-    switch (*end) {
-    case 'k': case 'K': mul = 1ULL << 10; end++; break;
-    case 'm': case 'M': mul = 1ULL << 20; end++; break;
-    case 'g': case 'G': mul = 1ULL << 30; end++; break;
-    case 't': case 'T': mul = 1ULL << 40; end++; break;
-    default: break;
-    }
-    if (mul > 1 && *end == 'i')
-        end++;
-    if (*end == 'B' || *end == 'b')
-        end++;
-    if (*end)
-        return -1;
-    v *= (double)mul;
-    if (v > 1.8e19)
-        return -1;
-    *out = (uint64_t)v;
-    return 0;
-}
-
-static int parse_u64(const char *s, uint64_t *out)
-{
-    char *end;
-    int base = 10;
-
-    if (!s || !*s || *s == '-')
-        return -1;
-    if (s[0] == '0' && (s[1] == 'x' || s[1] == 'X'))
-        base = 16;
-    errno = 0;
-    *out = strtoull(s, &end, base);
-    return (errno || end == s || *end) ? -1 : 0;
 }
 
 static uint64_t mono_ns(void)
@@ -344,7 +300,7 @@ int main(int argc, char **argv)
         int ok = 0, known = 1;
 
         if (mode == 0 && !strcmp(a, "--size")) {
-            ok = v && !parse_size(v, &size) && size > 0;
+            ok = v && !parse_size(v, &size, 0) && size > 0;
             have_size = 1;
         } else if (mode == 0 && !strcmp(a, "--seed")) {
             ok = v && !parse_u64(v, &seed);

@@ -37,6 +37,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "common.h"
+
 #define PAGE 4096UL
 #define PFN_MASK ((1ULL << 55) - 1)
 #define PM_PRESENT (1ULL << 63)
@@ -49,20 +51,6 @@ static void usage(const char *msg)
         "usage: physaddr mark --pages N --seed S [--hold] [--dump-file PATH]\n"
         "  prints '<index> 0x<pfn> <fnv1a64-hex>' per page, then READY\n");
     exit(2);
-}
-
-static int parse_u64(const char *s, uint64_t *out)
-{
-    char *end;
-    int base = 10;
-
-    if (!s || !*s || *s == '-')
-        return -1;
-    if (s[0] == '0' && (s[1] == 'x' || s[1] == 'X'))
-        base = 16;
-    errno = 0;
-    *out = strtoull(s, &end, base);
-    return (errno || end == s || *end) ? -1 : 0;
 }
 
 static void fill_page(unsigned char *p, uint64_t seed, uint64_t index)
