@@ -11,12 +11,10 @@ BTF, then the headers (downloaded only when the first two lack a fact).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
 from memvirt.introspect.kernel import KernelView
 from memvirt.introspect.layout import Layout, LayoutMissing, VmcoreinfoLayout
 
-LayoutChoice = Literal["auto", "vmcoreinfo", "btf", "headers"]
 CHOICES: tuple[str, ...] = ("auto", "vmcoreinfo", "btf", "headers")
 
 

@@ -51,11 +51,6 @@ class PageMap:
         return out
 
 
-def read_entries(pid: int, vaddr: int, npages: int) -> np.ndarray:
-    with PageMap(pid) as pm:
-        return pm.entries(vaddr, npages)
-
-
 def pagemap_backed(pid: int, mem: GuestMemory) -> np.ndarray:
     """Per guest frame of ``mem`` (a QEMU's RAM, ``Region.offset`` relative to host address 0 as
     :class:`~memvirt.memory.procmem.ProcMemory` sets it): True where the page has data."""
