@@ -12,7 +12,15 @@ from memvirt.cli.output import emit_json, err, human, out, table
 from memvirt.errors import MemvirtError
 from memvirt.migrate.codec import CHOICES
 from memvirt.migrate.precopy import PAGE, Round
-from memvirt.migrate.protocol import DEFAULT_PORT, SECRET_ENV, SECRET_FORMS, check_insecure, load_secret, parse_endpoint
+from memvirt.migrate.protocol import (
+    DEFAULT_PORT,
+    HANDSHAKE_TIMEOUT,
+    SECRET_ENV,
+    SECRET_FORMS,
+    check_insecure,
+    load_secret,
+    parse_endpoint,
+)
 from memvirt.units import parse_size
 
 SecretOpt = Annotated[
@@ -103,6 +111,10 @@ def receive(
     ] = f"127.0.0.1:{DEFAULT_PORT}",
     count: Annotated[int, typer.Option(help="Migrations to accept before exiting.")] = 1,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 600.0,
+    handshake_timeout: Annotated[
+        float,
+        typer.Option(help="Seconds a connecting peer has to prove the shared secret; a slow or silent one is dropped."),
+    ] = HANDSHAKE_TIMEOUT,
     hold_file: Annotated[
         Path | None,
         typer.Option(hidden=True, help="Test hook: hold a verified, paused target until this file is removed."),
@@ -127,7 +139,7 @@ def receive(
     def listening(h: str, p: int) -> None:
         log(f"listening on {h}:{p}{' (INSECURE: no authentication)' if secret is None else ''}")
 
-    results = serve(host, port, secret, count, timeout, hold_file, log, listening)
+    results = serve(host, port, secret, count, timeout, hold_file, log, listening, handshake_timeout)
     if json_:
         emit_json([r.__dict__ for r in results])
     else:

@@ -462,7 +462,7 @@ def _recv_into(sock: socket.socket, view: memoryview, deadline: float | None = N
             k = sock.recv_into(view[got:], n - got)
         except TimeoutError:
             if deadline is not None:
-                raise ProtocolError(f"the handshake took over {HANDSHAKE_TIMEOUT:.0f} s") from None
+                raise ProtocolError("the handshake took over its time limit (--handshake-timeout)") from None
             raise ProtocolError("the peer went silent (receive timed out)") from None
         except OSError as e:
             raise ProtocolError(f"connection lost: {e.strerror or e}") from None

@@ -43,6 +43,7 @@ from memvirt.memory.source import Region
 from memvirt.migrate import codec
 from memvirt.migrate.fingerprint import ZERO_HASH, hash_pages
 from memvirt.migrate.protocol import (
+    HANDSHAKE_TIMEOUT,
     MAX_FRAME,
     Channel,
     Kind,
@@ -504,18 +505,21 @@ def serve(
     hold_file: Path | None = None,
     log: Log = print,
     listening: Callable[[str, int], None] | None = None,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT,
 ) -> list[Received]:
     """Accept up to ``count`` migrations (failed ones count too) within ``timeout`` seconds.
 
     Handshakes run on threads of their own, up to :data:`MAX_HANDSHAKES` at once, each over within
-    :data:`~memvirt.migrate.protocol.HANDSHAKE_TIMEOUT`: a peer without the secret holds a slot for
-    at most that long and never keeps a good sender waiting (unless it floods every slot; then
-    newcomers are refused at once, not queued). Authenticated sessions are served one after the
-    other, in the order they proved the secret. Peers that fail the handshake are refused and do
-    not count. Raises if the last migration failed.
+    ``handshake_timeout`` seconds (:data:`~memvirt.migrate.protocol.HANDSHAKE_TIMEOUT` by default):
+    a peer without the secret holds a slot for at most that long and never keeps a good sender
+    waiting (unless it floods every slot; then newcomers are refused at once, not queued).
+    Authenticated sessions are served one after the other, in the order they proved the secret.
+    Peers that fail the handshake are refused and do not count. Raises if the last migration failed.
     """
     if count < 1:
         raise UsageError("--count must be at least 1")
+    if not 0 < handshake_timeout <= 600:
+        raise UsageError("--handshake-timeout must be more than 0 and at most 600 seconds")
     if secret is None:
         check_insecure(host)
     else:
@@ -533,7 +537,7 @@ def serve(
 
     def handshake(conn: socket.socket, peer: str) -> None:
         try:
-            chan = server_handshake(conn, secret, SESSION_TIMEOUT)
+            chan = server_handshake(conn, secret, SESSION_TIMEOUT, handshake_timeout)
         except Exception as e:
             log(f"refused {peer}: {e}")
             conn.close()
