@@ -30,7 +30,8 @@ KEY = bytes(range(32))
 TO_TARGET = stream.direction_key(KEY, stream.TO_TARGET)
 PAGE = stream.PAGE
 SEED = 20261202
-CASES = 2000
+CASES = int(os.environ.get("MEMVIRT_FUZZ_CASES", "800"))
+"""Seeded mutated streams per run (MEMVIRT_FUZZ_CASES=20000 for a deeper search than the quick default)."""
 SANITIZER_MARKS = ("AddressSanitizer", "LeakSanitizer", "runtime error:", "UndefinedBehaviorSanitizer")
 
 
