@@ -19,20 +19,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
-import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
-from common import GIB, RESULTS, machine_info, write_json
-from rich.console import Console
+from common import GIB, RESULTS, machine_info, make_console, run_main, write_json
 from rich.table import Table
 
 MIB = float(1 << 20)
-console = Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+console = make_console()
 T0 = time.monotonic()
 
 
@@ -392,7 +389,6 @@ def goals(rep: dict[str, Any]) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MEMVIRT_HOME", "/tmp/bench-state")
     os.environ.setdefault("MEMVIRT_RAM_DIR", "/dev/shm/bench-ram")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="512M,2G,4G", help="template RAM sizes for the latency part")
     ap.add_argument("--repeat", type=int, default=3, help="clones per size and mode in the latency part")
@@ -459,4 +455,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -1,20 +1,35 @@
-"""Helpers the benches share: machine description, timing, units, JSON output."""
+"""Helpers the benches share: console, the common ending, machine description, timing, units, JSON output."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+from rich.console import Console
 
 GB = 1e9
 GIB = float(1 << 30)
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def make_console(width: int = 200) -> Console:
+    """A console whose tables stay whole when the output is a file or a pipe (CI logs)."""
+    return Console(width=None if sys.stdout.isatty() else width, highlight=False)
+
+
+def run_main(main: Callable[[], int | None]) -> NoReturn:
+    """Every bench's ending: SIGTERM unwinds like Ctrl-C (guests stopped, host settings put back,
+    exit 143), and what ``main`` returns is the exit code."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    sys.exit(main() or 0)
 
 
 def best_of(fn: Callable[[], Any], repeat: int) -> tuple[float, list[float]]:

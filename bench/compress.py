@@ -22,21 +22,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS, machine_info, size_arg, write_json
-from rich.console import Console
+from common import RESULTS, machine_info, make_console, run_main, size_arg, write_json
 from rich.table import Table
 
 os.environ.setdefault("MEMVIRT_HOME", "/tmp/bench-compress-state")
 os.environ.setdefault("MEMVIRT_RAM_DIR", "/dev/shm/bench-compress-ram")
 MIB = float(1 << 20)
-console = Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+console = make_console()
 T0 = time.monotonic()
 COUNTER = "/tmp/memtouch.count"
 PHASE = "/tmp/memtouch.phase"
@@ -169,7 +166,6 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from memvirt.compress import tiers
     from memvirt.image.build import default_image
@@ -280,4 +276,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -26,21 +26,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
-from common import GIB, RESULTS, machine_info, write_json
-from rich.console import Console
+from common import GIB, RESULTS, machine_info, make_console, run_main, write_json
 from rich.table import Table
 
 os.environ.setdefault("MEMVIRT_HOME", "/tmp/bench-state")
 os.environ.setdefault("MEMVIRT_RAM_DIR", "/dev/shm/bench-ram")
 
-console = Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+console = make_console()
 T0 = time.monotonic()
 MODES = ("none", "stock", "memvirt")
 HOLD = "memtouch --hot 32M --cold {cold} --content mix --seed 7 --dirty-rate 256K --report 60"
@@ -359,7 +356,6 @@ def main() -> int:
     ap.add_argument("--png", default=str(RESULTS / "dedup.png"))
     args = ap.parse_args()
     # SIGTERM unwinds like Ctrl-C, so KSM settings and VMs are restored by the finally blocks.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     from memvirt.dedup import ksm
 
     if not ksm.available():
@@ -392,4 +388,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

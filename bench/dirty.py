@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, best_of, machine_info, size_arg, write_json
+from common import RESULTS, best_of, machine_info, run_main, size_arg, write_json
 
 from memvirt.memory.source import PAGE_SIZE
 from memvirt.migrate.fingerprint import hash_pages
@@ -126,4 +126,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -38,7 +38,6 @@ import os
 import re
 import resource
 import shutil
-import signal
 import statistics
 import struct
 import subprocess
@@ -49,7 +48,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from common import GIB, RESULTS, fill_and_pause, fs_type, machine_info, size_arg, write_json
+from common import GIB, RESULTS, fill_and_pause, fs_type, machine_info, make_console, run_main, size_arg, write_json
 
 VM_SHARED = "bench-intro"
 VM_ANON = "bench-intro-anon"
@@ -65,9 +64,7 @@ _console: Any = None
 def console() -> Any:
     global _console
     if _console is None:
-        from rich.console import Console
-
-        _console = Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+        _console = make_console()
     return _console
 
 
@@ -817,7 +814,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker is not None:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from memvirt.image.build import default_image
     from memvirt.qemu.accel import qemu_binary
@@ -1073,4 +1069,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import sys
 import tempfile
 import time
 import traceback
@@ -31,8 +29,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import GB, GIB, RESULTS, best_of_interleaved, fill_and_pause, fs_type, machine_info, size_arg, write_json
-from rich.console import Console
+from common import (
+    GB,
+    GIB,
+    RESULTS,
+    best_of_interleaved,
+    fill_and_pause,
+    fs_type,
+    machine_info,
+    make_console,
+    run_main,
+    size_arg,
+    write_json,
+)
 from rich.table import Table
 
 VM_SHARED = "bench-shared"
@@ -42,7 +51,7 @@ GUEST_LOG = "/tmp/bench-memtouch.log"
 FILL_TIMEOUT = 3600.0
 SEED = 20240601
 
-console = Console(width=None if sys.stdout.isatty() else 220, highlight=False)
+console = make_console(220)
 T0 = time.monotonic()
 
 
@@ -304,7 +313,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MEMVIRT_HOME", "/tmp/bench-state")
     os.environ.setdefault("MEMVIRT_RAM_DIR", "/dev/shm/bench-ram")
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from memvirt.image.build import default_image
     from memvirt.memory.open import open_memory
@@ -466,4 +474,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ os.environ.setdefault("MEMVIRT_RAM_DIR", "/dev/shm/bench-pm-ram")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, guest_health, machine_info, size_arg, start_workload, write_json
+from common import RESULTS, guest_health, machine_info, run_main, size_arg, start_workload, write_json
 
 from memvirt.errors import MemvirtError
 from memvirt.image.build import default_image
@@ -85,7 +84,6 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=RESULTS / "pm.json")
     ap.add_argument("--prefix", default="pm-bench", help="VM and LAN name prefix")
     args = ap.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     global LAN
     LAN = args.prefix
     results: dict[str, Any] = {"machine": machine_info(qemu_binary()), "used_target": args.used, "hops": []}
@@ -168,4 +166,4 @@ def print_table(results: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -14,22 +14,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS, machine_info, size_arg, write_json
-from rich.console import Console
+from common import RESULTS, machine_info, make_console, run_main, size_arg, write_json
 from rich.table import Table
 
 os.environ.setdefault("MEMVIRT_HOME", "/tmp/bench-wss-state")
 os.environ.setdefault("MEMVIRT_RAM_DIR", "/dev/shm/bench-wss-ram")
 MIB = float(1 << 20)
 PHASE = "/tmp/memtouch.phase"
-console = Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+console = make_console()
 
 
 def main() -> int:
@@ -41,7 +38,6 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=4.0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     hots = [size_arg(h) for h in args.hot.split(",")]
 
     from memvirt.compress import damon
@@ -113,4 +109,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)
