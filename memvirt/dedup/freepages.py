@@ -17,7 +17,6 @@ import numpy as np
 from memvirt.errors import UsageError
 from memvirt.introspect import Introspector
 from memvirt.introspect.census import Census
-from memvirt.memory.source import PAGE_SHIFT, PAGE_SIZE
 
 PAGE_POISON = 0xAA
 """The byte the guest fills free pages with under ``page_poison=1`` (include/linux/poison.h)."""
@@ -79,47 +78,24 @@ class FreePageOracle:
                 f"the guest's spinlock_t is {lock_size} bytes, not a plain queued spinlock (PREEMPT_RT or lock "
                 "debugging): memvirt cannot tell whether a free list is being changed, so it will not discard"
             )
-        runs = self.scanner.runs
-        self._run_first = np.array([r[0] for r in runs], dtype=np.int64)
-        self._run_end = np.array([r[1] for r in runs], dtype=np.int64)
-        self._run_pa = np.array([r[2] for r in runs], dtype=np.int64)
         self.lock_pas: list[int] = []
 
     def scan(self) -> tuple[Census, FreeBlocks]:
         """A live census and its buddy blocks (candidates only: the guest keeps running)."""
         census = self.intro.scan(live=True)
         self.lock_pas = [self.kv.translate(z.va + self.lock_off) for z in census.zones]
-        return census, FreeBlocks(self.scanner.buddy_heads.copy(), self.scanner.buddy_orders.copy())
+        return census, FreeBlocks(census.buddy_heads, census.buddy_orders)
 
     def locks_free(self) -> bool:
         """No zone's free lists are being changed (call with the guest paused)."""
         return all(int(self.mem.read(pa, 4).view("<u4")[0]) == 0 for pa in self.lock_pas)
-
-    def struct_page_pa(self, pfns: np.ndarray) -> np.ndarray:
-        i = np.searchsorted(self._run_first, pfns, side="right") - 1
-        if (i < 0).any() or (pfns >= self._run_end[np.maximum(i, 0)]).any():
-            raise UsageError("a free block lies outside the guest's struct page array")
-        return self._run_pa[i] + (pfns - self._run_first[i]) * self.scanner.page_size
-
-    def _fields(self, pas: np.ndarray, offset: int, size: int) -> np.ndarray:
-        """``size`` bytes at ``pas + offset`` for each address, as an ``(n, size)`` uint8 array."""
-        at = pas + offset
-        frames = np.unique(np.concatenate((at >> PAGE_SHIFT, (at + size - 1) >> PAGE_SHIFT)))
-        pages = self.mem.read_pages(frames).reshape(-1)
-        byte = at[:, None] + np.arange(size)
-        row = np.searchsorted(frames, byte >> PAGE_SHIFT)
-        return pages[row * PAGE_SIZE + (byte & (PAGE_SIZE - 1))]
 
     def still_free(self, blocks: FreeBlocks) -> FreeBlocks:
         """The part of ``blocks`` still free now (call paused, after :meth:`locks_free`): heads that
         still carry the buddy type, each cut to the smaller of its old and new order."""
         if len(blocks) == 0:
             return blocks
-        pas = self.struct_page_pa(blocks.heads)
-        ptype = np.ascontiguousarray(self._fields(pas, self.scanner.type_off, 4)).view("<u4")[:, 0]
-        priv = np.ascontiguousarray(self._fields(pas, self.scanner.col["private"] * 8, 8)).view("<u8")[:, 0]
-        order = priv.astype(np.int64)
-        ok = self.scanner.types.is_buddy(ptype) & (priv < np.uint64(self.scanner.orders))
+        ok, order = self.scanner.buddy_heads_now(blocks.heads)
         return FreeBlocks(blocks.heads[ok], np.minimum(order[ok], blocks.orders[ok]))
 
     def check_no_poisoning(self, free: FreeBlocks, populated: np.ndarray) -> None:

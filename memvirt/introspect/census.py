@@ -55,6 +55,10 @@ class Census:
     zero: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    buddy_heads: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    """Head frames of the buddy blocks on the free lists (per-cpu lists not included)."""
+    buddy_orders: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    """Order of each block in :attr:`buddy_heads` (the block is ``2**order`` frames)."""
 
     @property
     def free_mask(self) -> np.ndarray:
@@ -102,11 +106,11 @@ class PageScanner:
     def __init__(self, kv: KernelView, layout: Layout):
         self.kv = kv
         self.layout = layout
-        self.page_size = check_range("sizeof(struct page)", layout.struct_size("page"), 16, 4096)
-        if self.page_size % 8:
-            raise GuestStructureError(f"sizeof(struct page) is {self.page_size}: not a multiple of 8")
+        self.struct_page_size = check_range("sizeof(struct page)", layout.struct_size("page"), 16, 4096)
+        if self.struct_page_size % 8:
+            raise GuestStructureError(f"sizeof(struct page) is {self.struct_page_size}: not a multiple of 8")
         # Every field is read inside its struct page (the C loop trusts these offsets).
-        words = self.page_size - 8
+        words = self.struct_page_size - 8
 
         def field(what: str, off: int, last: int = words) -> int:
             return check_range(f"OFFSET(page.{what})", off, 0, last)
@@ -117,7 +121,7 @@ class PageScanner:
             "mapping": field("mapping", _off(layout, "page", "mapping")) // 8,
             "private": field("private", _off(layout, "page", "private")) // 8,
         }
-        self.type_off = field("page_type", _off(layout, "page", "page_type", "_mapcount"), self.page_size - 4)
+        self.type_off = field("page_type", _off(layout, "page", "page_type", "_mapcount"), self.struct_page_size - 4)
         self.head_mask = check_range("PG_head_mask", self._head_mask(kv, layout), 0, (1 << 64) - 1)
         self.types = PageTypes.detect(kv.vmcoreinfo, layout)
         self.pcp = PcpLayout.from_layout(layout)
@@ -125,7 +129,7 @@ class PageScanner:
         self.orders = check_range("LENGTH(zone.free_area)", layout.array_length("zone", "free_area"), 1, MAX_ORDERS)
         self.max_pfn = kv.mem.max_pfn
         self.runs = self._vmemmap_runs()
-        self.block = np.empty((BLOCK_PAGES, self.page_size), dtype=np.uint8)
+        self.block = np.empty((BLOCK_PAGES, self.struct_page_size), dtype=np.uint8)
         self.lru_next = np.zeros(self.max_pfn, dtype=np.uint64)
         self.native = native.load()
         if self.native is not None:
@@ -134,7 +138,7 @@ class PageScanner:
     def _layout_struct(self) -> native.LayoutStruct:
         t = self.types
         return native.LayoutStruct(
-            stride=self.page_size,
+            stride=self.struct_page_size,
             off_flags=self.col["flags"] * 8,
             off_head=self.col["head"] * 8,
             off_mapping=self.col["mapping"] * 8,
@@ -160,7 +164,7 @@ class PageScanner:
     def _vmemmap_runs(self) -> list[tuple[int, int, int]]:
         """``(first_pfn, end_pfn, pa)`` runs of struct pages for the source's RAM frames."""
         runs: list[tuple[int, int, int]] = []
-        per = self.page_size
+        per = self.struct_page_size
         for first, end in self.kv.mem.pfn_ranges():
             pfn = first
             while pfn < end:
@@ -185,19 +189,48 @@ class PageScanner:
             raise BadImage("no struct page of any RAM frame is mapped: vmemmap_base is wrong")
         return runs
 
+    def struct_page_pa(self, pfns: np.ndarray) -> np.ndarray:
+        """Guest-physical address of each frame's struct page (frames must be RAM)."""
+        first = np.array([r[0] for r in self.runs], dtype=np.int64)
+        end = np.array([r[1] for r in self.runs], dtype=np.int64)
+        pa = np.array([r[2] for r in self.runs], dtype=np.int64)
+        i = np.searchsorted(first, pfns, side="right") - 1
+        if (i < 0).any() or (pfns >= end[np.maximum(i, 0)]).any():
+            raise GuestStructureError("a frame lies outside the guest's struct page array")
+        return pa[i] + (pfns - first[i]) * self.struct_page_size
+
+    def buddy_heads_now(self, heads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Re-read only the struct pages of ``heads``: which still carry the buddy page type, and
+        the order each one's ``private`` holds now (a few reads, for a re-check while paused)."""
+        mem = self.kv.mem
+        pas = self.struct_page_pa(heads)
+
+        def fields(offset: int, size: int) -> np.ndarray:
+            at = pas + offset
+            frames = np.unique(np.concatenate((at >> PAGE_SHIFT, (at + size - 1) >> PAGE_SHIFT)))
+            pages = mem.read_pages(frames).reshape(-1)
+            byte = at[:, None] + np.arange(size)
+            row = np.searchsorted(frames, byte >> PAGE_SHIFT)
+            return np.ascontiguousarray(pages[row * PAGE_SIZE + (byte & (PAGE_SIZE - 1))])
+
+        ptype = fields(self.type_off, 4).view("<u4")[:, 0]
+        priv = fields(self.col["private"] * 8, 8).view("<u8")[:, 0]
+        ok = self.types.is_buddy(ptype) & (priv < np.uint64(self.orders))
+        return ok, priv.astype(np.int64)
+
     def _blocks(self) -> Iterator[tuple[int, int, int]]:
         """``(first_pfn, end_pfn, pa)`` pieces of the runs small enough to stay in cache."""
         for pfn0, pfn1, pa in self.runs:
             for p in range(pfn0, pfn1, BLOCK_PAGES):
-                yield p, min(p + BLOCK_PAGES, pfn1), pa + (p - pfn0) * self.page_size
+                yield p, min(p + BLOCK_PAGES, pfn1), pa + (p - pfn0) * self.struct_page_size
 
     def _block(self, mem: GuestMemory, p0: int, p1: int, pa: int) -> np.ndarray:
         """Struct pages of frames ``[p0, p1)``: mapped in place where the source allows (a RAM
         file), else copied into the reused block buffer."""
         n = p1 - p0
-        view = mem.view(pa, n * self.page_size)
+        view = mem.view(pa, n * self.struct_page_size)
         if view is not None:
-            return view.reshape(n, self.page_size)
+            return view.reshape(n, self.struct_page_size)
         blk = self.block[:n]
         mem.read_into(pa, blk.reshape(-1))
         return blk
@@ -283,7 +316,7 @@ class PageScanner:
         tails = np.concatenate(tail_pfns)
         if len(tails):
             hp = (np.concatenate(tail_heads) - np.uint64(1) - np.uint64(self.kv.vmemmap_base)).astype(np.int64)
-            hp //= self.page_size
+            hp //= self.struct_page_size
             ok = (hp >= 0) & (hp < tails)
             if not ok.all():
                 self._inconsistent(live, warnings, f"{int((~ok).sum())} tail pages do not point at a head before them")
@@ -308,6 +341,8 @@ class PageScanner:
             live=live,
             timings=t,
             warnings=warnings,
+            buddy_heads=self.buddy_heads.copy(),
+            buddy_orders=self.buddy_orders.copy(),
         )
         for m in self.types.missing():
             warnings.append(f"not classified: {m}")
@@ -407,7 +442,7 @@ class PageScanner:
                         continue
                     walked: list[int] = []
                     while nxt != head_va:
-                        pfn, rem = divmod(nxt - self.lru - vbase, self.page_size)
+                        pfn, rem = divmod(nxt - self.lru - vbase, self.struct_page_size)
                         if rem or not 0 <= pfn < self.max_pfn or len(walked) > limit or visited[pfn]:
                             self._inconsistent(
                                 live, warnings, f"per-cpu list {i} of cpu {cpu} in zone {z.key} is broken"
@@ -437,7 +472,7 @@ class PageScanner:
             sentinel,
             self.kv.vmemmap_base,
             self.lru,
-            self.page_size,
+            self.struct_page_size,
             out.ctypes.data,
             len(out),
             visited.ctypes.data,
