@@ -69,6 +69,44 @@ def image_612() -> Image:
     return default_image("6.12")
 
 
+GUEST_FIXTURES = frozenset({"guest", "anon_guest", "vm_factory", "image", "image_612"})
+"""Fixtures that boot a guest (or build the image to boot one): a test using one, directly or
+through another fixture, is a guest test whatever its module says. A module whose fixtures start
+QEMU by other means names them in its own ``GUEST_FIXTURES``."""
+LOG_DIR = Path(os.environ.get("MEMVIRT_TEST_LOGS", "/tmp/memvirt-test-logs"))
+"""Where a failed test's guests leave their serial logs (their state folder goes with them)."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that boots a guest ``guest``, so ``-m "not guest"`` really boots none."""
+    for item in items:
+        booting = GUEST_FIXTURES | set(getattr(getattr(item, "module", None), "GUEST_FIXTURES", ()))
+        if booting & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.guest)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    """On a failure, keep the serial logs of the test's guests (copied to LOG_DIR) and show their
+    last lines in the report: the guest's side of the story is gone once the VM is stopped."""
+    rep: pytest.TestReport = yield
+    if rep.failed and rep.when in ("setup", "call"):
+        vms: list[VM] = []
+        for value in getattr(item, "funcargs", {}).values():
+            vms += value.vms if isinstance(value, VMFactory) else [value] if isinstance(value, VM) else []
+        for vm in vms:
+            try:
+                log = vm.serial_log.read_bytes()[-(1 << 20) :]
+            except OSError:
+                continue
+            dest = LOG_DIR / item.name.replace("/", "_") / f"{vm.name}.serial.log"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(log)
+            tail = "\n".join(log.decode(errors="replace").splitlines()[-40:])
+            rep.sections.append((f"guest {vm.name}: serial log (kept in {dest})", tail))
+    return rep
+
+
 class VMFactory:
     def __init__(self) -> None:
         self.vms: list[VM] = []

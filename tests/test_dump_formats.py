@@ -32,6 +32,8 @@ from memvirt.memory.kdump import KdumpMemory
 from memvirt.memory.source import PAGE_SIZE, GuestMemory
 
 QEMU = shutil.which("qemu-system-x86_64")
+GUEST_FIXTURES = {"dumps", "vm4g"}
+"""These start QEMU (paused, no guest kernel) to get real dumps: tests using them are guest tests."""
 MiB = 1 << 20
 GiB = 1 << 30
 RAM_SIZE = 64 * MiB

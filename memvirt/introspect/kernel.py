@@ -18,7 +18,7 @@ import numpy as np
 from memvirt.errors import BadImage, GuestStructureError
 from memvirt.introspect.btf import Btf, BtfLayout, read_btf
 from memvirt.introspect.kallsyms import KALLSYMS_TABLES, Kallsyms, Symbols, read_kallsyms
-from memvirt.introspect.layout import ChainLayout, Layout, LayoutMissing, VmcoreinfoLayout
+from memvirt.introspect.layout import Layout, LayoutMissing, TrackedLayout, VmcoreinfoLayout
 from memvirt.introspect.pgtable import (
     KERNEL_IMAGE_SIZE,
     PageTable,
@@ -195,7 +195,7 @@ class KernelView:
                 raise LayoutMissing(f"no BTF for {self.release}: {self.notes.get('btf', 'not loaded')}")
             return BtfLayout(self.btf)
         if source == "auto":
-            return ChainLayout(vmci, BtfLayout(self.btf)) if self.btf is not None else vmci
+            return TrackedLayout(vmci, BtfLayout(self.btf)) if self.btf is not None else vmci
         raise ValueError(f"unknown layout source {source!r}: use auto, vmcoreinfo or btf")
 
     # -- bootstrap steps ---------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Every layout fact memvirt uses (a struct's size, a member's offset, an array's length, an enum
 value) is asked of a :class:`Layout`. Implementations: :class:`VmcoreinfoLayout` (only what the
 kernel exports in VMCOREINFO), ``BtfLayout`` (``memvirt.introspect.btf``: every type the kernel
-carries in BTF) and :class:`ChainLayout` (the first source that knows). A fact no source has is
+carries in BTF) and :class:`TrackedLayout` (the first source that knows, remembering which
+answered each fact). A fact no source has is
 a :class:`LayoutMissing` error naming it, never a guess.
 
 Facts can also be named with VMCOREINFO's own vocabulary (``SIZE(page)``, ``OFFSET(page.lru)``,
@@ -91,38 +92,55 @@ class VmcoreinfoLayout(KeyedLayout):
         return f"OFFSET({struct}.{path})" in self.info
 
 
-class ChainLayout:
-    """Asks each source in turn; a fact missing from all is a :class:`LayoutMissing` naming it."""
+class TrackedLayout:
+    """Asks sources in order and records which one answered each fact (``provenance``)."""
 
     def __init__(self, *layouts: Layout):
-        if not layouts:
-            raise ValueError("ChainLayout needs at least one layout")
         self.layouts = layouts
-        self.source = "+".join(layout.source for layout in layouts)
+        self.source = "+".join(x.source for x in layouts)
+        self.provenance: dict[str, str] = {}
+        self.values: dict[str, int] = {}
 
-    def _first(self, method: str, *args: str) -> int:
+    def _first(self, fact: str, method: str, *args: str) -> int:
         errors = []
         for layout in self.layouts:
             try:
-                return getattr(layout, method)(*args)
+                fn = getattr(layout, method, None)
+                if fn is None:
+                    continue
+                value = fn(*args)
             except LayoutMissing as e:
                 errors.append(str(e))
-        raise LayoutMissing("; ".join(errors))
+                continue
+            self.provenance[fact] = layout.source
+            self.values[fact] = value
+            return value
+        raise LayoutMissing(f"no layout source knows {fact}: " + "; ".join(errors))
 
     def struct_size(self, name: str) -> int:
-        return self._first("struct_size", name)
+        return self._first(f"SIZE({name})", "struct_size", name)
 
     def member_offset(self, struct: str, path: str) -> int:
-        return self._first("member_offset", struct, path)
+        return self._first(f"OFFSET({struct}.{path})", "member_offset", struct, path)
 
     def array_length(self, struct: str, path: str) -> int:
-        return self._first("array_length", struct, path)
+        return self._first(f"LENGTH({struct}.{path})", "array_length", struct, path)
 
     def enum_value(self, enum: str, name: str) -> int:
-        return self._first("enum_value", enum, name)
+        return self._first(f"ENUM({enum}.{name})", "enum_value", enum, name)
+
+    def constant(self, name: str) -> int:
+        return self._first(f"CONST({name})", "constant", name)
 
     def has_member(self, struct: str, path: str) -> bool:
-        return any(layout.has_member(struct, path) for layout in self.layouts)
+        return any(x.has_member(struct, path) for x in self.layouts)
+
+    def summary(self) -> dict[str, int]:
+        """How many facts each source supplied."""
+        out: dict[str, int] = {}
+        for src in self.provenance.values():
+            out[src] = out.get(src, 0) + 1
+        return out
 
 
 _FACT = re.compile(r"^(SIZE|OFFSET|LENGTH|NUMBER|ENUM)\(([A-Za-z0-9_]+)(?:\.([A-Za-z0-9_.\[\]]+))?\)$")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from memvirt.introspect.kernel import KernelView
-from memvirt.introspect.layout import Layout, LayoutMissing, VmcoreinfoLayout
+from memvirt.introspect.layout import Layout, LayoutMissing, TrackedLayout, VmcoreinfoLayout
 
 CHOICES: tuple[str, ...] = ("auto", "vmcoreinfo", "btf", "headers")
 
@@ -49,57 +49,6 @@ class LazyLayout:
             return self._get().has_member(struct, path)
         except LayoutMissing:
             return False
-
-
-class TrackedLayout:
-    """Asks sources in order and records which one answered each fact (``provenance``)."""
-
-    def __init__(self, *layouts: Layout):
-        self.layouts = layouts
-        self.source = "+".join(x.source for x in layouts)
-        self.provenance: dict[str, str] = {}
-        self.values: dict[str, int] = {}
-
-    def _first(self, fact: str, method: str, *args: str) -> int:
-        errors = []
-        for layout in self.layouts:
-            try:
-                fn = getattr(layout, method, None)
-                if fn is None:
-                    continue
-                value = fn(*args)
-            except LayoutMissing as e:
-                errors.append(str(e))
-                continue
-            self.provenance[fact] = layout.source
-            self.values[fact] = value
-            return value
-        raise LayoutMissing(f"no layout source knows {fact}: " + "; ".join(errors))
-
-    def struct_size(self, name: str) -> int:
-        return self._first(f"SIZE({name})", "struct_size", name)
-
-    def member_offset(self, struct: str, path: str) -> int:
-        return self._first(f"OFFSET({struct}.{path})", "member_offset", struct, path)
-
-    def array_length(self, struct: str, path: str) -> int:
-        return self._first(f"LENGTH({struct}.{path})", "array_length", struct, path)
-
-    def enum_value(self, enum: str, name: str) -> int:
-        return self._first(f"ENUM({enum}.{name})", "enum_value", enum, name)
-
-    def constant(self, name: str) -> int:
-        return self._first(f"CONST({name})", "constant", name)
-
-    def has_member(self, struct: str, path: str) -> bool:
-        return any(x.has_member(struct, path) for x in self.layouts)
-
-    def summary(self) -> dict[str, int]:
-        """How many facts each source supplied."""
-        out: dict[str, int] = {}
-        for src in self.provenance.values():
-            out[src] = out.get(src, 0) + 1
-        return out
 
 
 def _headers(kv: KernelView) -> LazyLayout:
