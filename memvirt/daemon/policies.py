@@ -14,7 +14,6 @@ KSM) act now; measuring goes on regardless.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -66,7 +65,8 @@ def give_back_freed_memory() -> None:
 
 
 def pausing_dir() -> Path:
-    """Journal of the VMs inside a reclaim pass (:mod:`memvirt.daemon.watchdog` resumes them)."""
+    """The pause marks of the daemon's reclaims (:mod:`memvirt.dedup.watchdog`: the daemon's one
+    watchdog resumes a guest marked here if the daemon dies inside its pause)."""
     from memvirt.daemon.control import run_dir
 
     d = run_dir() / "pausing"
@@ -142,9 +142,16 @@ class VMWorker:
     """One VM's policies in a thread of its own."""
 
     def __init__(
-        self, target: Target, policy: VMPolicy, metrics: Metrics, engaged: threading.Event, sample_every: float
+        self,
+        target: Target,
+        policy: VMPolicy,
+        metrics: Metrics,
+        engaged: threading.Event,
+        sample_every: float,
+        shelf: Any = None,
     ):
         self.target, self.policy, self.metrics = target, policy, metrics
+        self.shelf = shelf
         self.engaged = engaged
         self.sample_every = sample_every
         self._stop = threading.Event()
@@ -310,7 +317,8 @@ class VMWorker:
             self.rec = None
         if self.rec is None:
             with _BOOTSTRAP:
-                self.rec = Reclaimer(self.target.vm, goal_ms_per_gib=goal)
+                mark = pausing_dir() / f"{self.name}.json"
+                self.rec = Reclaimer(self.target.vm, goal_ms_per_gib=goal, mark=mark, shelf=self.shelf)
                 give_back_freed_memory()
         return self.rec
 
@@ -334,13 +342,7 @@ class VMWorker:
             with self._lock:
                 self.state["reclaim"] = f"skipped: guest {st}"
             return True
-        rec = self._reclaimer(r.goal_ms_per_gib)
-        entry = pausing_dir() / f"{self.name}.json"
-        entry.write_text(json.dumps({"name": self.name, "qmp": str(vm.qmp_path)}))
-        try:
-            rep = rec.run()
-        finally:
-            entry.unlink(missing_ok=True)
+        rep = self._reclaimer(r.goal_ms_per_gib).run()
         m, n = self.metrics, self.name
         m.reclaimed.labels(vm=n).inc(max(rep.reclaimed_bytes, 0))
         for p in rep.pauses_ms:
@@ -375,7 +377,7 @@ class VMWorker:
         if self._retry.get("free", 0) > now:
             return True
         try:
-            census, _ = self._reclaimer(self.policy.reclaim.goal_ms_per_gib).oracle.scan()
+            census, _ = self._reclaimer(self.policy.reclaim.goal_ms_per_gib).scan()
         except Exception as e:  # noqa: BLE001 - introspection may be impossible (no kernel yet, odd guest)
             wait = self._backoff["free"] = min(self._backoff.get("free", BACKOFF[0] / 2) * 2, BACKOFF[1])
             self._retry["free"] = now + wait

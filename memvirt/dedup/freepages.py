@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from memvirt.errors import UsageError
+from memvirt.errors import MemvirtError, UsageError
 from memvirt.introspect import Introspector
 from memvirt.introspect.census import Census
 from memvirt.memory.source import PAGE_SHIFT, PAGE_SIZE
@@ -84,6 +84,12 @@ class FreePageOracle:
         self._run_end = np.array([r[1] for r in runs], dtype=np.int64)
         self._run_pa = np.array([r[2] for r in runs], dtype=np.int64)
         self.lock_pas: list[int] = []
+        # Looked up now, not at the poisoning check: a bootstrap records (for the build-id cache
+        # or a shared shelf) the symbols asked before its first census.
+        try:
+            self._cmdline_ptr: int | None = self.kv.symbol("saved_command_line")
+        except MemvirtError:
+            self._cmdline_ptr = None
 
     def scan(self) -> tuple[Census, FreeBlocks]:
         """A live census and its buddy blocks (candidates only: the guest keeps running)."""
@@ -126,9 +132,9 @@ class FreePageOracle:
         """Refuse a guest that poisons free pages: it checks the poison when it allocates them, and a
         discarded page reads as zeros. (``init_on_free`` is fine: it wants free pages zero.)"""
         try:
-            cmdline = self.kv.read_cstr_va(self.kv.read_u64_va(self.kv.symbol("saved_command_line")), 4096).decode(
-                errors="replace"
-            )
+            if self._cmdline_ptr is None:
+                raise UsageError("no saved_command_line")
+            cmdline = self.kv.read_cstr_va(self.kv.read_u64_va(self._cmdline_ptr), 4096).decode(errors="replace")
         except Exception:  # noqa: BLE001 - a kernel without the symbol: the content test below still runs
             cmdline = ""
         if any(arg in cmdline.split() for arg in POISON_ARGS):
