@@ -43,10 +43,10 @@ def test_bad_input_ends_the_demo_and_an_interrupt_is_recorded() -> None:
 def test_the_daemon_step_acts_on_the_demo_vm_only(name: str) -> None:
     """The demo's memvirtd config is valid; it reclaims and measures the demo VM and changes
     nothing of any other VM of the host (nor KSM's host-wide settings)."""
+    import tomllib
+
     from memvirt.cli.daemon import demo_config
     from memvirt.daemon.config import parse
-
-    import tomllib
 
     cfg = parse(tomllib.loads(demo_config(name)), "demo")
     mine = cfg.for_vm(name)
