@@ -276,6 +276,8 @@ class VMWorker:
             self.ctl = self._controller(c)
             self._ctl_policy = c
         samples = self.ctl.step()
+        for st in self.ctl.states:
+            st.samples.clear()  # the controller keeps its run's history; a service must not
         s = samples[-1]
         m, n = self.metrics, self.name
         m.working_set.labels(vm=n).set(s.wss)

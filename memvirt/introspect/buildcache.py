@@ -397,6 +397,8 @@ class Shelf:
         key = f"{stem}-{entry['content']}"
         with self._lock:
             old = self._entries.get(key)
+            if old is None and sum(k.startswith(f"{stem}-") for k in self._entries) >= MAX_CANDIDATES:
+                return  # more variants of one build can only come from hostile guests: bounded
             if old is not None:
                 for table in ("symbols", "facts", "sources"):
                     entry[table] = {**entry[table], **old[table]}
