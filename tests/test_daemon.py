@@ -38,6 +38,7 @@ ROOT = Path(__file__).parents[1]
 CAP = 2 << 30
 CONFIG = f"""
 interval = 2
+guest_free_every = 2
 
 [reclaim]
 enabled = false

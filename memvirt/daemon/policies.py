@@ -149,9 +149,11 @@ class VMWorker:
         engaged: threading.Event,
         sample_every: float,
         shelf: Any = None,
+        free_every: float = 30.0,
     ):
         self.target, self.policy, self.metrics = target, policy, metrics
         self.shelf = shelf
+        self.free_every = free_every
         self.engaged = engaged
         self.sample_every = sample_every
         self._stop = threading.Event()
@@ -171,6 +173,7 @@ class VMWorker:
         self._backoff: dict[str, float] = {}
         self._next_reclaim = time.monotonic() + 2.0
         self._next_sample = 0.0
+        self._next_free = 0.0
         self.thread = threading.Thread(target=self._run, name=f"vm:{target.name}", daemon=True)
 
     @property
@@ -180,11 +183,11 @@ class VMWorker:
     def start(self) -> None:
         self.thread.start()
 
-    def set_policy(self, policy: VMPolicy, sample_every: float) -> None:
+    def set_policy(self, policy: VMPolicy, sample_every: float, free_every: float = 30.0) -> None:
         """A reloaded config: the loop picks it up at its next turn (a changed compression policy
         restarts the controller, the cap going back as found in between)."""
         with self._lock:
-            self.policy, self.sample_every = policy, sample_every
+            self.policy, self.sample_every, self.free_every = policy, sample_every, free_every
 
     def stop(self, wait: float = 30.0) -> None:
         self._stop.set()
@@ -376,8 +379,9 @@ class VMWorker:
         m.ksm_merging.labels(vm=n).set(st.get("ksm_merging_pages", 0) * 4096)
         with self._lock:
             self.state.update(resident_bytes=resident, swapped_bytes=swapped)
-        if self._retry.get("free", 0) > now:
+        if self._retry.get("free", 0) > now or now < self._next_free:
             return True
+        self._next_free = now + self.free_every
         try:
             census, _ = self._reclaimer(self.policy.reclaim.goal_ms_per_gib).scan()
         except Exception as e:  # noqa: BLE001 - introspection may be impossible (no kernel yet, odd guest)

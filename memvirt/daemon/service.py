@@ -217,7 +217,7 @@ class Daemon:
         self.cfg = cfg
         self.trigger = HostTrigger(cfg.trigger)
         for name, w in self.workers.items():
-            w.set_policy(cfg.for_vm(name), cfg.interval)
+            w.set_policy(cfg.for_vm(name), cfg.interval, cfg.guest_free_every)
         self.reloads["ok"] += 1
         self.reloads["last_error"] = None
         log.info("config reloaded from %s", cfg.path)
@@ -241,7 +241,15 @@ class Daemon:
             self.metrics.drop_vm(name)
         for name, t in found.items():
             if name not in self.workers:
-                w = VMWorker(t, self.cfg.for_vm(name), self.metrics, self.engaged, self.cfg.interval, self.shelf)
+                w = VMWorker(
+                    t,
+                    self.cfg.for_vm(name),
+                    self.metrics,
+                    self.engaged,
+                    self.cfg.interval,
+                    self.shelf,
+                    self.cfg.guest_free_every,
+                )
                 self.workers[name] = w
                 w.start()
                 log.info("managing VM %s (%s, pid %d)", name, t.source, t.pid)
