@@ -102,11 +102,12 @@ def status(
 
 def print_status(st: dict) -> None:
     """The daemon's status: one line for the host, a table of VMs, then any failing policy."""
-    t = st.get("trigger", {})
+    t, host = st.get("trigger", {}), st.get("host", {})
     out.print(
         f"memvirtd pid {st.get('pid')}: config {st.get('config')}; trigger {t.get('mode')} "
         f"({'acting' if t.get('engaged') else 'idle'}: {t.get('reason')}); KSM {st.get('ksm')}; "
-        f"metrics {st.get('metrics')}"
+        f"metrics {st.get('metrics')}; itself: {host.get('daemon_cpu_seconds', '?')} s CPU, "
+        f"{human(host.get('daemon_rss_bytes', 0))} RSS"
     )
     rows, errors = [], []
     for v in st.get("vms", []):
@@ -213,10 +214,8 @@ def print_demo_daemon(d: dict) -> None:
     st = d["status"]
     out.print(f"[bold]memvirtd[/] over the demo VM for {d['seconds']} s; [bold]memvirt status[/] then said:")
     print_status(st)
-    host = st.get("host", {})
     out.print(
-        f"the daemon itself: {host.get('daemon_cpu_seconds', '?')} s of CPU, "
-        f"{human(host.get('daemon_rss_bytes', 0))} resident; stopped with SIGTERM: exit {d['exit_code']}, "
+        f"stopped with SIGTERM: exit {d['exit_code']}, "
         f"guest {d['guest_status'] if d['guest_alive'] else 'NOT ANSWERING'}"
     )
 
