@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from memvirt.compress.wss import smaps_fields
 from memvirt.daemon import control
-from memvirt.dedup import ksm
+from memvirt.dedup import ksm, watchdog
 from memvirt.paths import state_home
 from memvirt.qemu.memcg import UNLIMITED
 from memvirt.qemu.vm import VM
@@ -38,6 +38,7 @@ ROOT = Path(__file__).parents[1]
 CAP = 2 << 30
 CONFIG = f"""
 interval = 2
+guest_free_every = 2
 
 [reclaim]
 enabled = false
@@ -339,9 +340,7 @@ def test_sigkill_leaves_guests_running_uncapped_unpaused_then_a_restart_adopts(
     assert ksm.read("run") == 1
     # Killed inside a reclaim pause: the journal entry the worker keeps around a pass, and the
     # guest stopped, as Reclaimer leaves it between its 'stop' and its 'cont'.
-    (state_home() / "memvirtd" / "pausing" / "anon-guest.json").write_text(
-        json.dumps({"name": "anon-guest", "qmp": str(anon_guest.qmp_path)})
-    )
+    watchdog.mark_paused(state_home() / "memvirtd" / "pausing" / "anon-guest.json", anon_guest, pid=d.proc.pid)
     anon_guest.pause()
     assert anon_guest.status() == "paused"
     d.proc.kill()
