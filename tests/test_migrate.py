@@ -29,8 +29,9 @@ import pytest
 from cli import assert_error_after_progress, assert_one_line_error
 
 from memvirt.introspect import Introspector
+from memvirt.memory import pagehash as fingerprint
 from memvirt.memory.ramfile import RamFileMemory
-from memvirt.migrate import codec, fingerprint
+from memvirt.migrate import codec
 from memvirt.migrate.protocol import AuthError, Kind, ProtocolError, client_handshake
 from memvirt.qemu.vm import VM
 

@@ -10,8 +10,9 @@ import typer
 
 from memvirt.cli.output import emit_json, err, human, out, table
 from memvirt.errors import MemvirtError
+from memvirt.memory.source import PAGE_SIZE
 from memvirt.migrate.codec import CHOICES
-from memvirt.migrate.precopy import PAGE, Round
+from memvirt.migrate.precopy import Round
 from memvirt.migrate.protocol import DEFAULT_PORT, SECRET_ENV, SECRET_FORMS, check_insecure, load_secret, parse_endpoint
 from memvirt.units import parse_size
 
@@ -82,7 +83,7 @@ def migrate(
         ["", "VALUE"],
         [
             ["rounds", len(report.rounds)],
-            ["pages sent as data", f"{pages['data']} ({human(pages['data'] * PAGE)})"],
+            ["pages sent as data", f"{pages['data']} ({human(pages['data'] * PAGE_SIZE)})"],
             ["zero pages (markers)", pages["zero"]],
             ["duplicates (references)", pages["dup"]],
             ["free at pause (not sent)", pages["free_final"]],

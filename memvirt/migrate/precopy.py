@@ -27,12 +27,12 @@ import numpy as np
 import xxhash
 
 from memvirt.errors import MemvirtError
+from memvirt.memory.pagehash import ZERO_HASH, hash_pages
 from memvirt.memory.ramfile import RamFileMemory
+from memvirt.memory.source import PAGE_SIZE
 from memvirt.migrate import codec
-from memvirt.migrate.fingerprint import ZERO_HASH, hash_pages
 from memvirt.migrate.protocol import QUEUE_DEPTH, Kind
 
-PAGE = 4096
 BATCH_PAGES = 256
 DUP_CHECK = 4096
 MAX_PAIRS = 1 << 20
@@ -83,14 +83,14 @@ class Tracker:
             self.ram[a:b] = True
         self._populated: np.ndarray | None = None
         """Frames the RAM file backs, as of the last round (only the holes are probed again)."""
-        self._ring = [np.empty((BATCH_PAGES, PAGE), dtype=np.uint8) for _ in range(RING)]
+        self._ring = [np.empty((BATCH_PAGES, PAGE_SIZE), dtype=np.uint8) for _ in range(RING)]
         self._turn = 0
         self._views: list[tuple[int, int, np.ndarray]] = []
         for r in mem.regions:
             view = mem.view(r.gpa, r.size)
             if view is None:
                 raise MemvirtError(f"{mem.describe()} cannot be mapped for migration")
-            self._views.append((r.gpa // PAGE, r.end // PAGE, view.reshape(-1, PAGE)))
+            self._views.append((r.gpa // PAGE_SIZE, r.end // PAGE_SIZE, view.reshape(-1, PAGE_SIZE)))
 
     def digest(self) -> str:
         """What the target must hold, in one value: XXH3-128 over ``held``."""
@@ -133,7 +133,7 @@ class Tracker:
         for batch in _split(data, BATCH_PAGES):
             st.wire_bytes += self._send_data(batch, send)
         self.chooser.pause()
-        st.data, st.data_bytes = len(data), len(data) * PAGE
+        st.data, st.data_bytes = len(data), len(data) * PAGE_SIZE
         for part in range(0, len(dst), MAX_PAIRS):
             d, s = dst[part : part + MAX_PAIRS], src[part : part + MAX_PAIRS]
             st.wire_bytes += send(Kind.DUP, [codec.encode_pairs(d, s)])
@@ -184,7 +184,7 @@ class Tracker:
     def _read(self, pfns: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Copies of the pages ``pfns`` (all populated: a mapping's read of a hole would allocate
         it), gathered from the mapped RAM file in one vectorized step per region."""
-        out = np.empty((len(pfns), PAGE), dtype=np.uint8) if out is None else out[: len(pfns)]
+        out = np.empty((len(pfns), PAGE_SIZE), dtype=np.uint8) if out is None else out[: len(pfns)]
         for p0, p1, pages in self._views:
             sel = (pfns >= p0) & (pfns < p1)
             if sel.all():

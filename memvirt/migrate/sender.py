@@ -25,7 +25,7 @@ import numpy as np
 from memvirt.errors import MemvirtError, UsageError, VMError
 from memvirt.memory.ramfile import RamFileMemory
 from memvirt.migrate.codec import CodecChooser
-from memvirt.migrate.precopy import PAGE, Round, Tracker
+from memvirt.migrate.precopy import Round, Tracker
 from memvirt.migrate.protocol import (
     Channel,
     Kind,
@@ -36,7 +36,6 @@ from memvirt.migrate.protocol import (
     check_secret,
     client_handshake,
 )
-from memvirt.migrate.receiver import IGNORE_SHARED
 from memvirt.migrate.throttle import Throttle
 from memvirt.migrate.watchdog import COMMITTED, spawn_source_guard
 from memvirt.paths import touch_private
@@ -242,7 +241,7 @@ def migrate(
             },
         )
         with vm.monitor() as m:
-            m.command("migrate-set-capabilities", capabilities=IGNORE_SHARED)
+            m.set_capabilities(x_ignore_shared=True)
         chan.recv_json(Kind.READY)
         report.setup_seconds = time.perf_counter() - t0
         with RamFileMemory(c.ram_path, vm.regions) as mem:
@@ -384,4 +383,4 @@ def _resume(vm: VM, mon: Monitor | None) -> None:
         raise VMError(f"migration failed and the source {vm.name!r} could not be resumed: {e}") from None
 
 
-__all__ = ["PAGE", "Report", "migrate"]
+__all__ = ["Report", "migrate"]

@@ -533,7 +533,7 @@ class FingerprintTracker:
         self.prev = self._hashes()
 
     def _hashes(self) -> np.ndarray:
-        from memvirt.migrate.fingerprint import hash_pages
+        from memvirt.memory.pagehash import hash_pages
 
         return np.concatenate([hash_pages(chunk) for _gpa, chunk in self.mem.chunks()])
 

@@ -65,6 +65,12 @@ class Monitor:
     def status(self) -> str:
         return str(self.command("query-status")["status"])
 
+    def set_capabilities(self, **states: bool) -> None:
+        """``migrate-set-capabilities``, named as keywords (``x_ignore_shared=True`` for QEMU's
+        ``x-ignore-shared``): the one place the capability list is spelled out."""
+        caps = [{"capability": k.replace("_", "-"), "state": v} for k, v in states.items()]
+        self.command("migrate-set-capabilities", capabilities=caps)
+
     def wait_event(self, name: str, timeout: float) -> dict[str, Any] | None:
         """The next event called ``name`` within ``timeout`` seconds, or None."""
         deadline = time.monotonic() + timeout
