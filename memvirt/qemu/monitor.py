@@ -52,7 +52,7 @@ class Monitor:
         try:
             return self._qmp.cmd(name, **args)
         except ExecuteError as e:
-            raise VMError(f"QEMU refused {name} on VM {self.vm_name!r}: {e.error.desc}") from None
+            raise VMError(f"QEMU refused {name} on VM {self.vm_name!r}: {e}") from None  # str() is error.error.desc
         except (OSError, QMPError, EOFError) as e:
             raise VMError(f"lost QEMU of VM {self.vm_name!r} during {name}: {e}") from None
         except TimeoutError:
