@@ -143,6 +143,8 @@ def hop_memvirt(src: VM, dst: str, elide: bool, bandwidth: int, dirty: str = "au
         "dirty_method": rep.dirty_method,
         "final_round_ms": rep.final_round_seconds * 1000,
         "final_pages": rep.rounds[-1].hashed if rep.rounds else 0,
+        "switch_over_ms": {k: round(v * 1000, 1) for k, v in rep.switch_over.items()},
+        "track_ms": rep.track_seconds * 1000,
     }
 
 

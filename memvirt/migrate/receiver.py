@@ -49,6 +49,7 @@ from memvirt.migrate.protocol import (
     ProtocolError,
     check_insecure,
     check_secret,
+    parse_json,
     server_handshake,
 )
 from memvirt.paths import cache_home, private_dir, private_file, ram_dir, touch_private
@@ -433,6 +434,8 @@ def receive_one(chan: Channel, peer: str, log: Log, hold_file: Path | None = Non
             )
             if kind == Kind.ROUND_END:
                 res.rounds += 1
+                if not parse_json(Kind.ROUND_END, payload).get("final"):
+                    chan.send_json(Kind.ROUND_ACK, {"round": res.rounds - 1})
                 if qemu.done():
                     qemu.result()
             elif kind == Kind.DEVSTATE:
