@@ -386,10 +386,13 @@ def test_migrate_invariant_final_round_and_guest_runs_on(image, vm_factory, host
     assert report["dirty_method"] == "uffd-wp" and report["verify"] == "full" and report["rounds"] == 3
     assert report["pages"]["data"] > 0 and report["pages"]["free_final"] > 0 and report["downtime_seconds"] > 0
     first, final = report["per_round"][0], report["per_round"][-1]
-    assert final["final"] and final["written"] >= MARKS, final
-    # Read in the final round: the marker pages, what the guest wrote meanwhile (physaddr's start,
-    # the agent, the kernel: a few hundred pages here), never a pass over the pages in use.
-    assert MARKS <= final["hashed"] <= MARKS + 1500 and final["hashed"] < first["hashed"] // 4, (first, final)
+    # Written after the last live round: the marker pages and what the guest wrote meanwhile
+    # (physaddr's start, the agent's polling, the kernel: 1,000-2,000 pages on a loaded host).
+    assert final["final"] and MARKS <= final["written"] <= MARKS + 6000, final
+    # Read in the final round: the written pages (and the few allocated since the last census
+    # without a write), never a pass over the pages in use.
+    assert MARKS <= final["hashed"] <= final["written"] + 256, final
+    assert final["hashed"] < first["hashed"] // 4, (first, final)
     assert final["data"] >= MARKS, "the marker pages are unique: sent as data"
     assert not src.alive() and not src.dir.exists(), "the source must be stopped once the target runs"
     os.environ["MEMVIRT_HOME"], home = host_b["MEMVIRT_HOME"], os.environ["MEMVIRT_HOME"]
