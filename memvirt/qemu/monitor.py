@@ -65,6 +65,15 @@ class Monitor:
     def status(self) -> str:
         return str(self.command("query-status")["status"])
 
+    def send_fd(self, fd: int, name: str) -> None:
+        """Hand QEMU a copy of descriptor ``fd`` (SCM_RIGHTS on the QMP socket) as ``name``, for
+        ``fd:NAME`` URIs: no ``exec:`` shell forked from QEMU."""
+        try:
+            self._qmp.send_fd_scm(fd)
+        except (OSError, QMPError) as e:
+            raise VMError(f"lost QEMU of VM {self.vm_name!r} while passing it a descriptor: {e}") from None
+        self.command("getfd", fdname=name)
+
     def set_capabilities(self, **states: bool) -> None:
         """``migrate-set-capabilities``, named as keywords (``x_ignore_shared=True`` for QEMU's
         ``x-ignore-shared``): the one place the capability list is spelled out."""
