@@ -93,12 +93,12 @@ class Report:
     verify: str = "digest"
     verify_seconds: float = 0.0
     track_seconds: float = 0.0
+    """Starting the dirty tracker (a look for other writers of the RAM file, the borrow, protecting all)."""
     drain_seconds: float = 0.0
     """Waiting, after each live round, for the receiver to write it."""
     switch_over: dict[str, float] = field(default_factory=dict)
     """Where the downtime went, seconds from the pause: final round done, device state saved,
     target verified and loaded (VERIFIED), target running (RUNNING)."""
-    """Starting the dirty tracker (a look for other writers of the RAM file, the borrow, protecting all)."""
 
     def pages(self) -> dict[str, int]:
         """Pages per class over all rounds; ``free_final`` were free at pause and never needed."""
@@ -166,7 +166,7 @@ def _free_mask(intro: object | None, n: int, live: bool) -> np.ndarray:
     if intro is None:
         return free
     try:
-        mask = intro.scan(live=live).free_mask
+        mask = intro.scan(live=live).free_mask  # type: ignore[attr-defined]
     except MemvirtError:
         return free
     m = min(n, len(mask))
@@ -365,7 +365,7 @@ def migrate(
                     alone = (
                         "the census and switch-over alone take"
                         if tracked
-                        else ("fingerprinting the pages in use alone takes")
+                        else "fingerprinting the pages in use alone takes"
                     )
                     report.stop_reason = (
                         f"dirty set stopped shrinking, and {alone} {floor * 1000:.0f} ms (est. {est * 1000:.0f} ms)"
