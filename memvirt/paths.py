@@ -15,14 +15,10 @@ import os
 import stat
 from pathlib import Path
 
-from memvirt.errors import UsageError
+from memvirt.errors import UnsafePath
 
 PRIVATE_FILE = 0o600
 READONLY_FILE = 0o400
-
-
-class UnsafePath(UsageError):
-    """A folder or file memvirt would put guest memory in is not private to this user."""
 
 
 def private_dir(path: Path | str, exclusive: bool = False) -> Path:

@@ -34,7 +34,6 @@ Progress = Callable[[str, int, int], None]
 RESTORE_TIMEOUT = 60.0
 GUEST_TIMEOUT = 60.0
 COPY_CHUNK = 64 << 20
-TEMPLATE_ONLY = ("frozen", "ram_file_mode")
 
 
 @dataclass
@@ -150,7 +149,8 @@ def start_clone(template: VM, name: str, eager: bool = False, progress: Progress
         append=c.append,
         regions=c.regions,
         started=time.time(),
-        extra={k: v for k, v in c.extra.items() if k not in TEMPLATE_ONLY},
+        workload=c.workload,  # the guest's processes, its workload among them, go on in the clone
+        migrated=c.migrated,
         clone_of=template.name,
         ram_path=str(rams / f"{name}.ram") if rams else "",
         backing="" if eager else c.ram_path,
@@ -165,14 +165,8 @@ def start_clone(template: VM, name: str, eager: bool = False, progress: Progress
         image = load_image(Path(c.image))
         t = time.perf_counter()
         with open(state_file(template), "rb") as state:
-            proc = launch_qemu(vm, image, incoming="defer", pass_fds=(state.fileno(),))
             state_fd = state.fileno()
-        pidfile = vdir / "qemu.pid"
-        if pidfile.exists():
-            config.pid = int(pidfile.read_text().strip() or 0)
-        if proc.returncode != 0:
-            msg = proc.stderr.strip().splitlines()
-            raise VMError(f"QEMU failed to start clone {name!r}: {msg[-1] if msg else 'exit ' + str(proc.returncode)}")
+            launch_qemu(vm, image, "clone", incoming="defer", pass_fds=(state_fd,))
         vm.save()
         result.qemu_seconds = time.perf_counter() - t
         t = time.perf_counter()

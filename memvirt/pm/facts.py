@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memvirt.errors import MemvirtError, UsageError
+from memvirt.errors import MemvirtError, PMFailed, PMRefused
 from memvirt.qemu.lan import SHARED_SERIAL, STORE_SERIAL
 from memvirt.qemu.vm import VM
 
@@ -26,14 +26,6 @@ true
 """
 IMAGE_MARGIN = 32 << 20
 """Room the target's kernel needs beside the image while it loads it (metadata, buffers)."""
-
-
-class PMRefused(UsageError):
-    """The two machines cannot migrate (different kernels, no hibernation support, ...)."""
-
-
-class PMFailed(MemvirtError):
-    """The migration started and failed; the source was thawed and runs on."""
 
 
 @dataclass(frozen=True)

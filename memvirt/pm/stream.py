@@ -19,6 +19,8 @@ import xxhash
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from memvirt.errors import StreamError
+
 HEADER = struct.Struct("<BBHIQ")
 TAG = 16
 MAX_FRAME = 8 << 20
@@ -56,10 +58,6 @@ class Codec(IntEnum):
     NONE = 0
     LZ4 = 1
     ZSTD = 2
-
-
-class StreamError(Exception):
-    """A frame that fails its tag, its sequence or its framing."""
 
 
 def direction_key(key: bytes, label: bytes) -> bytes:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memvirt.pm.facts import PMFailed
+from memvirt.errors import ZramError
 from memvirt.qemu.vm import VM
 
 STATE = "/run/memvirt-pm.zram"
@@ -69,10 +69,6 @@ done
 rmdir $cg 2>/dev/null
 echo "over=$over rounds=$i seconds=$(awk -v a="$t0" '{print $1 - a}' /proc/uptime)"
 """
-
-
-class ZramError(PMFailed):
-    """memvirt's zram swap device could not be set up or removed."""
 
 
 @dataclass

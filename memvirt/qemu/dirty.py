@@ -40,7 +40,7 @@ from typing import Protocol
 
 import numpy as np
 
-from memvirt.errors import MemvirtError, NotFound, UsageError, VMError
+from memvirt.errors import MemvirtError, NotFound, Unsupported, UsageError, VMError
 from memvirt.memory.source import PAGE_SHIFT, PAGE_SIZE, Region
 from memvirt.qemu.vm import VM
 
@@ -118,10 +118,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 _libc.ioctl.restype = ctypes.c_int
 _libc.syscall.restype = ctypes.c_long
-
-
-class Unsupported(MemvirtError):
-    """The kernel (or QEMU's privileges) lacks what write tracking needs; callers may fall back."""
 
 
 def _ioctl(fd: int, request: int, arg: ctypes.Structure | None) -> int:
