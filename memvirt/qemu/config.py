@@ -102,7 +102,8 @@ class VMConfig:
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
         d = dict(data)
-        _upgrade(d, d.pop("extra", None) or {})
+        extra = d.pop("extra", None)
+        _upgrade(d, {} if extra is None else extra)
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(d) - set(known))
         if unknown:
