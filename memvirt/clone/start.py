@@ -118,7 +118,7 @@ def clone(
                 unfreeze(src, was)
             if report.clones and isinstance(e, MemvirtError):
                 made = ", ".join(c.name for c in report.clones)
-                raise type(e)(f"{e} (clones already running: {made})") from None
+                raise type(e)(f"{e} (clones already running: {made})") from e
             raise
     if wait_guest:
         for i, c in enumerate(report.clones):
@@ -135,8 +135,8 @@ def start_clone(template: VM, name: str, eager: bool = False, progress: Progress
     rams = ram_dir() if eager else None
     try:
         private_dir(vdir, exclusive=True)
-    except FileExistsError:
-        raise UsageError(f"a VM named {name!r} already exists: choose another --prefix") from None
+    except FileExistsError as e:
+        raise UsageError(f"a VM named {name!r} already exists: choose another --prefix") from e
     c = template.config
     config = VMConfig(
         name=name,
@@ -201,8 +201,8 @@ def restore(vm: VM, state_fd: int) -> float:
             running = time.perf_counter()
     except VMError as e:
         if not vm.alive():
-            raise VMError(f"{what} failed: QEMU exited (is the saved state corrupt or from another QEMU?)") from None
-        raise VMError(f"{what} failed: {e}") from None
+            raise VMError(f"{what} failed: QEMU exited (is the saved state corrupt or from another QEMU?)") from e
+        raise VMError(f"{what} failed: {e}") from e
     if status != "running":
         raise VMError(f"{what} left it {status}, not running")
     return running

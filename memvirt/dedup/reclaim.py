@@ -204,5 +204,5 @@ def _full_introspector(mem) -> Introspector:
         intro = Introspector(mem, cache=False)
         FreePageOracle(intro)
     except LayoutMissing as e:
-        raise UsageError(f"cannot find the guest's zone locks, so free pages cannot be re-verified: {e}") from None
+        raise UsageError(f"cannot find the guest's zone locks, so free pages cannot be re-verified: {e}") from e
     return intro

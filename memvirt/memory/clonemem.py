@@ -27,10 +27,10 @@ def find_cow_mapping(pid: int, backing: str, ram_size: int) -> tuple[int, int]:
     """``(start, end)`` host addresses of the clone's private mapping of ``backing``."""
     try:
         return find_file_mapping(pid, backing, ram_size, private=True)
-    except BadImage:
+    except BadImage as e:
         raise BadImage(
             f"process {pid} has no private mapping of {backing} ({ram_size} bytes): is it a lazy clone?"
-        ) from None
+        ) from e
 
 
 def _open_mapped_file(pid: int, lo: int, hi: int, backing: str, regions: tuple[Region, ...]) -> RamFileMemory:
@@ -57,12 +57,12 @@ class CloneMemory(GuestMemory):
         try:
             self._mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
             self._pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
-        except (FileNotFoundError, ProcessLookupError):
+        except (FileNotFoundError, ProcessLookupError) as e:
             self.close()
-            raise NotFound(f"no process {pid}") from None
-        except PermissionError:
+            raise NotFound(f"no process {pid}") from e
+        except PermissionError as e:
             self.close()
-            raise BadImage(f"no permission to read /proc/{pid}/mem") from None
+            raise BadImage(f"no permission to read /proc/{pid}/mem") from e
 
     def describe(self) -> str:
         return f"lazy clone /proc/{self.pid}/mem over {self._file.path}"
@@ -97,7 +97,7 @@ class CloneMemory(GuestMemory):
             try:
                 pread_into(self._mem, self.base + lo, out[lo - offset : hi - offset], f"/proc/{self.pid}/mem")
             except OSError as e:
-                raise BadImage(f"reading /proc/{self.pid}/mem failed: {e.strerror} (did the clone exit?)") from None
+                raise BadImage(f"reading /proc/{self.pid}/mem failed: {e.strerror} (did the clone exit?)") from e
 
     def populated_pfns(self) -> np.ndarray:
         """Frames with data: the template file's non-holes plus the clone's own pages."""

@@ -82,8 +82,8 @@ def parse_facts(name: str, ram: int, text: str) -> Facts:
             disks={k[5:]: v for k, v in kv.items() if k.startswith("disk_")},
             zram=kv.get("zram") == "1",
         )
-    except (KeyError, ValueError):
-        raise MemvirtError(f"VM {name!r} did not report its kernel and memory: {text.strip()[:200]}") from None
+    except (KeyError, ValueError) as e:
+        raise MemvirtError(f"VM {name!r} did not report its kernel and memory: {text.strip()[:200]}") from e
 
 
 def read_facts(vm: VM) -> Facts:

@@ -305,7 +305,7 @@ class _Migration:
             finally:
                 os.close(fd)
         except OSError as e:
-            raise PMFailed(f"cannot write the host's verdict to {path}: {e.strerror}") from None
+            raise PMFailed(f"cannot write the host's verdict to {path}: {e.strerror}") from e
 
     def _give_verdict(self, thaw: bool) -> None:
         """Tell the source, if it waits, to thaw or to power off (once: the first verdict stands)."""

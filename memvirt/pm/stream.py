@@ -92,8 +92,8 @@ def decode(dkey: bytes, data: bytes, seq: int) -> tuple[int, bytes, bytes]:
         raise StreamError("truncated frame")
     try:
         payload = ChaCha20Poly1305(dkey).decrypt(_nonce(seq), data[HEADER.size : end], data[: HEADER.size])
-    except InvalidTag:
-        raise StreamError("bad tag") from None
+    except InvalidTag as e:
+        raise StreamError("bad tag") from e
     return kind, payload, data[end:]
 
 

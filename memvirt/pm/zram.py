@@ -102,8 +102,8 @@ def remove(vm: VM, timeout: float = 300.0) -> ZramStats:
         return ZramStats(
             int(kv.get("stored", 0)), int(kv.get("compressed", 0)), int(kv.get("pool", 0)), float(kv.get("seconds", 0))
         )
-    except ValueError:  # the machine's own words: not trusted to be numbers
-        raise ZramError(f"{vm.name!r} reported garbage removing zram swap: {res.text.strip()[:200]!r}") from None
+    except ValueError as e:  # the machine's own words: not trusted to be numbers
+        raise ZramError(f"{vm.name!r} reported garbage removing zram swap: {res.text.strip()[:200]!r}") from e
 
 
 def preswap(vm: VM, ram: int, target: int) -> float:

@@ -84,9 +84,9 @@ def lock(lan: str) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except BlockingIOError as e:
         os.close(fd)
-        raise UsageError(f"another migration is using LAN {lan!r}") from None
+        raise UsageError(f"another migration is using LAN {lan!r}") from e
     return fd
 
 
