@@ -20,6 +20,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from memvirt.errors import QEMUGone, QEMURefused, QEMUTimeout
 
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+log = logging.getLogger(__name__)
 
 
 class Monitor:
@@ -50,6 +51,7 @@ class Monitor:
         """Run a QMP command and return its result."""
         if timeout is not None:
             self._qmp.settimeout(timeout)
+        log.debug("QMP %s %s on VM %s", name, args or "", self.vm_name)
         try:
             return self._qmp.cmd(name, **args)
         except ExecuteError as e:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -365,8 +366,11 @@ def launch_qemu(
     drain = spawn_serial_drain(vm.dir / SERIAL_SOCK, vm.serial_log)
     if group is not None:
         vm.config.memcg = str(group.path)
+    argv = qemu_argv(vm, image, incoming)
+    log.info("starting QEMU for %s %s (%s)", what, vm.name, f"cgroup {group.path}" if group else "no memory cgroup")
+    log.debug("QEMU command line: %s", shlex.join(argv))
     proc = subprocess.run(
-        qemu_argv(vm, image, incoming),
+        argv,
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
