@@ -159,3 +159,14 @@ def test_vm_list_shows_the_others_and_warns_once(home: Path) -> None:
     assert [v["name"] for v in json.loads(proc.stdout)] == ["a-good"]
     assert proc.stderr.count("memvirt: warning: skipping VM b-broken") == 1
     assert_one_line_error(memvirt("vm", "status", "b-broken", timeout=120), 1, "is corrupt")
+
+
+def test_reaper_stops_the_others_past_a_corrupt_vm(home: Path) -> None:
+    from memvirt.qemu import reaper
+
+    write("t-a", {"name": "t-a", "memory": 64 << 20})  # dead (pid 0): stopping removes its state
+    write("t-b", "{not json")
+    write("t-c", {"name": "t-c", "memory": 64 << 20})
+    write("u-a", {"name": "u-a", "memory": 64 << 20})
+    assert reaper.reap("t") == ["t-a", "t-c"]
+    assert sorted(p.name for p in vms_root().iterdir()) == ["t-b", "u-a"]
