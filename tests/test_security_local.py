@@ -134,7 +134,7 @@ def test_other_user_reads_no_guest_memory(small_guest: VM, other_user: pwd.struc
 
 def test_other_user_reads_no_lan_disk(other_user: pwd.struct_passwd) -> None:
     """The LAN's shared disk and a VM's store disk (made as for a LAN VM's QEMU, none started)."""
-    vm = VM(VMConfig(name="sec-lan", memory=64 << 20, lan="sec-lan", extra={"lan_mac": "02:00:00:00:00:01"}))
+    vm = VM(VMConfig(name="sec-lan", memory=64 << 20, lan="sec-lan", lan_mac="02:00:00:00:00:01"))
     os.mkdir(vm.dir, 0o700)
     try:
         lan.qemu_args(vm)

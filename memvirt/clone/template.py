@@ -21,6 +21,7 @@ from pathlib import Path
 
 from memvirt.errors import UsageError, VMError
 from memvirt.paths import READONLY_FILE, touch_private
+from memvirt.qemu.config import Frozen
 from memvirt.qemu.monitor import Monitor
 from memvirt.qemu.vm import TEMPLATE, TEMPLATE_STATE, VM
 
@@ -104,8 +105,7 @@ def freeze(vm: VM) -> str | None:
             raise
     tmp.rename(state_file(vm))
     ram = Path(vm.config.ram_path)
-    vm.config.extra["ram_file_mode"] = stat.S_IMODE(ram.stat().st_mode)
-    vm.config.extra["frozen"] = {"at": time.time(), "was": was}
+    vm.config.frozen = Frozen(time.time(), was, stat.S_IMODE(ram.stat().st_mode))
     ram.chmod(READONLY_FILE)
     state_file(vm).chmod(READONLY_FILE)
     vm.config.role = TEMPLATE

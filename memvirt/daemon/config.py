@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from memvirt.errors import UsageError
+from memvirt.errors import ConfigError, UsageError
 from memvirt.paths import state_home
 from memvirt.units import parse_size
 
@@ -24,10 +24,6 @@ COMPRESS_POLICIES = ("off", "measure", "adaptive", "static")
 METHODS = ("auto", "damon", "referenced")
 MAX_FILE = 1 << 20
 """A config larger than this is not a config (bounded read)."""
-
-
-class ConfigError(UsageError):
-    """The config file is unreadable or invalid (one line naming the file and the key)."""
 
 
 @dataclass(frozen=True)

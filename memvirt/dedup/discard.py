@@ -78,7 +78,7 @@ class FileHoles(Discarder):
         try:
             self.fd = os.open(path, os.O_RDWR)
         except OSError as e:
-            raise UsageError(f"cannot open RAM file {path} for writing: {e.strerror}") from None
+            raise UsageError(f"cannot open RAM file {path} for writing: {e.strerror}") from e
 
     def close(self) -> None:
         os.close(self.fd)
@@ -159,8 +159,8 @@ def ram_mapping_usage(pid: int, start: int) -> dict[str, int]:
                     out[name] = int(rest.split()[0]) * 1024
                 if len(out) == 3 or line[0] in "0123456789abcdef" and "-" in line.split()[0]:
                     break
-    except FileNotFoundError:
-        raise VMError(f"QEMU process {pid} is gone") from None
+    except FileNotFoundError as e:
+        raise VMError(f"QEMU process {pid} is gone") from e
     if not found:
         raise VMError(f"QEMU process {pid} has no mapping at {start:#x}")
     return out
@@ -181,8 +181,8 @@ def host_usage(vm) -> int:
     if vm.config.ram == "shared":
         try:
             return os.stat(vm.config.ram_path).st_blocks * 512
-        except FileNotFoundError:
-            raise VMError(f"VM {vm.name!r} has no RAM file any more") from None
+        except FileNotFoundError as e:
+            raise VMError(f"VM {vm.name!r} has no RAM file any more") from e
     from memvirt.memory.procmem import find_ram_mapping
 
     return ram_mapping_usage(vm.config.pid, find_ram_mapping(vm.config.pid, vm.config.memory))["Pss"]

@@ -242,5 +242,5 @@ def _full_introspector(mem, shelf: Any = None) -> Introspector:
         intro = Introspector(mem, cache=False) if shelf is None else Introspector(mem, shelf=buildcache.NoLoad(shelf))
         FreePageOracle(intro)
     except LayoutMissing as e:
-        raise UsageError(f"cannot find the guest's zone locks, so free pages cannot be re-verified: {e}") from None
+        raise UsageError(f"cannot find the guest's zone locks, so free pages cannot be re-verified: {e}") from e
     return intro

@@ -23,7 +23,7 @@ import secrets
 import time
 from typing import Any
 
-from memvirt.migrate.receiver import INCOMING, start_target
+from memvirt.migrate.receiver import start_target
 from memvirt.qemu.vm import VM
 
 CAPS = {"plain": [], "xbzrle": ["xbzrle"], "multifd": ["multifd"]}
@@ -84,7 +84,7 @@ def qemu_migrate(
                 "converged": False,
                 "detail": st["status"],
             }
-        target.config.extra.pop(INCOMING, None)
+        target.config.incoming_by = 0
         target.save()
         with target.monitor() as tm:
             if tm.status() == "paused":

@@ -54,11 +54,10 @@ from memvirt.migrate.protocol import (
 )
 from memvirt.paths import cache_home, private_dir, private_file, ram_dir, touch_private
 from memvirt.procs import spawn_watchdog
+from memvirt.qemu.config import Migrated
 from memvirt.qemu.monitor import Monitor
 from memvirt.qemu.vm import VM, VMConfig, check_name, launch_qemu, vms_root
 
-INCOMING = "incoming_by"
-"""``vm.json`` extra key: pid of the receiver still filling this VM (absent once it runs)."""
 SESSION_TIMEOUT = 60.0
 LOAD_TIMEOUT = 60.0
 MAX_HANDSHAKES = 8
@@ -338,7 +337,8 @@ def prepare_target(setup: object) -> tuple[VM, Image]:
         ram_path=str(ram_path),
         regions=rammap.to_dict(st.regions),
         started=time.time(),
-        extra={INCOMING: os.getpid(), "migrated_from": st.source},
+        incoming_by=os.getpid(),
+        migrated=Migrated(st.source),
     )
     vm = VM(config)
     vm.save()
@@ -355,14 +355,11 @@ def prepare_target(setup: object) -> tuple[VM, Image]:
 def launch_target(vm: VM, image: Image, log: Log, ignore_shared: bool = True) -> None:
     """Start the prepared target's QEMU with ``-incoming defer``: it maps the RAM file but runs
     no guest instruction until device state is loaded and it is told ``cont``."""
-    proc = launch_qemu(vm, image, incoming="defer")
-    pidfile = vm.dir / "qemu.pid"
-    if pidfile.exists():
-        vm.config.pid = int(pidfile.read_text().strip() or 0)
-        vm.save()
-    if proc.returncode != 0:
-        msg = proc.stderr.strip().splitlines()
-        raise VMError(f"QEMU failed to start target VM {vm.name!r}: {msg[-1] if msg else proc.returncode}")
+    try:
+        launch_qemu(vm, image, "target VM", incoming="defer")
+    finally:
+        if vm.config.pid:  # the watchdog kills this QEMU should the receiver die
+            vm.save()
     with vm.monitor() as mon:
         mon.set_capabilities(x_ignore_shared=ignore_shared)
     log(f"target VM {vm.name!r} started (pid {vm.config.pid}), waiting for RAM")
@@ -465,8 +462,9 @@ def receive_one(chan: Channel, peer: str, log: Log, hold_file: Path | None = Non
         # The mark goes before cont: once it is gone the watchdog leaves the target alone, so a
         # receiver killed from here on leaves a target that may run (or waits paused), never
         # one killed after it ran.
-        vm.config.extra.pop(INCOMING, None)
-        vm.config.extra["migrated_at"] = time.time()
+        vm.config.incoming_by = 0
+        if vm.config.migrated is not None:
+            vm.config.migrated.at = time.time()
         vm.save()
         committed = True
         _fault("committed")

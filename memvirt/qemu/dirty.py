@@ -41,7 +41,7 @@ from typing import Protocol
 
 import numpy as np
 
-from memvirt.errors import MemvirtError, NotFound, UsageError, VMError
+from memvirt.errors import MemvirtError, NotFound, Unsupported, UsageError, VMError
 from memvirt.memory.holes import PunchJournal
 from memvirt.memory.source import PAGE_SHIFT, PAGE_SIZE, Region
 from memvirt.qemu.vm import VM
@@ -130,10 +130,6 @@ _libc.ioctl.restype = ctypes.c_int
 _libc.syscall.restype = ctypes.c_long
 
 
-class Unsupported(MemvirtError):
-    """The kernel (or QEMU's privileges) lacks what write tracking needs; callers may fall back."""
-
-
 def _ioctl(fd: int, request: int, arg: ctypes.Structure | None) -> int:
     ret = _libc.ioctl(fd, request, None if arg is None else ctypes.byref(arg))
     return ret if ret >= 0 else -ctypes.get_errno()
@@ -177,10 +173,10 @@ def uffd_holds(pid: int, start: int, end: int) -> list[str]:
                     inside = lo < end and hi > start
                 elif inside and head == "VmFlags:":
                     found.update(UFFD_HOLD_FLAGS[f] for f in line.split()[1:] if f in UFFD_HOLD_FLAGS)
-    except (FileNotFoundError, ProcessLookupError):
-        raise NotFound(f"no process {pid}") from None
+    except (FileNotFoundError, ProcessLookupError) as e:
+        raise NotFound(f"no process {pid}") from e
     except OSError as e:
-        raise VMError(f"reading the memory map of process {pid} failed: {e.strerror}") from None
+        raise VMError(f"reading the memory map of process {pid} failed: {e.strerror}") from e
     return sorted(found)
 
 
@@ -232,10 +228,10 @@ class WriteTracker:
             raise Unsupported("this kernel has no PAGEMAP_SCAN ioctl (Linux 6.7+)")
         try:
             self.pagemap = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        except (FileNotFoundError, ProcessLookupError):
-            raise NotFound(f"no process {self.pid}") from None
-        except PermissionError:
-            raise VMError(f"no permission to read /proc/{self.pid}/pagemap (run as root)") from None
+        except (FileNotFoundError, ProcessLookupError) as e:
+            raise NotFound(f"no process {self.pid}") from e
+        except PermissionError as e:
+            raise VMError(f"no permission to read /proc/{self.pid}/pagemap (run as root)") from e
         try:
             self.uffd = self._take_uffd()
             self._register()
@@ -251,8 +247,8 @@ class WriteTracker:
 
         try:
             pidfd = os.pidfd_open(self.pid)
-        except ProcessLookupError:
-            raise NotFound(f"no process {self.pid}") from None
+        except ProcessLookupError as e:
+            raise NotFound(f"no process {self.pid}") from e
         mutex = _creation_mutex(self.pid)
         mine = -1
         try:
@@ -421,7 +417,7 @@ def ram_file_writers(path: str, owner: int) -> list[str]:
     try:
         st = os.stat(path)
     except OSError as e:
-        raise VMError(f"cannot stat RAM file {path}: {e.strerror}") from None
+        raise VMError(f"cannot stat RAM file {path}: {e.strerror}") from e
     dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
     ino = str(st.st_ino)
     real = os.path.realpath(path)
