@@ -43,6 +43,7 @@ import numpy as np
 
 from memvirt.errors import MemvirtError, NotFound, Unsupported, UsageError, VMError
 from memvirt.memory.holes import PunchJournal
+from memvirt.memory.pagehash import hash_pages
 from memvirt.memory.source import PAGE_SHIFT, PAGE_SIZE, Region
 from memvirt.qemu.vm import VM
 
@@ -575,16 +576,12 @@ class FingerprintTracker:
     method = "fingerprint"
 
     def __init__(self, vm: VM, notice: str = ""):
-        from memvirt.dedup.fingerprint import ram_pfns
-
         self.notice = notice
         self.mem = vm.memory()
-        self.pfns = ram_pfns(self.mem)
+        self.pfns = self.mem.ram_pfns()
         self.prev = self._hashes()
 
     def _hashes(self) -> np.ndarray:
-        from memvirt.memory.pagehash import hash_pages
-
         return np.concatenate([hash_pages(chunk) for _gpa, chunk in self.mem.chunks()])
 
     def scan(self) -> np.ndarray:
