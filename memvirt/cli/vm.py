@@ -45,7 +45,15 @@ def vm_info(vm: VM) -> dict[str, Any]:
         "lan": c.lan or None,
         "lan_ip": c.extra.get("lan_ip"),
         "clones": [v.name for v in vm.lazy_clones()] if vm.is_template else [],
+        "ksm": ksm_text(c.ram),
     }
+
+
+def ksm_text(ram: str) -> str:
+    """Whether the host's KSM can merge this guest's RAM: only anonymous private memory (QEMU's
+    mem-merge=on); a shared RAM file or a clone's mapping is tmpfs/file memory KSM never scans,
+    so memvirt offers those guests free-page reclaim (holes in the file) instead."""
+    return "yes" if ram == "anonymous" else "no (reclaim only)"
 
 
 def role_text(info: dict[str, Any]) -> str:
@@ -90,7 +98,10 @@ def start(
     if json_:
         emit_json(vm_info(vm))
     else:
-        out.print(f"VM {name} running (pid {vm.config.pid}, {vm.config.accel}, {human(size)} {ram} RAM)")
+        out.print(
+            f"VM {name} running (pid {vm.config.pid}, {vm.config.accel}, {human(size)} {ram} RAM; "
+            f"KSM can merge it: {ksm_text(vm.config.ram)})"
+        )
 
 
 @app.command("list")
@@ -103,9 +114,19 @@ def list_(json_: JsonOpt = False) -> None:
         return
     table(
         None,
-        ["NAME", "STATUS", "PID", "MEMORY", "RAM", "ACCEL", "KERNEL", "ROLE"],
+        ["NAME", "STATUS", "PID", "MEMORY", "RAM", "KSM", "ACCEL", "KERNEL", "ROLE"],
         [
-            [i["name"], i["status"], i["pid"], human(i["memory"]), i["ram"], i["accel"], i["kernel"], role_text(i)]
+            [
+                i["name"],
+                i["status"],
+                i["pid"],
+                human(i["memory"]),
+                i["ram"],
+                i["ksm"],
+                i["accel"],
+                i["kernel"],
+                role_text(i),
+            ]
             for i in infos
         ],
     )

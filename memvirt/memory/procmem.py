@@ -24,16 +24,31 @@ def find_ram_mapping(pid: int, ram_size: int) -> int:
         raise NotFound(f"no process {pid}") from None
     except PermissionError:
         raise BadImage(f"no permission to read /proc/{pid}/maps") from None
-    hits = []
+    hits, runs = [], []
+    run: list[tuple[int, int]] = []
     for line in lines:
         fields = line.split()
         lo, hi = (int(x, 16) for x in fields[0].split("-"))
-        inode = fields[4]
-        if hi - lo == ram_size and fields[1].startswith("rw") and inode == "0":
+        anon = fields[1].startswith("rw") and fields[4] == "0" and len(fields) == 5
+        if hi - lo == ram_size and fields[1].startswith("rw") and fields[4] == "0":
             hits.append(lo)
-    if not hits:
-        raise BadImage(f"process {pid} has no anonymous mapping of {ram_size} bytes (is it a QEMU guest?)")
-    return hits[0]
+        if anon and run and run[-1][1] == lo:
+            run.append((lo, hi))
+        else:
+            runs.append(run)
+            run = [(lo, hi)] if anon else []
+    runs.append(run)
+    if hits:
+        return hits[0]
+    # ``dedup run`` marks parts of the RAM mergeable and others not (madvise splits the mapping
+    # into several VMAs until it puts the whole back): a run of adjacent anonymous VMAs whose
+    # sizes from one VMA on add up to the RAM size is the RAM then.
+    for run in runs:
+        ends = {hi for _, hi in run}
+        for lo, _ in run:
+            if lo + ram_size in ends:
+                return lo
+    raise BadImage(f"process {pid} has no anonymous mapping of {ram_size} bytes (is it a QEMU guest?)")
 
 
 def find_file_mapping(pid: int, path: str, size: int, private: bool) -> tuple[int, int]:
