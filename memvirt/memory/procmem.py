@@ -7,6 +7,7 @@ TCG's translation buffer is the large ``rwxp`` one and is skipped.
 from __future__ import annotations
 
 import os
+import time
 
 from memvirt.errors import BadImage, NotFound
 from memvirt.memory.fileio import pread_into
@@ -17,6 +18,20 @@ from memvirt.units import parse_size
 
 def find_ram_mapping(pid: int, ram_size: int) -> int:
     """Host virtual address of the QEMU process's guest-RAM mapping."""
+    for _ in range(MAPS_TRIES - 1):
+        try:
+            return _find_ram_mapping(pid, ram_size)
+        except BadImage:
+            # /proc/PID/maps is read a page at a time: while ``dedup run`` splits or joins the RAM's
+            # VMAs one read can see lines of two states, with part of the RAM missing
+            time.sleep(0.01)
+    return _find_ram_mapping(pid, ram_size)
+
+
+MAPS_TRIES = 5
+
+
+def _find_ram_mapping(pid: int, ram_size: int) -> int:
     try:
         with open(f"/proc/{pid}/maps") as f:
             lines = f.read().splitlines()
