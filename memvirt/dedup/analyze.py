@@ -99,7 +99,11 @@ def free_mask(mem: GuestMemory, pfns: np.ndarray, live: bool) -> tuple[np.ndarra
 
 
 def _distinct(keys: np.ndarray) -> int:
-    return len(np.unique(keys)) if len(keys) else 0
+    """Distinct values: by sorting (numpy 2's hash-based ``unique`` took 0.22 s per 131k keys here)."""
+    if not len(keys):
+        return 0
+    s = np.sort(keys)
+    return int(np.count_nonzero(s[1:] != s[:-1])) + 1
 
 
 def analyze(

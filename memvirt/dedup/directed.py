@@ -36,9 +36,11 @@ Use from the daemon or a script::
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import signal
+import subprocess
 import sys
 import time
 from contextlib import ExitStack
@@ -50,7 +52,7 @@ import numpy as np
 from memvirt.dedup import ksm
 from memvirt.dedup.discard import backing_ranges, host_usage
 from memvirt.dedup.fingerprint import fingerprint
-from memvirt.errors import MemvirtError, UsageError
+from memvirt.errors import MemvirtError, UsageError, VMError
 from memvirt.memory.pagemap import PM_PRESENT, PageMap
 from memvirt.memory.source import PAGE_SHIFT, GuestMemory
 from memvirt.procs import end_watchdog, pid_alive, spawn_watchdog
@@ -138,6 +140,63 @@ def runs_mask(n: int, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     return np.cumsum(delta[:n]) > 0
 
 
+def advise_detached(
+    jobs: list[tuple[int, int, np.ndarray, np.ndarray]], whole: list[tuple[int, int, int]] | None = None
+) -> None:
+    """Run ``(qemu_pid, advice, host_starts, lengths)`` jobs through the ptrace borrow in a child
+    process of its own session, and wait for it.
+
+    A borrow cut short by a SIGKILL while the borrowed thread runs the injected call ends QEMU
+    (single-step SIGTRAP, :mod:`memvirt.qemu.remote`), and ``MADV_UNMERGEABLE`` over a large range
+    runs for milliseconds: so the borrow lives in a child that a SIGKILL of ``dedup run`` (or a
+    Ctrl-C to its process group) does not reach; it finishes its calls and exits. If this process
+    is gone by then, the child makes each guest's ``whole`` RAM (``(pid, base, size)``) mergeable
+    again itself: the watchdog may have restored it before the child's last advice.
+    """
+    if not jobs:
+        return
+    buf = io.BytesIO()
+    arrays = {f"j{i}": np.concatenate(([p, a], o, n)).astype(np.int64) for i, (p, a, o, n) in enumerate(jobs)}
+    np.savez(buf, whole=np.array(whole or [], dtype=np.int64).reshape(-1, 3), **arrays)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "memvirt.dedup.directed", "--advise"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        _, err = proc.communicate(buf.getvalue())
+    except BaseException:
+        proc.wait()  # never kill it: a borrow cut short mid-call ends QEMU
+        raise
+    if proc.returncode != 0:
+        lines = err.decode(errors="replace").strip().splitlines()
+        raise VMError(lines[-1] if lines else f"the madvise helper failed (exit {proc.returncode})")
+
+
+def _advise_main() -> None:
+    """``--advise``: the jobs of :func:`advise_detached` from stdin."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = os.getppid()
+    data = np.load(io.BytesIO(sys.stdin.buffer.read()))
+    try:
+        for key in sorted((k for k in data.files if k != "whole"), key=lambda k: int(k[1:])):
+            j = data[key]
+            pid, advice, n = int(j[0]), int(j[1]), (len(j) - 2) // 2
+            with remote_madvise(pid, advice) as advise:
+                advise(j[2 : 2 + n], j[2 + n :])
+        if not pid_alive(parent):
+            for pid, base, size in data["whole"].tolist():
+                if pid_alive(pid):
+                    with remote_madvise(pid, MADV_MERGEABLE) as advise:
+                        advise(np.array([base], dtype=np.int64), np.array([size], dtype=np.int64))
+    except MemvirtError as e:
+        print(e, file=sys.stderr)
+        sys.exit(1)
+
+
 class _Guest:
     """One VM's RAM, its reclaimer and what memvirt last made mergeable."""
 
@@ -166,22 +225,24 @@ class _Guest:
         with PageMap(self.pid) as pm:
             return np.concatenate([pm.entries(r.offset, r.size >> PAGE_SHIFT) for r in self.mem.regions])
 
-    def advise(self, mask: np.ndarray, advice: int) -> int:
-        """Apply ``advice`` over the runs of ``mask`` (frame indices); returns how many runs."""
+    def job(self, mask: np.ndarray, advice: int) -> tuple[int, int, np.ndarray, np.ndarray] | None:
+        """``advice`` over the runs of ``mask`` (frame indices), as a job for :func:`advise_detached`."""
         starts, ends = closed_runs(mask, 0)
         if len(starts) == 0:
-            return 0
+            return None
         offs, lens = backing_ranges(self.mem, self.pfns[starts], self.pfns[ends - 1] + 1)
-        with remote_madvise(self.pid, advice) as advise:
-            advise(offs, lens)
-        return len(starts)
+        return self.pid, advice, offs, lens
 
-    def restore(self) -> None:
+    def restore_job(self) -> tuple[int, int, np.ndarray, np.ndarray] | None:
         """The whole RAM mergeable again, as QEMU left it (one range: the VMAs join again)."""
         if pid_alive(self.pid) and not self.mergeable.all():
-            with remote_madvise(self.pid, MADV_MERGEABLE) as advise:
-                advise(np.array([self.base], dtype=np.int64), np.array([self.size], dtype=np.int64))
-            self.mergeable[:] = True
+            return (
+                self.pid,
+                MADV_MERGEABLE,
+                np.array([self.base], dtype=np.int64),
+                np.array([self.size], dtype=np.int64),
+            )
+        return None
 
 
 class DirectedKsm:
@@ -269,12 +330,12 @@ class DirectedKsm:
     def close(self) -> None:
         """Whole RAM mergeable again, KSM's settings back, watchdog ended; on every path."""
         try:
+            advise_detached([j for g in self.guests if (j := g.restore_job())])
             for g in self.guests:
-                try:
-                    g.restore()
-                except MemvirtError:
-                    if pid_alive(g.pid):
-                        raise
+                g.mergeable[:] = True
+        except MemvirtError:
+            if any(pid_alive(g.pid) for g in self.guests):
+                raise
         finally:
             end_watchdog(self._dog)
             self._dog = None
@@ -306,15 +367,18 @@ class DirectedKsm:
         values, counts = np.unique(allh, return_counts=True)
         twins = values[counts > 1]
         rep = Refresh(time.monotonic() - self.t0, 0.0, reclaimed, 0, 0, 0, pause_max_ms=round(pause, 2))
+        jobs: list[tuple[int, int, np.ndarray, np.ndarray]] = []
+        wanted: dict[int, np.ndarray] = {}
         for g, fp, h, s, f in zip(self.guests, prints, hashed, shared, frees, strict=True):
             cand = h & (fp.zero | np.isin(fp.hashes, twins))
             want = cand | s
             if self.directed:
                 starts, ends = closed_runs(want, self.max_ranges)
                 want = runs_mask(len(want), starts, ends)
-                advised = g.advise(want & ~g.mergeable, MADV_MERGEABLE)
-                advised += g.advise(g.mergeable & ~want, MADV_UNMERGEABLE)
-                g.mergeable = want
+                wanted[g.pid] = want
+                mine = [g.job(want & ~g.mergeable, MADV_MERGEABLE), g.job(g.mergeable & ~want, MADV_UNMERGEABLE)]
+                jobs += [j for j in mine if j]
+                advised = sum(len(j[2]) for j in mine if j)
                 nranges = len(starts)
             else:
                 want, advised, nranges = np.ones(len(want), dtype=bool), 0, 1
@@ -334,6 +398,13 @@ class DirectedKsm:
             rep.candidates += plan.candidates
             # ksmd's pass covers the present pages of the mergeable runs
             rep.mergeable += int((want & present[len(rep.guests) - 1]).sum())
+        # mergeable first, then unmergeable: a guest's RAM never has fewer mergeable pages than both
+        advise_detached(
+            sorted(jobs, key=lambda j: j[1] != MADV_MERGEABLE), [(g.pid, g.base, g.size) for g in self.guests]
+        )
+        for g in self.guests:
+            if g.pid in wanted:
+                g.mergeable = wanted[g.pid]
         rate = max(ksm.Pacer.MIN_PAGES, math.ceil(rep.mergeable * SLEEP_MS / (self.pass_seconds * 1000)))
         rep.pages_to_scan_max = rate
         self.pages_to_scan = rate
@@ -409,5 +480,8 @@ def main(pid: int, specs: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2:])
-    os._exit(0)
+    if sys.argv[1:2] == ["--advise"]:
+        _advise_main()
+    else:
+        main(int(sys.argv[1]), sys.argv[2:])
+        os._exit(0)

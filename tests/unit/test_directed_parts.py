@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from memvirt.dedup.directed import closed_runs, ram_is_mergeable, runs_mask
+from memvirt.dedup.directed import advise_detached, closed_runs, ram_is_mergeable, runs_mask
 from memvirt.dedup.discard import ram_mapping_usage
 from memvirt.memory.procmem import find_ram_mapping
 from memvirt.qemu.remote import MADV_MERGEABLE, MADV_UNMERGEABLE, remote_madvise
@@ -60,8 +60,7 @@ def test_unmergeable_holes_split_the_mapping_and_restore_joins_it(child):
     rss = ram_mapping_usage(pid, base, SIZE)["Rss"]
     starts = np.array([base + (1 << 20), base + (9 << 20)], dtype=np.int64)
     lens = np.array([3 << 20, 4096], dtype=np.int64)
-    with remote_madvise(pid, MADV_UNMERGEABLE) as advise:
-        advise(starts, lens)
+    advise_detached([(pid, MADV_UNMERGEABLE, starts, lens)], [(pid, base, SIZE)])
     assert not ram_is_mergeable(pid, base, SIZE)
     assert find_ram_mapping(pid, SIZE) == base, "the split mapping must still be found"
     assert ram_mapping_usage(pid, base, SIZE)["Rss"] == rss, "usage must sum every VMA of the RAM"
