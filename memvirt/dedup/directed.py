@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from memvirt.borrow import Borrowed
 from memvirt.dedup import ksm
 from memvirt.dedup.discard import backing_ranges, host_usage
 from memvirt.dedup.fingerprint import fingerprint
@@ -127,7 +128,11 @@ def closed_runs(mask: np.ndarray, max_runs: int) -> tuple[np.ndarray, np.ndarray
     starts, ends = np.flatnonzero(d == 1), np.flatnonzero(d == -1)
     if len(starts) > max_runs > 0:
         gaps = starts[1:] - ends[:-1]
-        keep = np.sort(np.argpartition(gaps, -(max_runs - 1))[-(max_runs - 1) :]) if max_runs > 1 else []
+        keep: np.ndarray = (
+            np.sort(np.argpartition(gaps, -(max_runs - 1))[-(max_runs - 1) :])
+            if max_runs > 1
+            else np.zeros(0, dtype=np.int64)
+        )
         starts = np.concatenate((starts[:1], starts[1:][keep]))
         ends = np.concatenate((ends[:-1][keep], ends[-1:]))
     return starts, ends
@@ -157,7 +162,8 @@ def advise_detached(
         return
     buf = io.BytesIO()
     arrays = {f"j{i}": np.concatenate(([p, a], o, n)).astype(np.int64) for i, (p, a, o, n) in enumerate(jobs)}
-    np.savez(buf, whole=np.array(whole or [], dtype=np.int64).reshape(-1, 3), **arrays)
+    arrays["whole"] = np.array(whole or [], dtype=np.int64).reshape(-1, 3)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
     proc = subprocess.Popen(
         [sys.executable, "-m", "memvirt.dedup.directed", "--advise"],
         stdin=subprocess.PIPE,
@@ -286,8 +292,8 @@ class DirectedKsm:
         self.guests: list[_Guest] = []
         self.refreshes: list[Refresh] = []
         self._stack = ExitStack()
-        self._dog = None
-        self.borrowed = None
+        self._dog: subprocess.Popen[bytes] | None = None
+        self.borrowed: Borrowed | None = None
         self.pacer: ksm.Pacer | None = None
         self.pages_to_scan = ksm.STOCK["pages_to_scan"]
         self.t0 = self.cpu0 = 0.0
@@ -424,9 +430,9 @@ class DirectedKsm:
             raise MemvirtError("DirectedKsm.tick called outside its with block")
         changed = self.borrowed.check()
         if changed:
-            path, mine, now = changed[0]
+            path, mine, theirs = changed[0]
             raise MemvirtError(
-                f"another tool changed {path} ({mine} -> {now}) while memvirt drove KSM; "
+                f"another tool changed {path} ({mine} -> {theirs}) while memvirt drove KSM; "
                 "memvirt stops rather than fight it (its other settings are restored)"
             )
         now = time.monotonic()
