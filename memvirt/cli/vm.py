@@ -52,8 +52,9 @@ def vm_info(vm: VM) -> dict[str, Any]:
 def ksm_text(ram: str) -> str:
     """Whether the host's KSM can merge this guest's RAM: only anonymous private memory (QEMU's
     mem-merge=on); a shared RAM file or a clone's mapping is tmpfs/file memory KSM never scans,
-    so memvirt offers those guests free-page reclaim (holes in the file) instead."""
-    return "yes" if ram == "anonymous" else "no (reclaim only)"
+    so memvirt offers those guests free-page reclaim (holes in the file) instead. Short: the
+    table's other columns need the width."""
+    return "yes" if ram == "anonymous" else "no"
 
 
 def role_text(info: dict[str, Any]) -> str:
@@ -114,15 +115,14 @@ def list_(json_: JsonOpt = False) -> None:
         return
     table(
         None,
-        ["NAME", "STATUS", "PID", "MEMORY", "RAM", "KSM", "ACCEL", "KERNEL", "ROLE"],
+        ["NAME", "STATUS", "PID", "MEMORY", "RAM", "ACCEL", "KERNEL", "ROLE"],
         [
             [
                 i["name"],
                 i["status"],
                 i["pid"],
                 human(i["memory"]),
-                i["ram"],
-                i["ksm"],
+                f"{i['ram']} (KSM)" if i["ksm"] == "yes" else i["ram"],
                 i["accel"],
                 i["kernel"],
                 role_text(i),
@@ -130,6 +130,9 @@ def list_(json_: JsonOpt = False) -> None:
             for i in infos
         ],
     )
+    if any(i["ksm"] != "yes" for i in infos):
+        # in the RAM column rather than a column of its own: the table must fit 80 columns
+        out.print("(KSM) marks guests host KSM can merge; the others get free-page reclaim (memvirt reclaim)")
 
 
 @app.command("status")
