@@ -7,9 +7,17 @@ watch for ``--observe`` seconds, sampling every ``--interval``:
 
 * ``none``: KSM off;
 * ``stock``: KSM at the kernel's defaults (100 pages per 20 ms, no zero-page merging);
+* ``tuned``: KSM as far as ksmtuned boosts it (1,250 pages per 20 ms, zero pages merged);
 * ``memvirt``: KSM with ``use_zero_pages``, paced (``pages_to_scan`` at most stock's, set at
   each sample) to the share of a CPU stock's ksmd used in the window, plus a ``reclaim`` pass
-  over every guest at each sample (free pages discarded, race-safe).
+  over every guest at each sample (free pages discarded, race-safe);
+* ``directed``: ``memvirt dedup run`` (:class:`memvirt.dedup.directed.DirectedKsm`): reclaim, then
+  only the pages with a twin in some guest left mergeable, ``pages_to_scan`` from their count,
+  ksmd held to ``--directed-cpu`` of one CPU, the candidate set refreshed every 20 s.
+
+Before KSM starts, ``dedup analyze`` (free pages skipped) gives the limit: the distinct content
+of the pages in use. Each guest's memtouch counts its passes over its hot set (a counter file):
+the rate over the window against the rate over the 10 s before KSM started is the slowdown.
 
 Host memory of the guests is the sum of the proportional set size (Pss) of the QEMU RAM
 mappings; a mode's saving is the ``none`` mode's memory minus its own at the same time. Also:
@@ -28,6 +36,7 @@ import argparse
 import os
 import time
 import traceback
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +48,12 @@ os.environ.setdefault("MEMVIRT_RAM_DIR", "/dev/shm/bench-ram")
 
 console = make_console()
 T0 = time.monotonic()
-MODES = ("none", "stock", "memvirt")
-HOLD = "memtouch --hot 32M --cold {cold} --content mix --seed 7 --dirty-rate 256K --report 60"
+MODES = ("none", "stock", "tuned", "memvirt", "directed")
+HOLD = (
+    "memtouch --hot 32M --cold {cold} --content mix --seed 7 --dirty-rate 256K --report 60 --counter-file /tmp/passes"
+)
+TUNED = {"pages_to_scan": 1250, "sleep_millisecs": 20, "use_zero_pages": 1}
+"""ksmtuned's boost at its ceiling (npages_max 1250) with zero pages merged."""
 CHURN = "memtouch --hot {size} --content random --seed {seed} --duration 1 >/dev/null"
 
 
@@ -99,8 +112,32 @@ def usage(vms: list[Any]) -> int:
     return sum(host_usage(vm) for vm in vms)
 
 
+def passes(vms: list[Any]) -> list[float]:
+    """Each guest's memtouch hot-set passes so far."""
+    return [float(vm.exec("cat /tmp/passes").text.split()[0]) for vm in vms]
+
+
+def limit(vms: list[Any]) -> dict[str, Any]:
+    """``dedup analyze`` of the running guests, free pages skipped: the limit and its cost."""
+    from memvirt.dedup.analyze import analyze
+
+    mems = [vm.memory() for vm in vms]
+    try:
+        a = analyze([(vm.name, m, True) for vm, m in zip(vms, mems, strict=True)], skip_free=True)
+    finally:
+        for m in mems:
+            m.close()
+    return {
+        "limit_bytes": a.limit_bytes,
+        "seconds": round(a.seconds, 2),
+        "fingerprint_s": round(a.timings.get("fingerprint", 0), 2),
+        "gib": a.pages * 4096 / GIB,
+    }
+
+
 def run_mode(mode: str, args: argparse.Namespace, budget: float | None = None) -> dict[str, Any]:
     from memvirt.dedup import ksm
+    from memvirt.dedup.directed import DirectedKsm
     from memvirt.dedup.reclaim import Reclaimer
 
     names = [f"dd-bench-{mode}-{i}" for i in range(args.guests)]
@@ -115,8 +152,15 @@ def run_mode(mode: str, args: argparse.Namespace, budget: float | None = None) -
         settings = {
             "none": {"run": 0},
             "stock": {"run": 1, **ksm.STOCK},
+            "tuned": {"run": 1, **TUNED},
             "memvirt": {"run": 1, **ksm.STOCK, "use_zero_pages": 1},
+            "directed": {"run": 1, "use_zero_pages": 1, "ksmd_cpu": args.directed_cpu},
         }[mode]
+        lim = limit(vms)
+        say(
+            f"{mode}: limit (distinct content in use) {lim['limit_bytes'] / GIB:.2f} GiB; analyze read "
+            f"{lim['gib']:.1f} GiB in {lim['seconds']} s"
+        )
         samples, pauses = [], []
         with ksm.configured(run=0) as borrowed:
             borrowed.set(ksm.KSM / "run", 2)
@@ -127,11 +171,23 @@ def run_mode(mode: str, args: argparse.Namespace, budget: float | None = None) -
                 ksm.read("pages_sharing") or any(ksm.process_stat(vm.config.pid).get("ksm_zero_pages") for vm in vms)
             ) and time.monotonic() < deadline:
                 time.sleep(0.2)
-        with ksm.configured(**settings) as borrowed:
+        p0 = passes(vms)
+        time.sleep(10)
+        p1 = passes(vms)
+        with ExitStack() as stack:
+            eng = None
+            if mode == "directed":
+                eng = stack.enter_context(DirectedKsm(vms, args.directed_cpu))
+            else:
+                borrowed = stack.enter_context(ksm.configured(**settings))
             t0, cpu0 = time.monotonic(), ksm.ksmd_cpu_seconds()
-            pacer = ksm.Pacer(budget, borrowed=borrowed) if budget else None
+            pacer = ksm.Pacer(budget, borrowed=borrowed) if budget and eng is None else None
             reclaimed = 0
+            p_window = None
             while True:
+                if eng is not None:
+                    row = eng.tick()
+                    reclaimed = row["reclaimed_bytes"]
                 for r in recs:
                     rep = r.run()
                     reclaimed += rep.reclaimed_bytes
@@ -139,6 +195,8 @@ def run_mode(mode: str, args: argparse.Namespace, budget: float | None = None) -
                 if pacer is not None:
                     pacer.step()
                 t = time.monotonic() - t0
+                if p_window is None and t >= args.window:
+                    p_window = (t, passes(vms))
                 samples.append(
                     {
                         "t": round(t, 1),
@@ -158,12 +216,22 @@ def run_mode(mode: str, args: argparse.Namespace, budget: float | None = None) -
                 if t >= args.observe:
                     break
                 time.sleep(max(0.0, args.interval - (time.monotonic() - t0 - t)))
+        t_end, p2 = p_window or (time.monotonic() - t0, passes(vms))
+        base = [(b - a) / 10 for a, b in zip(p0, p1, strict=True)]
+        during = [(b - a) / t_end for a, b in zip(p1, p2, strict=True)]
         return {
             "mode": mode,
+            "limit": lim,
+            "slowdown": [round(1 - d / b, 3) if b > 0 else None for b, d in zip(base, during, strict=True)],
+            "refreshes": [r.to_json() for r in eng.refreshes] if mode == "directed" and eng is not None else None,
             "settings": settings,
             "ksmd_cpu_budget": budget,
             "samples": samples,
-            "pause_max_ms": round(max(pauses), 2) if pauses else None,
+            "pause_max_ms": round(max(pauses), 2)
+            if pauses
+            else max((r.pause_max_ms for r in eng.refreshes), default=None)
+            if mode == "directed" and eng is not None
+            else None,
             "pauses": len(pauses),
             "guest_memory": args.memory,
         }
@@ -209,6 +277,12 @@ def summarize(results: dict[str, dict[str, Any]], window: float) -> list[dict[st
                 "ksmd_cpu_s_window": w["ksmd_cpu_s"],
                 "ksmd_cpu_s": s[-1]["ksmd_cpu_s"],
                 "pause_max_ms": r.get("pause_max_ms"),
+                "limit_bytes": r["limit"]["limit_bytes"],
+                "x_limit_at_window": round(w["guest_bytes"] / r["limit"]["limit_bytes"], 2),
+                "slowdown_max": max((x for x in r["slowdown"] if x is not None), default=None),
+                "analyze_gib_per_s": round(r["limit"]["gib"] / r["limit"]["seconds"], 2)
+                if r["limit"]["seconds"]
+                else None,
             }
         )
     return rows
@@ -280,6 +354,9 @@ def print_rows(rows: list[dict[str, Any]], window: float, bal: dict[str, Any] | 
             str(r["t90_s"]),
             f"{r['ksmd_cpu_s_window']:.1f} / {r['ksmd_cpu_s']:.1f}",
             str(r["pause_max_ms"] or ""),
+            f"{r['limit_bytes'] / GIB:.2f}",
+            f"{r['x_limit_at_window']:.2f}",
+            "" if r["slowdown_max"] is None else f"{100 * r['slowdown_max']:+.1f} %",
         )
     console.print(t)
     by = {r["mode"]: r for r in rows}
@@ -289,6 +366,13 @@ def print_rows(rows: list[dict[str, Any]], window: float, bal: dict[str, Any] | 
         console.print(
             f"memvirt vs stock KSM in the first {window:.0f} s: {ratio} (goal >= 2x), ksmd CPU "
             f"{by['memvirt']['ksmd_cpu_s_window']:.1f} s vs {by['stock']['ksmd_cpu_s_window']:.1f} s"
+        )
+    if "directed" in by:
+        d = by["directed"]
+        slow = "?" if d["slowdown_max"] is None else f"{100 * d['slowdown_max']:.1f} %"
+        console.print(
+            f"directed: {d['x_limit_at_window']:.2f}x the limit at {window:.0f} s (goal <= 1.25x), ksmd CPU "
+            f"{d['ksmd_cpu_s_window']:.1f} s (goal <= 2 s), slowest guest {slow} slower (goal <= 5 %)"
         )
     if bal:
         console.print(
@@ -351,6 +435,7 @@ def main() -> int:
     ap.add_argument("--interval", type=float, default=5.0)
     ap.add_argument("--balloon-observe", type=float, default=30.0)
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--directed-cpu", type=float, default=0.015, help="ksmd's CPU share in directed mode")
     ap.add_argument("--no-balloon", action="store_true")
     ap.add_argument("--json", default=str(RESULTS / "dedup.json"))
     ap.add_argument("--png", default=str(RESULTS / "dedup.png"))

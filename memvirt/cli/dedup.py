@@ -103,6 +103,9 @@ def analyze(
         bool, typer.Option("--pause/--no-pause", help="Hold each running guest still while reading it.")
     ] = False,
     introspect: Annotated[bool, typer.Option("--introspect/--no-introspect", help="Find free pages too.")] = True,
+    skip_free: Annotated[
+        bool, typer.Option("--skip-free", help="Do not read free pages (faster; no content-only figures).")
+    ] = False,
 ) -> None:
     """Duplicate pages within and across sources, zero pages, and how much more the knowledge of
     free pages saves. Running guests are read live unless --pause (figures then approximate)."""
@@ -119,8 +122,9 @@ def analyze(
             live = stack.enter_context(_held(_owning_vm(s), pause))
             named.append((s, mem, live))
         with byte_progress("fingerprinting pages") as update:
-            result = run_analysis(named, update, introspect=introspect)
+            result = run_analysis(named, update, introspect=introspect, skip_free=skip_free)
     report = result.to_json()
+    report["total"]["host_bytes"] = _host_bytes(sources)
     if json_:
         emit_json(report)
         return
@@ -140,12 +144,94 @@ def analyze(
         )
     table(None, ["SOURCE", "RAM", "ZERO", "DUPLICATE WITHIN", "FREE", "KERNEL", "NOTE"], rows)
     t = report["total"]
-    out.print(
-        f"all together: {human(t['content_saving_bytes'])} saved by merging identical pages "
-        f"(zero pages included), {human(t['free_aware_saving_bytes'])} when free pages are dropped too: "
-        f"free pages unlock [bold]{human(t['free_unlocks_bytes'])}[/] more"
-    )
+    if t["content_saving_bytes"] is not None:
+        out.print(
+            f"all together: {human(t['content_saving_bytes'])} saved by merging identical pages "
+            f"(zero pages included), {human(t['free_aware_saving_bytes'])} when free pages are dropped too: "
+            f"free pages unlock [bold]{human(t['free_unlocks_bytes'])}[/] more"
+        )
+    now = f"; the host holds them in {human(t['host_bytes'])} now" if t["host_bytes"] is not None else ""
+    out.print(f"limit (distinct content of the pages in use): [bold]{human(t['limit_bytes'])}[/]{now}")
     out.print(f"read {human(t['pages'] * 4096)} in {report['seconds']} s ({report['gib_per_second']} GiB/s)")
+
+
+@app.command("run")
+def dedup_run(
+    names: Annotated[list[str], typer.Argument(help="Running memvirt VMs with anonymous RAM.")],
+    ksmd_cpu: Annotated[
+        str | None, typer.Option(help="Keep ksmd within this share of one CPU, e.g. 1.5% (default: no cap).")
+    ] = None,
+    duration: Annotated[float, typer.Option(help="Seconds to run (0: until interrupted).")] = 120.0,
+    interval: Annotated[float, typer.Option(help="Seconds between samples (and ksmd pacing).")] = 5.0,
+    refresh: Annotated[float, typer.Option(help="Seconds between refreshes of the candidate set.")] = 20.0,
+    pass_seconds: Annotated[float, typer.Option(help="Seconds one KSM pass over the candidates should take.")] = 5.0,
+    directed: Annotated[
+        bool, typer.Option("--directed/--blind", help="Only duplicate candidates mergeable (--blind: all RAM).")
+    ] = True,
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Reclaim free pages and direct KSM at the pages that have a twin in some guest.
+
+    Each refresh: free pages discarded, every page in use fingerprinted across the guests, only
+    runs of duplicate candidates left MADV_MERGEABLE inside QEMU, pages_to_scan set so a pass over
+    them takes --pass-seconds (capped by --ksmd-cpu). At the end (also Ctrl-C, SIGTERM, and
+    SIGKILL through a watchdog) QEMU's RAM is all mergeable again and KSM's settings come back.
+    """
+    from memvirt.dedup.directed import DirectedKsm
+
+    if duration < 0 or interval <= 0 or refresh <= 0:
+        raise UsageError("--duration must be 0 or more, --interval and --refresh positive")
+    vms = [_running(n) for n in names]
+    if len({vm.name for vm in vms}) != len(vms):
+        raise UsageError("a VM is named twice")
+    samples = []
+    with DirectedKsm(
+        vms,
+        _share(ksmd_cpu) if ksmd_cpu else None,
+        pass_seconds=pass_seconds,
+        refresh_seconds=refresh,
+        directed=directed,
+    ) as eng:
+        while True:
+            row = eng.tick()
+            samples.append(row)
+            if not json_:
+                r = row.get("refresh")
+                if r:
+                    out.print(
+                        f"[dim]refresh: {r['candidates']} candidate pages, {r['mergeable']} mergeable present, "
+                        f"reclaimed {human(r['reclaimed_bytes'])}, pages_to_scan <= {r['pages_to_scan_max']}, "
+                        f"{r['seconds']} s[/]"
+                    )
+                out.print(
+                    f"{row['t']:7.1f} s  guests hold {human(row['guest_bytes'])}  KSM saves "
+                    f"{human(row['ksm_saving_bytes'])}  reclaimed {human(row['reclaimed_bytes'])}  "
+                    f"ksmd CPU {row['ksmd_cpu_seconds']:.2f} s, scanned {row['pages_scanned']} pages"
+                )
+            if duration and row["t"] >= duration:
+                break
+            time.sleep(min(interval, max(duration - row["t"], 0.05)) if duration else interval)
+    if json_:
+        emit_json(
+            {
+                "vms": names,
+                "directed": directed,
+                "ksmd_cpu_budget": _share(ksmd_cpu) if ksmd_cpu else None,
+                "samples": samples,
+                "restored": True,
+            }
+        )
+
+
+def _host_bytes(sources: list[str]) -> int | None:
+    """Host memory the sources hold now, when every source is a running memvirt VM (else None)."""
+    from memvirt.cli.inspect import _owning_vm
+    from memvirt.dedup.discard import host_usage
+
+    vms = [_owning_vm(s) for s in sources]
+    if any(vm is None or not vm.alive() for vm in vms):
+        return None
+    return sum(host_usage(vm) for vm in vms if vm is not None)
 
 
 @ksm_app.command("status")

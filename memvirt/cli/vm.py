@@ -46,7 +46,16 @@ def vm_info(vm: VM) -> dict[str, Any]:
         "lan": c.lan or None,
         "lan_ip": c.lan_ip or None,
         "clones": [v.name for v in vm.lazy_clones()] if vm.is_template else [],
+        "ksm": ksm_text(c.ram),
     }
+
+
+def ksm_text(ram: str) -> str:
+    """Whether the host's KSM can merge this guest's RAM: only anonymous private memory (QEMU's
+    mem-merge=on); a shared RAM file or a clone's mapping is tmpfs/file memory KSM never scans,
+    so memvirt offers those guests free-page reclaim (holes in the file) instead. Short: the
+    table's other columns need the width."""
+    return "yes" if ram == "anonymous" else "no"
 
 
 def role_text(info: dict[str, Any]) -> str:
@@ -91,7 +100,10 @@ def start(
     if json_:
         emit_json(vm_info(vm))
     else:
-        out.print(f"VM {name} running (pid {vm.config.pid}, {vm.config.accel}, {human(size)} {ram} RAM)")
+        out.print(
+            f"VM {name} running (pid {vm.config.pid}, {vm.config.accel}, {human(size)} {ram} RAM; "
+            f"KSM can merge it: {ksm_text(vm.config.ram)})"
+        )
 
 
 @app.command("list")
@@ -106,10 +118,22 @@ def list_(json_: JsonOpt = False) -> None:
         None,
         ["NAME", "STATUS", "PID", "MEMORY", "RAM", "ACCEL", "KERNEL", "ROLE"],
         [
-            [i["name"], i["status"], i["pid"], human(i["memory"]), i["ram"], i["accel"], i["kernel"], role_text(i)]
+            [
+                i["name"],
+                i["status"],
+                i["pid"],
+                human(i["memory"]),
+                f"{i['ram']} (KSM)" if i["ksm"] == "yes" else i["ram"],
+                i["accel"],
+                i["kernel"],
+                role_text(i),
+            ]
             for i in infos
         ],
     )
+    if any(i["ksm"] != "yes" for i in infos):
+        # in the RAM column rather than a column of its own: the table must fit 80 columns
+        out.print("(KSM) marks guests host KSM can merge; the others get free-page reclaim (memvirt reclaim)")
 
 
 @app.command("status")

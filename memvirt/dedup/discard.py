@@ -122,7 +122,7 @@ class AnonDontneed(Discarder):
         self._advise(*backing_ranges(self.mem, starts, ends))
 
     def resident(self) -> int:
-        return ram_mapping_usage(self.pid, self.mem.regions[0].offset)["Pss"]
+        return ram_mapping_usage(self.pid, self.mem.regions[0].offset, self.mem.ram_size)["Pss"]
 
 
 class _Bound(AbstractContextManager):
@@ -140,25 +140,31 @@ class _Bound(AbstractContextManager):
         return self.cm.__exit__(*exc)
 
 
-def ram_mapping_usage(pid: int, start: int) -> dict[str, int]:
-    """``Rss``, ``Pss`` and ``Anonymous`` (bytes) of the mapping of QEMU process ``pid`` at ``start``.
+def ram_mapping_usage(pid: int, start: int, size: int | None = None) -> dict[str, int]:
+    """``Rss``, ``Pss`` and ``Anonymous`` (bytes) of the mapping of QEMU process ``pid`` at ``start``
+    (with ``size``: summed over every VMA in ``[start, start + size)``, as ``dedup run`` splits the
+    RAM mapping while it marks parts of it mergeable).
 
     ``Pss`` splits a KSM page among the mappings that share it, and pages KSM replaced with the
     zero page are in neither, so summing ``Pss`` over guests gives the memory they really use."""
-    key = f"{start:x}-"
+    end = start + (size or 1)
+    out = {"Rss": 0, "Pss": 0, "Anonymous": 0}
+    found = inside = False
     try:
         with open(f"/proc/{pid}/smaps") as f:
-            found = False
-            out: dict[str, int] = {}
             for line in f:
-                if not found:
-                    found = line.startswith(key)
+                head = line.split(maxsplit=1)[0]
+                if "-" in head and not head.endswith(":"):
+                    lo, hi = (int(x, 16) for x in head.split("-"))
+                    inside = lo == start if size is None else start <= lo < end
+                    found |= lo == start
+                    if lo >= end:
+                        break
                     continue
-                name, _, rest = line.partition(":")
-                if name in ("Rss", "Pss", "Anonymous"):
-                    out[name] = int(rest.split()[0]) * 1024
-                if len(out) == 3 or line[0] in "0123456789abcdef" and "-" in line.split()[0]:
-                    break
+                if inside:
+                    name, _, rest = line.partition(":")
+                    if name in out:
+                        out[name] += int(rest.split()[0]) * 1024
     except FileNotFoundError as e:
         raise VMError(f"QEMU process {pid} is gone") from e
     if not found:
@@ -185,4 +191,4 @@ def host_usage(vm) -> int:
             raise VMError(f"VM {vm.name!r} has no RAM file any more") from e
     from memvirt.memory.procmem import find_ram_mapping
 
-    return ram_mapping_usage(vm.config.pid, find_ram_mapping(vm.config.pid, vm.config.memory))["Pss"]
+    return ram_mapping_usage(vm.config.pid, find_ram_mapping(vm.config.pid, vm.config.memory), vm.config.memory)["Pss"]

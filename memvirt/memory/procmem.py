@@ -7,6 +7,7 @@ TCG's translation buffer is the large ``rwxp`` one and is skipped.
 from __future__ import annotations
 
 import os
+import time
 
 from memvirt.errors import BadImage, NotFound
 from memvirt.memory.fileio import pread_into
@@ -17,6 +18,20 @@ from memvirt.units import parse_size
 
 def find_ram_mapping(pid: int, ram_size: int) -> int:
     """Host virtual address of the QEMU process's guest-RAM mapping."""
+    for _ in range(MAPS_TRIES - 1):
+        try:
+            return _find_ram_mapping(pid, ram_size)
+        except BadImage:
+            # /proc/PID/maps is read a page at a time: while ``dedup run`` splits or joins the RAM's
+            # VMAs one read can see lines of two states, with part of the RAM missing
+            time.sleep(0.01)
+    return _find_ram_mapping(pid, ram_size)
+
+
+MAPS_TRIES = 5
+
+
+def _find_ram_mapping(pid: int, ram_size: int) -> int:
     try:
         with open(f"/proc/{pid}/maps") as f:
             lines = f.read().splitlines()
@@ -24,16 +39,31 @@ def find_ram_mapping(pid: int, ram_size: int) -> int:
         raise NotFound(f"no process {pid}") from e
     except PermissionError as e:
         raise BadImage(f"no permission to read /proc/{pid}/maps") from e
-    hits = []
+    hits, runs = [], []
+    run: list[tuple[int, int]] = []
     for line in lines:
         fields = line.split()
         lo, hi = (int(x, 16) for x in fields[0].split("-"))
-        inode = fields[4]
-        if hi - lo == ram_size and fields[1].startswith("rw") and inode == "0":
+        anon = fields[1].startswith("rw") and fields[4] == "0" and len(fields) == 5
+        if hi - lo == ram_size and fields[1].startswith("rw") and fields[4] == "0":
             hits.append(lo)
-    if not hits:
-        raise BadImage(f"process {pid} has no anonymous mapping of {ram_size} bytes (is it a QEMU guest?)")
-    return hits[0]
+        if anon and run and run[-1][1] == lo:
+            run.append((lo, hi))
+        else:
+            runs.append(run)
+            run = [(lo, hi)] if anon else []
+    runs.append(run)
+    if hits:
+        return hits[0]
+    # ``dedup run`` marks parts of the RAM mergeable and others not (madvise splits the mapping
+    # into several VMAs until it puts the whole back): a run of adjacent anonymous VMAs whose
+    # sizes from one VMA on add up to the RAM size is the RAM then.
+    for run in runs:
+        ends = {hi for _, hi in run}
+        for lo, _ in run:
+            if lo + ram_size in ends:
+                return lo
+    raise BadImage(f"process {pid} has no anonymous mapping of {ram_size} bytes (is it a QEMU guest?)")
 
 
 def find_file_mapping(pid: int, path: str, size: int, private: bool) -> tuple[int, int]:

@@ -50,6 +50,8 @@ SYS_MADVISE = 28
 SYS_PIDFD_OPEN = 434
 SYS_PROCESS_MADVISE = 440
 MADV_DONTNEED = 4
+MADV_MERGEABLE = 12
+MADV_UNMERGEABLE = 13
 UIO_MAXIOV = 1024
 SYSCALL_INSN = b"\x0f\x05"
 WALL = 0x40000000
@@ -335,23 +337,25 @@ def _check(ret: int, what: str) -> int:
 
 
 @contextmanager
-def remote_madvise(pid: int) -> Iterator[Callable[[np.ndarray, np.ndarray], None]]:
-    """Yields ``dontneed(starts, lengths)``: ``MADV_DONTNEED`` over host ranges of process ``pid``,
-    1024 ranges per ``process_madvise`` call (one ``madvise`` per range before Linux 6.13)."""
+def remote_madvise(pid: int, advice: int = MADV_DONTNEED) -> Iterator[Callable[[np.ndarray, np.ndarray], None]]:
+    """Yields ``advise(starts, lengths)``: ``advice`` (``MADV_DONTNEED`` unless told) over host ranges
+    of process ``pid``, 1024 ranges per ``process_madvise`` call (one ``madvise`` per range before
+    Linux 6.13, which lets a process give itself any advice through it; from outside only COLD,
+    PAGEOUT, WILLNEED and COLLAPSE are accepted, so ``MADV_(UN)MERGEABLE`` too must run inside)."""
     with RemoteProcess(pid) as rp:
         pidfd = _check(rp.syscall(SYS_PIDFD_OPEN, pid, 0), "pidfd_open")
         try:
             _test_hold()
             batch = [True]
 
-            def dontneed(starts: np.ndarray, lengths: np.ndarray) -> None:
+            def advise(starts: np.ndarray, lengths: np.ndarray) -> None:
                 for i in range(0, len(starts), UIO_MAXIOV):
                     s, n = starts[i : i + UIO_MAXIOV], lengths[i : i + UIO_MAXIOV]
                     if batch[0]:
                         iov = np.empty((len(s), 2), dtype="<u8")
                         iov[:, 0], iov[:, 1] = s, n
                         rp.write(rp.scratch, iov.tobytes())
-                        ret = rp.syscall(SYS_PROCESS_MADVISE, pidfd, rp.scratch, len(s), MADV_DONTNEED, 0)
+                        ret = rp.syscall(SYS_PROCESS_MADVISE, pidfd, rp.scratch, len(s), advice, 0)
                         if ret == -errno.EINVAL:
                             batch[0] = False
                         else:
@@ -359,9 +363,9 @@ def remote_madvise(pid: int) -> Iterator[Callable[[np.ndarray, np.ndarray], None
                                 raise VMError(f"process_madvise in QEMU advised {ret} of {int(n.sum())} bytes")
                             continue
                     for a, b in zip(s.tolist(), n.tolist(), strict=True):
-                        _check(rp.syscall(SYS_MADVISE, a, b, MADV_DONTNEED), "madvise")
+                        _check(rp.syscall(SYS_MADVISE, a, b, advice), "madvise")
 
-            yield dontneed
+            yield advise
         finally:
             rp.syscall(SYS_CLOSE, pidfd)
 
