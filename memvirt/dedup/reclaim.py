@@ -23,6 +23,7 @@ from memvirt.dedup.freepages import FreeBlocks, FreePageOracle
 from memvirt.errors import UsageError, VMError
 from memvirt.introspect import Introspector
 from memvirt.introspect.layout import LayoutMissing
+from memvirt.memory.open import vm_memory
 from memvirt.procs import end_watchdog
 from memvirt.qemu.monitor import Monitor
 
@@ -82,7 +83,7 @@ class Reclaimer:
     def __init__(self, vm, goal_ms_per_gib: float = GOAL_MS_PER_GIB):
         vm.require_alive()
         self.vm = vm
-        self.mem = vm.memory()
+        self.mem = vm_memory(vm)
         self.discarder: Discarder = discarder_for(vm, self.mem)
         self.intro = Introspector(self.mem)
         try:

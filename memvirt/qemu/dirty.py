@@ -41,6 +41,7 @@ from typing import Protocol
 import numpy as np
 
 from memvirt.errors import MemvirtError, NotFound, UsageError, VMError
+from memvirt.memory.open import vm_memory
 from memvirt.memory.source import PAGE_SHIFT, PAGE_SIZE, Region
 from memvirt.qemu.vm import VM
 
@@ -528,7 +529,7 @@ class FingerprintTracker:
         from memvirt.dedup.fingerprint import ram_pfns
 
         self.notice = notice
-        self.mem = vm.memory()
+        self.mem = vm_memory(vm)
         self.pfns = ram_pfns(self.mem)
         self.prev = self._hashes()
 

@@ -24,7 +24,7 @@ from typing import Any
 from memvirt.errors import GuestError, MemvirtError, NotFound, UsageError, VMError
 from memvirt.image.build import Image
 from memvirt.memory import rammap
-from memvirt.memory.source import GuestMemory, Region
+from memvirt.memory.source import Region
 from memvirt.paths import PRIVATE_FILE, private_dir, private_file, ram_dir, state_home, touch_private
 from memvirt.procs import pid_alive
 from memvirt.qemu import lan
@@ -223,20 +223,6 @@ class VM:
         (self.dir / TEMPLATE_STATE).unlink(missing_ok=True)
         self.config.role = ""
         self.save()
-
-    def memory(self) -> GuestMemory:
-        """The guest's physical memory: its RAM file, or its QEMU process's memory."""
-        from memvirt.memory.procmem import ProcMemory
-        from memvirt.memory.ramfile import RamFileMemory
-
-        self.require_alive()
-        if self.config.ram == "shared":
-            return RamFileMemory(self.config.ram_path, self.regions)
-        if self.config.ram == "cow":
-            from memvirt.clone.memory import CloneMemory
-
-            return CloneMemory(self.config.pid, self.config.backing, self.config.memory, self.regions)
-        return ProcMemory(self.config.pid, self.config.memory, self.regions)
 
     def ram_mapping(self) -> tuple[int, int]:
         """``(host address, size)`` of the guest RAM inside the QEMU process, whatever backs it."""
