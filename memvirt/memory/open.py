@@ -241,7 +241,7 @@ def open_memory(
             return ElfDumpMemory(path)
         if kind == "kdump":
             return KdumpMemory(path)
-        if fmt == "auto" and machine is None and qmp is None and (owned := _vm_ram_file(path)) is not None:
+        if fmt in ("auto", "ramfile") and machine is None and qmp is None and (owned := _vm_ram_file(path)) is not None:
             return owned
         # No header: a RAM backend (RAM back to back) or a raw image (holes in place); the
         # guest kernel tells them apart with the rest of the map.

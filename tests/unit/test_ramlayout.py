@@ -8,7 +8,9 @@ where each case needs) inside sparse files of the sizes where the maps differ.
 from __future__ import annotations
 
 import struct
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -154,3 +156,27 @@ def test_small_files_need_no_kernel(tmp_path: Path) -> None:
     path.write_bytes(bytes(range(256)) * 64)
     with open_memory(str(path)) as mem:
         assert _spans(mem.regions) == [(0, 16384)]
+
+
+@pytest.mark.parametrize(
+    ("args", "want"),
+    [
+        (["-m", "3G"], [(0, 3 * GiB)]),  # no -machine: QEMU's x86 default, pc
+        (["-machine", "q35,accel=tcg", "-m", "3072"], [(0, 2 * GiB), (4 * GiB, GiB)]),
+        (["-M", "pc-q35-7.2", "-machine", "max-ram-below-4g=1G", "-m", "size=2G"], [(0, GiB), (4 * GiB, GiB)]),
+        (["-machine", "type=pc-i440fx-7.2", "-m", "4G"], [(0, 3 * GiB), (4 * GiB, GiB)]),
+    ],
+)
+def test_a_process_map_comes_from_its_command_line(args: list[str], want: list[tuple[int, int]]) -> None:
+    """``pid:N`` takes QEMU's machine and RAM size from /proc/PID/cmdline (a stand-in process
+    carrying QEMU's options here)."""
+    from memvirt.memory.procmem import guess_ram_size, qemu_ram_layout
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *args])
+    try:
+        while b"time.sleep" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes():
+            time.sleep(0.01)  # until the child has exec'd
+        assert _spans(qemu_ram_layout(proc.pid, guess_ram_size(proc.pid)).regions) == want
+    finally:
+        proc.kill()
+        proc.wait()
