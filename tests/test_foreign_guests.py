@@ -38,10 +38,11 @@ class ForeignQemu:
     def __init__(self, workdir: Path, image: Image, machine: str, ram: int, shared: bool):
         self.dir = workdir
         self.name = f"foreign-{machine}-{ram >> 20}m"
-        self.ram_path = Path("/dev/shm") / f"memvirt-test-{workdir.name}.ram"
+        self.ram_path = Path("/dev/shm") / f"memvirt-foreign-{os.getpid()}-{workdir.name}.ram"
         self.qmp = workdir / "qmp.sock"
         self.channel = GuestChannel(workdir / "cmd.sock", workdir / "cmd.lock", self.name)
         if shared:
+            os.close(os.open(self.ram_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # guest memory: 0600
             backend = f"memory-backend-file,id=m0,size={ram},mem-path={self.ram_path},share=on"
         else:
             backend = f"memory-backend-ram,id=m0,size={ram}"
@@ -80,7 +81,8 @@ class ForeignQemu:
             "-action",
             "panic=pause",
         ]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        with (workdir / "qemu.log").open("wb") as log:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         try:
             self.channel.wait_ready(600, lambda: self.proc.poll() is None)
         except BaseException:

@@ -24,6 +24,7 @@ from typing import Any
 from memvirt.errors import GuestError, MemvirtError, NotFound, UsageError, VMError
 from memvirt.image.build import Image
 from memvirt.memory import rammap
+from memvirt.memory.procmem import find_file_mapping, find_ram_mapping
 from memvirt.memory.source import Region
 from memvirt.paths import PRIVATE_FILE, private_dir, private_file, ram_dir, state_home, touch_private
 from memvirt.procs import pid_alive
@@ -226,8 +227,6 @@ class VM:
 
     def ram_mapping(self) -> tuple[int, int]:
         """``(host address, size)`` of the guest RAM inside the QEMU process, whatever backs it."""
-        from memvirt.memory.procmem import find_file_mapping, find_ram_mapping
-
         self.require_alive()
         c = self.config
         if c.ram == "anonymous":
