@@ -217,3 +217,5 @@ def test_inspect_foreign_guest_without_flags(
         # QEMU's own memory tree gives the same map.
         by_qmp = _mem_info(source, "--qmp", str(vm.qmp))
         assert by_qmp["regions"] == info["regions"] and "QMP" in by_qmp["layout"]
+        # The socket alone names the process (its peer credentials).
+        assert _mem_info("qmp", "--qmp", str(vm.qmp))["source"] == f"/proc/{vm.pid}/mem"
