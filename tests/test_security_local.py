@@ -24,7 +24,7 @@ import pytest
 from cli import assert_one_line_error, memvirt
 
 from memvirt.clone.template import freeze, state_file, unfreeze
-from memvirt.dedup.watchdog import MARK
+from memvirt.dedup.watchdog import MARK, mark_paused, read_mark
 from memvirt.paths import ram_dir, state_home
 from memvirt.qemu import lan
 from memvirt.qemu.remote import self_pidfds
@@ -238,7 +238,7 @@ def _reclaim_in_borrow(vm: VM, hold: float) -> subprocess.Popen[str]:
         assert time.monotonic() < deadline, "reclaim never borrowed a QEMU thread"
         time.sleep(0.02)
     time.sleep(0.3)  # past pidfd_open, into the hold (QMP is reclaim's now: its mark says it paused the guest)
-    assert (vm.dir / MARK).read_text() == str(proc.pid)
+    assert (mark := read_mark(vm.dir / MARK)) is not None and mark.pid == proc.pid
     assert self_pidfds(vm.config.pid)
     return proc
 
@@ -282,16 +282,16 @@ def test_reclaim_watchdog_leaves_a_user_paused_guest(anon_small: VM) -> None:
     dead.wait()
     vm.pause()
     try:
-        (vm.dir / MARK).write_text("1")  # a pause marked by another process
+        mark_paused(vm.dir / MARK, vm, pid=1)  # a pause marked by another process
         subprocess.run(
-            [sys.executable, "-m", "memvirt.dedup.watchdog", str(dead.pid), str(vm.dir), str(vm.config.pid)],
+            [sys.executable, "-m", "memvirt.dedup.watchdog", str(dead.pid), str(vm.dir / MARK)],
             timeout=60,
             check=True,
         )
         assert vm.status() == "paused"
         (vm.dir / MARK).unlink()
         subprocess.run(
-            [sys.executable, "-m", "memvirt.dedup.watchdog", str(dead.pid), str(vm.dir), str(vm.config.pid)],
+            [sys.executable, "-m", "memvirt.dedup.watchdog", str(dead.pid), str(vm.dir / MARK)],
             timeout=60,
             check=True,
         )

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from memvirt.clone.template import IGNORE_SHARED, check_cloneable, freeze, state_file, template_lock, unfreeze
+from memvirt.clone.template import check_cloneable, freeze, state_file, template_lock, unfreeze
 from memvirt.errors import MemvirtError, UsageError, VMError
 from memvirt.image.build import load_image
 from memvirt.paths import private_dir, private_file, ram_dir
@@ -194,7 +194,7 @@ def restore(vm: VM, state_fd: int) -> float:
     what = f"loading the template's device state into clone {vm.name!r}"
     try:
         with vm.monitor(timeout=RESTORE_TIMEOUT) as mon:
-            mon.command("migrate-set-capabilities", capabilities=IGNORE_SHARED)
+            mon.set_capabilities(x_ignore_shared=True)
             mon.command("migrate-incoming", uri=f"fd:{state_fd}")
             deadline = time.monotonic() + RESTORE_TIMEOUT
             while (status := mon.status()) == "inmigrate":

@@ -25,7 +25,6 @@ from memvirt.qemu.monitor import Monitor
 from memvirt.qemu.vm import TEMPLATE, TEMPLATE_STATE, VM
 
 MIGRATE_TIMEOUT = 60.0
-IGNORE_SHARED = [{"capability": "x-ignore-shared", "state": True}]
 
 
 def state_file(vm: VM) -> Path:
@@ -95,7 +94,7 @@ def freeze(vm: VM) -> str | None:
         touch_private(tmp)
         mon.command("stop")
         try:
-            mon.command("migrate-set-capabilities", capabilities=IGNORE_SHARED)
+            mon.set_capabilities(x_ignore_shared=True)
             mon.command("migrate", uri=f"exec:cat > {shlex.quote(str(tmp))}")
             wait_migration(mon, f"saving the device state of VM {vm.name!r}")
         except BaseException:

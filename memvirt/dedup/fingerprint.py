@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from memvirt.memory.pagehash import hash_pages
 from memvirt.memory.source import PAGE_SHIFT, PAGE_SIZE, GuestMemory
-from memvirt.migrate.fingerprint import hash_pages
 
 WORDS = PAGE_SIZE // 8
 SAMPLE = np.arange(16) * (WORDS // 16) + np.arange(16) % 8

@@ -53,7 +53,7 @@ from memvirt.errors import MemvirtError, UsageError
 Buffer = bytes | bytearray | memoryview
 
 MAGIC = b"MVMG"
-VERSION = 2
+VERSION = 3
 FLAG_INSECURE = 1
 INSECURE_SECRET = b"memvirt-migrate-insecure"
 NONCE = 32
@@ -97,6 +97,9 @@ class Kind(IntEnum):
     GO = 12
     RUNNING = 13
     ERROR = 14
+    ROUND_ACK = 15
+    """Receiver to sender: every frame of a live round is written (v3: the sender pauses only
+    once the receiver has caught up, or its backlog would be downtime)."""
 
 
 class ProtocolError(MemvirtError):

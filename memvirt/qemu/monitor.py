@@ -52,7 +52,7 @@ class Monitor:
         try:
             return self._qmp.cmd(name, **args)
         except ExecuteError as e:
-            raise VMError(f"QEMU refused {name} on VM {self.vm_name!r}: {e.error.error.desc}") from None
+            raise VMError(f"QEMU refused {name} on VM {self.vm_name!r}: {e}") from None  # str() is error.error.desc
         except (OSError, QMPError, EOFError) as e:
             raise VMError(f"lost QEMU of VM {self.vm_name!r} during {name}: {e}") from None
         except TimeoutError:
@@ -65,6 +65,21 @@ class Monitor:
 
     def status(self) -> str:
         return str(self.command("query-status")["status"])
+
+    def send_fd(self, fd: int, name: str) -> None:
+        """Hand QEMU a copy of descriptor ``fd`` (SCM_RIGHTS on the QMP socket) as ``name``, for
+        ``fd:NAME`` URIs: no ``exec:`` shell forked from QEMU."""
+        try:
+            self._qmp.send_fd_scm(fd)
+        except (OSError, QMPError) as e:
+            raise VMError(f"lost QEMU of VM {self.vm_name!r} while passing it a descriptor: {e}") from None
+        self.command("getfd", fdname=name)
+
+    def set_capabilities(self, **states: bool) -> None:
+        """``migrate-set-capabilities``, named as keywords (``x_ignore_shared=True`` for QEMU's
+        ``x-ignore-shared``): the one place the capability list is spelled out."""
+        caps = [{"capability": k.replace("_", "-"), "state": v} for k, v in states.items()]
+        self.command("migrate-set-capabilities", capabilities=caps)
 
     def wait_event(self, name: str, timeout: float) -> dict[str, Any] | None:
         """The next event called ``name`` within ``timeout`` seconds, or None."""

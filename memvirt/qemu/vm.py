@@ -24,6 +24,7 @@ from typing import Any
 from memvirt.errors import GuestError, MemvirtError, NotFound, UsageError, VMError
 from memvirt.image.build import Image
 from memvirt.memory import rammap
+from memvirt.memory.holes import remove_journal
 from memvirt.memory.procmem import find_file_mapping, find_ram_mapping
 from memvirt.memory.source import Region
 from memvirt.paths import PRIVATE_FILE, private_dir, private_file, ram_dir, state_home, touch_private
@@ -216,9 +217,7 @@ class VM:
         QEMU's migration sending RAM again (freezing left ``x-ignore-shared`` on)."""
         if self.alive():
             with self.monitor() as mon:
-                mon.command(
-                    "migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": False}]
-                )
+                mon.set_capabilities(x_ignore_shared=False)
         os.chmod(self.config.ram_path, self.config.extra.pop("ram_file_mode", PRIVATE_FILE) & 0o700)
         self.config.extra.pop("frozen", None)
         (self.dir / TEMPLATE_STATE).unlink(missing_ok=True)
@@ -270,6 +269,7 @@ class VM:
                     time.sleep(0.05)
         if self.config.ram_path:
             Path(self.config.ram_path).unlink(missing_ok=True)
+            remove_journal(self.config.ram_path)
         group = self.memcg()
         if group is not None:
             group.remove()
