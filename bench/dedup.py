@@ -120,8 +120,9 @@ def passes(vms: list[Any]) -> list[float]:
 def limit(vms: list[Any]) -> dict[str, Any]:
     """``dedup analyze`` of the running guests, free pages skipped: the limit and its cost."""
     from memvirt.dedup.analyze import analyze
+    from memvirt.memory.open import vm_memory
 
-    mems = [vm.memory() for vm in vms]
+    mems = [vm_memory(vm) for vm in vms]
     try:
         a = analyze([(vm.name, m, True) for vm, m in zip(vms, mems, strict=True)], skip_free=True)
     finally:

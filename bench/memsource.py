@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     from memvirt.image.build import default_image
-    from memvirt.memory.open import open_memory
+    from memvirt.memory.open import open_memory, vm_memory
     from memvirt.paths import ram_dir
     from memvirt.qemu.accel import qemu_binary
 
@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         report["machine"]["accel"] = shared.config.accel
         report["guests"] = fill_guests(vms, args.fill)
 
-        ram = shared.memory()
+        ram = vm_memory(shared)
         mems.append(ram)
         results.append(
             measure(
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
 
-        proc = anon.memory()
+        proc = vm_memory(anon)
         mems.append(proc)
         results.append(
             measure(

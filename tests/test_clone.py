@@ -24,7 +24,7 @@ from markers import mark, marker_pages
 
 from memvirt.clone.memory import mapping_usage
 from memvirt.clone.template import state_file
-from memvirt.memory.open import open_memory
+from memvirt.memory.open import open_memory, vm_memory
 from memvirt.qemu.vm import VM, start_vm, vms_root
 
 pytestmark = pytest.mark.guest
@@ -130,7 +130,7 @@ def test_writes_stay_private(template):
     pfns_a, pid_a = mark(a, seed=0xA11CE, count=32)
     pfns_b, pid_b = mark(b, seed=0xB0B, count=32)
     try:
-        with a.memory() as mem_a, b.memory() as mem_b, open_memory(tpl.config.ram_path) as mem_t:
+        with vm_memory(a) as mem_a, vm_memory(b) as mem_b, open_memory(tpl.config.ram_path) as mem_t:
             assert (mem_a.read_pages(pfns_a) == marker_pages(0xA11CE, 32)).all(), "clone A's own write is not readable"
             assert (mem_b.read_pages(pfns_b) == marker_pages(0xB0B, 32)).all()
             rss_b = mapping_usage(b.config.pid, b.config.backing, MEMORY)["rss"]

@@ -13,7 +13,7 @@ from cli import assert_one_line_error, memvirt
 from markers import mark, marker_pages
 
 from memvirt.errors import BadImage
-from memvirt.memory.open import open_memory
+from memvirt.memory.open import open_memory, vm_memory
 from memvirt.memory.ramfile import RamFileMemory
 from memvirt.qemu.dump import dump_vm
 
@@ -51,7 +51,7 @@ def _assert_markers(mem, pfns: np.ndarray, seed: int) -> None:
 def test_ram_file_reads_guest_marker(guest):
     pfns, pid = mark(guest, seed=0x1234, count=16)
     try:
-        with guest.memory() as mem:
+        with vm_memory(guest) as mem:
             assert isinstance(mem, RamFileMemory)
             _assert_markers(mem, pfns, 0x1234)
     finally:
@@ -61,7 +61,7 @@ def test_ram_file_reads_guest_marker(guest):
 def test_proc_mem_reads_guest_marker(anon_guest):
     pfns, pid = mark(anon_guest, seed=0x777, count=16)
     try:
-        with anon_guest.memory() as mem:
+        with vm_memory(anon_guest) as mem:
             assert mem.kind == "process memory"
             _assert_markers(mem, pfns, 0x777)
         with open_memory(f"pid:{anon_guest.config.pid}") as mem:
@@ -92,7 +92,7 @@ def test_4g_guest_marker_above_4g(vm_factory, image):
     pfns, _ = mark(vm, seed=0x4444, count=64)
     assert vm.regions[1].gpa == 1 << 32, vm.regions
     assert (pfns >= 1 << 20).any(), "expected the guest to place some pages above 4 GiB"
-    with vm.memory() as mem:
+    with vm_memory(vm) as mem:
         _assert_markers(mem, pfns, 0x4444)
         present = mem.populated_pfns()
         assert present[pfns].all()

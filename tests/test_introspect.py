@@ -16,7 +16,7 @@ from cli import assert_one_line_error, memvirt
 from memvirt.errors import BadImage
 from memvirt.introspect import CHOICES, CODE, Introspector
 from memvirt.introspect.groundtruth import FrozenFigures, GuestFigures
-from memvirt.memory.open import open_memory
+from memvirt.memory.open import open_memory, vm_memory
 from memvirt.qemu.dump import dump_vm
 
 TOUCHER = "memtouch --hot 24M --cold 96M --content mix --dirty-rate 2M"
@@ -60,7 +60,7 @@ def assert_matches_guest(census, figs: GuestFigures) -> None:
 
 def _census_all_layouts(vm):
     """Every layout source must give the same per-page answer, and the guest's own figures."""
-    with vm.memory() as mem:
+    with vm_memory(vm) as mem:
         intros = {choice: Introspector(mem, layouts=choice, cache=False) for choice in CHOICES}
         with FrozenFigures(vm) as snap:
             results = {choice: intro.scan() for choice, intro in intros.items()}
@@ -81,7 +81,7 @@ def test_idle_guest_matches_its_own_figures(guest):
 def test_busy_guest_matches_its_own_figures(guest):
     _start_toucher(guest)
     try:
-        with guest.memory() as mem:
+        with vm_memory(guest) as mem:
             intro = Introspector(mem)
             reference = Introspector(mem)
             reference.scanner.native = None
@@ -100,7 +100,7 @@ def test_busy_guest_matches_its_own_figures(guest):
 
 def test_anonymous_ram_and_dumps_agree(anon_guest, tmp_path):
     """/proc/PID/mem, an ELF dump, a kdump and a raw image of one paused guest: one answer."""
-    with anon_guest.memory() as mem:
+    with vm_memory(anon_guest) as mem:
         intro = Introspector(mem)
         with FrozenFigures(anon_guest) as snap:
             live = intro.scan()
@@ -117,7 +117,7 @@ def test_anonymous_ram_and_dumps_agree(anon_guest, tmp_path):
 def test_build_id_cache_skips_decoding(guest):
     """A second bootstrap of the same kernel build loads the facts a first census used: no
     kallsyms or BTF decoding, the same answer."""
-    with guest.memory() as mem:
+    with vm_memory(guest) as mem:
         with FrozenFigures(guest) as snap:
             fresh = Introspector(mem, cache=False)
             first = Introspector(mem)
@@ -158,7 +158,7 @@ def test_cli_inspect_json_and_map(guest, tmp_path):
         "reserved",
         "unbacked",
     }
-    assert sum(v for k, v in report["pages"].items() if k != "zero") == guest.memory().max_pfn
+    assert sum(v for k, v in report["pages"].items() if k != "zero") == vm_memory(guest).max_pfn
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert guest.status() == "running"
 
@@ -174,7 +174,7 @@ def test_612_guest(vm_factory, image_612):
 def test_4g_guest_under_toucher(vm_factory, image):
     vm = vm_factory("big4g", image, memory=4096 << 20)
     _start_toucher(vm, "memtouch --hot 64M --cold 448M --content mix --dirty-rate 4M")
-    with vm.memory() as mem:
+    with vm_memory(vm) as mem:
         intro = Introspector(mem)
         with FrozenFigures(vm) as snap:
             census = intro.scan()
@@ -223,7 +223,7 @@ def test_every_debian_flavour(vm_factory, series, flavour):
 
     vm = vm_factory(f"{series}-{flavour}".replace(".", ""), default_image(series, flavour), memory=384 << 20)
     _start_toucher(vm, "memtouch --hot 16M --cold 32M --content mix")
-    with vm.memory() as mem:
+    with vm_memory(vm) as mem:
         intro = Introspector(mem)
         with FrozenFigures(vm) as snap:
             census = intro.scan()

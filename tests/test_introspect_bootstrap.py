@@ -28,6 +28,7 @@ from memvirt.introspect.kernel import KernelView
 from memvirt.introspect.layout import LayoutMissing, VmcoreinfoLayout, layout_fact, layout_facts
 from memvirt.introspect.pgtable import PageTable, START_KERNEL_map, UnmappedAddress
 from memvirt.introspect.vmcoreinfo import Vmcoreinfo, find_vmcoreinfo
+from memvirt.memory.open import vm_memory
 from memvirt.memory.raw import RawMemory
 from memvirt.memory.source import GuestMemory, Region
 from memvirt.qemu.vm import VM, start_vm
@@ -589,7 +590,7 @@ def truth61(guest61: VM) -> Truth:
 
 @pytest.fixture(scope="module")
 def view61(guest61: VM) -> KernelView:
-    return KernelView.open(guest61.memory())
+    return KernelView.open(vm_memory(guest61))
 
 
 def check_against_guest(kv: KernelView, truth: Truth) -> None:
@@ -655,7 +656,7 @@ def kv_layout_btf(kv: KernelView) -> BtfLayout:
 def test_cached_location_skips_search(guest61: VM, view61: KernelView) -> None:
     gpa = view61.vmcoreinfo_gpa
     assert gpa is not None and gpa % 4096 == 0
-    again = KernelView.open(guest61.memory(), hint_gpa=gpa, load_btf=False)
+    again = KernelView.open(vm_memory(guest61), hint_gpa=gpa, load_btf=False)
     assert again.vmcoreinfo_gpa == gpa and again.kaslr_offset == view61.kaslr_offset
     assert again.timings["vmcoreinfo"] < 0.05 and again.btf is None
 
@@ -695,7 +696,7 @@ def test_bad_input_is_rejected(guest61: VM, view61: KernelView, tmp_path: Path) 
     with pytest.raises(BadImage, match="no VMCOREINFO note found|init_top_pgt does not translate"):
         KernelView.open(RawMemory(tmp_path / "truncated.raw"))
     # Corruptions in place, on the live guest's memory.
-    mem = guest61.memory()
+    mem = vm_memory(guest61)
     btf_pa = view61.translate(view61.symbol("__start_BTF"))
     names_pa = view61.translate(view61.vmcoreinfo.symbol("kallsyms_names"))
     for patches, message in [
@@ -711,7 +712,7 @@ def test_bad_input_is_rejected(guest61: VM, view61: KernelView, tmp_path: Path) 
 def test_bootstrap_612(image_612: Image) -> None:
     vm = start_vm("h3-introspect612", image_612, memory=512 * MiB, ram="shared")
     try:
-        kv = KernelView.open(vm.memory())
+        kv = KernelView.open(vm_memory(vm))
         script = (
             "uname -r; echo @@; cat /proc/version; echo @@; md5sum /sys/kernel/btf/vmlinux; echo @@; "
             'awk \'NR <= 40 || $3 == "_stext" { print NR, $0 } $3 == "_stext" { exit }\' /proc/kallsyms'
@@ -752,7 +753,7 @@ def test_bootstrap_4g_anonymous(image: Image) -> None:
     """4 GiB of anonymous RAM (split at the PCI hole), read through /proc/PID/mem."""
     vm = start_vm("h3-introspect4g", image, memory=4 * GiB, ram="anonymous")
     try:
-        mem = vm.memory()
+        mem = vm_memory(vm)
         assert len(mem.regions) == 2
         kv = KernelView.open(mem)
         assert kv.read_va(kv.symbol("linux_banner"), 14).tobytes() == b"Linux version "

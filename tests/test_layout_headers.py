@@ -31,6 +31,7 @@ from memvirt.introspect.headers import (
 )
 from memvirt.introspect.layout import Layout, LayoutMissing, layout_fact
 from memvirt.introspect.vmcoreinfo import Vmcoreinfo, find_vmcoreinfo
+from memvirt.memory.open import vm_memory
 from memvirt.paths import cache_home
 from memvirt.qemu.vm import start_vm
 
@@ -69,7 +70,7 @@ def guest_vmcoreinfo(request: pytest.FixtureRequest) -> Iterator[tuple[HeadersLa
     layout = HeadersLayout.for_release(image.release)
     vm = start_vm(f"h5-vmci-{request.param.replace('.', '')}", image, memory=256 << 20)
     try:
-        with vm.memory() as mem:
+        with vm_memory(vm) as mem:
             _gpa, info = find_vmcoreinfo(mem)
     finally:
         vm.stop()

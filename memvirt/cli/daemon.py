@@ -68,7 +68,8 @@ def attach(
     """Register a QEMU that memvirt did not start, so memvirtd manages it too.
 
     The pid must be a qemu-system process that holds the QMP socket; its RAM is taken as anonymous
-    RAM of a pc machine. The registration lives in $MEMVIRT_HOME/attached until --forget.
+    RAM, mapped as its command line's machine type (pc or q35) says. The registration lives in
+    $MEMVIRT_HOME/attached until --forget.
     """
     from memvirt.daemon import discovery
 

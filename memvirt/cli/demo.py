@@ -37,6 +37,7 @@ from memvirt.errors import MemvirtError, UsageError
 from memvirt.image.build import find_image
 from memvirt.introspect import CLASSES, Introspector
 from memvirt.introspect.groundtruth import FrozenFigures
+from memvirt.memory.open import vm_memory
 from memvirt.procs import end_watchdog
 from memvirt.qemu import reaper
 from memvirt.qemu.vm import VM, start_vm
@@ -318,7 +319,7 @@ def _inspect(vm: VM, map_path: Path) -> dict[str, object]:
     """Census of the paused guest, and the guest's own /proc figures at the same instant."""
     from memvirt.introspect.plot import draw_map
 
-    with vm.memory() as mem:
+    with vm_memory(vm) as mem:
         intro = Introspector(mem)
         with FrozenFigures(vm) as snap:
             census = intro.scan(content=True)

@@ -81,6 +81,13 @@ def inspect(
     ] = True,
     format: Annotated[str, typer.Option("--format", "-f", help=f"File format: {', '.join(FORMATS)}.")] = "auto",
     ram_size: Annotated[str | None, typer.Option(help="Guest RAM size, for a RAM file or raw image.")] = None,
+    machine: Annotated[
+        str | None,
+        typer.Option(help="QEMU machine family of a RAM file or raw image: pc or q35 (default: ask the guest)."),
+    ] = None,
+    qmp: Annotated[
+        str | None, typer.Option(help="QMP socket of the running QEMU: its RAM map comes from QEMU.")
+    ] = None,
 ) -> None:
     """Classify every guest page (free, per-cpu free, page cache, anon, slab, page tables, kernel,
     reserved, unbacked) from the guest kernel's own structures: no agent, no debug symbols.
@@ -89,7 +96,7 @@ def inspect(
     """
     if layouts not in CHOICES:
         raise UsageError(f"--layouts must be one of {', '.join(CHOICES)}")
-    with open_memory(source, format, parse_size(ram_size) if ram_size else None) as mem:
+    with open_memory(source, format, parse_size(ram_size) if ram_size else None, machine, qmp) as mem:
         t = time.perf_counter()
         with spinner(f"bootstrapping from {mem.describe()}"):
             intro = Introspector(mem, layouts=layouts)
@@ -100,6 +107,7 @@ def inspect(
             census.timings["paused"] = float(state["pause_seconds"])
     report = census.to_json()
     report["source"] = mem.describe()
+    report["ram_map"] = mem.layout
     report["layout_facts"] = intro.layout_sources()
     if map_ is not None:
         from memvirt.introspect.plot import draw_map

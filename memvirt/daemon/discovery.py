@@ -4,8 +4,8 @@
   state is corrupt is skipped with a warning, never fatal; frozen templates are left alone.
 * :class:`AttachedSource`: QEMU processes started by anything else, registered with
   ``memvirt attach --qmp PATH [--pid N]`` (``state_home()/attached/NAME.json``). Their RAM is
-  treated as anonymous RAM of a ``pc`` machine (what a plain ``qemu -m`` gives); the size comes
-  from QMP.
+  treated as anonymous RAM (what a plain ``qemu -m`` gives), mapped as QEMU's command line says
+  (machine type, :func:`memvirt.memory.procmem.qemu_ram_layout`); the size comes from QMP.
 
 A source is anything with ``name`` and ``targets() -> list[Target]``; libvirt domains will be
 one more. The same QEMU (by pid) found twice is kept once, the first source's.
@@ -23,6 +23,7 @@ from typing import Protocol
 
 from memvirt.errors import MemvirtError, UsageError
 from memvirt.memory import rammap
+from memvirt.memory.procmem import qemu_ram_layout
 from memvirt.paths import state_home
 from memvirt.procs import pid_alive
 from memvirt.qemu.monitor import Monitor
@@ -198,9 +199,12 @@ class AttachedSource:
                 continue
             if not pid_alive(pid) or not _is_qemu(pid):
                 continue  # gone: the record stays until 'memvirt attach --detach', a restarted QEMU has a new pid
-            cfg = VMConfig(
-                name=name, memory=memory, ram="anonymous", pid=pid, regions=rammap.to_dict(rammap.pc_ram_map(memory))
-            )
+            try:
+                regions = qemu_ram_layout(pid, memory).regions
+            except MemvirtError as e:
+                log.warning("skipping attached VM %s: %s", name, e)
+                continue
+            cfg = VMConfig(name=name, memory=memory, ram="anonymous", pid=pid, regions=rammap.to_dict(regions))
             out.append(Target(name, AttachedVM(cfg, qmp), self.name))
         return out
 

@@ -54,6 +54,7 @@ from memvirt.dedup import ksm
 from memvirt.dedup.discard import backing_ranges, host_usage
 from memvirt.dedup.fingerprint import fingerprint
 from memvirt.errors import MemvirtError, UsageError, VMError
+from memvirt.memory.open import vm_memory
 from memvirt.memory.pagemap import PM_PRESENT, PageMap
 from memvirt.memory.source import PAGE_SHIFT, GuestMemory
 from memvirt.procs import end_watchdog, pid_alive, spawn_watchdog
@@ -213,7 +214,7 @@ class _Guest:
         self.vm = vm
         self.pid: int = vm.config.pid
         self.rec = Reclaimer(vm) if reclaim else None
-        self.mem: GuestMemory = self.rec.mem if self.rec else vm.memory()
+        self.mem: GuestMemory = self.rec.mem if self.rec else vm_memory(vm)
         self.intro = self.rec.intro if self.rec else Introspector(self.mem)
         self.base = self.mem.regions[0].offset
         self.size = self.mem.ram_size

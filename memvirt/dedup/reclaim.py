@@ -27,6 +27,7 @@ from memvirt.errors import MemvirtError, UsageError, VMError
 from memvirt.introspect import Introspector, buildcache
 from memvirt.introspect.census import Census
 from memvirt.introspect.layout import LayoutMissing
+from memvirt.memory.open import vm_memory
 from memvirt.procs import end_watchdog
 from memvirt.qemu.monitor import Monitor
 
@@ -98,7 +99,7 @@ class Reclaimer:
         self.mark = mark if mark is not None else vm.dir / watchdog.MARK
         self._own_watchdog = mark is None
         self.shelf = shelf
-        self.mem = vm.memory()
+        self.mem = vm_memory(vm)
         self.discarder: Discarder = discarder_for(vm, self.mem)
         self.intro = Introspector(self.mem) if shelf is None else Introspector(self.mem, shelf=shelf)
         try:

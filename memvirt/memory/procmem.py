@@ -1,7 +1,9 @@
 """A running VM's anonymous RAM through ``/proc/PID/mem``.
 
 QEMU maps guest RAM as one anonymous private mapping of exactly the RAM size (``rw-p``);
-TCG's translation buffer is the large ``rwxp`` one and is skipped.
+TCG's translation buffer is the large ``rwxp`` one and is skipped. Where that block lies in the
+guest's physical address space is QEMU's machine type's rule (:mod:`memvirt.memory.rammap`),
+applied to the machine and RAM size on QEMU's own command line.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import time
 
 from memvirt.errors import BadImage, NotFound
 from memvirt.memory.fileio import pread_into
-from memvirt.memory.rammap import pc_ram_map
+from memvirt.memory.rammap import RamLayout, machine_family, ram_map
 from memvirt.memory.source import GuestMemory, Region
 from memvirt.units import parse_size
 
@@ -86,18 +88,51 @@ def find_file_mapping(pid: int, path: str, size: int, private: bool) -> tuple[in
     raise BadImage(f"process {pid} has no {kind} mapping of {path} ({size} bytes)")
 
 
-def guess_ram_size(pid: int) -> int:
-    """The guest RAM size of a QEMU process from its command line (``-m``), for ``pid:N`` sources."""
+def _argv(pid: int) -> list[bytes]:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
+            return f.read().split(b"\0")
     except FileNotFoundError as e:
         raise NotFound(f"no process {pid}") from e
+
+
+def guess_ram_size(pid: int) -> int:
+    """The guest RAM size of a QEMU process from its command line (``-m``), for ``pid:N`` sources."""
+    argv = _argv(pid)
     for i, a in enumerate(argv[:-1]):
         if a == b"-m":
             spec = argv[i + 1].decode().split(",")[0].removeprefix("size=")
             return parse_size(spec if spec[-1:].isalpha() else spec + "M")
     raise BadImage(f"process {pid} has no -m option: pass the RAM size")
+
+
+def qemu_machine(pid: int) -> tuple[str, int | None]:
+    """``(machine type, max-ram-below-4g or None)`` from QEMU's ``-machine``/``-M`` options.
+
+    Without a type QEMU's x86 default is ``pc`` (i440fx); options may be split over several
+    ``-machine`` arguments, the last one given wins as in QEMU's option parsing.
+    """
+    machine, below = "pc", None
+    argv = _argv(pid)
+    for i, a in enumerate(argv[:-1]):
+        if a not in (b"-machine", b"-M", b"--machine"):
+            continue
+        for n, part in enumerate(argv[i + 1].decode(errors="replace").split(",")):
+            key, eq, value = part.partition("=")
+            if not eq and n == 0:
+                machine = key
+            elif key == "type":
+                machine = value
+            elif key == "max-ram-below-4g":
+                below = parse_size(value)
+    return machine, below
+
+
+def qemu_ram_layout(pid: int, ram_size: int) -> RamLayout:
+    """The RAM map QEMU ``pid`` built, from its machine type and RAM size."""
+    machine, below = qemu_machine(pid)
+    family = machine_family(machine)
+    return RamLayout(f"{family} from QEMU's command line", ram_map(family, ram_size, below))
 
 
 class ProcMemory(GuestMemory):
@@ -109,7 +144,9 @@ class ProcMemory(GuestMemory):
         self.pid = pid
         size = ram_size if ram_size is not None else guess_ram_size(pid)
         base = find_ram_mapping(pid, size)
-        regions = regions if regions is not None else pc_ram_map(size)
+        if regions is None:
+            found = qemu_ram_layout(pid, size)
+            regions, self.layout = found.regions, found.describe()
         self.regions = tuple(Region(r.gpa, r.size, base + r.offset) for r in regions)
         try:
             self._fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)

@@ -58,6 +58,8 @@ class GuestMemory(ABC):
 
     kind: str = "memory"
     regions: tuple[Region, ...] = ()
+    layout: str | None = None
+    """How ``regions`` were found, when a file or process did not carry them (``mem info`` shows it)."""
 
     def __enter__(self) -> Self:
         return self

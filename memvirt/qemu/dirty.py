@@ -43,6 +43,7 @@ import numpy as np
 
 from memvirt.errors import MemvirtError, NotFound, Unsupported, UsageError, VMError
 from memvirt.memory.holes import PunchJournal
+from memvirt.memory.open import vm_memory
 from memvirt.memory.pagehash import hash_pages
 from memvirt.memory.source import PAGE_SHIFT, PAGE_SIZE, Region
 from memvirt.qemu.vm import VM
@@ -577,7 +578,7 @@ class FingerprintTracker:
 
     def __init__(self, vm: VM, notice: str = ""):
         self.notice = notice
-        self.mem = vm.memory()
+        self.mem = vm_memory(vm)
         self.pfns = self.mem.ram_pfns()
         self.prev = self._hashes()
 

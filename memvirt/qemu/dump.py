@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from memvirt.errors import UsageError, VMError
+from memvirt.memory.open import vm_memory
 from memvirt.paths import private_file
 from memvirt.qemu.vm import DUMP_FORMATS, VM
 
@@ -67,7 +68,7 @@ def _dump_raw(vm: VM, fd: int, progress: Progress | None) -> None:
     if was_running:
         vm.pause()
     try:
-        mem = vm.memory()
+        mem = vm_memory(vm)
         total = mem.ram_size
         done = 0
         os.ftruncate(fd, max(r.end for r in mem.regions))

@@ -26,7 +26,8 @@ from memvirt.errors import GuestError, MemvirtError, NotFound, UsageError, VMErr
 from memvirt.image.build import Image
 from memvirt.memory import rammap
 from memvirt.memory.holes import remove_journal
-from memvirt.memory.source import GuestMemory, Region
+from memvirt.memory.procmem import find_file_mapping, find_ram_mapping
+from memvirt.memory.source import Region
 from memvirt.paths import PRIVATE_FILE, private_dir, private_file, ram_dir, state_home, touch_private
 from memvirt.procs import pid_alive
 from memvirt.qemu import lan
@@ -192,24 +193,8 @@ class VM:
         self.config.role = ""
         self.save()
 
-    def memory(self) -> GuestMemory:
-        """The guest's physical memory: its RAM file, or its QEMU process's memory."""
-        from memvirt.memory.procmem import ProcMemory
-        from memvirt.memory.ramfile import RamFileMemory
-
-        self.require_alive()
-        if self.config.ram == "shared":
-            return RamFileMemory(self.config.ram_path, self.regions)
-        if self.config.ram == "cow":
-            from memvirt.memory.clonemem import CloneMemory
-
-            return CloneMemory(self.config.pid, self.config.backing, self.config.memory, self.regions)
-        return ProcMemory(self.config.pid, self.config.memory, self.regions)
-
     def ram_mapping(self) -> tuple[int, int]:
         """``(host address, size)`` of the guest RAM inside the QEMU process, whatever backs it."""
-        from memvirt.memory.procmem import find_file_mapping, find_ram_mapping
-
         self.require_alive()
         c = self.config
         if c.ram == "anonymous":
