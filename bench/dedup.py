@@ -120,7 +120,7 @@ def passes(vms: list[Any]) -> list[float]:
 def limit(vms: list[Any]) -> dict[str, Any]:
     """``dedup analyze`` of the running guests, free pages skipped: the limit and its cost."""
     from memvirt.dedup.analyze import analyze
-    from memvirt.memory.open import vm_memory
+    from memvirt.qemu.vm import vm_memory
 
     mems = [vm_memory(vm) for vm in vms]
     try:

@@ -315,9 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     from memvirt.image.build import default_image
-    from memvirt.memory.open import open_memory, vm_memory
     from memvirt.paths import ram_dir
     from memvirt.qemu.accel import qemu_binary
+    from memvirt.qemu.vm import vm_memory
+    from memvirt.targets import open_memory
 
     started = time.time()
     report: dict[str, Any] = {

@@ -24,8 +24,8 @@ from markers import mark, marker_pages
 
 from memvirt.clone.memory import mapping_usage
 from memvirt.clone.template import state_file
-from memvirt.memory.open import open_memory, vm_memory
-from memvirt.qemu.vm import VM, start_vm, vms_root
+from memvirt.qemu.vm import VM, start_vm, vm_memory, vms_root
+from memvirt.targets import open_memory
 
 pytestmark = pytest.mark.guest
 

@@ -13,9 +13,10 @@ from cli import assert_one_line_error, memvirt
 from markers import mark, marker_pages
 
 from memvirt.errors import BadImage
-from memvirt.memory.open import open_memory, vm_memory
 from memvirt.memory.ramfile import RamFileMemory
 from memvirt.qemu.dump import dump_vm
+from memvirt.qemu.vm import vm_memory
+from memvirt.targets import open_memory
 
 
 def test_channel_round_trip(guest):

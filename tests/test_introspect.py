@@ -16,8 +16,9 @@ from cli import assert_one_line_error, memvirt
 from memvirt.errors import BadImage
 from memvirt.introspect import CHOICES, CODE, Introspector
 from memvirt.introspect.groundtruth import FrozenFigures, GuestFigures
-from memvirt.memory.open import open_memory, vm_memory
 from memvirt.qemu.dump import dump_vm
+from memvirt.qemu.vm import vm_memory
+from memvirt.targets import open_memory
 
 TOUCHER = "memtouch --hot 24M --cold 96M --content mix --dirty-rate 2M"
 

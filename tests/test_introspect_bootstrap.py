@@ -28,10 +28,9 @@ from memvirt.introspect.kernel import KernelView
 from memvirt.introspect.layout import LayoutMissing, VmcoreinfoLayout, layout_fact, layout_facts
 from memvirt.introspect.pgtable import PageTable, START_KERNEL_map, UnmappedAddress
 from memvirt.introspect.vmcoreinfo import Vmcoreinfo, find_vmcoreinfo
-from memvirt.memory.open import vm_memory
 from memvirt.memory.raw import RawMemory
 from memvirt.memory.source import GuestMemory, Region
-from memvirt.qemu.vm import VM, start_vm
+from memvirt.qemu.vm import VM, start_vm, vm_memory
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -31,9 +31,8 @@ from memvirt.introspect.headers import (
 )
 from memvirt.introspect.layout import Layout, LayoutMissing, layout_fact
 from memvirt.introspect.vmcoreinfo import Vmcoreinfo, find_vmcoreinfo
-from memvirt.memory.open import vm_memory
 from memvirt.paths import cache_home
-from memvirt.qemu.vm import start_vm
+from memvirt.qemu.vm import start_vm, vm_memory
 
 SERIES = ("6.1", "6.12")
 pytestmark = pytest.mark.skipif(

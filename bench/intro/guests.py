@@ -178,7 +178,7 @@ def makedumpfile_version() -> str:
 
 
 def vmcoreinfo_number(path: Path, key: str) -> int | None:
-    from memvirt.memory.open import open_memory
+    from memvirt.targets import open_memory
 
     with open_memory(str(path)) as mem:
         text = (mem.vmcoreinfo or b"").decode(errors="replace")

@@ -73,7 +73,7 @@ def worker(task: dict[str, Any]) -> dict[str, Any]:
     import numpy as np  # noqa: F401 - timed with the rest of the imports
 
     from memvirt.introspect import Introspector
-    from memvirt.memory.open import open_memory
+    from memvirt.targets import open_memory
 
     out: dict[str, Any] = {"task": task, "pid": os.getpid(), "loadavg_start": load()}
     out["import_s"] = time.perf_counter() - t_start

@@ -111,7 +111,7 @@ def analyze(
     free pages saves. Running guests are read live unless --pause (figures then approximate)."""
     from memvirt.cli.inspect import _owning_vm
     from memvirt.dedup.analyze import analyze as run_analysis
-    from memvirt.memory.open import open_memory
+    from memvirt.targets import open_memory
 
     if len(set(sources)) != len(sources):
         raise UsageError("a source is named twice")

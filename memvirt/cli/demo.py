@@ -37,10 +37,9 @@ from memvirt.errors import MemvirtError, UsageError
 from memvirt.image.build import find_image
 from memvirt.introspect import CLASSES, Introspector
 from memvirt.introspect.groundtruth import FrozenFigures
-from memvirt.memory.open import vm_memory
 from memvirt.procs import end_watchdog
 from memvirt.qemu import reaper
-from memvirt.qemu.vm import VM, start_vm
+from memvirt.qemu.vm import VM, start_vm, vm_memory
 from memvirt.units import parse_size
 
 WORKLOAD = "memtouch --hot 32M --cold 96M --content mix --dirty-rate 1M"

@@ -16,8 +16,8 @@ from memvirt.cli.output import emit_json, human, out, spinner, table
 from memvirt.errors import UsageError
 from memvirt.introspect import CHOICES, CLASSES, Introspector
 from memvirt.introspect.census import Census
-from memvirt.memory.open import FORMATS, open_memory
 from memvirt.qemu.vm import VM
+from memvirt.targets import FORMATS, open_memory
 from memvirt.units import parse_size
 
 

@@ -10,8 +10,8 @@ import typer
 
 from memvirt.cli.output import emit_json, human, out, table
 from memvirt.errors import UsageError
-from memvirt.memory.open import FORMATS, open_memory
 from memvirt.memory.source import PAGE_SIZE, GuestMemory
+from memvirt.targets import FORMATS, open_memory
 from memvirt.units import parse_size
 
 app = typer.Typer(

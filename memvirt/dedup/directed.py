@@ -54,11 +54,11 @@ from memvirt.dedup import ksm
 from memvirt.dedup.discard import backing_ranges, host_usage
 from memvirt.dedup.fingerprint import fingerprint
 from memvirt.errors import MemvirtError, UsageError, VMError
-from memvirt.memory.open import vm_memory
 from memvirt.memory.pagemap import PM_PRESENT, PageMap
 from memvirt.memory.source import PAGE_SHIFT, GuestMemory
 from memvirt.procs import end_watchdog, pid_alive, spawn_watchdog
 from memvirt.qemu.remote import MADV_MERGEABLE, MADV_UNMERGEABLE, remote_madvise
+from memvirt.qemu.vm import vm_memory
 
 PM_EXCLUSIVE = np.uint64(1 << 56)
 """pagemap: the page is mapped by this mapping only (a KSM page or the zero page never is)."""

@@ -27,9 +27,9 @@ from memvirt.errors import MemvirtError, UsageError, VMError
 from memvirt.introspect import Introspector, buildcache
 from memvirt.introspect.census import Census
 from memvirt.introspect.layout import LayoutMissing
-from memvirt.memory.open import vm_memory
 from memvirt.procs import end_watchdog
 from memvirt.qemu.monitor import Monitor
+from memvirt.qemu.vm import vm_memory
 
 GOAL_MS_PER_GIB = 20.0
 MIN_BUDGET_MS = 4.0

@@ -1,7 +1,7 @@
 """Introspection: the guest kernel's view of every page, read from raw guest memory.
 
 >>> from memvirt.introspect import Introspector
->>> from memvirt.memory.open import vm_memory
+>>> from memvirt.qemu.vm import vm_memory
 >>> with vm_memory(vm) as mem:
 ...     intro = Introspector(mem)          # bootstrap: VMCOREINFO, page tables, kallsyms, BTF
 ...     census = intro.scan()              # per-page classes (numpy) and counts

@@ -1,8 +1,8 @@
 """Guest physical memory: one interface over running VMs' RAM and memory dumps.
 
-:func:`memvirt.memory.open.open_memory` opens what a user names; it sits above the readers here,
-the VM registry (``qemu/``) and the guest kernel's word on its RAM map (``introspect/``), so it
-is imported from its module, not re-exported here (that kept ``qemu/`` from importing this package).
+:func:`memvirt.qemu.vm.vm_memory` opens a memvirt VM's memory with these readers, and
+:func:`memvirt.targets.open_memory` opens whatever a user names; both live above this package,
+which imports nothing of memvirt's but its base modules (errors, paths, units).
 """
 
 from memvirt.memory.source import PAGE_SIZE, GuestMemory, Region

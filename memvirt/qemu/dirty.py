@@ -43,10 +43,9 @@ import numpy as np
 
 from memvirt.errors import MemvirtError, NotFound, Unsupported, UsageError, VMError
 from memvirt.memory.holes import PunchJournal
-from memvirt.memory.open import vm_memory
 from memvirt.memory.pagehash import hash_pages
 from memvirt.memory.source import PAGE_SHIFT, PAGE_SIZE, Region
-from memvirt.qemu.vm import VM
+from memvirt.qemu.vm import VM, vm_memory
 
 SYS_USERFAULTFD = 323
 SYS_PIDFD_GETFD = 438

@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from memvirt.errors import UsageError, VMError
-from memvirt.memory.open import vm_memory
 from memvirt.paths import private_file
-from memvirt.qemu.vm import DUMP_FORMATS, VM
+from memvirt.qemu.vm import DUMP_FORMATS, VM, vm_memory
 
 Progress = Callable[[int, int], None]
 

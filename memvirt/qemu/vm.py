@@ -25,9 +25,11 @@ from pathlib import Path
 from memvirt.errors import GuestError, MemvirtError, NotFound, UsageError, VMError
 from memvirt.image.build import Image
 from memvirt.memory import rammap
+from memvirt.memory.clonemem import CloneMemory
 from memvirt.memory.holes import remove_journal
-from memvirt.memory.procmem import find_file_mapping, find_ram_mapping
-from memvirt.memory.source import Region
+from memvirt.memory.procmem import ProcMemory, find_file_mapping, find_ram_mapping
+from memvirt.memory.ramfile import RamFileMemory
+from memvirt.memory.source import GuestMemory, Region
 from memvirt.paths import PRIVATE_FILE, private_dir, private_file, ram_dir, state_home, touch_private
 from memvirt.procs import pid_alive
 from memvirt.qemu import lan
@@ -458,3 +460,19 @@ def _tail(path: Path, lines: int = 3) -> str:
     except FileNotFoundError:
         return "no serial output"
     return " | ".join(text[-lines:]) or "no serial output"
+
+
+def vm_memory(vm: VM) -> GuestMemory:
+    """A memvirt VM's physical memory: its RAM file, its clone overlay, or its QEMU process's memory.
+
+    A memvirt VM's RAM map is recorded when it starts, so there is nothing to find: the readers
+    are memory/'s (one floor down); finding the map of a guest memvirt did not start is
+    :func:`memvirt.targets.open_memory`'s job.
+    """
+    vm.require_alive()
+    c = vm.config
+    if c.ram == "shared":
+        return RamFileMemory(c.ram_path, vm.regions)
+    if c.ram == "cow":
+        return CloneMemory(c.pid, c.backing, c.memory, vm.regions)
+    return ProcMemory(c.pid, c.memory, vm.regions)

@@ -75,7 +75,7 @@ def probe(path: str, fmt: str = "auto", full: bool = False) -> dict[str, Any]:
     """Open and exercise ``path`` (``full``: read all its RAM); what happened, how long it took and
     how much RSS it cost."""
     from memvirt.errors import MemvirtError
-    from memvirt.memory.open import open_memory
+    from memvirt.targets import open_memory
 
     rss0 = _maxrss()
     t0, c0 = time.monotonic(), time.process_time()
@@ -467,7 +467,7 @@ def test_raw_image_above_the_physical_address_space(shm_dir: Path) -> None:
 
 def test_valid_images_still_open(tmp_path: Path) -> None:
     """The fuzz bases themselves read back: the bounds do not reject what QEMU-like writers produce."""
-    from memvirt.memory.open import open_memory
+    from memvirt.targets import open_memory
 
     for name, (image, _, _) in base_images().items():
         path = tmp_path / name

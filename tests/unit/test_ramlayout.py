@@ -21,7 +21,6 @@ from cli import assert_one_line_error, memvirt
 from test_introspect_bootstrap import NOTE_PA, PHYS_BASE, build_synthetic, note, vmcoreinfo_text
 
 from memvirt.errors import BadImage, UsageError
-from memvirt.memory.open import open_memory
 from memvirt.memory.rammap import (
     ram_map,
     ramfile_candidates,
@@ -29,6 +28,7 @@ from memvirt.memory.rammap import (
     regions_from_mtree,
 )
 from memvirt.memory.source import Region
+from memvirt.targets import open_memory
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -1,7 +1,7 @@
 """Open any memory source by what the user typed: a VM name, ``pid:N``, or a file.
 
-This is the front door every command that reads guest memory goes through (inspect, mem,
-dedup analyze, reclaim and dirty tracking via :func:`vm_memory`), so the RAM map of a source
+This is the front door every command that reads guest memory by a name goes through (inspect,
+mem, dedup analyze), so the RAM map of a source
 memvirt did not start is found here once: from QEMU itself when it runs (``pid:N`` reads its
 command line, ``--qmp`` its memory-region tree), else from the guest kernel inside the file
 (:mod:`memvirt.introspect.ramlayout` puts each candidate map to it).
@@ -15,7 +15,6 @@ from pathlib import Path
 
 from memvirt.errors import BadImage, NotFound, UsageError
 from memvirt.introspect.ramlayout import choose
-from memvirt.memory.clonemem import CloneMemory
 from memvirt.memory.elfdump import ElfDumpMemory
 from memvirt.memory.fileio import open_image
 from memvirt.memory.kdump import KdumpMemory
@@ -34,25 +33,10 @@ from memvirt.memory.rammap import (
 from memvirt.memory.raw import RawMemory
 from memvirt.memory.source import MAX_GPA, PAGE_SIZE, GuestMemory, Region
 from memvirt.qemu.monitor import Monitor
-from memvirt.qemu.vm import VM
+from memvirt.qemu.vm import VM, vm_memory
 
 FORMATS = ("auto", "ramfile", "raw", "elf", "kdump")
 FLAGS = "--machine pc|q35 picks the machine family, --ram-size the RAM size, --qmp SOCKET asks a running QEMU"
-
-
-def vm_memory(vm: VM) -> GuestMemory:
-    """A memvirt VM's physical memory: its RAM file, its clone overlay, or its QEMU process's memory.
-
-    Lives here, not in :class:`~memvirt.qemu.vm.VM`: the readers are memory/'s, and qemu/ must
-    not reach up into them (a memvirt VM's map is recorded when it starts, nothing to find).
-    """
-    vm.require_alive()
-    c = vm.config
-    if c.ram == "shared":
-        return RamFileMemory(c.ram_path, vm.regions)
-    if c.ram == "cow":
-        return CloneMemory(c.pid, c.backing, c.memory, vm.regions)
-    return ProcMemory(c.pid, c.memory, vm.regions)
 
 
 def sniff(path: Path) -> str:
