@@ -54,7 +54,7 @@ _VMCI_LINE = re.compile(r"^((SIZE|OFFSET|LENGTH|NUMBER)\(([^)]*)\))=(-?(?:0x[0-9
 
 
 def _release(series: str) -> str:
-    return newest_package(series, "amd64").removeprefix("linux-image-")
+    return newest_package(series, "amd64")[0].removeprefix("linux-image-")
 
 
 @pytest.fixture(scope="module", params=SERIES)
