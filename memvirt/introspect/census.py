@@ -47,13 +47,13 @@ def compound_head_pfns(words: np.ndarray, tails: np.ndarray, vmemmap: int, struc
     """The head frame of each tail page from its ``compound_head`` word (bit 0 set), as int64.
 
     Up to 6.x the word is the head's ``struct page`` address + 1. Kiryl Shutsemau's "mm: rework
-    compound_head() for power-of-2 sizeof(struct page)" (Linux 7.0; measured on Debian sid's
-    7.2.13: tails hold 0xffffffffffffff81 for order 1, ...ff01 for order 2) stores instead a
-    mask + 1: the head is the tail's own ``struct page`` address ANDed with the mask (vmemmap
-    is aligned so that a compound page's struct pages are too). Told apart per word, from the
+    compound_head() for power-of-2 sizeof(struct page)" (7.x, which also renamed the member
+    ``compound_info``; measured on Debian sid's 7.2.13: tails hold 0xffffffffffffff81 for
+    order 1, ...ff01 for order 2) stores instead a mask + 1 when CONFIG_HUGETLB_PAGE_OPTIMIZE_VMEMMAP
+    and ``sizeof(struct page)`` is a power of two (``compound_info_has_mask()``): the head is
+    the tail's own ``struct page`` address ANDed with the mask. Told apart per word, from the
     data: a mask is ``~(2**k - 1)``, whose negation is a power of two; no vmemmap address is.
-    Which form a kernel uses then needs no version or config (non-power-of-2 struct pages
-    keep the pointer form on 7.x too).
+    So neither the version nor the config has to be known.
     """
     v = words - np.uint64(1)
     neg = ~v + np.uint64(1)
@@ -138,7 +138,8 @@ class PageScanner:
 
         self.col = {
             "flags": field("flags", _off(layout, "page", "flags")) // 8,
-            "head": field("compound_head", _off(layout, "page", "compound_head", "lru")) // 8,
+            # 7.x renamed the member compound_info (and VMCOREINFO stopped exporting its offset).
+            "head": field("compound_head", _off(layout, "page", "compound_head", "compound_info", "lru")) // 8,
             "mapping": field("mapping", _off(layout, "page", "mapping")) // 8,
             "private": field("private", _off(layout, "page", "private")) // 8,
         }
