@@ -78,11 +78,16 @@ LOG_DIR = Path(os.environ.get("MEMVIRT_TEST_LOGS", "/tmp/memvirt-test-logs"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark every test that boots a guest ``guest``, so ``-m "not guest"`` really boots none."""
+    """Mark every test that boots a guest ``guest``, so ``-m "not guest"`` really boots none.
+    Tests marked ``kernels`` (the full kernel matrix) are skipped unless ``-m`` names that
+    marker or MEMVIRT_KERNEL_MATRIX=1: a plain run (CI) keeps one smoke test per kernel series."""
+    matrix = "kernels" in (config.option.markexpr or "") or os.environ.get("MEMVIRT_KERNEL_MATRIX") == "1"
     for item in items:
         booting = GUEST_FIXTURES | set(getattr(getattr(item, "module", None), "GUEST_FIXTURES", ()))
         if booting & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.guest)
+        if not matrix and item.get_closest_marker("kernels"):
+            item.add_marker(pytest.mark.skip(reason="kernel matrix: run with -m kernels or MEMVIRT_KERNEL_MATRIX=1"))
 
 
 @pytest.hookimpl(wrapper=True)

@@ -18,23 +18,33 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 @app.command("build")
 def build(
     kernel: Annotated[
-        str, typer.Option(help="Debian series (6.1, 6.12), a linux-image-* package name, or a path to a vmlinuz.")
+        str,
+        typer.Option(help="Debian series (6.1, 6.12, 7.2), a linux-image-* package name, or a path to a vmlinuz."),
     ] = "6.1",
     flavour: Annotated[str, typer.Option(help="Debian kernel flavour: amd64, cloud or rt.")] = "amd64",
     modules: Annotated[
         str | None, typer.Option(help="Module folder (/lib/modules/RELEASE) to go with a --kernel PATH.")
+    ] = None,
+    suite: Annotated[
+        str | None,
+        typer.Option(
+            help="Debian suite for the kernel: bookworm, trixie or sid (default: the host's apt, then trixie, sid)."
+        ),
     ] = None,
     force: Annotated[bool, typer.Option(help="Rebuild even if a matching image exists.")] = False,
     json_: JsonOpt = False,
 ) -> None:
     """Fetch a kernel (apt-get download, cached in ~/.cache/memvirt) and build an initramfs for it.
 
+    Kernels of trixie and sid come through a private apt (~/.cache/memvirt/apt/SUITE) that leaves
+    the host's apt sources and state alone.
+
     The initramfs holds busybox, memvirt's guest init and command agent, the workload programs
     (memtouch, datacheck, physaddr) and the modules the guest needs (virtio console and net,
     qemu_fw_cfg).
     """
     with spinner(f"fetching kernel {kernel} ({flavour})"):
-        k = resolve_kernel(kernel, flavour, modules)
+        k = resolve_kernel(kernel, flavour, modules, suite)
     with spinner(f"building image for {k.release}"):
         img = build_image(k, force=force)
     if json_:

@@ -1,7 +1,13 @@
 """Guest kernels: Debian kernel packages fetched with ``apt-get download``, or a user's vmlinuz.
 
 Packages are cached under ``cache_home()/debs`` and unpacked once under
-``cache_home()/kernels/<release>``; nothing is written into the repository.
+``cache_home()/kernels/<release>``; nothing is written into the repository. Kernels of suites
+the host does not use (trixie, sid) come through :mod:`memvirt.image.apt`'s private apt.
+
+Two package layouts: up to 6.12 ``linux-image-RELEASE`` holds ``boot/vmlinuz-RELEASE`` and
+``lib/modules/RELEASE``. Debian's 7.x packaging (sid, ``+deb14``) splits it: ``linux-image-*``
+is an empty package depending on ``linux-binary-*`` (``usr/lib/modules/RELEASE/vmlinuz``) and
+``linux-modules-*`` (the module tree, under ``usr/lib`` too). Both are unpacked into one folder.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memvirt.errors import MemvirtError, NotFound, UsageError
+from memvirt.image import apt
 from memvirt.paths import cache_home
 
 FLAVOURS = ("amd64", "cloud", "rt")
@@ -27,6 +34,7 @@ class Kernel:
     vmlinuz: Path
     modules: Path | None
     package: str | None = None
+    suite: str | None = None
 
     @property
     def system_map(self) -> Path | None:
@@ -52,60 +60,62 @@ def _version_key(name: str) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", name))
 
 
-def newest_package(series: str, flavour: str) -> str:
-    """The newest Debian kernel package of a series and flavour that apt knows about."""
-    if shutil.which("apt-cache") is None:
-        raise MemvirtError("apt-cache not found: on a non-Debian host pass --kernel PATH to a vmlinuz")
+def newest_package(series: str, flavour: str, suite: str | None = None) -> tuple[str, str | None]:
+    """The newest Debian kernel package of a series and flavour, and the suite it came from.
+
+    ``suite`` None: the host's apt first, then trixie and sid through the private apt (a 7.2
+    is only in sid, a bookworm host knows no 6.12 of trixie's)."""
     pat = package_pattern(series, flavour)
-    out = subprocess.run(
-        ["apt-cache", "search", "--names-only", f"^linux-image-{re.escape(series)}"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout
-    names = [line.split()[0] for line in out.splitlines() if line.strip()]
-    names = [n for n in names if pat.match(n)]
-    if not names:
-        raise NotFound(
-            f"no Debian kernel package for {series} ({flavour}) is known to apt; run 'apt-get update' "
-            "or pass --kernel PATH"
-        )
-    return max(names, key=_version_key)
+    tried = [apt.check_suite(suite)] if suite else [None, "trixie", "sid"]
+    for s in tried:
+        out = apt.apt_cache(s, "search", "--names-only", f"^linux-image-{re.escape(series)}").stdout
+        names = [line.split()[0] for line in out.splitlines() if line.strip()]
+        names = [n for n in names if pat.match(n)]
+        if names:
+            return max(names, key=_version_key), s
+    where = f"Debian {suite}" if suite else "apt, Debian trixie or sid"
+    raise NotFound(f"no Debian kernel package for {series} ({flavour}) in {where}; pass --kernel PATH")
 
 
-def _download(package: str) -> Path:
-    debs = cache_home() / "debs"
-    debs.mkdir(exist_ok=True)
-    found = sorted(debs.glob(f"{package}_*.deb"))
-    if found:
-        return found[-1]
-    proc = subprocess.run(["apt-get", "download", package], cwd=debs, capture_output=True, text=True)
-    found = sorted(debs.glob(f"{package}_*.deb"))
-    if proc.returncode != 0 or not found:
-        err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise MemvirtError(f"apt-get download {package} failed: {err}")
-    return found[-1]
+def _parts(package: str, suite: str | None) -> list[str]:
+    """The packages that hold a kernel: ``package``, plus ``linux-binary-*``/``linux-modules-*``
+    when it is 7.x's empty meta package (see the module docstring)."""
+    deps = apt.depends(package, suite)
+    if deps is None:
+        where = f" (Debian {suite})" if suite else ""
+        raise NotFound(f"{package} is unknown to apt{where}; run 'apt-get update' or pass --suite")
+    return [package, *[d for d in deps if d.startswith(("linux-binary-", "linux-modules-"))]]
 
 
-def fetch_debian_kernel(series: str = DEFAULT_SERIES, flavour: str = "amd64", package: str | None = None) -> Kernel:
+def fetch_debian_kernel(
+    series: str = DEFAULT_SERIES, flavour: str = "amd64", package: str | None = None, suite: str | None = None
+) -> Kernel:
     """Download (once) and unpack (once) the newest Debian kernel of ``series``/``flavour``."""
-    package = package or newest_package(series, flavour)
+    if package is None:
+        package, suite = newest_package(series, flavour, suite)
+    elif suite is None:
+        suite = apt.suite_of_release(package)
     release = package.removeprefix("linux-image-")
     dest = cache_home() / "kernels" / release
-    vmlinuz = dest / "boot" / f"vmlinuz-{release}"
-    if not vmlinuz.exists():
-        deb = _download(package)
+    images = (dest / "boot" / f"vmlinuz-{release}", dest / "usr" / "lib" / "modules" / release / "vmlinuz")
+    if not any(c.exists() for c in images):
+        debs = [apt.download(p, suite) for p in _parts(package, suite)]
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        proc = subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise MemvirtError(f"cannot unpack {deb.name}: {proc.stderr.strip()}")
+        for deb in debs:
+            proc = subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise MemvirtError(f"cannot unpack {deb.name}: {proc.stderr.strip()}")
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
-    modules = dest / "lib" / "modules" / release
-    return Kernel(release, vmlinuz, modules if modules.is_dir() else None, package)
+    vmlinuz = next((c for c in images if c.exists()), None)
+    if vmlinuz is None:
+        raise MemvirtError(f"{package} holds no vmlinuz (neither boot/ nor usr/lib/modules/{release}/)")
+    trees = (dest / "lib" / "modules" / release, dest / "usr" / "lib" / "modules" / release)
+    modules = next((m for m in trees if (m / "kernel").is_dir()), None)
+    return Kernel(release, vmlinuz, modules, package, suite)
 
 
 def user_kernel(path: str | Path, modules: str | Path | None = None) -> Kernel:
@@ -123,13 +133,16 @@ def user_kernel(path: str | Path, modules: str | Path | None = None) -> Kernel:
     return Kernel(release, p, mods)
 
 
-def resolve_kernel(spec: str | None, flavour: str = "amd64", modules: str | None = None) -> Kernel:
-    """``6.1``/``6.12`` (a Debian series), a Debian package name, or a path to a vmlinuz."""
+def resolve_kernel(
+    spec: str | None, flavour: str = "amd64", modules: str | None = None, suite: str | None = None
+) -> Kernel:
+    """``6.1``/``6.12``/``7.2`` (a Debian series), a Debian package name, or a path to a vmlinuz;
+    ``suite`` (bookworm, trixie, sid) pins where a series or package is looked up."""
     spec = spec or DEFAULT_SERIES
     if "/" in spec or Path(spec).is_file():
         return user_kernel(spec, modules)
     if spec.startswith("linux-image-"):
-        return fetch_debian_kernel(package=spec)
+        return fetch_debian_kernel(package=spec, suite=apt.check_suite(suite))
     if not re.fullmatch(r"\d+\.\d+", spec):
         raise UsageError(f"--kernel takes a series like 6.1 or 6.12, a package name, or a path; got {spec!r}")
-    return fetch_debian_kernel(spec, flavour)
+    return fetch_debian_kernel(spec, flavour, suite=apt.check_suite(suite))

@@ -4,7 +4,8 @@ One bulk read of ``vmemmap`` (``sizeof(struct page)`` bytes per frame: 64 MiB fo
 guest) into a buffer reused across scans, then numpy over columns of it: no per-page Python.
 Free pages are the buddy heads (page type ``PG_buddy``) expanded by their order (kept in
 ``page->private``), plus the pages on the per-cpu lists (walked from ``zone->per_cpu_pageset``).
-A tail page of a compound page takes the class of its head (``compound_head`` bit 0).
+A tail page of a compound page takes the class of its head (``compound_head`` bit 0; how the
+rest of that word names the head changed in 7.x, see :func:`compound_head_pfns`).
 
 ``slab`` counts what the kernel's ``Slab:`` figure counts: slab pages, and the pages of large
 kmalloc allocations (``kmalloc_large``), which bypass the slab caches but are charged to
@@ -40,6 +41,26 @@ PAGE_MAPPING_ANON = 0x1
 BLOCK_PAGES = 16384
 """Struct pages classified per block: 1 MiB of them at 64 bytes each, so a block stays in cache."""
 PAGE_MAPPING_FLAGS = 0x3
+
+
+def compound_head_pfns(words: np.ndarray, tails: np.ndarray, vmemmap: int, struct_page_size: int) -> np.ndarray:
+    """The head frame of each tail page from its ``compound_head`` word (bit 0 set), as int64.
+
+    Up to 6.x the word is the head's ``struct page`` address + 1. Kiryl Shutsemau's "mm: rework
+    compound_head() for power-of-2 sizeof(struct page)" (7.x, which also renamed the member
+    ``compound_info``; measured on Debian sid's 7.2.13: tails hold 0xffffffffffffff81 for
+    order 1, ...ff01 for order 2) stores instead a mask + 1 when CONFIG_HUGETLB_PAGE_OPTIMIZE_VMEMMAP
+    and ``sizeof(struct page)`` is a power of two (``compound_info_has_mask()``): the head is
+    the tail's own ``struct page`` address ANDed with the mask. Told apart per word, from the
+    data: a mask is ``~(2**k - 1)``, whose negation is a power of two; no vmemmap address is.
+    So neither the version nor the config has to be known.
+    """
+    v = words - np.uint64(1)
+    neg = ~v + np.uint64(1)
+    mask = (v != 0) & ((neg & (neg - np.uint64(1))) == 0)
+    own = np.uint64(vmemmap) + tails.astype(np.uint64) * np.uint64(struct_page_size)
+    at = np.where(mask, own & v, v)
+    return (at - np.uint64(vmemmap)).astype(np.int64) // struct_page_size
 
 
 @dataclass
@@ -117,7 +138,8 @@ class PageScanner:
 
         self.col = {
             "flags": field("flags", _off(layout, "page", "flags")) // 8,
-            "head": field("compound_head", _off(layout, "page", "compound_head", "lru")) // 8,
+            # 7.x renamed the member compound_info (and VMCOREINFO stopped exporting its offset).
+            "head": field("compound_head", _off(layout, "page", "compound_head", "compound_info", "lru")) // 8,
             "mapping": field("mapping", _off(layout, "page", "mapping")) // 8,
             "private": field("private", _off(layout, "page", "private")) // 8,
         }
@@ -315,8 +337,7 @@ class PageScanner:
         t1 = time.perf_counter()
         tails = np.concatenate(tail_pfns)
         if len(tails):
-            hp = (np.concatenate(tail_heads) - np.uint64(1) - np.uint64(self.kv.vmemmap_base)).astype(np.int64)
-            hp //= self.struct_page_size
+            hp = compound_head_pfns(np.concatenate(tail_heads), tails, self.kv.vmemmap_base, self.struct_page_size)
             ok = (hp >= 0) & (hp < tails)
             if not ok.all():
                 self._inconsistent(live, warnings, f"{int((~ok).sum())} tail pages do not point at a head before them")

@@ -17,6 +17,12 @@ by a follow-up fix, so an early 6.0 may lack it). Layout, as ``scripts/kallsyms.
   can only come from the absolute-percpu encoding, since the image is smaller than 2 GiB.
   Measured: Debian 6.1 and 6.12 both use offsets with absolute per-cpu symbols (``A`` type,
   e.g. ``__per_cpu_end`` = 0x35000 / 0x39000).
+- Place-relative offsets: Ard Biesheuvel's "kallsyms: Get rid of kallsyms relative base"
+  (posted 2026-01-16; in Debian sid's 7.2.13, measured) drops ``kallsyms_relative_base`` (from
+  the tables and from VMCOREINFO) and emits each entry as ``.long _text - . + offset``: the
+  address is the entry's own address plus its signed value (``offset_to_ptr()``). Which of the
+  three encodings a guest uses is read from VMCOREINFO's keys, never from its version:
+  ``kallsyms_addresses``, else ``kallsyms_relative_base``, else place-relative.
 
 The whole table is expanded at once with numpy (one gather over all token codes), not per symbol.
 """
@@ -32,8 +38,9 @@ from memvirt.errors import BadImage
 from memvirt.introspect.vmcoreinfo import Vmcoreinfo
 
 ReadVA = Callable[[int, int], np.ndarray]
-# The VMCOREINFO symbols every kernel needs here; addresses come from kallsyms_offsets plus
-# kallsyms_relative_base, or (no CONFIG_KALLSYMS_BASE_RELATIVE) from kallsyms_addresses.
+# The VMCOREINFO symbols every kernel needs here; addresses come from kallsyms_offsets (plus
+# kallsyms_relative_base before 7.x, or place-relative), or (no CONFIG_KALLSYMS_BASE_RELATIVE)
+# from kallsyms_addresses.
 KALLSYMS_TABLES = ("kallsyms_names", "kallsyms_num_syms", "kallsyms_token_table", "kallsyms_token_index")
 _MAX_SYMS = 4_000_000
 _MAX_NAMES_BYTES = 64 << 20
@@ -308,10 +315,21 @@ def kallsyms_sym_addresses(read_va: ReadVA, info: Vmcoreinfo, num: int) -> np.nd
     """All symbol addresses, vectorized ``kallsyms_sym_address()`` (see the module docstring)."""
     if info.has_symbol("kallsyms_addresses"):
         return read_va(info.symbol("kallsyms_addresses"), 8 * num).view("<u8").copy()
-    raw = read_va(info.symbol("kallsyms_offsets"), 4 * num)
+    offsets_va = info.symbol("kallsyms_offsets")
+    raw = read_va(offsets_va, 4 * num)
     offsets = raw.view("<i4").astype(np.int64)
+    if not info.has_symbol("kallsyms_relative_base"):
+        # Place-relative (7.x): entry i at offsets_va + 4*i holds ``_text - . + offset``.
+        return _place_relative(offsets_va, offsets)
     base = np.uint64(int(read_va(info.symbol("kallsyms_relative_base"), 8).view("<u8")[0]))
     if not np.any(offsets < 0):
         return base + raw.view("<u4").astype(np.uint64)
     negative = offsets < 0
     return np.where(negative, base + (-offsets - 1).astype(np.uint64), offsets.astype(np.uint64))
+
+
+def _place_relative(offsets_va: int, offsets: np.ndarray) -> np.ndarray:
+    """``offsets_va + 4*i + offsets[i]`` modulo 2**64: kernel addresses are above 2**63, so the
+    signed distance from ``offsets_va`` is summed in int64 and added (wrapping) as uint64."""
+    rel = offsets + 4 * np.arange(len(offsets), dtype=np.int64)
+    return np.uint64(offsets_va) + rel.astype(np.uint64)

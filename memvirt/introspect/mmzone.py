@@ -102,8 +102,15 @@ def for_each_online_cpu(kv: KernelView) -> list[int]:
 
 
 def per_cpu_ptr(kv: KernelView, ptr: int, cpu: int) -> int:
-    """``per_cpu_ptr()``: a ``__percpu`` pointer plus that CPU's ``__per_cpu_offset``."""
-    return ptr + kv.read_u64_va(kv.symbol("__per_cpu_offset") + 8 * cpu)
+    """``per_cpu_ptr()``: a ``__percpu`` pointer plus that CPU's ``__per_cpu_offset``, modulo 2**64.
+
+    Up to 6.14 x86-64 per-cpu pointers were small offsets into a zero-based per-cpu section and
+    ``__per_cpu_offset`` the areas' addresses. Brian Gerst's x86-64 per-cpu rework (v6.15, the
+    series that also removed CONFIG_KALLSYMS_ABSOLUTE_PERCPU) links per-cpu variables at
+    kernel-image addresses as every other arch does, so pointer plus offset exceeds 2**64 as a
+    Python int (measured on 7.2.13) and must wrap as the kernel's unsigned long sum does.
+    """
+    return (ptr + kv.read_u64_va(kv.symbol("__per_cpu_offset") + 8 * cpu)) & ((1 << 64) - 1)
 
 
 def _read_str(kv: KernelView, va: int, limit: int = 32) -> str:

@@ -107,3 +107,7 @@ def test_ctrl_c_is_still_130() -> None:
     assert proc.returncode == 130 and "Traceback" not in proc.stderr and "internal error" not in proc.stderr, (
         proc.stderr
     )
+
+
+def test_image_build_with_an_unknown_suite_is_one_line() -> None:
+    assert_one_line_error(memvirt("image", "build", "--kernel", "7.2", "--suite", "bogus", timeout=60), 2, "bogus")

@@ -44,6 +44,12 @@ def kernel_cflags(tree: HeaderTree) -> list[str]:
     flags.append(f"-std={std[1] if std else 'gnu11'}")
     if re.search(r"^KBUILD_CFLAGS\s*\+=.*-funsigned-char", text, re.M):
         flags.append("-funsigned-char")
+    # Since v6.19 kbuild adds CONFIG_CC_MS_EXTENSIONS (``-fms-extensions``) to its C dialect and
+    # headers embed structs by tag (7.x ``struct filename { struct __filename_head; ... }``):
+    # without it gcc drops the member and the header's own static_assert on the size fails.
+    # Taken from the build's .config, so older kernels compile as before.
+    if ms := _config(tree).get("CONFIG_CC_MS_EXTENSIONS"):
+        flags += [f for f in ms.split() if re.fullmatch(r"-f[\w-]+", f)]
     return flags + _front_end_flags()
 
 

@@ -174,6 +174,7 @@ CONSTANTS = (
     "PAGE_MAPPING_MOVABLE",
     "PAGE_MAPPING_KSM",
     "PAGE_MAPPING_FLAGS",
+    "FOLIO_MAPPING_ANON",
     "NR_PAGEFLAGS",
     "__NR_PAGEFLAGS",
     # buddy allocator and per-cpu lists

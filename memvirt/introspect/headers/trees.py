@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from memvirt.errors import HeadersError, HeadersNotFound
+from memvirt.errors import HeadersError, HeadersNotFound, NotFound
+from memvirt.image import apt
 from memvirt.paths import cache_home
 
 if TYPE_CHECKING:
@@ -105,7 +106,11 @@ def debian_tree(release: str) -> HeaderTree:
 
 def _unpack_debian(packages: list[str], dest: Path) -> None:
     """``dpkg-deb -x`` the header packages into a private folder, renamed into place at the end."""
-    debs = [_apt_download(p) for p in packages]
+    suite = apt.suite_of_release(dest.name)
+    try:
+        debs = [apt.download(p, suite) for p in packages]
+    except NotFound as e:
+        raise HeadersNotFound(str(e)) from e
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=_mkdir(dest.parent)))
     try:
         for deb in debs:
@@ -130,11 +135,15 @@ def debian_header_packages(release: str) -> list[str]:
             "HeadersLayout.from_tree"
         )
     package = f"linux-headers-{release}"
-    proc = subprocess.run(["apt-cache", "depends", package], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise HeadersNotFound(f"{package} is unknown to apt ({_first_line(proc.stderr)}); run 'apt-get update'")
-    deps = re.findall(r"^\s*\|?Depends:\s*(linux-headers-\S*common\S*)\s*$", proc.stdout, re.M)
-    return [package, *dict.fromkeys(deps)]
+    # The headers of that exact build: a +deb13/+deb14 release's come from trixie's/sid's archive
+    # through the private apt (memvirt.image.apt), never from whatever the host's apt has.
+    suite = apt.suite_of_release(release)
+    deps = apt.depends(package, suite)
+    if deps is None:
+        where = f"Debian {suite}" if suite else "apt"
+        raise HeadersNotFound(f"{package} is unknown to {where}; run 'apt-get update'")
+    common = [d for d in deps if re.fullmatch(r"linux-headers-\S*common\S*", d)]
+    return [package, *dict.fromkeys(common)]
 
 
 @contextlib.contextmanager
@@ -150,27 +159,6 @@ def _locked(path: Path) -> Iterator[None]:
 def _mkdir(p: Path) -> Path:
     p.mkdir(parents=True, exist_ok=True)
     return p
-
-
-def _apt_download(package: str) -> Path:
-    """The package's .deb in ``cache_home()/debs``, downloaded there by ``apt-get download``
-    into a private folder first, so that concurrent callers never see half a file."""
-    debs = _mkdir(cache_home() / "debs")
-    found = sorted(debs.glob(f"{package}_*.deb"))
-    if found:
-        return found[-1]
-    tmp = Path(tempfile.mkdtemp(prefix=".download.", dir=debs))
-    try:
-        proc = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
-        got = sorted(tmp.glob(f"{package}_*.deb"))
-        if proc.returncode != 0 or not got:
-            errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("E:")] or [_first_line(proc.stderr)]
-            raise HeadersNotFound(f"apt-get download {package} failed: {errors[0]}")
-        final = debs / got[-1].name
-        os.replace(got[-1], final)
-        return final
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _first_line(text: str) -> str:

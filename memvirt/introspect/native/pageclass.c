@@ -87,9 +87,14 @@ void classify_block(const struct layout *l, const uint8_t *pages, uint64_t n, ui
             }
         }
         if (head & 1) {
-            /* A tail takes its head's class; the head sits at a lower frame, so it is done. */
-            uint64_t rel = head - 1 - vmemmap, hp = rel / l->stride;
-            if (head - 1 >= vmemmap && rel % l->stride == 0 && hp < first_pfn + i) {
+            /* A tail takes its head's class; the head sits at a lower frame, so it is done.
+             * compound_head is the head's address + 1, or (7.x, power-of-2 struct page) a mask
+             * + 1 that the tail's own address is ANDed with: see census.compound_head_pfns. */
+            uint64_t v = head - 1, at = v;
+            if (v && ((-v) & (-v - 1)) == 0)
+                at = (vmemmap + (first_pfn + i) * l->stride) & v;
+            uint64_t rel = at - vmemmap, hp = rel / l->stride;
+            if (at >= vmemmap && rel % l->stride == 0 && hp < first_pfn + i) {
                 classes[i] = all_classes[hp];
             } else {
                 tail_idx[nt] = (int64_t)i;
