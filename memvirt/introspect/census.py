@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from memvirt.errors import BadImage, GuestStructureError
-from memvirt.introspect import native
+from memvirt.introspect import pageclass
 from memvirt.introspect.kernel import KernelView
 from memvirt.introspect.layout import Layout, LayoutMissing
 from memvirt.introspect.mmzone import MAX_ORDERS, PcpLayout, Zone, check_range, for_each_zone, pcp_lru_offset
@@ -153,13 +153,13 @@ class PageScanner:
         self.runs = self._vmemmap_runs()
         self.block = np.empty((BLOCK_PAGES, self.struct_page_size), dtype=np.uint8)
         self.lru_next = np.zeros(self.max_pfn, dtype=np.uint64)
-        self.native = native.load()
+        self.native = pageclass.load()
         if self.native is not None:
             self._native_layout = self._layout_struct()
 
-    def _layout_struct(self) -> native.LayoutStruct:
+    def _layout_struct(self) -> pageclass.LayoutStruct:
         t = self.types
-        return native.LayoutStruct(
+        return pageclass.LayoutStruct(
             stride=self.struct_page_size,
             off_flags=self.col["flags"] * 8,
             off_head=self.col["head"] * 8,

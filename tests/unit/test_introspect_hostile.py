@@ -46,7 +46,7 @@ from test_introspect_bootstrap import (
 )
 
 from memvirt.errors import GuestStructureError, MemvirtError
-from memvirt.introspect import Introspector, buildcache, native
+from memvirt.introspect import Introspector, buildcache, pageclass
 from memvirt.introspect.btf import ARRAY, PTR, STRUCT, TYPEDEF, Btf, BtfLayout
 from memvirt.introspect.census import CODE, PageScanner
 from memvirt.introspect.kallsyms import kallsyms_expand_symbols
@@ -57,7 +57,7 @@ from memvirt.memory.source import GuestMemory, Region
 
 MiB = 1 << 20
 PREFIX = GuestStructureError.PREFIX
-NATIVE = native.load()
+NATIVE = pageclass.load()
 """Built once here, before a test points MEMVIRT_CACHE elsewhere."""
 
 # -- a synthetic kernel with a page census -----------------------------------------------------

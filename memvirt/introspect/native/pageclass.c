@@ -4,7 +4,7 @@
  * take milliseconds). Each function does one pass; the Python side (census.py) keeps the
  * logic's description and a numpy version of each, and tests check both agree.
  *
- * Built by memvirt.introspect.native with: gcc -O2 -shared -fPIC
+ * Built by memvirt.introspect.pageclass with: gcc -O2 -shared -fPIC
  */
 #include <stddef.h>
 #include <stdint.h>
