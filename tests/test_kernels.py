@@ -21,7 +21,7 @@ from memvirt.dedup.reclaim import Reclaimer
 from memvirt.image.build import default_image
 from memvirt.introspect import CHOICES, Introspector
 from memvirt.introspect.groundtruth import FrozenFigures
-from memvirt.qemu.vm import VM
+from memvirt.qemu.vm import VM, vm_memory
 
 pytestmark = pytest.mark.guest
 SERIES = "7.2"
@@ -37,7 +37,7 @@ def test_newest_kernel(vm_factory, flavour):
     vm = vm_factory(f"k72-{flavour}", img, memory=512 << 20)
     vm.exec_background("datacheck write --size 32M --seed 72 --state /tmp/dc.state", "/tmp/dc.log")
     _start_toucher(vm, "memtouch --hot 16M --cold 48M --content mix")
-    with vm.memory() as mem:
+    with vm_memory(vm) as mem:
         # Every layout source (the headers of this exact build come from sid) gives the same pages.
         intros = {choice: Introspector(mem, layouts=choice, cache=False) for choice in CHOICES}
         with FrozenFigures(vm) as snap:
