@@ -59,8 +59,15 @@ def _root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
+    connect: Annotated[
+        str | None,
+        typer.Option("--connect", "-c", help="libvirt URI for libvirt:NAME (default qemu:///system).", metavar="URI"),
+    ] = None,
 ) -> None:
-    pass
+    if connect:
+        from memvirt.virt.domain import set_uri
+
+        set_uri(connect)
 
 
 def _internal_error(e: BaseException) -> NoReturn:

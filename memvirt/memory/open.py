@@ -115,6 +115,8 @@ def open_memory(spec: str, fmt: str = "auto", ram_size: int | None = None) -> Gu
         raise NotFound(f"{spec} does not exist")
     from memvirt.qemu.vm import VM
 
+    if spec.startswith("libvirt:"):  # its errors name libvirt's own cause
+        return VM.load(spec).memory()
     try:
         return VM.load(spec).memory()
     except NotFound as e:

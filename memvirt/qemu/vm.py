@@ -111,6 +111,10 @@ class VM:
 
     @classmethod
     def load(cls, name: str) -> VM:
+        if name.startswith("libvirt:"):  # a libvirt domain (memvirt/virt/): libvirt keeps its state
+            from memvirt.virt.domain import load
+
+            return load(name)
         check_name(name)
         path = vms_root() / name / "vm.json"
         try:
