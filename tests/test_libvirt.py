@@ -13,10 +13,12 @@ per-domain DAC label: the image lives under root's home, which libvirt-qemu cann
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +34,7 @@ from memvirt.introspect.groundtruth import FrozenFigures
 
 libvirt = pytest.importorskip("libvirt")
 
+from memvirt.dedup import watchdog  # noqa: E402
 from memvirt.dedup.discard import ram_mapping_usage  # noqa: E402
 from memvirt.virt.domain import LibvirtVM  # noqa: E402
 
@@ -211,6 +214,26 @@ def test_wss_and_compress_on_a_domain(domains: Domains) -> None:
     assert group is not None, "libvirt gives each domain a memory cgroup"
     assert _state(vm.name) == "running"
     assert vm.exec("echo alive").text.strip() == "alive"
+    proc = memvirt("dedup", "analyze", target, "--pause", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["sources"][0]["pages"] == vm.config.memory // 4096, proc.stdout
+    assert _state(vm.name) == "running"
+
+
+def test_a_reclaim_killed_in_a_pause_leaves_the_domain_running(domains: Domains) -> None:
+    """Reclaim's watchdog resumes a domain its reclaim paused and died in, through libvirt."""
+    vm = domains(memfd=True)
+    virsh("suspend", vm.name)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (vm.dir / watchdog.MARK).write_text(str(gone.pid))  # what reclaim writes before each pause
+    subprocess.run(
+        [sys.executable, "-m", "memvirt.dedup.watchdog", str(gone.pid), str(vm.dir), str(vm.config.pid)],
+        check=True,
+        timeout=120,
+    )
+    assert _state(vm.name) == "running"
+    assert not (vm.dir / watchdog.MARK).exists()
 
 
 def test_bad_input_is_one_line(domains: Domains) -> None:

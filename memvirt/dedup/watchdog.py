@@ -63,13 +63,19 @@ def main(pid: int, vm_dir: Path, qemu_pid: int) -> None:
     from memvirt.qemu.vm import VM
 
     try:
-        vm = VM.load(vm_dir.name)
+        if vm_dir.parent.name == "libvirt":  # a libvirt domain (memvirt/virt/): resumed through libvirt
+            from memvirt.virt.domain import set_uri
+
+            set_uri((vm_dir / "uri").read_text().strip())
+            vm = VM.load("libvirt:" + vm_dir.name)
+        else:
+            vm = VM.load(vm_dir.name)
         if vm.config.pid == qemu_pid and vm.alive():
             with vm.monitor() as mon:
                 if mon.status() == "paused":
                     mon.command("cont")
         mark.unlink(missing_ok=True)
-    except MemvirtError:
+    except (MemvirtError, OSError):
         pass
 
 

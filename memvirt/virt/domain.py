@@ -256,6 +256,7 @@ class LibvirtVM(VM):
         config.extra["machine"] = machine
         self.config = config
         self.dir = private_dir(private_dir(state_home() / "libvirt") / name)
+        (self.dir / "uri").write_text(self.uri)  # for reclaim's watchdog, which resumes through libvirt
         self._agent = next(
             (
                 _attr(ch, "source", "path")
