@@ -138,8 +138,8 @@ def size_arg(text: str) -> int:
 
     try:
         return parse_size(text)
-    except Exception as e:  # memvirt's BadImage is not a ValueError
-        raise argparse.ArgumentTypeError(str(e)) from None
+    except ValueError as e:  # BadSize is a ValueError
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 COUNTER = "/tmp/bench.count"

@@ -4,7 +4,7 @@ No guest: a child process holds ``--size`` of anonymous memory, every page writt
 RAM in use), and writes the pages it is told to. The same tracker code as ``memvirt dirty``
 (``memvirt.qemu.dirty.WriteTracker``, the ptrace borrow included) tracks it. Baseline: what
 memvirt's migration does today to find changed pages, reading every page through
-``/proc/PID/mem`` and hashing it (XXH3, ``memvirt.migrate.fingerprint``).
+``/proc/PID/mem`` and hashing it (XXH3, ``memvirt.memory.pagehash``).
 
     python bench/dirty.py [--size 1G] [--repeat 5] [--json FILE]
 """
@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, best_of, machine_info, run_main, size_arg, write_json
 
+from memvirt.memory.pagehash import hash_pages
 from memvirt.memory.source import PAGE_SIZE
-from memvirt.migrate.fingerprint import hash_pages
 from memvirt.qemu.dirty import WriteTracker
 
 CHILD = textwrap.dedent("""

@@ -1,9 +1,11 @@
 """Migration: QEMU's native precopy beside memvirt's engine, same guest and workload, one run.
 
 Each scenario boots one guest and migrates it hop after hop on this host (target of one hop is
-the source of the next), once per engine (``idle1g`` caps both engines to a 1 Gbit/s link): memvirt with free-page
-elision, memvirt without it,
-QEMU plain precopy, QEMU with xbzrle, QEMU with multifd (2 channels). QEMU gets
+the source of the next), once per engine (``idle1g`` caps both engines to a 1 Gbit/s link):
+memvirt (dirty tracker, free-page elision), memvirt fingerprinting every page in use per round
+(its pre-tracker rounds, ``--dirty fingerprint``), memvirt without elision, QEMU plain precopy,
+QEMU with xbzrle, QEMU with multifd (2 channels). ``used2g``/``dirty2g`` (and ``used4g``/
+``dirty4g``) are guests with 75 % of RAM held by ``memtouch``, idle or rewriting 20 MB/s. QEMU gets
 ``max-bandwidth`` 4 GiB/s (its 32 MiB/s default would make it look worse than it is) and
 ``downtime-limit`` 300 ms, memvirt ``--downtime 300``. After every hop the guest must answer,
 its counter must advance and ``datacheck verify`` must pass. Then a reliability loop migrates a
@@ -13,8 +15,8 @@ QEMU's migrations listen unauthenticated and unencrypted on a loopback port (its
 transport): run the bench on a host whose local users are trusted. memvirt's use a one-off
 secret (``secrets.token_hex(32)``) handed only to its receiver process, never to QEMU.
 
-``python bench/migration.py [--scenarios idle,idle1g,half2g,dirty] [--reliability 20] [--json FILE]
-[--png FILE]``
+``python bench/migration.py [--scenarios idle,used2g,dirty2g,...] [--engines memvirt,...]
+[--reliability 20] [--json FILE] [--png FILE]``
 """
 
 from __future__ import annotations
@@ -75,8 +77,33 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "workload": "memtouch --hot 64M --content random --dirty-rate 50M",
         "prepare": None,
     },
+    "used2g": {
+        "memory": 2 << 30,
+        "label": "2 GiB, 75 % in use, idle",
+        "workload": "memtouch --hot 4M --cold 1532M --content mix --dirty-rate 64K",
+        "prepare": None,
+    },
+    "dirty2g": {
+        "memory": 2 << 30,
+        "label": "2 GiB, 75 % in use, 20 MB/s",
+        "workload": "memtouch --hot 64M --cold 1472M --content mix --dirty-rate 20M",
+        "prepare": None,
+    },
+    "used4g": {
+        "memory": 4 << 30,
+        "label": "4 GiB, 75 % in use, idle",
+        "workload": "memtouch --hot 4M --cold 3068M --content mix --dirty-rate 64K",
+        "prepare": None,
+    },
+    "dirty4g": {
+        "memory": 4 << 30,
+        "label": "4 GiB, 75 % in use, 20 MB/s",
+        "workload": "memtouch --hot 64M --cold 3008M --content mix --dirty-rate 20M",
+        "prepare": None,
+    },
 }
-ENGINES = ["memvirt", "memvirt-no-elide", "qemu-plain", "qemu-xbzrle", "qemu-multifd"]
+ENGINES = ["memvirt", "memvirt-fingerprint", "memvirt-no-elide", "qemu-plain", "qemu-xbzrle", "qemu-multifd"]
+QEMU_ENGINES = ("qemu-plain", "qemu-xbzrle", "qemu-multifd")
 QEMU_TIMEOUT = 180.0
 
 
@@ -86,7 +113,7 @@ def setup_guest(name: str, sc: dict[str, Any]) -> VM:
     return vm
 
 
-def hop_memvirt(src: VM, dst: str, elide: bool, bandwidth: int) -> dict[str, Any]:
+def hop_memvirt(src: VM, dst: str, elide: bool, bandwidth: int, dirty: str = "auto") -> dict[str, Any]:
     port = 47100 + secrets.randbelow(800)
     rx = subprocess.Popen(
         [sys.executable, "-m", "memvirt", "receive", "--listen", f"127.0.0.1:{port}", "--timeout", "300"],
@@ -97,7 +124,9 @@ def hop_memvirt(src: VM, dst: str, elide: bool, bandwidth: int) -> dict[str, Any
     )
     rx.stderr.readline()
     try:
-        rep = migrate(src.name, "127.0.0.1", port, SECRET.encode(), dst, elide_free=elide, max_bandwidth=bandwidth)
+        rep = migrate(
+            src.name, "127.0.0.1", port, SECRET.encode(), dst, elide_free=elide, max_bandwidth=bandwidth, dirty=dirty
+        )
         rx.wait(60)
     finally:
         if rx.poll() is None:
@@ -111,6 +140,11 @@ def hop_memvirt(src: VM, dst: str, elide: bool, bandwidth: int) -> dict[str, Any
         "detail": rep.stop_reason,
         "throttle": rep.max_throttle,
         "codecs": rep.codecs,
+        "dirty_method": rep.dirty_method,
+        "final_round_ms": rep.final_round_seconds * 1000,
+        "final_pages": rep.rounds[-1].hashed if rep.rounds else 0,
+        "switch_over_ms": {k: round(v * 1000, 1) for k, v in rep.switch_over.items()},
+        "track_ms": rep.track_seconds * 1000,
     }
 
 
@@ -118,7 +152,8 @@ def run_hop(vm: VM, engine: str, dst: str, sc: dict[str, Any]) -> tuple[dict[str
     if sc.get("prepare"):
         vm.exec(sc["prepare"], timeout=120)
     if engine.startswith("memvirt"):
-        res = hop_memvirt(vm, dst, engine == "memvirt", sc.get("bandwidth", 0))
+        dirty = "fingerprint" if engine == "memvirt-fingerprint" else "auto"
+        res = hop_memvirt(vm, dst, engine != "memvirt-no-elide", sc.get("bandwidth", 0), dirty)
     else:
         res = qemu_migrate(vm, dst, engine.removeprefix("qemu-"), QEMU_TIMEOUT, sc.get("bandwidth") or 4 << 30)
     new = VM.load(dst) if (Path(os.environ["MEMVIRT_HOME"]) / "vms" / dst / "vm.json").exists() else vm
@@ -217,11 +252,16 @@ def print_table(results: dict[str, Any]) -> None:
                 f"{'' if r['converged'] else ' (did not converge: ' + r['detail'] + ')'}"
             )
         e = sc["engines"]
-        m, q = e.get("memvirt", {}), e.get("qemu-plain", {})
-        if m.get("bytes") and q.get("bytes"):
+        m = e.get("memvirt", {})
+        qs = [e[k] for k in QEMU_ENGINES if e.get(k, {}).get("converged")]
+        if m.get("bytes") and qs:
+            best_t = min(q["total_s"] for q in qs)
+            best_d = min(q["downtime_ms"] for q in qs if q.get("downtime_ms") is not None)
+            plain = e.get("qemu-plain", {}).get("bytes")
             print(
-                f"{'':26} memvirt/QEMU plain: bytes {100 * m['bytes'] / q['bytes']:.0f} %, "
-                f"time {100 * m['total_s'] / q['total_s']:.0f} %"
+                f"{'':26} memvirt vs best QEMU: time {100 * m['total_s'] / best_t:.0f} %, "
+                f"downtime {m['downtime_ms']:.0f} / {best_d:.0f} ms"
+                + (f", bytes {100 * m['bytes'] / plain:.0f} % of plain" if plain else "")
             )
     for engine, r in results.get("reliability", {}).items():
         print(

@@ -36,8 +36,8 @@ def _read(path: Path) -> str:
 def _write(path: Path, value: str) -> None:
     try:
         path.write_text(f"{value}\n")
-    except PermissionError:
-        raise UsageError(f"no permission to change {path}: run as root") from None
+    except PermissionError as e:
+        raise UsageError(f"no permission to change {path}: run as root") from e
     except OSError as e:
         raise MemvirtError(f"setting {path} to {value} failed: {e.strerror}") from e
 

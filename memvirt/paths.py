@@ -15,14 +15,10 @@ import os
 import stat
 from pathlib import Path
 
-from memvirt.errors import UsageError
+from memvirt.errors import UnsafePath
 
 PRIVATE_FILE = 0o600
 READONLY_FILE = 0o400
-
-
-class UnsafePath(UsageError):
-    """A folder or file memvirt would put guest memory in is not private to this user."""
 
 
 def private_dir(path: Path | str, exclusive: bool = False) -> Path:
@@ -46,7 +42,7 @@ def check_private_dir(path: Path | str) -> None:
     try:
         st = os.lstat(path)
     except OSError as e:
-        raise UnsafePath(f"cannot use folder {path}: {e.strerror}") from None
+        raise UnsafePath(f"cannot use folder {path}: {e.strerror}") from e
     if stat.S_ISLNK(st.st_mode):
         raise UnsafePath(f"refusing folder {path}: it is a symlink (someone else may have planted it)")
     if not stat.S_ISDIR(st.st_mode):
@@ -62,7 +58,7 @@ def check_private_dir(path: Path | str) -> None:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as e:
-            raise UnsafePath(f"cannot use folder {path}: {e.strerror}") from None
+            raise UnsafePath(f"cannot use folder {path}: {e.strerror}") from e
         try:
             if (os.fstat(fd).st_dev, os.fstat(fd).st_ino) != (st.st_dev, st.st_ino):
                 raise UnsafePath(f"refusing folder {path}: it was replaced while memvirt checked it")
@@ -76,10 +72,10 @@ def private_file(path: Path | str, size: int | None = None, flags: int = os.O_RD
     if anything exists there, a symlink included. ``size``: truncate to that many bytes (sparse)."""
     try:
         fd = os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, PRIVATE_FILE)
-    except FileExistsError:
-        raise UnsafePath(f"refusing to write {path}: something already exists there") from None
+    except FileExistsError as e:
+        raise UnsafePath(f"refusing to write {path}: something already exists there") from e
     except OSError as e:
-        raise UnsafePath(f"cannot create {path}: {e.strerror}") from None
+        raise UnsafePath(f"cannot create {path}: {e.strerror}") from e
     try:
         os.fchmod(fd, PRIVATE_FILE)
         if size is not None:
@@ -108,7 +104,7 @@ def _own_root(root: Path) -> Path:
     try:
         st = root.stat()
     except OSError as e:
-        raise UnsafePath(f"cannot use state folder {root}: {e.strerror}") from None
+        raise UnsafePath(f"cannot use state folder {root}: {e.strerror}") from e
     if st.st_uid != os.geteuid() or st.st_mode & 0o022:
         raise UnsafePath(
             f"refusing state folder {root}: it must belong to this user and not be writable by others "

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from memvirt.errors import BadImage
+from memvirt.errors import BadSize
+
+UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def parse_size(text: str) -> int:
-    """``512M``, ``4G``, ``1048576`` -> bytes."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    """``512M``, ``4G``, ``1048576`` -> bytes; anything else raises :class:`BadSize`."""
     t = text.strip().upper().removesuffix("B").removesuffix("I")
     try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
-    except ValueError:
-        raise BadImage(f"not a size: {text!r} (use e.g. 512M, 4G)") from None
+        n = int(float(t[:-1]) * UNITS[t[-1]]) if t and t[-1] in UNITS else int(t)
+    except (ValueError, OverflowError) as e:  # "inf" overflows int()
+        raise BadSize(f"not a size: {text!r} (use e.g. 512M, 4G)") from e
+    if n < 0:
+        raise BadSize(f"not a size: {text!r} (use e.g. 512M, 4G)")
+    return n

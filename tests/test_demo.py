@@ -91,7 +91,17 @@ def test_demo_runs_every_step_on_this_host(home: dict[str, str], tmp_path: Path)
     status = {s["step"]: (s["status"], s.get("reason", "")) for s in report["steps"]}
     assert proc.returncode == 0, (status, proc.stderr[-2000:])
     assert all(v[0] == "ok" for v in status.values()), status
-    assert list(status) == ["image", "boot", "workload", "inspection", "reclaim", "compression", "clone", "migration"]
+    assert list(status) == [
+        "image",
+        "boot",
+        "workload",
+        "inspection",
+        "reclaim",
+        "compression",
+        "daemon",
+        "clone",
+        "migration",
+    ]
     ins = report["inspection"]
     assert ins["pages"]["free"] == ins["guest_says"]["free"], "the paused census must match the guest's MemFree"
     comp = report["compression"]
@@ -100,9 +110,13 @@ def test_demo_runs_every_step_on_this_host(home: dict[str, str], tmp_path: Path)
         assert "DAMON" in comp["method_notice"]
     assert comp["zram_orig"] > 0, "nothing of the cold set reached zram"
     assert report["reclaim"]["guest_alive"] and report["clone"]["workload_runs_on"]
+    dm = report["daemon"]
+    (mine,) = [v for v in dm["status"]["vms"] if v["vm"] == "memvirt-demo"]
+    assert mine["passes"] >= 2 and mine["working_set_bytes"] > 0 and not mine["errors"]
+    assert dm["exit_code"] == 0 and dm["guest_alive"] and dm["guest_status"] == "running" and dm["socket_removed"]
     assert tiers.active_swaps().keys() == swaps.keys(), "the demo left the host's swap changed"
     assert damon.kdamonds() == kdamonds
-    assert "demo: 8 steps ok, 0 failed, 0 skipped" in proc.stderr
+    assert "demo: 9 steps ok, 0 failed, 0 skipped" in proc.stderr
     _gone(home, 30)
 
 

@@ -226,12 +226,9 @@ def test_a_reclaim_killed_in_a_pause_leaves_the_domain_running(domains: Domains)
     virsh("suspend", vm.name)
     gone = subprocess.Popen(["true"])
     gone.wait()
-    (vm.dir / watchdog.MARK).write_text(str(gone.pid))  # what reclaim writes before each pause
-    subprocess.run(
-        [sys.executable, "-m", "memvirt.dedup.watchdog", str(gone.pid), str(vm.dir), str(vm.config.pid)],
-        check=True,
-        timeout=120,
-    )
+    mark = vm.dir / watchdog.MARK
+    watchdog.mark_paused(mark, vm, pid=gone.pid)  # what reclaim writes before each pause
+    subprocess.run([sys.executable, "-m", "memvirt.dedup.watchdog", str(gone.pid), str(mark)], check=True, timeout=120)
     assert _state(vm.name) == "running"
     assert not (vm.dir / watchdog.MARK).exists()
 

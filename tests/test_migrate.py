@@ -1,9 +1,12 @@
 """memvirt's live migration on real guests, receiver and sender as separate processes.
 
 The receiver runs as another "host" (its own MEMVIRT_HOME and RAM folder). One migration of a
-running, dirtying guest checks the invariant at the moment of pause (the receiver holds the
-verified, paused target while the test compares both RAM files against a census of the paused
-source), then that the guest runs on on the target. Fault tests use the shared guest as the
+running, dirtying guest (dirty tracker, ``--verify full``) checks the invariant at the moment of
+pause (the receiver holds the verified, paused target while the test compares both RAM files
+against a census of the paused source), that the final round read only the pages written after
+the last live round (physaddr writes a known set of marker pages then, with memtouch stopped),
+then that the guest runs on on the target. A sender SIGKILLed while it tracks leaves the source
+running with nothing registered in its QEMU. Fault tests use the shared guest as the
 source and check it runs on after each fault: a peer without the secret, a forged client
 sending a malformed frame, a connection dropped mid-stream, a byte flipped in flight, a
 receiver killed while the source is paused for the switch-over, and a receiver killed right
@@ -12,7 +15,6 @@ before or after it resumes the target (its watchdog must not kill a target that 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -29,9 +31,11 @@ import pytest
 from cli import assert_error_after_progress, assert_one_line_error
 
 from memvirt.introspect import Introspector
+from memvirt.memory import pagehash as fingerprint
 from memvirt.memory.ramfile import RamFileMemory
-from memvirt.migrate import codec, fingerprint
+from memvirt.migrate import codec
 from memvirt.migrate.protocol import AuthError, Kind, ProtocolError, client_handshake
+from memvirt.qemu.dirty import stray_uffds, track, uffd_holds
 from memvirt.qemu.vm import VM
 
 pytestmark = pytest.mark.guest
@@ -295,11 +299,27 @@ def test_populated_pages_grow_from_an_earlier_answer(tmp_path) -> None:
         os.close(fd)
 
 
-def test_migrate_invariant_and_guest_runs_on(image, vm_factory, host_b) -> None:
-    """A dirtying guest migrates: at pause every non-free page is byte-identical on the target and
-    every free page reads zero there; the guest's counter continues and its data checks out."""
+def _holds(vm: VM) -> list[str]:
+    start, size = vm.ram_mapping()
+    return uffd_holds(vm.config.pid, start, start + size)
+
+
+MARKS = 1500
+MARK_SEED = 0x316
+
+
+def test_migrate_invariant_final_round_and_guest_runs_on(image, vm_factory, host_b) -> None:
+    """A dirtying guest migrates with the dirty tracker and ``--verify full``. After the last live
+    round memtouch is stopped and physaddr writes MARKS marker pages: the final round reads those
+    and little else (not every page in use). At pause every non-free page is byte-identical on the
+    target, every free page reads zero there, the marker pages hold physaddr's bytes; the guest's
+    counter continues and its data checks out."""
+    from markers import mark, marker_pages
+
+    from memvirt.migrate.sender import migrate
+
     src = vm_factory("mg-src", image, memory=512 << 20)
-    src.exec_background(WORKLOAD, "/tmp/mig-memtouch.log")
+    mt = src.exec_background(WORKLOAD, "/tmp/mig-memtouch.log")
     src.exec_background(f"datacheck write --size 24M --seed 11 --state {DATACHECK}", "/tmp/mig-dc.log")
     deadline = time.monotonic() + 60
     while src.exec(f"test -s {COUNTER} && test -f {DATACHECK}").rc != 0 and time.monotonic() < deadline:
@@ -307,14 +327,41 @@ def test_migrate_invariant_and_guest_runs_on(image, vm_factory, host_b) -> None:
     before = _counter(src)
     hold = Path(host_b["MEMVIRT_HOME"]) / "hold"
     rx = Receiver(host_b, "--hold-file", str(hold))
-    tx = _migrate("mg-src", rx.port, "--as", "mg-dst", "--json")
+    marked: list[np.ndarray] = []
+
+    def progress(st) -> None:
+        if st.index == 1 and not st.final:  # the last live round (max_rounds=2): write a known set
+            src.exec(f"kill -STOP {mt}").check("stopping memtouch")
+            marked.append(mark(src, seed=MARK_SEED, count=MARKS)[0])
+
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            result["report"] = migrate(
+                "mg-src",
+                "127.0.0.1",
+                rx.port,
+                SECRET.encode(),
+                "mg-dst",
+                max_rounds=2,
+                progress=progress,
+                dirty="uffd-wp",
+                verify="full",
+            )
+        except BaseException as e:
+            result["error"] = e
+
+    tx = threading.Thread(target=run)
+    tx.start()
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 240
         while not hold.exists():
-            assert tx.poll() is None, tx.communicate()
+            assert tx.is_alive(), result
             assert time.monotonic() < deadline, "the receiver never reached the switch-over"
             time.sleep(0.05)
-        assert src.status() in ("postmigrate", "paused"), (tx.poll(), hold.exists())
+        assert src.status() in ("postmigrate", "paused"), result
+        assert _holds(src) == ["write-protect"], "the sender tracks the source's writes"
         target_ram = Path(host_b["MEMVIRT_RAM_DIR"]) / "mg-dst.ram"
         with RamFileMemory(src.config.ram_path, src.regions) as smem, RamFileMemory(target_ram, src.regions) as tmem:
             free = Introspector(smem).scan().free_mask
@@ -325,22 +372,34 @@ def test_migrate_invariant_and_guest_runs_on(image, vm_factory, host_b) -> None:
                 differ = ~(pa == pb).all(axis=1)
                 assert not (differ & ~f).any(), f"non-free pages differ at pfns {np.flatnonzero(differ & ~f)[:5] + p0}"
                 assert not pb[f].any(), "a free page does not read zero on the target"
+            got = np.stack([tmem.read(int(p) << 12, 4096) for p in marked[0]])
+            assert (got == marker_pages(MARK_SEED, MARKS)).all(), "the marker pages did not reach the target"
         hold.unlink()
-        out, errs = tx.communicate(timeout=120)
-        assert tx.returncode == 0, errs
+        tx.join(120)
+        assert "error" not in result, result
         assert rx.wait() == 0, rx.log
     finally:
         hold.unlink(missing_ok=True)
-        tx.kill()
+        tx.join(120)
         rx.kill()
-    report = json.loads(out)
-    assert report["rounds"] >= 2 and report["pages"]["data"] > 0 and report["pages"]["free_final"] > 0
-    assert report["downtime_seconds"] > 0
+    report = result["report"].to_json()  # type: ignore[attr-defined]
+    assert report["dirty_method"] == "uffd-wp" and report["verify"] == "full" and report["rounds"] == 3
+    assert report["pages"]["data"] > 0 and report["pages"]["free_final"] > 0 and report["downtime_seconds"] > 0
+    first, final = report["per_round"][0], report["per_round"][-1]
+    # Written after the last live round: the marker pages and what the guest wrote meanwhile
+    # (physaddr's start, the agent's polling, the kernel: 1,000-2,000 pages on a loaded host).
+    assert final["final"] and MARKS <= final["written"] <= MARKS + 6000, final
+    # Read in the final round: the written pages (and the few allocated since the last census
+    # without a write), never a pass over the pages in use.
+    assert MARKS <= final["hashed"] <= final["written"] + 256, final
+    assert final["hashed"] < first["hashed"] // 4, (first, final)
+    assert final["data"] >= MARKS, "the marker pages are unique: sent as data"
     assert not src.alive() and not src.dir.exists(), "the source must be stopped once the target runs"
     os.environ["MEMVIRT_HOME"], home = host_b["MEMVIRT_HOME"], os.environ["MEMVIRT_HOME"]
     try:
         dst = VM.load("mg-dst")
         assert dst.status() == "running"
+        dst.exec(f"kill -CONT {mt}").check("resuming memtouch")
         first = _counter(dst)
         assert first >= before
         time.sleep(1.0)
@@ -579,3 +638,38 @@ def test_usage_errors(source_guest) -> None:
         subprocess.run([*run, "--to", "127.0.0.1:1"], env=env, capture_output=True, text=True), 1, "cannot reach"
     )
     assert source_guest.status() == "running"
+
+
+def test_a_sigkilled_sender_while_tracking_leaves_the_source_running_and_nothing_registered(
+    source_guest, host_b
+) -> None:
+    """The sender (CLI, ``--dirty uffd-wp --verify full``) is SIGKILLed at the switch-over, its
+    tracker registered over the source's RAM: the kernel unregisters it with the descriptor, the
+    guard resumes the source, which runs on with no userfaultfd left in its QEMU; a new tracker
+    starts at once."""
+    hold = Path(host_b["MEMVIRT_HOME"]) / "hold"
+    rx = Receiver(host_b, "--hold-file", str(hold))
+    tx = _migrate(source_guest.name, rx.port, "--as", "mg-sigkill", "--dirty", "uffd-wp", "--verify", "full")
+    try:
+        deadline = time.monotonic() + 180
+        while not hold.exists():
+            assert tx.poll() is None, tx.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert _holds(source_guest) == ["write-protect"]
+        tx.send_signal(signal.SIGKILL)
+        tx.wait()
+        hold.unlink()
+        assert rx.wait(60) == 1
+    finally:
+        hold.unlink(missing_ok=True)
+        tx.kill()
+        rx.kill()
+    deadline = time.monotonic() + 20
+    while source_guest.status() != "running" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _holds(source_guest) == [] and stray_uffds(source_guest.config.pid) == []
+    _assert_runs_on(source_guest)
+    t = track(source_guest, "uffd-wp")
+    t.close()
+    assert _leftovers(host_b) == []

@@ -234,7 +234,7 @@ def _boot_pair(image: Image, vm_factory, workload: str) -> tuple[VM, VM]:
     names, lan = (f"pm-s{n}", f"pm-t{n}"), f"pm-lan{n}"
     with ThreadPoolExecutor(2) as pool:
         src, dst = pool.map(lambda n: vm_factory(n, image, memory=512 << 20, lan_name=lan), names)
-    assert src.config.extra["lan_ip"] != dst.config.extra["lan_ip"]
+    assert src.config.lan_ip != dst.config.lan_ip
     src.exec_background(workload, "/tmp/pm-memtouch.log")
     src.exec_background(f"datacheck write --size 24M --seed 21 --state {DATACHECK}", "/tmp/pm-dc.log")
     deadline = time.monotonic() + 120
@@ -267,7 +267,7 @@ def _assert_runs_on(vm: VM, since: int) -> None:
 def test_machine_moves_and_its_workload_continues(pair: tuple[VM, VM], scheme: str, compress: str) -> None:
     src, dst = pair
     before = _counter(src)
-    src_ip = src.config.extra["lan_ip"]
+    src_ip = src.config.lan_ip
     proc = memvirt(
         "pm", "migrate", src.name, "--to", dst.name, "--scheme", scheme, "--compress", compress, "--json", timeout=500
     )
@@ -288,7 +288,10 @@ def test_machine_moves_and_its_workload_continues(pair: tuple[VM, VM], scheme: s
         assert shared.stat().st_blocks == 0, "the machine's image must not stay on the shared disk"
     assert not src.alive() and not src.dir.exists(), "the powered-off source must be gone"
     moved = VM.load(dst.name)
-    assert moved.config.extra["lan_ip"] == src_ip and moved.config.extra["pm_migrated_from"]["name"] == src.name
+    assert (
+        moved.config.lan_ip == src_ip and moved.config.migrated is not None and moved.config.migrated.source == src.name
+    )
+    assert moved.config.migrated.by == "pm"
     assert moved.exec("hostname").text.strip() == src.name, "the target must run the source's machine"
     _assert_runs_on(moved, before)
     ip = moved.exec(f"ip -o -4 addr show | grep -c ' {src_ip}/'")

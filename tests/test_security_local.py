@@ -24,7 +24,7 @@ import pytest
 from cli import assert_one_line_error, memvirt
 
 from memvirt.clone.template import freeze, state_file, unfreeze
-from memvirt.dedup.watchdog import MARK
+from memvirt.dedup.watchdog import MARK, mark_paused, read_mark
 from memvirt.paths import ram_dir, state_home
 from memvirt.qemu import lan
 from memvirt.qemu.remote import self_pidfds
@@ -134,7 +134,7 @@ def test_other_user_reads_no_guest_memory(small_guest: VM, other_user: pwd.struc
 
 def test_other_user_reads_no_lan_disk(other_user: pwd.struct_passwd) -> None:
     """The LAN's shared disk and a VM's store disk (made as for a LAN VM's QEMU, none started)."""
-    vm = VM(VMConfig(name="sec-lan", memory=64 << 20, lan="sec-lan", extra={"lan_mac": "02:00:00:00:00:01"}))
+    vm = VM(VMConfig(name="sec-lan", memory=64 << 20, lan="sec-lan", lan_mac="02:00:00:00:00:01"))
     os.mkdir(vm.dir, 0o700)
     try:
         lan.qemu_args(vm)
@@ -238,7 +238,7 @@ def _reclaim_in_borrow(vm: VM, hold: float) -> subprocess.Popen[str]:
         assert time.monotonic() < deadline, "reclaim never borrowed a QEMU thread"
         time.sleep(0.02)
     time.sleep(0.3)  # past pidfd_open, into the hold (QMP is reclaim's now: its mark says it paused the guest)
-    assert (vm.dir / MARK).read_text() == str(proc.pid)
+    assert (mark := read_mark(vm.dir / MARK)) is not None and mark.pid == proc.pid
     assert self_pidfds(vm.config.pid)
     return proc
 
@@ -282,16 +282,16 @@ def test_reclaim_watchdog_leaves_a_user_paused_guest(anon_small: VM) -> None:
     dead.wait()
     vm.pause()
     try:
-        (vm.dir / MARK).write_text("1")  # a pause marked by another process
+        mark_paused(vm.dir / MARK, vm, pid=1)  # a pause marked by another process
         subprocess.run(
-            [sys.executable, "-m", "memvirt.dedup.watchdog", str(dead.pid), str(vm.dir), str(vm.config.pid)],
+            [sys.executable, "-m", "memvirt.dedup.watchdog", str(dead.pid), str(vm.dir / MARK)],
             timeout=60,
             check=True,
         )
         assert vm.status() == "paused"
         (vm.dir / MARK).unlink()
         subprocess.run(
-            [sys.executable, "-m", "memvirt.dedup.watchdog", str(dead.pid), str(vm.dir), str(vm.config.pid)],
+            [sys.executable, "-m", "memvirt.dedup.watchdog", str(dead.pid), str(vm.dir / MARK)],
             timeout=60,
             check=True,
         )

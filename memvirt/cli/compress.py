@@ -21,8 +21,8 @@ tier_app = typer.Typer(
 def _percent(text: str) -> float:
     try:
         value = float(text.strip().removesuffix("%"))
-    except ValueError:
-        raise UsageError(f"--margin takes a percentage like 10%, not {text!r}") from None
+    except ValueError as e:
+        raise UsageError(f"--margin takes a percentage like 10%, not {text!r}") from e
     return value / 100
 
 

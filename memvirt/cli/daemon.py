@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -96,11 +97,17 @@ def status(
     if json_:
         emit_json(st)
         return
-    t = st.get("trigger", {})
+    print_status(st)
+
+
+def print_status(st: dict) -> None:
+    """The daemon's status: one line for the host, a table of VMs, then any failing policy."""
+    t, host = st.get("trigger", {}), st.get("host", {})
     out.print(
         f"memvirtd pid {st.get('pid')}: config {st.get('config')}; trigger {t.get('mode')} "
         f"({'acting' if t.get('engaged') else 'idle'}: {t.get('reason')}); KSM {st.get('ksm')}; "
-        f"metrics {st.get('metrics')}"
+        f"metrics {st.get('metrics')}; itself: {host.get('daemon_cpu_seconds', '?')} s CPU, "
+        f"{human(host.get('daemon_rss_bytes', 0))} RSS"
     )
     rows, errors = [], []
     for v in st.get("vms", []):
@@ -118,14 +125,99 @@ def status(
         )
     from rich.table import Table
 
-    t = Table(show_edge=False, box=None, header_style="bold")
+    tab = Table(show_edge=False, box=None, header_style="bold")
     for i, c in enumerate(["VM", "SOURCE", "RESIDENT", "GUEST FREE", "RECLAIMED", "RECLAIM", "COMPRESS"]):
-        t.add_column(c, no_wrap=i < 5)
+        tab.add_column(c, no_wrap=i < 5)
     for r in rows:
-        t.add_row(*[str(x) for x in r])
-    out.print(t)
+        tab.add_row(*[str(x) for x in r])
+    out.print(tab)
     for line in errors:
         out.print(f"failing (retried): {line}", markup=False)
+
+
+def demo_config(name: str) -> str:
+    """memvirtd's config for ``memvirt demo``: fast rounds for the demo VM; every other VM of the
+    host is only watched (reclaim and compression off), so the demo changes nothing of theirs."""
+    return (
+        "interval = 2\n"
+        "[reclaim]\nenabled = false\n"
+        '[compress]\npolicy = "off"\n'
+        "[ksm]\nenabled = false\n"
+        f"[[vm]]\nmatch = {json.dumps(name)}\n"
+        "[vm.reclaim]\nenabled = true\nevery = 5\n"
+        '[vm.compress]\npolicy = "measure"\ninterval = 2\n'
+    )
+
+
+def demo_daemon(name: str, passes: int = 2, timeout: float = 180.0) -> dict:
+    """For ``memvirt demo``: memvirtd over the demo VM until it made ``passes`` reclaim passes and
+    measured a working set, its status then, and a SIGTERM stop (exit 0, the guest still running).
+    The daemon is its own process (as the service is), its socket and log in a private folder."""
+    import os
+    import signal
+    import subprocess
+    import tempfile
+    import time
+
+    from memvirt.daemon import control
+    from memvirt.errors import MemvirtError
+    from memvirt.qemu.vm import VM
+
+    with tempfile.TemporaryDirectory(prefix="memvirt-demo-daemon-") as tmp:
+        cfg, sock, log = Path(tmp) / "memvirtd.toml", Path(tmp) / "control.sock", Path(tmp) / "memvirtd.log"
+        cfg.write_text(demo_config(name))
+        argv = [sys.executable, "-m", "memvirt", "daemon", "--config", str(cfg), "--metrics", "127.0.0.1:0"]
+        with open(log, "wb") as lf:
+            proc = subprocess.Popen([*argv, "--socket", str(sock)], stdin=subprocess.DEVNULL, stdout=lf, stderr=lf)
+        t0 = time.monotonic()
+        st: dict = {}
+        try:
+            while True:
+                if proc.poll() is not None:
+                    raise MemvirtError(f"memvirtd exited ({proc.returncode}): {_last_line(log)}")
+                if time.monotonic() - t0 > timeout:
+                    raise MemvirtError(
+                        f"memvirtd made no {passes} reclaim passes in {timeout:.0f} s: {_last_line(log)}"
+                    )
+                if sock.exists():
+                    st = control.query(sock)
+                    v: dict[str, Any] = next((v for v in st.get("vms", []) if v.get("vm") == name), {})
+                    if v.get("passes", 0) >= passes and "working_set_bytes" in v:
+                        break
+                time.sleep(0.5)
+            seconds = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                rc = proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = proc.wait()
+        vm = VM.load(name)
+        return {
+            "status": st,
+            "seconds": round(seconds, 1),
+            "exit_code": rc,
+            "guest_status": vm.status(),
+            "guest_alive": vm.exec("echo alive").text.strip() == "alive",
+            "socket_removed": not os.path.exists(sock),
+        }
+
+
+def _last_line(log: Path) -> str:
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+def print_demo_daemon(d: dict) -> None:
+    st = d["status"]
+    out.print(f"[bold]memvirtd[/] over the demo VM for {d['seconds']} s; [bold]memvirt status[/] then said:")
+    print_status(st)
+    out.print(
+        f"stopped with SIGTERM: exit {d['exit_code']}, "
+        f"guest {d['guest_status'] if d['guest_alive'] else 'NOT ANSWERING'}"
+    )
 
 
 def memvirtd() -> None:

@@ -309,8 +309,8 @@ def _share(text: str) -> float:
     """``0.5%`` or ``0.005`` -> 0.005 (a share of one CPU)."""
     try:
         return float(text.removesuffix("%")) / 100 if text.endswith("%") else float(text)
-    except ValueError:
-        raise UsageError(f"--ksmd-cpu takes a share of one CPU such as 0.5% or 0.005, not {text!r}") from None
+    except ValueError as e:
+        raise UsageError(f"--ksmd-cpu takes a share of one CPU such as 0.5% or 0.005, not {text!r}") from e
 
 
 def _apply(ksm, pages_to_scan: int, sleep_ms: int, zero_pages: bool) -> None:

@@ -2,7 +2,8 @@
 
 Boots the default guest, starts a memory workload in it, shows its memory map, inspects it from
 the host (no agent, no debug symbols) beside the guest's own figures, gives its free pages back
-to the host, keeps only its working set resident with the cold rest compressed, clones it lazily
+to the host, keeps only its working set resident with the cold rest compressed, runs memvirtd
+over it for two reclaim passes (``memvirt status`` shown, then a SIGTERM stop), clones it lazily
 (copy-on-write), live-migrates it (memvirt beside QEMU's own precopy), and stops it. Then two
 machines on a VM LAN show physical-machine migration: one moves onto the other through its
 kernel's hibernation image (``--no-pm`` skips it).
@@ -27,6 +28,7 @@ from typing import Annotated, Any
 import typer
 
 from memvirt.cli.compress import demo_compress, print_demo_compress
+from memvirt.cli.daemon import demo_daemon, print_demo_daemon
 from memvirt.cli.dedup import demo_reclaim, print_demo_reclaim
 from memvirt.cli.migrate import demo_migration, print_demo_migration
 from memvirt.cli.output import emit_json, err, human, out, spinner, table
@@ -41,6 +43,7 @@ from memvirt.qemu.vm import VM, start_vm
 from memvirt.units import parse_size
 
 WORKLOAD = "memtouch --hot 32M --cold 96M --content mix --dirty-rate 1M"
+DAEMON_CHURN = "memtouch --hot 64M --content random --seed 3 --duration 1 >/dev/null"
 
 
 class Skip(Exception):
@@ -119,7 +122,7 @@ def demo(
     ] = True,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Boot the default guest; inspect, reclaim, compress, clone and live-migrate it from the host; stop it.
+    """Boot the default guest; inspect, reclaim, compress, manage (memvirtd), clone and live-migrate it; stop it.
 
     Every step that ran is reported even when a later one fails; exit code 1 if any failed.
     QEMU's own migration, shown beside memvirt's, listens unauthenticated on a loopback port while it runs.
@@ -197,6 +200,13 @@ def _run(
             needs="boot",
         )
         steps.run(
+            "daemon",
+            "running memvirtd over the guest for two reclaim passes",
+            lambda: _daemon(name),
+            print_demo_daemon,
+            needs="boot",
+        )
+        steps.run(
             "clone",
             f"cloning {name} lazily (its RAM shared copy-on-write)",
             lambda: _clone(name),
@@ -244,6 +254,21 @@ def _compress(vm: VM) -> dict[str, Any]:
     if not tiers.SYS_BLOCK.joinpath("zram0").exists() and not tiers.ZRAM_CONTROL.exists():
         raise Skip("this host kernel has no zram (CONFIG_ZRAM, 'modprobe zram')")
     return demo_compress(vm)
+
+
+def _daemon(name: str) -> dict[str, Any]:
+    """The daemon step, or why it cannot run here (one memvirtd per state folder)."""
+    from memvirt.daemon import control
+
+    try:
+        other = control.query(control.default_socket(), timeout=2)
+    except MemvirtError:
+        other = None
+    if other is not None:
+        raise Skip(f"memvirtd (pid {other.get('pid')}) already manages this state folder's VMs")
+    # Free memory made dirty again (as a long-running guest's is), so the daemon has some to give back.
+    VM.load(name).exec(DAEMON_CHURN, timeout=300).check("allocating and freeing memory in the guest")
+    return demo_daemon(name)
 
 
 def _print_boot(b: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
@@ -56,9 +57,13 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="Say more on stderr: -v what is done, -vv details.")
+    ] = 0,
     connect: Annotated[
         str | None,
         typer.Option("--connect", "-c", help="libvirt URI for libvirt:NAME (default qemu:///system).", metavar="URI"),
@@ -68,6 +73,27 @@ def _root(
         from memvirt.virt.domain import set_uri
 
         set_uri(connect)
+    if ctx.invoked_subcommand != "daemon":  # memvirtd logs through the root logger, its own way
+        _log_to_stderr(verbose)
+
+
+class _LineFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno == logging.INFO else record.levelname.lower() + ": "
+        return f"memvirt: {level}{record.getMessage()}"
+
+
+def _log_to_stderr(verbose: int) -> None:
+    """memvirt's log records on stderr, one line each: warnings always, ``-v`` info, ``-vv`` debug."""
+    log = logging.getLogger("memvirt")
+    if any(getattr(h, "memvirt_cli", False) for h in log.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.memvirt_cli = True  # type: ignore[attr-defined]
+    handler.setFormatter(_LineFormatter())
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    log.propagate = False
 
 
 def _internal_error(e: BaseException) -> NoReturn:

@@ -32,8 +32,8 @@ def _open(source: str, format: str, ram_size: str | None) -> GuestMemory:
 def _int(text: str) -> int:
     try:
         return int(text, 0)
-    except ValueError:
-        raise UsageError(f"not a number: {text!r} (use decimal or 0x hex)") from None
+    except ValueError as e:
+        raise UsageError(f"not a number: {text!r} (use decimal or 0x hex)") from e
 
 
 def zero_pages(mem: GuestMemory) -> int:

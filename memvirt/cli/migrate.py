@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,8 +11,9 @@ import typer
 
 from memvirt.cli.output import emit_json, err, human, out, table
 from memvirt.errors import MemvirtError
+from memvirt.memory.source import PAGE_SIZE
 from memvirt.migrate.codec import CHOICES
-from memvirt.migrate.precopy import PAGE, Round
+from memvirt.migrate.precopy import Round
 from memvirt.migrate.protocol import (
     DEFAULT_PORT,
     HANDSHAKE_TIMEOUT,
@@ -43,6 +45,17 @@ InsecureOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
+class DirtyChoice(StrEnum):
+    auto = "auto"
+    uffd_wp = "uffd-wp"
+    fingerprint = "fingerprint"
+
+
+class VerifyChoice(StrEnum):
+    digest = "digest"
+    full = "full"
+
+
 def migrate(
     name: Annotated[str, typer.Argument(help="VM to migrate (started with --ram shared).")],
     to: Annotated[str, typer.Option("--to", help="The receiver, HOST:PORT.")],
@@ -52,6 +65,13 @@ def migrate(
     free: Annotated[bool, typer.Option("--elide-free/--no-elide-free", help="Skip pages the guest holds free.")] = True,
     max_rounds: Annotated[int, typer.Option(help="Most precopy rounds before the switch-over.")] = 30,
     max_bandwidth: Annotated[str, typer.Option(help="Most bytes per second to send, e.g. 100M (0: no cap).")] = "0",
+    dirty: Annotated[
+        DirtyChoice, typer.Option(help="How later rounds find changed pages: the write tracker or fingerprints.")
+    ] = DirtyChoice.auto,
+    verify: Annotated[
+        VerifyChoice,
+        typer.Option(help="digest: the target checks what it received; full: also every page in use at the pause."),
+    ] = VerifyChoice.digest,
     secret_file: SecretOpt = None,
     insecure: InsecureOpt = False,
     json_: JsonOpt = False,
@@ -72,14 +92,30 @@ def migrate(
         if not json_:
             tag = "final" if st.final else f"round {st.index + 1}"
             err.print(
-                f"{tag}: {st.changed} changed, {st.free} free, sent {st.data} data, {st.zero} zero, "
+                f"{tag}: {st.changed} changed"
+                + (f" of {st.written} written" if st.written else "")
+                + f", {st.free} free, sent {st.data} data, {st.zero} zero, "
                 f"{st.dup} dup, {st.discarded} punched, {human(st.wire_bytes)} in {st.seconds * 1000:.0f} ms"
                 + (f", guest throttled {st.throttle:.0%}" if st.throttle else "")
             )
 
     report = run(
-        name, host, port, secret, as_, downtime / 1000, codec, free, max_rounds, progress, parse_size(max_bandwidth)
+        name,
+        host,
+        port,
+        secret,
+        as_,
+        downtime / 1000,
+        codec,
+        free,
+        max_rounds,
+        progress,
+        parse_size(max_bandwidth),
+        dirty.value,
+        verify.value,
     )
+    if report.notice and not json_:
+        err.print(report.notice)
     if json_:
         emit_json(report.to_json())
         return
@@ -89,8 +125,8 @@ def migrate(
         None,
         ["", "VALUE"],
         [
-            ["rounds", len(report.rounds)],
-            ["pages sent as data", f"{pages['data']} ({human(pages['data'] * PAGE)})"],
+            ["rounds", f"{len(report.rounds)} ({report.dirty_method})"],
+            ["pages sent as data", f"{pages['data']} ({human(pages['data'] * PAGE_SIZE)})"],
             ["zero pages (markers)", pages["zero"]],
             ["duplicates (references)", pages["dup"]],
             ["free at pause (not sent)", pages["free_final"]],

@@ -12,6 +12,7 @@ import typer
 from memvirt.cli.output import byte_progress, emit_json, human, out, spinner, table
 from memvirt.errors import UsageError
 from memvirt.image.build import find_image
+from memvirt.qemu.config import Workload
 from memvirt.qemu.dump import dump_vm
 from memvirt.qemu.vm import DUMP_FORMATS, VM, start_vm
 from memvirt.units import parse_size
@@ -43,7 +44,7 @@ def vm_info(vm: VM) -> dict[str, Any]:
         "clone_of": c.clone_of or None,
         "lazy": c.ram == "cow" if c.clone_of else None,
         "lan": c.lan or None,
-        "lan_ip": c.extra.get("lan_ip"),
+        "lan_ip": c.lan_ip or None,
         "clones": [v.name for v in vm.lazy_clones()] if vm.is_template else [],
     }
 
@@ -85,7 +86,7 @@ def start(
         vm = start_vm(name, img, memory=size, cpus=cpus, ram=ram, append=append, lan_name=lan or "")
         if workload:
             pid = vm.exec_background(workload, "/tmp/workload.log")
-            vm.config.extra["workload"] = {"command": workload, "pid": pid, "log": "/tmp/workload.log"}
+            vm.config.workload = Workload(workload, pid, "/tmp/workload.log")
             vm.save()
     if json_:
         emit_json(vm_info(vm))

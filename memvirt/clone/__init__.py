@@ -3,7 +3,7 @@
 A running VM is frozen into a *template* (:mod:`memvirt.clone.template`); each clone is a new QEMU
 that maps the template's RAM file copy-on-write and loads its saved device state
 (:mod:`memvirt.clone.start`); a clone's memory is read as the template's file overlaid with the
-pages the clone wrote (:mod:`memvirt.clone.memory`).
+pages the clone wrote (:mod:`memvirt.memory.clonemem`).
 """
 
 from memvirt.clone.start import Clone, CloneReport, clone, start_clone

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from memvirt.clone.template import IGNORE_SHARED, check_cloneable, freeze, state_file, template_lock, unfreeze
+from memvirt.clone.template import check_cloneable, freeze, state_file, template_lock, unfreeze
 from memvirt.errors import MemvirtError, UsageError, VMError
 from memvirt.image.build import load_image
 from memvirt.paths import private_dir, private_file, ram_dir
@@ -34,7 +34,6 @@ Progress = Callable[[str, int, int], None]
 RESTORE_TIMEOUT = 60.0
 GUEST_TIMEOUT = 60.0
 COPY_CHUNK = 64 << 20
-TEMPLATE_ONLY = ("frozen", "ram_file_mode")
 
 
 @dataclass
@@ -119,7 +118,7 @@ def clone(
                 unfreeze(src, was)
             if report.clones and isinstance(e, MemvirtError):
                 made = ", ".join(c.name for c in report.clones)
-                raise type(e)(f"{e} (clones already running: {made})") from None
+                raise type(e)(f"{e} (clones already running: {made})") from e
             raise
     if wait_guest:
         for i, c in enumerate(report.clones):
@@ -136,8 +135,8 @@ def start_clone(template: VM, name: str, eager: bool = False, progress: Progress
     rams = ram_dir() if eager else None
     try:
         private_dir(vdir, exclusive=True)
-    except FileExistsError:
-        raise UsageError(f"a VM named {name!r} already exists: choose another --prefix") from None
+    except FileExistsError as e:
+        raise UsageError(f"a VM named {name!r} already exists: choose another --prefix") from e
     c = template.config
     config = VMConfig(
         name=name,
@@ -150,7 +149,8 @@ def start_clone(template: VM, name: str, eager: bool = False, progress: Progress
         append=c.append,
         regions=c.regions,
         started=time.time(),
-        extra={k: v for k, v in c.extra.items() if k not in TEMPLATE_ONLY},
+        workload=c.workload,  # the guest's processes, its workload among them, go on in the clone
+        migrated=c.migrated,
         clone_of=template.name,
         ram_path=str(rams / f"{name}.ram") if rams else "",
         backing="" if eager else c.ram_path,
@@ -165,14 +165,8 @@ def start_clone(template: VM, name: str, eager: bool = False, progress: Progress
         image = load_image(Path(c.image))
         t = time.perf_counter()
         with open(state_file(template), "rb") as state:
-            proc = launch_qemu(vm, image, incoming="defer", pass_fds=(state.fileno(),))
             state_fd = state.fileno()
-        pidfile = vdir / "qemu.pid"
-        if pidfile.exists():
-            config.pid = int(pidfile.read_text().strip() or 0)
-        if proc.returncode != 0:
-            msg = proc.stderr.strip().splitlines()
-            raise VMError(f"QEMU failed to start clone {name!r}: {msg[-1] if msg else 'exit ' + str(proc.returncode)}")
+            launch_qemu(vm, image, "clone", incoming="defer", pass_fds=(state_fd,))
         vm.save()
         result.qemu_seconds = time.perf_counter() - t
         t = time.perf_counter()
@@ -194,7 +188,7 @@ def restore(vm: VM, state_fd: int) -> float:
     what = f"loading the template's device state into clone {vm.name!r}"
     try:
         with vm.monitor(timeout=RESTORE_TIMEOUT) as mon:
-            mon.command("migrate-set-capabilities", capabilities=IGNORE_SHARED)
+            mon.set_capabilities(x_ignore_shared=True)
             mon.command("migrate-incoming", uri=f"fd:{state_fd}")
             deadline = time.monotonic() + RESTORE_TIMEOUT
             while (status := mon.status()) == "inmigrate":
@@ -207,8 +201,8 @@ def restore(vm: VM, state_fd: int) -> float:
             running = time.perf_counter()
     except VMError as e:
         if not vm.alive():
-            raise VMError(f"{what} failed: QEMU exited (is the saved state corrupt or from another QEMU?)") from None
-        raise VMError(f"{what} failed: {e}") from None
+            raise VMError(f"{what} failed: QEMU exited (is the saved state corrupt or from another QEMU?)") from e
+        raise VMError(f"{what} failed: {e}") from e
     if status != "running":
         raise VMError(f"{what} left it {status}, not running")
     return running

@@ -21,11 +21,11 @@ from pathlib import Path
 
 from memvirt.errors import UsageError, VMError
 from memvirt.paths import READONLY_FILE, touch_private
+from memvirt.qemu.config import Frozen
 from memvirt.qemu.monitor import Monitor
 from memvirt.qemu.vm import TEMPLATE, TEMPLATE_STATE, VM
 
 MIGRATE_TIMEOUT = 60.0
-IGNORE_SHARED = [{"capability": "x-ignore-shared", "state": True}]
 
 
 def state_file(vm: VM) -> Path:
@@ -95,7 +95,7 @@ def freeze(vm: VM) -> str | None:
         touch_private(tmp)
         mon.command("stop")
         try:
-            mon.command("migrate-set-capabilities", capabilities=IGNORE_SHARED)
+            mon.set_capabilities(x_ignore_shared=True)
             mon.command("migrate", uri=f"exec:cat > {shlex.quote(str(tmp))}")
             wait_migration(mon, f"saving the device state of VM {vm.name!r}")
         except BaseException:
@@ -105,8 +105,7 @@ def freeze(vm: VM) -> str | None:
             raise
     tmp.rename(state_file(vm))
     ram = Path(vm.config.ram_path)
-    vm.config.extra["ram_file_mode"] = stat.S_IMODE(ram.stat().st_mode)
-    vm.config.extra["frozen"] = {"at": time.time(), "was": was}
+    vm.config.frozen = Frozen(time.time(), was, stat.S_IMODE(ram.stat().st_mode))
     ram.chmod(READONLY_FILE)
     state_file(vm).chmod(READONLY_FILE)
     vm.config.role = TEMPLATE

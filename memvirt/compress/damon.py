@@ -47,7 +47,7 @@ def _write(path: Path, value: object) -> None:
     try:
         path.write_text(str(value))
     except OSError as e:
-        raise MemvirtError(f"DAMON refused {value!r} for {path.relative_to(ADMIN)}: {e.strerror}") from None
+        raise MemvirtError(f"DAMON refused {value!r} for {path.relative_to(ADMIN)}: {e.strerror}") from e
 
 
 def _read(path: Path) -> str:

@@ -57,8 +57,8 @@ def _state_file() -> Path:
 def _run(argv: list[str], what: str) -> None:
     try:
         proc = subprocess.run(argv, capture_output=True, text=True)
-    except FileNotFoundError:
-        raise UsageError(f"{argv[0]} is missing: install Debian's util-linux") from None
+    except FileNotFoundError as e:
+        raise UsageError(f"{argv[0]} is missing: install Debian's util-linux") from e
     if proc.returncode != 0:
         raise MemvirtError(f"{what} failed: {proc.stderr.strip() or proc.returncode}")
 
@@ -81,10 +81,10 @@ def _free_zram() -> tuple[str, bool]:
             return d.name, False
     try:
         n = int((ZRAM_CONTROL / "hot_add").read_text())
-    except OSError:
+    except OSError as e:
         raise UsageError(
             "no free zram device and none can be added: this host kernel needs zram (CONFIG_ZRAM, 'modprobe zram')"
-        ) from None
+        ) from e
     return f"zram{n}", True
 
 

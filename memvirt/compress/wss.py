@@ -78,7 +78,7 @@ def smaps_fields(pid: int, vaddr: int, names: tuple[str, ...]) -> dict[str, int]
                 elif inside and key[:-1] in names:
                     out[key[:-1]] = int(line.split()[1]) * 1024
     except OSError as e:
-        raise VMError(f"reading the memory map of process {pid} failed: {e.strerror}") from None
+        raise VMError(f"reading the memory map of process {pid} failed: {e.strerror}") from e
     if len(out) != len(names):
         raise MemvirtError(f"process {pid} has no mapping at {vaddr:#x} in its smaps (did the VM stop?)")
     return out
@@ -206,7 +206,7 @@ class ReferencedTracker:
             with open(f"/proc/{self.pid}/clear_refs", "w") as f:
                 f.write("1")
         except OSError as e:
-            raise VMError(f"clearing the accessed bits of VM {self.vm.name!r} failed: {e.strerror}") from None
+            raise VMError(f"clearing the accessed bits of VM {self.vm.name!r} failed: {e.strerror}") from e
 
     def _referenced(self) -> int:
         return smaps_fields(self.pid, self.vaddr, ("Referenced",))["Referenced"]

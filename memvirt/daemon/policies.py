@@ -14,7 +14,6 @@ KSM) act now; measuring goes on regardless.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -66,7 +65,8 @@ def give_back_freed_memory() -> None:
 
 
 def pausing_dir() -> Path:
-    """Journal of the VMs inside a reclaim pass (:mod:`memvirt.daemon.watchdog` resumes them)."""
+    """The pause marks of the daemon's reclaims (:mod:`memvirt.dedup.watchdog`: the daemon's one
+    watchdog resumes a guest marked here if the daemon dies inside its pause)."""
     from memvirt.daemon.control import run_dir
 
     d = run_dir() / "pausing"
@@ -142,9 +142,18 @@ class VMWorker:
     """One VM's policies in a thread of its own."""
 
     def __init__(
-        self, target: Target, policy: VMPolicy, metrics: Metrics, engaged: threading.Event, sample_every: float
+        self,
+        target: Target,
+        policy: VMPolicy,
+        metrics: Metrics,
+        engaged: threading.Event,
+        sample_every: float,
+        shelf: Any = None,
+        free_every: float = 30.0,
     ):
         self.target, self.policy, self.metrics = target, policy, metrics
+        self.shelf = shelf
+        self.free_every = free_every
         self.engaged = engaged
         self.sample_every = sample_every
         self._stop = threading.Event()
@@ -164,6 +173,7 @@ class VMWorker:
         self._backoff: dict[str, float] = {}
         self._next_reclaim = time.monotonic() + 2.0
         self._next_sample = 0.0
+        self._next_free = 0.0
         self.thread = threading.Thread(target=self._run, name=f"vm:{target.name}", daemon=True)
 
     @property
@@ -173,11 +183,11 @@ class VMWorker:
     def start(self) -> None:
         self.thread.start()
 
-    def set_policy(self, policy: VMPolicy, sample_every: float) -> None:
+    def set_policy(self, policy: VMPolicy, sample_every: float, free_every: float = 30.0) -> None:
         """A reloaded config: the loop picks it up at its next turn (a changed compression policy
         restarts the controller, the cap going back as found in between)."""
         with self._lock:
-            self.policy, self.sample_every = policy, sample_every
+            self.policy, self.sample_every, self.free_every = policy, sample_every, free_every
 
     def stop(self, wait: float = 30.0) -> None:
         self._stop.set()
@@ -269,6 +279,8 @@ class VMWorker:
             self.ctl = self._controller(c)
             self._ctl_policy = c
         samples = self.ctl.step()
+        for st in self.ctl.states:
+            st.samples.clear()  # the controller keeps its run's history; a service must not
         s = samples[-1]
         m, n = self.metrics, self.name
         m.working_set.labels(vm=n).set(s.wss)
@@ -310,7 +322,8 @@ class VMWorker:
             self.rec = None
         if self.rec is None:
             with _BOOTSTRAP:
-                self.rec = Reclaimer(self.target.vm, goal_ms_per_gib=goal)
+                mark = pausing_dir() / f"{self.name}.json"
+                self.rec = Reclaimer(self.target.vm, goal_ms_per_gib=goal, mark=mark, shelf=self.shelf)
                 give_back_freed_memory()
         return self.rec
 
@@ -334,13 +347,7 @@ class VMWorker:
             with self._lock:
                 self.state["reclaim"] = f"skipped: guest {st}"
             return True
-        rec = self._reclaimer(r.goal_ms_per_gib)
-        entry = pausing_dir() / f"{self.name}.json"
-        entry.write_text(json.dumps({"name": self.name, "qmp": str(vm.qmp_path)}))
-        try:
-            rep = rec.run()
-        finally:
-            entry.unlink(missing_ok=True)
+        rep = self._reclaimer(r.goal_ms_per_gib).run()
         m, n = self.metrics, self.name
         m.reclaimed.labels(vm=n).inc(max(rep.reclaimed_bytes, 0))
         for p in rep.pauses_ms:
@@ -372,10 +379,11 @@ class VMWorker:
         m.ksm_merging.labels(vm=n).set(st.get("ksm_merging_pages", 0) * 4096)
         with self._lock:
             self.state.update(resident_bytes=resident, swapped_bytes=swapped)
-        if self._retry.get("free", 0) > now:
+        if self._retry.get("free", 0) > now or now < self._next_free:
             return True
+        self._next_free = now + self.free_every
         try:
-            census, _ = self._reclaimer(self.policy.reclaim.goal_ms_per_gib).oracle.scan()
+            census, _ = self._reclaimer(self.policy.reclaim.goal_ms_per_gib).scan()
         except Exception as e:
             wait = self._backoff["free"] = min(self._backoff.get("free", BACKOFF[0] / 2) * 2, BACKOFF[1])
             self._retry["free"] = now + wait

@@ -1,6 +1,7 @@
 """Giving the host memory behind guest frames back, and measuring what the host holds for a guest.
 
-Shared-file RAM: ``fallocate(PUNCH_HOLE | KEEP_SIZE)`` over the file ranges, one call per run.
+Shared-file RAM: ``fallocate(PUNCH_HOLE | KEEP_SIZE)`` over the file ranges, one call per run
+(:mod:`memvirt.memory.holes`, which also tells a running dirty tracker).
 Anonymous RAM: ``MADV_DONTNEED`` run inside QEMU (:mod:`memvirt.qemu.remote`), 1024 ranges per
 call. Measured on this host (Linux 6.18, 512 MiB guest, 320 MiB of dirty free pages): holes
 0.7 µs per 4 KiB page; DONTNEED 1.4 ms in all (QEMU's RAM is in transparent huge pages). The
@@ -12,7 +13,6 @@ then waits for two full KSM passes. Either way the guest reads zeros there after
 
 from __future__ import annotations
 
-import ctypes
 import os
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, nullcontext
@@ -21,14 +21,9 @@ from typing import Any
 import numpy as np
 
 from memvirt.errors import UsageError, VMError
+from memvirt.memory.holes import punch_frames
 from memvirt.memory.pagemap import pagemap_backed
 from memvirt.memory.source import PAGE_SHIFT, GuestMemory
-
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 
 
 def backing_ranges(mem: GuestMemory, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +78,7 @@ class FileHoles(Discarder):
         try:
             self.fd = os.open(path, os.O_RDWR)
         except OSError as e:
-            raise UsageError(f"cannot open RAM file {path} for writing: {e.strerror}") from None
+            raise UsageError(f"cannot open RAM file {path} for writing: {e.strerror}") from e
 
     def close(self) -> None:
         os.close(self.fd)
@@ -94,10 +89,7 @@ class FileHoles(Discarder):
 
     def discard(self, starts: np.ndarray, ends: np.ndarray) -> None:
         offs, lens = backing_ranges(self.mem, starts, ends)
-        for o, n in zip(offs.tolist(), lens.tolist(), strict=True):
-            if _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, o, n) != 0:
-                e = ctypes.get_errno()
-                raise VMError(f"punching a hole in {self.path} failed: {os.strerror(e)}")
+        punch_frames(self.fd, self.path, starts, ends, offs, lens)
 
     def resident(self) -> int:
         return os.fstat(self.fd).st_blocks * 512
@@ -167,8 +159,8 @@ def ram_mapping_usage(pid: int, start: int) -> dict[str, int]:
                     out[name] = int(rest.split()[0]) * 1024
                 if len(out) == 3 or line[0] in "0123456789abcdef" and "-" in line.split()[0]:
                     break
-    except FileNotFoundError:
-        raise VMError(f"QEMU process {pid} is gone") from None
+    except FileNotFoundError as e:
+        raise VMError(f"QEMU process {pid} is gone") from e
     if not found:
         raise VMError(f"QEMU process {pid} has no mapping at {start:#x}")
     return out
@@ -189,8 +181,8 @@ def host_usage(vm) -> int:
     if vm.config.ram == "shared":
         try:
             return os.stat(vm.config.ram_path).st_blocks * 512
-        except FileNotFoundError:
-            raise VMError(f"VM {vm.name!r} has no RAM file any more") from None
+        except FileNotFoundError as e:
+            raise VMError(f"VM {vm.name!r} has no RAM file any more") from e
     from memvirt.memory.procmem import find_ram_mapping
 
     return ram_mapping_usage(vm.config.pid, find_ram_mapping(vm.config.pid, vm.config.memory))["Pss"]

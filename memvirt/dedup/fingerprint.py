@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from memvirt.memory.pagehash import hash_pages
 from memvirt.memory.source import PAGE_SHIFT, PAGE_SIZE, GuestMemory
-from memvirt.migrate.fingerprint import hash_pages
 
 WORDS = PAGE_SIZE // 8
 SAMPLE = np.arange(16) * (WORDS // 16) + np.arange(16) % 8
@@ -43,13 +43,9 @@ class Fingerprints:
         return np.stack((self.sample, self.full), axis=1)
 
 
-def ram_pfns(mem: GuestMemory) -> np.ndarray:
-    return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in mem.pfn_ranges()])
-
-
 def sample_pass(mem: GuestMemory, progress: Progress | None = None, done: int = 0, total: int = 0) -> Fingerprints:
     """Pass 1 over one source: zero pages and sample hashes."""
-    pfns = ram_pfns(mem)
+    pfns = mem.ram_pfns()
     zero = np.empty(len(pfns), dtype=bool)
     sample = np.empty(len(pfns), dtype=np.uint64)
     i = 0

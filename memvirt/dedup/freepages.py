@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from memvirt.errors import UsageError
+from memvirt.errors import MemvirtError, UsageError
 from memvirt.introspect import Introspector
 from memvirt.introspect.census import Census
 
@@ -79,6 +79,12 @@ class FreePageOracle:
                 "debugging): memvirt cannot tell whether a free list is being changed, so it will not discard"
             )
         self.lock_pas: list[int] = []
+        # Looked up now, not at the poisoning check: a bootstrap records (for the build-id cache
+        # or a shared shelf) the symbols asked before its first census.
+        try:
+            self._cmdline_ptr: int | None = self.kv.symbol("saved_command_line")
+        except MemvirtError:
+            self._cmdline_ptr = None
 
     def scan(self) -> tuple[Census, FreeBlocks]:
         """A live census and its buddy blocks (candidates only: the guest keeps running)."""
@@ -102,9 +108,9 @@ class FreePageOracle:
         """Refuse a guest that poisons free pages: it checks the poison when it allocates them, and a
         discarded page reads as zeros. (``init_on_free`` is fine: it wants free pages zero.)"""
         try:
-            cmdline = self.kv.read_cstr_va(self.kv.read_u64_va(self.kv.symbol("saved_command_line")), 4096).decode(
-                errors="replace"
-            )
+            if self._cmdline_ptr is None:
+                raise UsageError("no saved_command_line")
+            cmdline = self.kv.read_cstr_va(self.kv.read_u64_va(self._cmdline_ptr), 4096).decode(errors="replace")
         except Exception:
             cmdline = ""
         if any(arg in cmdline.split() for arg in POISON_ARGS):

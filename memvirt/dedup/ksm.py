@@ -59,10 +59,10 @@ def write(name: str, value: int) -> None:
     _require()
     try:
         (KSM / name).write_text(f"{value}\n")
-    except PermissionError:
-        raise UsageError(f"no permission to change {KSM / name}: run as root") from None
+    except PermissionError as e:
+        raise UsageError(f"no permission to change {KSM / name}: run as root") from e
     except OSError as e:
-        raise MemvirtError(f"setting {KSM / name} to {value} failed: {e.strerror}") from None
+        raise MemvirtError(f"setting {KSM / name} to {value} failed: {e.strerror}") from e
 
 
 def settings() -> dict[str, int]:

@@ -4,8 +4,10 @@ One pass: a live census finds the free buddy blocks the host still backs; then, 
 under a budget (default 20 ms per GiB of guest), the guest is stopped, the zone locks checked,
 each candidate block re-verified against the guest's struct pages, the still-free part
 discarded, and the guest resumed. The budget is kept by sizing each batch from the measured cost
-per page; pauses are spaced so the guest runs at least as long as it was held. A watchdog
-(:mod:`memvirt.dedup.watchdog`) resumes the guest if this process dies inside a pause.
+per page; pauses are spaced so the guest runs at least as long as it was held. Each pause is
+marked (:mod:`memvirt.dedup.watchdog`), and a watchdog resumes the guest if this process dies
+inside one: by default one per pass, started here; a long-lived caller (memvirtd) passes
+``mark`` in a folder its own watchdog guards, so a pass starts no process.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,8 +23,9 @@ import numpy as np
 from memvirt.dedup import watchdog
 from memvirt.dedup.discard import Discarder, discarder_for
 from memvirt.dedup.freepages import FreeBlocks, FreePageOracle
-from memvirt.errors import UsageError, VMError
-from memvirt.introspect import Introspector
+from memvirt.errors import MemvirtError, UsageError, VMError
+from memvirt.introspect import Introspector, buildcache
+from memvirt.introspect.census import Census
 from memvirt.introspect.layout import LayoutMissing
 from memvirt.procs import end_watchdog
 from memvirt.qemu.monitor import Monitor
@@ -79,21 +83,34 @@ class ReclaimPass:
 class Reclaimer:
     """Reclaims free pages of one running VM; bootstraps introspection once, then runs passes."""
 
-    def __init__(self, vm, goal_ms_per_gib: float = GOAL_MS_PER_GIB):
+    def __init__(
+        self,
+        vm,
+        goal_ms_per_gib: float = GOAL_MS_PER_GIB,
+        mark: Path | None = None,
+        shelf: Any = None,
+    ):
+        """``mark``: where to mark pauses, in a folder a watchdog of the caller's already guards;
+        None: ``VM_DIR/reclaim.paused`` with a watchdog per pass. ``shelf``: bootstraps shared
+        with other VMs of this process (:class:`memvirt.introspect.buildcache.Shelf`)."""
         vm.require_alive()
         self.vm = vm
+        self.mark = mark if mark is not None else vm.dir / watchdog.MARK
+        self._own_watchdog = mark is None
+        self.shelf = shelf
         self.mem = vm.memory()
         self.discarder: Discarder = discarder_for(vm, self.mem)
-        self.intro = Introspector(self.mem)
+        self.intro = Introspector(self.mem) if shelf is None else Introspector(self.mem, shelf=shelf)
         try:
             self.oracle = FreePageOracle(self.intro)
         except LayoutMissing:
-            self.intro = _full_introspector(self.mem)
+            self.intro = _full_introspector(self.mem, shelf)
             self.oracle = FreePageOracle(self.intro)
         self.budget_ms = max(MIN_BUDGET_MS, goal_ms_per_gib * self.mem.ram_size / (1 << 30))
         self.cost_us = FIRST_COST_US.get(type(self.discarder).__name__, 1.0)
         self.overhead_ms = 3.0
         self._poison_checked = False
+        self._scans = 0
 
     def close(self) -> None:
         self.discarder.close()
@@ -107,7 +124,7 @@ class Reclaimer:
 
     def candidates(self) -> tuple[FreeBlocks, FreeBlocks, np.ndarray]:
         """All buddy blocks, those the host still backs, and the per-frame populated mask."""
-        _, free = self.oracle.scan()
+        _, free = self.scan()
         populated = self.discarder.populated()
         if not self._poison_checked:
             self.oracle.check_no_poisoning(free, populated)
@@ -119,13 +136,33 @@ class Reclaimer:
         self.oracle.still_free(cand.take(slice(0, 64)))
         return free, cand, backed[backed > 0]
 
+    def scan(self) -> tuple[Census, FreeBlocks]:
+        """A live census and its buddy blocks; from the second on, on the shelf's bootstrap."""
+        if self._scans and self.shelf is not None and not self.intro.cached:
+            self._from_shelf()
+        self._scans += 1
+        return self.oracle.scan()
+
+    def _from_shelf(self) -> None:
+        """Trade the full bootstrap (kallsyms, BTF) for the shelf's entry its first census left,
+        checked against this guest as any other's; keep the full one if that fails."""
+        try:
+            intro = Introspector(self.mem, shelf=self.shelf)
+            oracle = FreePageOracle(intro) if intro.cached else None
+        except (LayoutMissing, MemvirtError):
+            oracle = None
+        if oracle is not None:
+            self.intro, self.oracle = intro, oracle
+        else:
+            self.shelf = None  # this guest's build cannot be shared: don't try every pass
+
     def run(self, progress: Callable[[int, int], None] | None = None) -> ReclaimPass:
         """One pass over the guest's free memory."""
         t0 = time.perf_counter()
         rep = ReclaimPass(budget_ms=self.budget_ms, resident_before=self.discarder.resident())
         free, cand, backed = self.candidates()
         rep.free_pages, rep.candidate_pages = free.pages, int(backed.sum())
-        dog = watchdog.spawn(self.vm.dir, self.vm.config.pid) if len(cand) else None
+        dog = watchdog.spawn(self.mark) if len(cand) and self._own_watchdog else None
         try:
             self._batches(cand, backed, rep, progress)
         finally:
@@ -155,7 +192,7 @@ class Reclaimer:
         for _ in range(LOCK_RETRIES):
             t = time.perf_counter()
             spent, still = 0.0, None
-            watchdog.mark_paused(self.vm.dir)
+            watchdog.mark_paused(self.mark, self.vm)
             mon.command("stop")
             try:
                 if self.oracle.locks_free():
@@ -167,7 +204,7 @@ class Reclaimer:
                     spent = time.perf_counter() - td
             finally:
                 mon.command("cont")
-                watchdog.unmark(self.vm.dir)
+                watchdog.unmark(self.mark)
                 wall = (time.perf_counter() - t) * 1000
                 pause = _event_pause_ms(mon, wall)
                 rep.pauses_ms.append(pause)
@@ -197,12 +234,13 @@ def _event_pause_ms(mon: Monitor, fallback: float) -> float:
     return (at(resume) - at(stop)) * 1000
 
 
-def _full_introspector(mem) -> Introspector:
+def _full_introspector(mem, shelf: Any = None) -> Introspector:
     """An introspector with every layout source, for facts a cached bootstrap did not record
-    (the zone lock); refuses with a clear message when the kernel really lacks them."""
+    (the zone lock); refuses with a clear message when the kernel really lacks them. With a
+    ``shelf``, what it uses is recorded there (for the next VM of its build)."""
     try:
-        intro = Introspector(mem, cache=False)
+        intro = Introspector(mem, cache=False) if shelf is None else Introspector(mem, shelf=buildcache.NoLoad(shelf))
         FreePageOracle(intro)
     except LayoutMissing as e:
-        raise UsageError(f"cannot find the guest's zone locks, so free pages cannot be re-verified: {e}") from None
+        raise UsageError(f"cannot find the guest's zone locks, so free pages cannot be re-verified: {e}") from e
     return intro

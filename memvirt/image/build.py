@@ -153,8 +153,8 @@ def build_image(kernel: Kernel, force: bool = False) -> Image:
 def load_image(path: Path) -> Image:
     try:
         d = json.loads((path / "image.json").read_text())
-    except FileNotFoundError:
-        raise NotFound(f"{path} is not a memvirt image (no image.json)") from None
+    except FileNotFoundError as e:
+        raise NotFound(f"{path} is not a memvirt image (no image.json)") from e
     d["path"] = Path(d["path"]) if Path(d["path"]).exists() else path
     return Image(**d)
 

@@ -25,19 +25,29 @@ class Introspector:
     """Bootstraps once from a memory source, then classifies every page on each :meth:`scan`.
 
     With ``cache`` (the default) a kernel build already seen bootstraps from the build-id cache
-    (:mod:`memvirt.introspect.buildcache`) without decoding kallsyms or BTF.
+    (:mod:`memvirt.introspect.buildcache`) without decoding kallsyms or BTF; ``shelf`` is where
+    that cache is (anything with its ``load`` and ``store``: the folder by default, a
+    :class:`~memvirt.introspect.buildcache.Shelf` to share bootstraps within one process).
     """
 
-    def __init__(self, mem: GuestMemory, layouts: str = "auto", hint_gpa: int | None = None, cache: bool = True):
+    def __init__(
+        self,
+        mem: GuestMemory,
+        layouts: str = "auto",
+        hint_gpa: int | None = None,
+        cache: bool = True,
+        shelf: Any = buildcache,
+    ):
         t0 = time.perf_counter()
         self.layouts = layouts
         self.cached = False
+        self._shelf = shelf
         self._to_store: buildcache.RecordingSymbols | None = None
         if cache:
             hit: dict[str, Any] = {}
 
             def from_cache(info, read_va):
-                found = buildcache.load(info, layouts, read_va)
+                found = shelf.load(info, layouts, read_va)
                 if found is not None:
                     hit["layout"] = found[1]
                     return found[0]
@@ -84,7 +94,7 @@ class Introspector:
         census = self.scanner.scan(live=live, content=content)
         census.timings["bootstrap"] = self.bootstrap_seconds
         if self._to_store is not None:
-            buildcache.store(
+            self._shelf.store(
                 self.kernel.vmcoreinfo,
                 self.layouts,
                 self.kernel.read_va,

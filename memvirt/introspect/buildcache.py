@@ -29,6 +29,7 @@ import os
 import re
 import secrets
 import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -235,6 +236,26 @@ def _btf_span(symbols: dict[str, int | None], kaslr: int) -> tuple[int, int] | N
     return start + kaslr, stop + kaslr
 
 
+def check(entry: Any, info: Vmcoreinfo, choice: str, read_va: ReadVA) -> tuple[CachedSymbols, CachedLayout] | str:
+    """An entry's symbols (relocated for this boot) and layout if it holds for this guest, else why not:
+    well-formed, same release, no fact this guest's VMCOREINFO contradicts, and derived from the
+    same kallsyms and BTF bytes as this guest's own (read from its memory now)."""
+    if not _well_formed(entry, choice) or entry["release"] != info.osrelease:
+        return "malformed"
+    try:
+        why = _contradiction(entry, info)
+        if (
+            why is None
+            and content_digest(info, read_va, _btf_span(entry["symbols"], info.kerneloffset)) != entry["content"]
+        ):
+            why = "this guest's kallsyms or BTF bytes differ from those it was derived from"
+    except MemvirtError as e:
+        why = str(e)
+    if why is not None:
+        return why
+    return CachedSymbols(entry["symbols"], info.kerneloffset), CachedLayout(entry["facts"], entry["sources"])
+
+
 def load(info: Vmcoreinfo, choice: str, read_va: ReadVA) -> tuple[CachedSymbols, CachedLayout] | None:
     """The cached symbols and layout for this build and layout choice, if a census of the same
     kernel (same VMCOREINFO facts, same kallsyms and BTF bytes) stored them."""
@@ -247,42 +268,27 @@ def load(info: Vmcoreinfo, choice: str, read_va: ReadVA) -> tuple[CachedSymbols,
         entry = _read_private(path)
         if entry is None:
             continue
-        if not _well_formed(entry, choice) or entry["release"] != info.osrelease:
-            log.warning("build-id cache entry %s ignored: malformed", path.name)
-            continue
-        try:
-            why = _contradiction(entry, info)
-            if why is None and not path.name.endswith(f"-{entry['content'][:32]}.json"):
-                why = "its name does not match its content digest"
-            if (
-                why is None
-                and content_digest(info, read_va, _btf_span(entry["symbols"], info.kerneloffset)) != entry["content"]
-            ):
-                why = "this guest's kallsyms or BTF bytes differ from those it was derived from"
-            if why is None:
-                return CachedSymbols(entry["symbols"], info.kerneloffset), CachedLayout(
-                    entry["facts"], entry["sources"]
-                )
-        except MemvirtError as e:
-            why = str(e)
-        log.warning("build-id cache entry %s ignored: %s", path.name, why)
+        if _well_formed(entry, choice) and not path.name.endswith(f"-{entry['content'][:32]}.json"):
+            got: tuple[CachedSymbols, CachedLayout] | str = "its name does not match its content digest"
+        else:
+            got = check(entry, info, choice, read_va)
+        if not isinstance(got, str):
+            return got
+        log.warning("build-id cache entry %s ignored: %s", path.name, got)
     return None
 
 
-def store(
+def make_entry(
     info: Vmcoreinfo,
     choice: str,
     read_va: ReadVA,
     symbols: RecordingSymbols,
     values: dict[str, int],
     sources: dict[str, str],
-) -> Path | None:
-    """Remember what a census of this build used (symbols relative to the boot's KASLR offset).
-
-    Write-once: an entry already there (from this or any other bootstrap) stays as it is.
-    Returns the entry's path, or None when nothing could be keyed or written."""
-    stem = _stem(info, choice)
-    if stem is None:
+) -> dict[str, Any] | None:
+    """What a census of this build used (symbols relative to the boot's KASLR offset), keyed by
+    its content digest; None when the build cannot be keyed."""
+    if _stem(info, choice) is None:
         return None
     try:
         kaslr = info.kerneloffset
@@ -296,10 +302,9 @@ def store(
         addr = symbols._symbols.get(name)
         rel[name] = None if addr is None else addr - kaslr
     content = content_digest(info, read_va, _btf_span(rel, kaslr))
-    folder = _folder(create=True) if content is not None else None
-    if folder is None or content is None:
+    if content is None:
         return None
-    entry = {
+    return {
         "version": VERSION,
         "release": info.osrelease,
         "choice": choice,
@@ -308,7 +313,26 @@ def store(
         "facts": values,
         "sources": sources,
     }
-    path = folder / f"{stem}-{content[:32]}.json"
+
+
+def store(
+    info: Vmcoreinfo,
+    choice: str,
+    read_va: ReadVA,
+    symbols: RecordingSymbols,
+    values: dict[str, int],
+    sources: dict[str, str],
+) -> Path | None:
+    """Remember what a census of this build used (:func:`make_entry`) in the cache folder.
+
+    Write-once: an entry already there (from this or any other bootstrap) stays as it is.
+    Returns the entry's path, or None when nothing could be keyed or written."""
+    stem = _stem(info, choice)
+    entry = make_entry(info, choice, read_va, symbols, values, sources)
+    folder = _folder(create=True) if entry is not None else None
+    if folder is None or entry is None or stem is None:
+        return None
+    path = folder / f"{stem}-{entry['content'][:32]}.json"
     if path.exists():
         return path
     tmp = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
@@ -325,6 +349,76 @@ def store(
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+class Shelf:
+    """One process's bootstraps shared by kernel build: the VMs of a host mostly run a few builds,
+    and each full bootstrap holds the guest's kallsyms and BTF (~12 MB); a VM whose build is on
+    the shelf keeps only the few dozen symbols and facts it uses (~2 MB with its page tables).
+
+    Entries are those :func:`store` would write, kept in memory, and checked for each guest
+    exactly as the folder's are (:func:`check`: its own kallsyms and BTF bytes, its VMCOREINFO),
+    so a guest cannot plant facts another one uses. Entries of one key were derived from the
+    same bytes, so a later bootstrap's facts are added to an entry, never replace its values.
+    Loads fall back to the cache folder (:func:`load`); stores go to both. Thread-safe."""
+
+    def __init__(self, folder: bool = True):
+        self.folder = folder
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def load(self, info: Vmcoreinfo, choice: str, read_va: ReadVA) -> tuple[CachedSymbols, CachedLayout] | None:
+        stem = _stem(info, choice)
+        with self._lock:
+            candidates = [e for k, e in self._entries.items() if stem is not None and k.startswith(f"{stem}-")]
+        for entry in candidates[:MAX_CANDIDATES]:
+            got = check(entry, info, choice, read_va)
+            if not isinstance(got, str):
+                return got
+            log.warning("shared bootstrap of %s not used: %s", info.build_id, got)
+        return load(info, choice, read_va) if self.folder else None
+
+    def store(
+        self,
+        info: Vmcoreinfo,
+        choice: str,
+        read_va: ReadVA,
+        symbols: RecordingSymbols,
+        values: dict[str, int],
+        sources: dict[str, str],
+    ) -> None:
+        entry = make_entry(info, choice, read_va, symbols, values, sources)
+        stem = _stem(info, choice)
+        if entry is None or stem is None:
+            return
+        key = f"{stem}-{entry['content']}"
+        with self._lock:
+            old = self._entries.get(key)
+            if old is None and sum(k.startswith(f"{stem}-") for k in self._entries) >= MAX_CANDIDATES:
+                return  # more variants of one build can only come from hostile guests: bounded
+            if old is not None:
+                for table in ("symbols", "facts", "sources"):
+                    entry[table] = {**entry[table], **old[table]}
+            self._entries[key] = entry
+        if self.folder:
+            store(info, choice, read_va, symbols, values, sources)
+
+
+class NoLoad:
+    """A shelf that never has an entry and stores into ``shelf``: a full bootstrap that records
+    what it used, for a caller that needs facts the shelf's entry lacks."""
+
+    def __init__(self, shelf: Any):
+        self.shelf = shelf
+
+    def load(self, *_: Any) -> None:
+        return None
+
+    def store(self, *args: Any) -> Any:
+        return self.shelf.store(*args)
 
 
 class RecordingSymbols:

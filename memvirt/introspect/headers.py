@@ -39,7 +39,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from memvirt.errors import MemvirtError, NotFound
+from memvirt.errors import HeadersError, HeadersNotFound, ProbeCompileError
 from memvirt.introspect.layout import LayoutMissing
 from memvirt.paths import cache_home
 
@@ -53,18 +53,6 @@ _MAX_ROUNDS = 10
 _RELEASE = re.compile(r"^[0-9][A-Za-z0-9.+~_-]*$")
 _PATH_PART = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)((?:\[\d+\])*)$")
 _TAG_PREFIX = re.compile(r"^(struct|union|enum)\s+")
-
-
-class HeadersError(MemvirtError):
-    """Kernel headers could not be fetched, unpacked or compiled against."""
-
-
-class HeadersNotFound(NotFound, HeadersError):
-    """No headers exist for the release asked for (unknown to apt, or not a kernel tree)."""
-
-
-class ProbeCompileError(HeadersError):
-    """gcc rejected the probe as a whole: the tree is broken or the compiler does not fit it."""
 
 
 # ---------------------------------------------------------------------------------------------

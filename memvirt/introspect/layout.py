@@ -17,12 +17,8 @@ import re
 from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
-from memvirt.errors import BadImage
+from memvirt.errors import LayoutMissing
 from memvirt.introspect.vmcoreinfo import Vmcoreinfo
-
-
-class LayoutMissing(BadImage):
-    """A layout fact the chosen source does not provide."""
 
 
 @runtime_checkable

@@ -11,7 +11,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from memvirt.errors import BadImage, GuestStructureError
+from memvirt.errors import BadImage, GuestStructureError, UnmappedAddress
 from memvirt.memory.source import GuestMemory
 
 # arch/x86/include/asm/page_64_types.h
@@ -24,10 +24,6 @@ _PAGE_PSE = 1 << 7
 # PTE_PFN_MASK with __PHYSICAL_MASK_SHIFT = 52 (arch/x86/include/asm/page_types.h).
 PTE_PFN_MASK = ((1 << 52) - 1) & ~0xFFF
 _LEVEL_NAMES = {39: "P4D", 30: "PUD", 21: "PMD", 12: "PTE"}
-
-
-class UnmappedAddress(BadImage):
-    """A virtual address the guest kernel's page tables do not map."""
 
 
 def phys_addr_symbol(va: int, phys_base: int) -> int:

@@ -28,10 +28,10 @@ class PageMap:
         self.pid = pid
         try:
             self.fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
-        except (FileNotFoundError, ProcessLookupError):
-            raise NotFound(f"no process {pid}") from None
-        except PermissionError:
-            raise VMError(f"no permission to read /proc/{pid}/pagemap") from None
+        except (FileNotFoundError, ProcessLookupError) as e:
+            raise NotFound(f"no process {pid}") from e
+        except PermissionError as e:
+            raise VMError(f"no permission to read /proc/{pid}/pagemap") from e
 
     def close(self) -> None:
         if self.fd >= 0:

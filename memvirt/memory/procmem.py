@@ -20,10 +20,10 @@ def find_ram_mapping(pid: int, ram_size: int) -> int:
     try:
         with open(f"/proc/{pid}/maps") as f:
             lines = f.read().splitlines()
-    except FileNotFoundError:
-        raise NotFound(f"no process {pid}") from None
-    except PermissionError:
-        raise BadImage(f"no permission to read /proc/{pid}/maps") from None
+    except FileNotFoundError as e:
+        raise NotFound(f"no process {pid}") from e
+    except PermissionError as e:
+        raise BadImage(f"no permission to read /proc/{pid}/maps") from e
     hits = []
     for line in lines:
         fields = line.split()
@@ -43,8 +43,8 @@ def find_file_mapping(pid: int, path: str, size: int, private: bool) -> tuple[in
     try:
         with open(f"/proc/{pid}/maps") as f:
             lines = f.read().splitlines()
-    except (FileNotFoundError, ProcessLookupError):
-        raise NotFound(f"no process {pid}") from None
+    except (FileNotFoundError, ProcessLookupError) as e:
+        raise NotFound(f"no process {pid}") from e
     for line in lines:
         fields = line.split(maxsplit=5)
         if len(fields) < 6 or not fields[1].startswith("rw") or (fields[1][3] == "p") != private:
@@ -61,8 +61,8 @@ def guess_ram_size(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
-    except FileNotFoundError:
-        raise NotFound(f"no process {pid}") from None
+    except FileNotFoundError as e:
+        raise NotFound(f"no process {pid}") from e
     for i, a in enumerate(argv[:-1]):
         if a == b"-m":
             spec = argv[i + 1].decode().split(",")[0].removeprefix("size=")
@@ -83,8 +83,8 @@ class ProcMemory(GuestMemory):
         self.regions = tuple(Region(r.gpa, r.size, base + r.offset) for r in regions)
         try:
             self._fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
-        except (FileNotFoundError, ProcessLookupError):
-            raise NotFound(f"no process {pid}") from None
+        except (FileNotFoundError, ProcessLookupError) as e:
+            raise NotFound(f"no process {pid}") from e
 
     def describe(self) -> str:
         return f"/proc/{self.pid}/mem"
@@ -98,4 +98,4 @@ class ProcMemory(GuestMemory):
         try:
             pread_into(self._fd, offset, out, f"/proc/{self.pid}/mem")
         except OSError as e:
-            raise BadImage(f"reading /proc/{self.pid}/mem failed: {e.strerror} (did the VM exit?)") from None
+            raise BadImage(f"reading /proc/{self.pid}/mem failed: {e.strerror} (did the VM exit?)") from e

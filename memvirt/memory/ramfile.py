@@ -23,10 +23,10 @@ class RamFileMemory(GuestMemory):
         self.path = Path(path)
         try:
             self._fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise NotFound(f"RAM file {self.path} does not exist") from None
-        except PermissionError:
-            raise BadImage(f"no permission to read RAM file {self.path}") from None
+        except FileNotFoundError as e:
+            raise NotFound(f"RAM file {self.path} does not exist") from e
+        except PermissionError as e:
+            raise BadImage(f"no permission to read RAM file {self.path}") from e
         self._map: mmap.mmap | None = None
         size = os.fstat(self._fd).st_size
         self.regions = regions if regions is not None else pc_ram_map(size)

@@ -158,3 +158,7 @@ class GuestMemory(ABC):
     def pfn_ranges(self) -> list[tuple[int, int]]:
         """RAM as ``[(first_pfn, end_pfn), ...]``."""
         return [(r.gpa >> PAGE_SHIFT, r.end >> PAGE_SHIFT) for r in self.regions]
+
+    def ram_pfns(self) -> np.ndarray:
+        """Every RAM frame number, in order (int64)."""
+        return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in self.pfn_ranges()])

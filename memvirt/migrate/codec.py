@@ -21,7 +21,6 @@ import zstandard
 from memvirt.errors import UsageError
 from memvirt.migrate.protocol import ProtocolError
 
-PAGE = 4096
 NONE, LZ4, ZSTD = 0, 1, 2
 NAMES = {NONE: "none", LZ4: "lz4", ZSTD: "zstd"}
 CHOICES = ("auto", "lz4", "zstd", "none")

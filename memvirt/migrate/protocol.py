@@ -48,12 +48,12 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from memvirt.errors import MemvirtError, UsageError
+from memvirt.errors import AuthError, PeerError, ProtocolError, UsageError
 
 Buffer = bytes | bytearray | memoryview
 
 MAGIC = b"MVMG"
-VERSION = 2
+VERSION = 3
 FLAG_INSECURE = 1
 INSECURE_SECRET = b"memvirt-migrate-insecure"
 NONCE = 32
@@ -97,18 +97,9 @@ class Kind(IntEnum):
     GO = 12
     RUNNING = 13
     ERROR = 14
-
-
-class ProtocolError(MemvirtError):
-    """The peer broke the protocol: a frame that fails to open, malformed or unexpected frame, lost connection."""
-
-
-class AuthError(ProtocolError):
-    """The peer could not prove it knows the shared secret (or we could not)."""
-
-
-class PeerError(ProtocolError):
-    """The peer reported a failure on its side (an ERROR frame)."""
+    ROUND_ACK = 15
+    """Receiver to sender: every frame of a live round is written (v3: the sender pauses only
+    once the receiver has caught up, or its backlog would be downtime)."""
 
 
 def load_secret(secret_file: Path | None, insecure: bool) -> bytes | None:

@@ -5,6 +5,12 @@ The target is started like memvirt's (same machine, fresh RAM file, ``-incoming 
 ``max-bandwidth`` 4 GiB/s (its 7.2 default, 32 MiB/s, would only make it slower) and a 300 ms
 ``downtime-limit``; a migration that does not complete in ``timeout`` seconds is cancelled.
 
+Every variant's capabilities are set on both QEMUs, on or off, before ``migrate-incoming``: a
+guest that arrived by one variant keeps the capabilities its incoming side was given, and a hop
+from it with another variant must not inherit them. A source left with ``multifd`` (or
+``xbzrle``) on and a target without made the next hop fail at once, and the bench's target, left
+waiting for multifd channels that never came, stopped answering QMP ("Negotiation failed").
+
 This is a local baseline, not a secure transport: the target QEMU listens on a loopback TCP port
 with no authentication and no encryption (QEMU's ``tcp:`` transport), so while it runs any local
 process can connect to it and feed or read guest state. Use it only on a host whose local users
@@ -17,10 +23,11 @@ import secrets
 import time
 from typing import Any
 
-from memvirt.migrate.receiver import INCOMING, start_target
+from memvirt.migrate.receiver import start_target
 from memvirt.qemu.vm import VM
 
 CAPS = {"plain": [], "xbzrle": ["xbzrle"], "multifd": ["multifd"]}
+VARIANT_CAPS = ("xbzrle", "multifd")
 
 
 def qemu_migrate(
@@ -48,13 +55,11 @@ def qemu_migrate(
         ignore_shared=False,
     )
     port = 48000 + secrets.randbelow(1000)
-    capabilities = [{"capability": "x-ignore-shared", "state": False}] + [
-        {"capability": k, "state": True} for k in caps
-    ]
+    states = {"x_ignore_shared": False} | {k: k in caps for k in VARIANT_CAPS}
     try:
         with target.monitor() as tm, src.monitor() as sm:
             for m in (tm, sm):
-                m.command("migrate-set-capabilities", capabilities=capabilities)
+                m.set_capabilities(**states)
                 if "multifd" in caps:
                     m.command("migrate-set-parameters", **{"multifd-channels": 2})
             tm.command("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
@@ -79,7 +84,7 @@ def qemu_migrate(
                 "converged": False,
                 "detail": st["status"],
             }
-        target.config.extra.pop(INCOMING, None)
+        target.config.incoming_by = 0
         target.save()
         with target.monitor() as tm:
             if tm.status() == "paused":

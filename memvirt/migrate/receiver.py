@@ -17,18 +17,16 @@ anything is decompressed or written (:meth:`TargetRam.apply`).
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import queue
 import re
-import shlex
 import signal
 import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -39,9 +37,10 @@ import xxhash
 from memvirt.errors import MemvirtError, UsageError, VMError
 from memvirt.image.build import Image, load_image
 from memvirt.memory import rammap
-from memvirt.memory.source import Region
+from memvirt.memory.holes import punch
+from memvirt.memory.pagehash import ZERO_HASH, hash_pages
+from memvirt.memory.source import PAGE_SIZE, Region
 from memvirt.migrate import codec
-from memvirt.migrate.fingerprint import ZERO_HASH, hash_pages
 from memvirt.migrate.protocol import (
     HANDSHAKE_TIMEOUT,
     MAX_FRAME,
@@ -50,17 +49,15 @@ from memvirt.migrate.protocol import (
     ProtocolError,
     check_insecure,
     check_secret,
+    parse_json,
     server_handshake,
 )
 from memvirt.paths import cache_home, private_dir, private_file, ram_dir, touch_private
 from memvirt.procs import spawn_watchdog
+from memvirt.qemu.config import Migrated
 from memvirt.qemu.monitor import Monitor
 from memvirt.qemu.vm import VM, VMConfig, check_name, launch_qemu, vms_root
 
-PAGE = 4096
-IGNORE_SHARED = [{"capability": "x-ignore-shared", "state": True}]
-INCOMING = "incoming_by"
-"""``vm.json`` extra key: pid of the receiver still filling this VM (absent once it runs)."""
 SESSION_TIMEOUT = 60.0
 LOAD_TIMEOUT = 60.0
 MAX_HANDSHAKES = 8
@@ -72,8 +69,6 @@ MIN_MEMORY = 64 << 20
 MAX_CPUS = 64
 MAX_APPEND = 1024
 FAULT_ENV = "MEMVIRT_TEST_FAULT"
-_libc = ctypes.CDLL(None, use_errno=True)
-_PUNCH = 0x01 | 0x02
 
 Log = Callable[[str], None]
 
@@ -101,13 +96,13 @@ class TargetRam:
 
     def __init__(self, path: Path, regions: tuple[Region, ...]):
         self.regions = regions
-        self.max_pfn = max(r.end for r in regions) // PAGE
+        self.max_pfn = max(r.end for r in regions) // PAGE_SIZE
         if self.max_pfn >= 1 << 32:
             raise ProtocolError("guest RAM map reaches beyond 16 TiB")
         self.fd = os.open(path, os.O_RDWR)
         self.held = np.full(self.max_pfn, ZERO_HASH, dtype=np.uint64)
-        self._starts = np.array([r.gpa // PAGE for r in regions], dtype=np.int64)
-        self._ends = np.array([r.end // PAGE for r in regions], dtype=np.int64)
+        self._starts = np.array([r.gpa // PAGE_SIZE for r in regions], dtype=np.int64)
+        self._ends = np.array([r.end // PAGE_SIZE for r in regions], dtype=np.int64)
         self._offs = np.array([r.offset for r in regions], dtype=np.int64)
         self._map: mmap.mmap | None = None
         self._pages: np.ndarray | None = None
@@ -130,8 +125,8 @@ class TargetRam:
         frame raises :class:`ProtocolError` and changes nothing."""
         if kind == Kind.DATA:
             c, starts, lengths, blob = codec.decode_data(payload)
-            offs, n = self._offsets(starts, lengths, "DATA", min(MAX_FRAME // PAGE, self.max_pfn))
-            return self._write(offs, starts, lengths, codec.decompress(c, blob, n * PAGE))
+            offs, n = self._offsets(starts, lengths, "DATA", min(MAX_FRAME // PAGE_SIZE, self.max_pfn))
+            return self._write(offs, starts, lengths, codec.decompress(c, blob, n * PAGE_SIZE))
         if kind in (Kind.ZERO, Kind.DISCARD):
             starts, lengths = codec.decode_pairs(payload, kind.name)
             offs, _ = self._offsets(starts, lengths, kind.name, self.max_pfn)
@@ -156,12 +151,12 @@ class TargetRam:
         n = int(lengths.sum())
         if n > most:
             raise ProtocolError(f"malformed {what} frame: {n} pages in one frame (at most {most})")
-        return self._offs[i] + (starts - self._starts[i]) * PAGE, n
+        return self._offs[i] + (starts - self._starts[i]) * PAGE_SIZE, n
 
     def _write(self, offs: np.ndarray, starts: np.ndarray, lengths: np.ndarray, data: bytes | memoryview) -> int:
         view = memoryview(data)
         pos = 0
-        for off, n in zip(offs.tolist(), (lengths.astype(np.int64) * PAGE).tolist(), strict=True):
+        for off, n in zip(offs.tolist(), (lengths.astype(np.int64) * PAGE_SIZE).tolist(), strict=True):
             os.pwrite(self.fd, view[pos : pos + n], off)
             pos += n
         self.held[codec.expand(starts.astype(np.int64), lengths.astype(np.int64))] = hash_pages(
@@ -170,9 +165,7 @@ class TargetRam:
         return int(lengths.sum())
 
     def _punch(self, offs: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> int:
-        for off, n in zip(offs.tolist(), (lengths.astype(np.int64) * PAGE).tolist(), strict=True):
-            if _libc.fallocate(self.fd, _PUNCH, ctypes.c_int64(off), ctypes.c_int64(n)) != 0:
-                raise MemvirtError(f"cannot punch the target RAM file: {os.strerror(ctypes.get_errno())}")
+        punch(self.fd, offs, lengths.astype(np.int64) * PAGE_SIZE, "the target RAM file")
         self.held[codec.expand(starts.astype(np.int64), lengths.astype(np.int64))] = ZERO_HASH
         return int(lengths.sum())
 
@@ -183,7 +176,7 @@ class TargetRam:
         soff, _ = self._offsets(src, ones, "DUP", self.max_pfn)
         doff, _ = self._offsets(dst, ones, "DUP", self.max_pfn)
         pages = self._mapped()
-        pages[doff // PAGE] = pages[soff // PAGE]
+        pages[doff // PAGE_SIZE] = pages[soff // PAGE_SIZE]
         self.held[dst.astype(np.int64)] = self.held[src.astype(np.int64)]
         return len(dst)
 
@@ -191,7 +184,7 @@ class TargetRam:
         """The file mapped read-write as ``(pages, 4096)`` (made on first use)."""
         if self._map is None:
             self._map = mmap.mmap(self.fd, 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            self._pages = np.frombuffer(self._map, dtype=np.uint8).reshape(-1, PAGE)
+            self._pages = np.frombuffer(self._map, dtype=np.uint8).reshape(-1, PAGE_SIZE)
         assert self._pages is not None
         return self._pages
 
@@ -285,7 +278,7 @@ def check_regions(items: object, memory: int) -> tuple[Region, ...]:
         if not isinstance(r, dict) or set(r) != {"gpa", "size", "offset"}:
             raise bad("must each have exactly gpa, size and offset")
         vals = [r["gpa"], r["size"], r["offset"]]
-        if any(type(v) is not int or not 0 <= v < 1 << 52 or v % PAGE for v in vals) or r["size"] == 0:
+        if any(type(v) is not int or not 0 <= v < 1 << 52 or v % PAGE_SIZE for v in vals) or r["size"] == 0:
             raise bad("must have page-aligned gpa, size and offset below 4 PiB, and a size")
         regions.append(Region(*vals))
     by_gpa = sorted(regions, key=lambda r: r.gpa)
@@ -344,7 +337,8 @@ def prepare_target(setup: object) -> tuple[VM, Image]:
         ram_path=str(ram_path),
         regions=rammap.to_dict(st.regions),
         started=time.time(),
-        extra={INCOMING: os.getpid(), "migrated_from": st.source},
+        incoming_by=os.getpid(),
+        migrated=Migrated(st.source),
     )
     vm = VM(config)
     vm.save()
@@ -361,18 +355,13 @@ def prepare_target(setup: object) -> tuple[VM, Image]:
 def launch_target(vm: VM, image: Image, log: Log, ignore_shared: bool = True) -> None:
     """Start the prepared target's QEMU with ``-incoming defer``: it maps the RAM file but runs
     no guest instruction until device state is loaded and it is told ``cont``."""
-    proc = launch_qemu(vm, image, incoming="defer")
-    pidfile = vm.dir / "qemu.pid"
-    if pidfile.exists():
-        vm.config.pid = int(pidfile.read_text().strip() or 0)
-        vm.save()
-    if proc.returncode != 0:
-        msg = proc.stderr.strip().splitlines()
-        raise VMError(f"QEMU failed to start target VM {vm.name!r}: {msg[-1] if msg else proc.returncode}")
+    try:
+        launch_qemu(vm, image, "target VM", incoming="defer")
+    finally:
+        if vm.config.pid:  # the watchdog kills this QEMU should the receiver die
+            vm.save()
     with vm.monitor() as mon:
-        mon.command(
-            "migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": ignore_shared}]
-        )
+        mon.set_capabilities(x_ignore_shared=ignore_shared)
     log(f"target VM {vm.name!r} started (pid {vm.config.pid}), waiting for RAM")
 
 
@@ -385,9 +374,13 @@ def _load_device_state(vm: VM, mon: Monitor, state: bytes) -> None:
     """Feed the source's device state to the waiting QEMU; it must end ``paused`` (not running)."""
     path = vm.dir / "incoming.state"
     path.unlink(missing_ok=True)
-    with open(private_file(path), "wb") as f:
+    with open(private_file(path), "w+b") as f:
         f.write(state)
-    mon.command("migrate-incoming", uri=f"exec:cat {shlex.quote(str(path))}", timeout=LOAD_TIMEOUT)
+        f.flush()
+        f.seek(0)
+        # A descriptor, not exec:cat: QEMU forking a shell and cat was ~50-100 ms of downtime on a loaded host.
+        mon.send_fd(f.fileno(), "devstate")
+    mon.command("migrate-incoming", uri="fd:devstate", timeout=LOAD_TIMEOUT)
     deadline = time.monotonic() + LOAD_TIMEOUT
     while (status := mon.status()) == "inmigrate":
         if time.monotonic() > deadline:
@@ -431,8 +424,14 @@ def receive_one(chan: Channel, peer: str, log: Log, hold_file: Path | None = Non
     mon: Monitor | None = None
     committed = False
     pool = ThreadPoolExecutor(1, thread_name_prefix="memvirt-target")
+    qemu: Future[Monitor] | None = None
     try:
-        qemu = pool.submit(launch_target, vm, image, log)
+
+        def launch() -> Monitor:
+            launch_target(vm, image, log)
+            return vm.monitor()  # opened now: a QMP handshake at the switch-over would be downtime
+
+        qemu = pool.submit(launch)
         ram = TargetRam(Path(vm.config.ram_path), vm.regions)
         chan.send_json(Kind.READY, {"name": vm.name})
         state = b""
@@ -442,6 +441,8 @@ def receive_one(chan: Channel, peer: str, log: Log, hold_file: Path | None = Non
             )
             if kind == Kind.ROUND_END:
                 res.rounds += 1
+                if not parse_json(Kind.ROUND_END, payload).get("final"):
+                    chan.send_json(Kind.ROUND_ACK, {"round": res.rounds - 1})
                 if qemu.done():
                     qemu.result()
             elif kind == Kind.DEVSTATE:
@@ -453,8 +454,7 @@ def receive_one(chan: Channel, peer: str, log: Log, hold_file: Path | None = Non
         if commit.get("digest") != ram.digest():
             raise ProtocolError("the target's RAM does not match what the sender sent (final digest differs)")
         ram.close()
-        qemu.result()
-        mon = vm.monitor()
+        mon = qemu.result()
         _load_device_state(vm, mon, state)
         _hold(hold_file, log)
         chan.send_json(Kind.VERIFIED, {"digest": commit["digest"]})
@@ -462,8 +462,9 @@ def receive_one(chan: Channel, peer: str, log: Log, hold_file: Path | None = Non
         # The mark goes before cont: once it is gone the watchdog leaves the target alone, so a
         # receiver killed from here on leaves a target that may run (or waits paused), never
         # one killed after it ran.
-        vm.config.extra.pop(INCOMING, None)
-        vm.config.extra["migrated_at"] = time.time()
+        vm.config.incoming_by = 0
+        if vm.config.migrated is not None:
+            vm.config.migrated.at = time.time()
         vm.save()
         committed = True
         _fault("committed")
@@ -478,6 +479,8 @@ def receive_one(chan: Channel, peer: str, log: Log, hold_file: Path | None = Non
         pool.shutdown(wait=True)
         if ram is not None:
             ram.close()
+        if mon is None and qemu is not None and qemu.done() and qemu.exception() is None:
+            mon = qemu.result()
         if mon is not None:
             mon.close()
         if not committed:

@@ -9,6 +9,13 @@ frame) resumes the source if this migration paused or throttled it: the source's
 ever read, so it runs on unchanged. If the sender itself dies, its watchdog resumes the source.
 Once GO was sent the target may run, so from then on the source is never resumed automatically:
 a guest must not run twice.
+
+What each round sends comes from the dirty tracker (:mod:`memvirt.qemu.dirty`, userfaultfd
+write-protect and ``PAGEMAP_SCAN``): round 0 every page in use, each later round the pages written
+since the previous scan, the final round (guest paused) those written since the last, so downtime
+follows the dirty rate, not the memory in use. When to stop is estimated from the measured dirty
+rate. Where the kernel lacks the tracker (or another userfaultfd holds the RAM), each round
+fingerprints every page in use instead, as before; the report's ``notice`` says so.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import numpy as np
 from memvirt.errors import MemvirtError, UsageError, VMError
 from memvirt.memory.ramfile import RamFileMemory
 from memvirt.migrate.codec import CodecChooser
-from memvirt.migrate.precopy import PAGE, Round, Tracker
+from memvirt.migrate.precopy import Round, Tracker
 from memvirt.migrate.protocol import (
     Channel,
     Kind,
@@ -36,11 +43,11 @@ from memvirt.migrate.protocol import (
     check_secret,
     client_handshake,
 )
-from memvirt.migrate.receiver import IGNORE_SHARED
 from memvirt.migrate.throttle import Throttle
 from memvirt.migrate.watchdog import COMMITTED, spawn_source_guard
 from memvirt.paths import touch_private
 from memvirt.procs import end_watchdog
+from memvirt.qemu.dirty import VMWriteTracker
 from memvirt.qemu.monitor import Monitor
 from memvirt.qemu.vm import VM, check_name
 
@@ -50,6 +57,8 @@ DEVSTATE_TIMEOUT = 30.0
 FIXED_DOWNTIME = 0.05
 """Seconds the switch-over costs besides the final round: device state save and load, commit, cont."""
 SHRINK = 0.9
+DIRTY_METHODS = ("auto", "uffd-wp", "fingerprint")
+VERIFY = ("digest", "full")
 
 Progress = Callable[[Round], None]
 
@@ -78,6 +87,18 @@ class Report:
     max_throttle: float = 0.0
     """Largest share of time the guest was held to make precopy converge (auto-converge)."""
     codecs: dict[str, int] = field(default_factory=dict)
+    dirty_method: str = ""
+    """``uffd-wp`` (the dirty tracker) or ``fingerprint`` (every page in use hashed per round)."""
+    notice: str = ""
+    verify: str = "digest"
+    verify_seconds: float = 0.0
+    track_seconds: float = 0.0
+    """Starting the dirty tracker (a look for other writers of the RAM file, the borrow, protecting all)."""
+    drain_seconds: float = 0.0
+    """Waiting, after each live round, for the receiver to write it."""
+    switch_over: dict[str, float] = field(default_factory=dict)
+    """Where the downtime went, seconds from the pause: final round done, device state saved,
+    target verified and loaded (VERIFIED), target running (RUNNING)."""
 
     def pages(self) -> dict[str, int]:
         """Pages per class over all rounds; ``free_final`` were free at pause and never needed."""
@@ -106,6 +127,13 @@ class Report:
             "max_bandwidth": self.max_bandwidth,
             "max_throttle": self.max_throttle,
             "codecs": self.codecs,
+            "dirty_method": self.dirty_method,
+            "notice": self.notice,
+            "verify": self.verify,
+            "verify_seconds": round(self.verify_seconds, 4),
+            "track_seconds": round(self.track_seconds, 4),
+            "drain_seconds": round(self.drain_seconds, 4),
+            "switch_over": {k: round(v, 4) for k, v in self.switch_over.items()},
             "per_round": [r.to_json() for r in self.rounds],
         }
 
@@ -146,15 +174,25 @@ def _free_mask(intro: object | None, n: int, live: bool) -> np.ndarray:
     return free
 
 
-def _estimate(st: Round, link_rate: float) -> float:
-    """Seconds a final round now would take: the same census and fingerprinting, and sending what
-    changed during this round at the pace the link showed (bytes per page as this round sent them)."""
+def _page_seconds(st: Round, link_rate: float) -> float:
+    """Seconds one changed page costs to send, as this round sent them at the pace the link showed."""
     moved = st.data + st.zero + st.dup + st.discarded
     if link_rate > 0 and moved:
-        send = st.changed * (st.wire_bytes / moved) / link_rate
-    else:
-        send = st.changed * (st.send_seconds / moved if moved else 0.0)
-    return _floor(st) + send
+        return (st.wire_bytes / moved) / link_rate
+    return st.send_seconds / moved if moved else 0.0
+
+
+def _estimate(st: Round, link_rate: float, tracked: bool) -> float:
+    """Seconds a final round now would take. Fingerprinting: the same census and hashing of
+    everything in use, and sending what changed during this round. Tracked: the census, and the
+    pages the guest will have written by the pause at the dirty rate this round measured
+    (written / interval), over as long as this round took, read, hashed and sent."""
+    if not tracked:
+        return _floor(st, tracked) + st.changed * _page_seconds(st, link_rate)
+    rate = st.written / st.interval if st.interval > 0 else 0.0
+    pages = rate * st.seconds
+    hash_one = st.hash_seconds / st.hashed if st.hashed else 0.0
+    return _floor(st, tracked) + pages * (_page_seconds(st, link_rate) + hash_one)
 
 
 def _start_device_state(vm: VM, mon: Monitor) -> Path:
@@ -194,9 +232,18 @@ def migrate(
     max_rounds: int = 30,
     progress: Progress | None = None,
     max_bandwidth: float = 0.0,
+    dirty: str = "auto",
+    verify: str = "digest",
 ) -> Report:
     """Migrate VM ``name`` to the receiver at ``host:port``; on success the source is stopped.
-    ``max_bandwidth`` (bytes per second, 0 for none) caps what is sent, as QEMU's parameter does."""
+    ``max_bandwidth`` (bytes per second, 0 for none) caps what is sent, as QEMU's parameter does.
+    ``dirty``: how later rounds find what changed (:data:`DIRTY_METHODS`); ``verify``: ``digest``
+    (the receiver's digest of what it received) or ``full`` (also every page in use fingerprinted
+    at the pause and compared with what was sent, a longer downtime)."""
+    if dirty not in DIRTY_METHODS:
+        raise UsageError(f"unknown dirty tracking {dirty!r}: use one of {', '.join(DIRTY_METHODS)}")
+    if verify not in VERIFY:
+        raise UsageError(f"unknown verification {verify!r}: use one of {', '.join(VERIFY)}")
     if max_bandwidth < 0:
         raise UsageError("--max-bandwidth must not be negative")
     if downtime <= 0:
@@ -211,7 +258,7 @@ def migrate(
     vm = VM.load(name)
     state = check_source(vm)
     target = check_name(target_name or name)
-    report = Report(name, target, f"{host}:{port}", elide_free, downtime, max_bandwidth)
+    report = Report(name, target, f"{host}:{port}", elide_free, downtime, max_bandwidth, verify=verify)
     t0 = time.perf_counter()
     try:
         sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
@@ -221,6 +268,7 @@ def migrate(
     queue: SendQueue | None = None
     mon: Monitor | None = None
     throttle: Throttle | None = None
+    wt: VMWriteTracker | None = None
     paused = committed = False
     (vm.dir / COMMITTED).unlink(missing_ok=True)
     guard = spawn_source_guard(vm.dir) if state == "running" else None
@@ -242,7 +290,7 @@ def migrate(
             },
         )
         with vm.monitor() as m:
-            m.command("migrate-set-capabilities", capabilities=IGNORE_SHARED)
+            m.set_capabilities(x_ignore_shared=True)
         chan.recv_json(Kind.READY)
         report.setup_seconds = time.perf_counter() - t0
         with RamFileMemory(c.ram_path, vm.regions) as mem:
@@ -256,26 +304,57 @@ def migrate(
             tracker = Tracker(mem, chooser)
             queue = SendQueue(chan)
             send = queue.send
+            t = time.perf_counter()
+            wt, report.notice = _start_tracking(vm, dirty) if state == "running" else (None, "")
+            report.track_seconds = time.perf_counter() - t
+            report.dirty_method = "uffd-wp" if wt is not None else "fingerprint"
+            last_scan = time.perf_counter()
+            prev_free: np.ndarray | None = None
 
             def one_round(final: bool) -> Round:
+                nonlocal last_scan, prev_free
                 t = time.perf_counter()
+                cand = holes = None
+                written = 0
+                if wt is not None and report.rounds:
+                    # The scan precedes every read of this round: a write after it is in the next.
+                    frames = wt.scan(hold=final, check=not final)
+                    holes, written = wt.punched, len(frames)
+                    cand = np.zeros(tracker.max_pfn, dtype=bool)
+                    cand[frames[frames < tracker.max_pfn]] = True
+                interval, last_scan = t - last_scan, t
                 free = _free_mask(intro, tracker.max_pfn, live=not final)
+                if cand is not None and prev_free is not None:
+                    cand |= prev_free & ~free  # allocated since the last census, perhaps never written
+                prev_free = free
                 scan = time.perf_counter() - t
-                st = tracker.run(len(report.rounds), free, send, final)
-                st.scan_seconds = scan
+                st = tracker.run(len(report.rounds), free, send, final, cand, holes)
+                st.scan_seconds, st.written, st.interval = scan, written, interval
                 st.throttle = throttle.share if throttle is not None else 0.0
                 st.wire_bytes += queue.send_json_sized(Kind.ROUND_END, {"round": st.index, "final": final})
                 if final:
                     queue.close()
+                else:
+                    # A live round ends when the receiver has written it: with the tracker the last
+                    # rounds are short, and a backlog still in the socket at the pause would be
+                    # downtime no estimate saw. The wait counts in the round's length, so the
+                    # guest's writes during it are in the next round's estimate.
+                    queue.flush()
+                    d = time.perf_counter()
+                    assert chan is not None  # the session is open for every round
+                    if int(chan.recv_json(Kind.ROUND_ACK).get("round", -1)) != st.index:
+                        raise ProtocolError(f"the receiver acknowledged a round other than {st.index}")
+                    report.drain_seconds += time.perf_counter() - d
                 st.seconds = time.perf_counter() - t
                 report.rounds.append(st)
                 if progress:
                     progress(st)
                 return st
 
+            tracked = wt is not None
             while state == "running":
                 st = one_round(False)
-                est, floor = _estimate(st, queue.rate()), _floor(st)
+                est, floor = _estimate(st, queue.rate(), tracked), _floor(st, tracked)
                 prev = report.rounds[-2].changed if len(report.rounds) > 1 else None
                 if len(report.rounds) > 1 and est <= downtime:
                     report.stop_reason = f"remainder fits the downtime target (est. {est * 1000:.0f} ms)"
@@ -284,9 +363,13 @@ def migrate(
                 elif prev is None or st.changed < SHRINK * prev or len(report.rounds) < 3:
                     continue
                 elif floor > downtime:
+                    alone = (
+                        "the census and switch-over alone take"
+                        if tracked
+                        else "fingerprinting the pages in use alone takes"
+                    )
                     report.stop_reason = (
-                        f"dirty set stopped shrinking, and fingerprinting the pages in use alone "
-                        f"takes {floor * 1000:.0f} ms (est. {est * 1000:.0f} ms)"
+                        f"dirty set stopped shrinking, and {alone} {floor * 1000:.0f} ms (est. {est * 1000:.0f} ms)"
                     )
                 elif throttle is None or not throttle.at_max:
                     throttle = throttle or Throttle(vm)
@@ -306,20 +389,35 @@ def migrate(
             else:
                 report.stop_reason = "the source was paused: one round"
             devpath = _start_device_state(vm, mon)
-            one_round(True)
-            report.final_round_seconds = time.perf_counter() - t_pause
+            last = one_round(True)
+            if verify == "full":
+                t = time.perf_counter()
+                assert prev_free is not None
+                bad = tracker.verify(prev_free)
+                report.verify_seconds = time.perf_counter() - t
+                if bad:
+                    raise MemvirtError(
+                        f"--verify full: {bad} page(s) in use differ from what was sent after the final "
+                        f"round ({report.dirty_method} tracking, {last.index + 1} rounds)"
+                    )
+            report.final_round_seconds = report.switch_over["final_round"] = time.perf_counter() - t_pause
         devstate = _finish_device_state(vm, mon, devpath)
+        report.switch_over["devstate"] = time.perf_counter() - t_pause
         mon.close()
         mon = None
         report.devstate_bytes = len(devstate)
         chan.send(Kind.DEVSTATE, devstate)
         chan.send_json(Kind.COMMIT, {"digest": tracker.digest(), "rounds": len(report.rounds)})
+        if wt is not None:  # while the target checks and loads: no one else could write the RAM file
+            wt.check_writers()
         chan.recv_json(Kind.VERIFIED)
+        report.switch_over["verified"] = time.perf_counter() - t_pause
         (vm.dir / COMMITTED).touch()
         committed = True
         chan.send_json(Kind.GO, {"resume": state == "running"})
         chan.recv_json(Kind.RUNNING)
         report.downtime_seconds = time.perf_counter() - t_pause if state == "running" else 0.0
+        report.switch_over["running"] = time.perf_counter() - t_pause
     except BaseException as e:
         if queue is not None and not queue.abort():
             chan = None
@@ -328,6 +426,8 @@ def migrate(
         (chan.sock if chan is not None else sock).close()
         if throttle is not None:
             _quietly(throttle.close)
+        if wt is not None:
+            wt.close()
         if paused and not committed:
             _resume(vm, mon)
         if mon is not None:
@@ -345,6 +445,8 @@ def migrate(
                 f"migration of {name!r} failed ({where}: {e}); {name!r} runs on here, unchanged"
             ) from None
         raise
+    if wt is not None:
+        wt.close()
     report.wire_bytes = chan.bytes_sent + chan.bytes_received
     report.codecs = dict(chooser.used)
     chan.close()
@@ -356,10 +458,22 @@ def migrate(
     return report
 
 
-def _floor(st: Round) -> float:
-    """Seconds a final round takes even if nothing changed: the census and fingerprinting every
-    page in use (no soft-dirty bits here), plus the switch-over."""
-    return st.scan_seconds + st.hash_seconds + FIXED_DOWNTIME
+def _floor(st: Round, tracked: bool) -> float:
+    """Seconds a final round takes even if nothing changed: the census and the tracker's scan (or,
+    fingerprinting, hashing every page in use), plus the switch-over."""
+    return st.scan_seconds + (0.0 if tracked else st.hash_seconds) + FIXED_DOWNTIME
+
+
+def _start_tracking(vm: VM, method: str) -> tuple[VMWriteTracker | None, str]:
+    """The dirty tracker on ``vm``'s RAM, or None and a one-line notice why fingerprints are used."""
+    if method == "fingerprint":
+        return None, ""
+    try:
+        return VMWriteTracker(vm), ""
+    except MemvirtError as e:  # Unsupported, or the RAM is held by another userfaultfd or writer
+        if method != "auto":
+            raise
+        return None, f"no dirty tracking ({e}): every round fingerprints the pages in use"
 
 
 def _quietly(fn: Callable[[], None]) -> None:
@@ -384,4 +498,4 @@ def _resume(vm: VM, mon: Monitor | None) -> None:
         raise VMError(f"migration failed and the source {vm.name!r} could not be resumed: {e}") from None
 
 
-__all__ = ["PAGE", "Report", "migrate"]
+__all__ = ["Report", "migrate"]

@@ -29,15 +29,15 @@ COMMITTED = "migrate.committed"
 
 
 def main(receiver: int, vm_dir: Path) -> None:
-    from memvirt.migrate.receiver import INCOMING
+    from memvirt.qemu.config import VMConfig
     from memvirt.qemu.vm import VM
 
     while True:
         try:
-            config = json.loads((vm_dir / "vm.json").read_text())
-        except (OSError, ValueError):
+            config = VMConfig.from_dict(json.loads((vm_dir / "vm.json").read_text()))
+        except (OSError, ValueError, TypeError):
             return
-        if config.get("extra", {}).get(INCOMING) != receiver:
+        if config.incoming_by != receiver:
             return
         if not pid_alive(receiver):
             os.environ["MEMVIRT_HOME"] = str(vm_dir.parent.parent)

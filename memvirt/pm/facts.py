@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memvirt.errors import MemvirtError, UsageError
+from memvirt.errors import MemvirtError, PMFailed, PMRefused
 from memvirt.qemu.lan import SHARED_SERIAL, STORE_SERIAL
 from memvirt.qemu.vm import VM
 
@@ -26,14 +26,6 @@ true
 """
 IMAGE_MARGIN = 32 << 20
 """Room the target's kernel needs beside the image while it loads it (metadata, buffers)."""
-
-
-class PMRefused(UsageError):
-    """The two machines cannot migrate (different kernels, no hibernation support, ...)."""
-
-
-class PMFailed(MemvirtError):
-    """The migration started and failed; the source was thawed and runs on."""
 
 
 @dataclass(frozen=True)
@@ -90,8 +82,8 @@ def parse_facts(name: str, ram: int, text: str) -> Facts:
             disks={k[5:]: v for k, v in kv.items() if k.startswith("disk_")},
             zram=kv.get("zram") == "1",
         )
-    except (KeyError, ValueError):
-        raise MemvirtError(f"VM {name!r} did not report its kernel and memory: {text.strip()[:200]}") from None
+    except (KeyError, ValueError) as e:
+        raise MemvirtError(f"VM {name!r} did not report its kernel and memory: {text.strip()[:200]}") from e
 
 
 def read_facts(vm: VM) -> Facts:

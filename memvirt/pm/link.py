@@ -12,7 +12,7 @@ from memvirt.qemu.vm import VM
 
 def measure_link(src: VM, dst: VM, nbytes: int = 32 << 20) -> float:
     """Bytes per second from ``src`` to ``dst`` over their LAN (one TCP stream, what pmagent uses)."""
-    ip = dst.config.extra.get("lan_ip")
+    ip = dst.config.lan_ip
     if not ip or src.config.lan != dst.config.lan:
         raise MemvirtError(f"{src.name!r} and {dst.name!r} are not on the same VM LAN")
     port = 20000 + secrets.randbelow(30000)

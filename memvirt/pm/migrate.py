@@ -26,6 +26,7 @@ from memvirt.pm.events import ConsoleTail, Event
 from memvirt.pm.facts import Facts, PMFailed, PMRefused, check_pair, read_facts
 from memvirt.pm.report import PMReport
 from memvirt.qemu import lan
+from memvirt.qemu.config import Migrated
 from memvirt.qemu.vm import VM
 
 SCHEMES = ("memory", "disk", "iterative")
@@ -90,8 +91,8 @@ def preflight(
         vm.require_alive()
     if not src.config.lan or src.config.lan != dst.config.lan:
         raise PMRefused(f"{source!r} and {target!r} must be on the same VM LAN (start both with --lan NAME)")
-    if src.config.extra.get("lan_ip") == dst.config.extra.get("lan_ip"):
-        raise PMRefused(f"{source!r} and {target!r} have the same LAN address {src.config.extra.get('lan_ip')}")
+    if src.config.lan_ip == dst.config.lan_ip:
+        raise PMRefused(f"{source!r} and {target!r} have the same LAN address {src.config.lan_ip or None}")
     facts = read_facts(src), read_facts(dst)
     use_zram = check_pair(*facts, scheme, zram)
     return src, dst, facts, use_zram
@@ -147,7 +148,7 @@ class _Migration:
         key = secrets.token_hex(32)
         self.key = bytes.fromhex(key)
         port = 20000 + secrets.randbelow(30000)
-        ip = dst.config.extra["lan_ip"]
+        ip = dst.config.lan_ip
         recv = f"pmagent recv --listen {ip}:{port} --timeout {int(LISTEN_TIMEOUT + 30)}"
         send = (
             f"pmagent send --to {ip}:{port} --scheme {r.scheme} --compress {r.compress} "
@@ -304,7 +305,7 @@ class _Migration:
             finally:
                 os.close(fd)
         except OSError as e:
-            raise PMFailed(f"cannot write the host's verdict to {path}: {e.strerror}") from None
+            raise PMFailed(f"cannot write the host's verdict to {path}: {e.strerror}") from e
 
     def _give_verdict(self, thaw: bool) -> None:
         """Tell the source, if it waits, to thaw or to power off (once: the first verdict stands)."""
@@ -387,13 +388,13 @@ class _Migration:
         self._poll()
         acked = self._seen("source", "acked")
         self.report.ack_lost = bool(self._seen("source", "uncertain") or (acked and acked.fields.get("verdict")))
-        moved = {k: src.config.extra[k] for k in ("workload",) if k in src.config.extra}
-        dst.config.extra.update(moved)
-        dst.config.extra["lan_ip"] = src.config.extra.get("lan_ip", "")
-        dst.config.extra["lan_guest_mac"] = src.config.extra.get("lan_mac", "")
-        dst.config.extra["pm_migrated_from"] = {"name": src.name, "at": time.time()}
+        if src.config.workload is not None:
+            dst.config.workload = src.config.workload
+        dst.config.lan_ip = src.config.lan_ip
+        dst.config.lan_guest_mac = src.config.lan_mac
+        dst.config.migrated = Migrated(src.name, time.time(), "pm")
         dst.save()
-        self.report.address = dst.config.extra["lan_ip"]
+        self.report.address = dst.config.lan_ip
         src.stop()
         if self.report.scheme == "disk":
             lan.wipe_shared_disk(dst.config.lan)

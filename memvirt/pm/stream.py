@@ -19,6 +19,8 @@ import xxhash
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from memvirt.errors import StreamError
+
 HEADER = struct.Struct("<BBHIQ")
 TAG = 16
 MAX_FRAME = 8 << 20
@@ -58,10 +60,6 @@ class Codec(IntEnum):
     ZSTD = 2
 
 
-class StreamError(Exception):
-    """A frame that fails its tag, its sequence or its framing."""
-
-
 def direction_key(key: bytes, label: bytes) -> bytes:
     return hmac.new(key, label, hashlib.sha256).digest()
 
@@ -94,8 +92,8 @@ def decode(dkey: bytes, data: bytes, seq: int) -> tuple[int, bytes, bytes]:
         raise StreamError("truncated frame")
     try:
         payload = ChaCha20Poly1305(dkey).decrypt(_nonce(seq), data[HEADER.size : end], data[: HEADER.size])
-    except InvalidTag:
-        raise StreamError("bad tag") from None
+    except InvalidTag as e:
+        raise StreamError("bad tag") from e
     return kind, payload, data[end:]
 
 

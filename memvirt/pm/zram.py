@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memvirt.pm.facts import PMFailed
+from memvirt.errors import ZramError
 from memvirt.qemu.vm import VM
 
 STATE = "/run/memvirt-pm.zram"
@@ -71,10 +71,6 @@ echo "over=$over rounds=$i seconds=$(awk -v a="$t0" '{print $1 - a}' /proc/uptim
 """
 
 
-class ZramError(PMFailed):
-    """memvirt's zram swap device could not be set up or removed."""
-
-
 @dataclass
 class ZramStats:
     """What zram held when it was removed (bytes; mm_stat), and how long swapoff took."""
@@ -106,8 +102,8 @@ def remove(vm: VM, timeout: float = 300.0) -> ZramStats:
         return ZramStats(
             int(kv.get("stored", 0)), int(kv.get("compressed", 0)), int(kv.get("pool", 0)), float(kv.get("seconds", 0))
         )
-    except ValueError:  # the machine's own words: not trusted to be numbers
-        raise ZramError(f"{vm.name!r} reported garbage removing zram swap: {res.text.strip()[:200]!r}") from None
+    except ValueError as e:  # the machine's own words: not trusted to be numbers
+        raise ZramError(f"{vm.name!r} reported garbage removing zram swap: {res.text.strip()[:200]!r}") from e
 
 
 def preswap(vm: VM, ram: int, target: int) -> float:

@@ -70,7 +70,7 @@ class GuestChannel:
             sock.connect(str(self.socket_path))
         except OSError as e:
             sock.close()
-            raise GuestError(f"cannot open the command channel of VM {self.vm_name!r}: {e.strerror or e}") from None
+            raise GuestError(f"cannot open the command channel of VM {self.vm_name!r}: {e.strerror or e}") from e
         return sock
 
     def _await(self, sock: socket.socket, req_id: str, deadline: float) -> Result:
@@ -95,8 +95,8 @@ class GuestChannel:
             sock.settimeout(left)
             try:
                 chunk = sock.recv(1 << 16)
-            except TimeoutError:
-                raise GuestError(f"VM {self.vm_name!r} did not answer within the timeout") from None
+            except TimeoutError as e:
+                raise GuestError(f"VM {self.vm_name!r} did not answer within the timeout") from e
             if not chunk:
                 raise GuestError(f"the command channel of VM {self.vm_name!r} closed (did QEMU exit?)")
             buf += chunk
@@ -113,8 +113,8 @@ class GuestChannel:
             return None
         try:
             return Result(int(parts[1]), base64.b64decode(parts[2], validate=True))
-        except ValueError:
-            raise GuestError(f"VM {self.vm_name!r} sent a malformed answer") from None
+        except ValueError as e:
+            raise GuestError(f"VM {self.vm_name!r} sent a malformed answer") from e
 
     def wait_ready(self, timeout: float, alive: Callable[[], bool]) -> None:
         """Ping the agent until it answers; fail early if ``alive()`` says QEMU died."""

@@ -21,8 +21,9 @@ Not seen, by the kernel's design: writes to a *shared RAM file* by any other pro
 mapping, ``write(2)``, a vhost-user backend), and hole punches (``fallocate(PUNCH_HOLE)``,
 ``MADV_REMOVE``, i.e. ``memvirt reclaim``), which turn a page to zeros silently; the protection
 lives in QEMU's page tables only. So a tracker refuses a RAM file another process can write to
-and looks again every :data:`WRITERS_EVERY` seconds; a caller that punches holes itself must count
-them itself. ``MADV_DONTNEED`` on anonymous RAM *is* reported (as written).
+and looks again every :data:`WRITERS_EVERY` seconds, and memvirt's own punches of a tracked RAM
+file are written to a journal the tracker reads at each scan (:mod:`memvirt.memory.holes`).
+``MADV_DONTNEED`` on anonymous RAM *is* reported (as written).
 
 Where the kernel lacks these features, :class:`FingerprintTracker` hashes every page per scan
 (~0.15 s per GiB) and reports the pages whose contents changed: a subset of the written ones (a
@@ -40,7 +41,9 @@ from typing import Protocol
 
 import numpy as np
 
-from memvirt.errors import MemvirtError, NotFound, UsageError, VMError
+from memvirt.errors import MemvirtError, NotFound, Unsupported, UsageError, VMError
+from memvirt.memory.holes import PunchJournal
+from memvirt.memory.pagehash import hash_pages
 from memvirt.memory.source import PAGE_SHIFT, PAGE_SIZE, Region
 from memvirt.qemu.vm import VM
 
@@ -53,6 +56,7 @@ UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
 UFFD_FEATURE_WP_ASYNC = 1 << 15
 FEATURES = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_HUGETLBFS_SHMEM
 UFFDIO_REGISTER_MODE_WP = 1 << 1
+UFFDIO_WRITEPROTECT_MODE_WP = 1 << 0
 PM_SCAN_WP_MATCHING = 1 << 0
 PM_SCAN_CHECK_WPASYNC = 1 << 1
 PAGE_IS_WRITTEN = 1 << 1
@@ -88,6 +92,12 @@ class _UffdioRegister(ctypes.Structure):
     ]
 
 
+class _UffdioWriteprotect(ctypes.Structure):
+    """``struct uffdio_writeprotect`` (its ``struct uffdio_range`` inlined)."""
+
+    _fields_ = [("start", ctypes.c_uint64), ("len", ctypes.c_uint64), ("mode", ctypes.c_uint64)]
+
+
 class _PmScanArg(ctypes.Structure):
     """``struct pm_scan_arg`` (linux/fs.h)."""
 
@@ -112,16 +122,13 @@ class _PmScanArg(ctypes.Structure):
 
 UFFDIO_API = _ioc(3, 0xAA, 0x3F, ctypes.sizeof(_UffdioApi))
 UFFDIO_REGISTER = _ioc(3, 0xAA, 0x00, ctypes.sizeof(_UffdioRegister))
+UFFDIO_WRITEPROTECT = _ioc(3, 0xAA, 0x06, ctypes.sizeof(_UffdioWriteprotect))
 PAGEMAP_SCAN = _ioc(3, ord("f"), 16, ctypes.sizeof(_PmScanArg))
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 _libc.ioctl.restype = ctypes.c_int
 _libc.syscall.restype = ctypes.c_long
-
-
-class Unsupported(MemvirtError):
-    """The kernel (or QEMU's privileges) lacks what write tracking needs; callers may fall back."""
 
 
 def _ioctl(fd: int, request: int, arg: ctypes.Structure | None) -> int:
@@ -167,10 +174,10 @@ def uffd_holds(pid: int, start: int, end: int) -> list[str]:
                     inside = lo < end and hi > start
                 elif inside and head == "VmFlags:":
                     found.update(UFFD_HOLD_FLAGS[f] for f in line.split()[1:] if f in UFFD_HOLD_FLAGS)
-    except (FileNotFoundError, ProcessLookupError):
-        raise NotFound(f"no process {pid}") from None
+    except (FileNotFoundError, ProcessLookupError) as e:
+        raise NotFound(f"no process {pid}") from e
     except OSError as e:
-        raise VMError(f"reading the memory map of process {pid} failed: {e.strerror}") from None
+        raise VMError(f"reading the memory map of process {pid} failed: {e.strerror}") from e
     return sorted(found)
 
 
@@ -222,14 +229,15 @@ class WriteTracker:
             raise Unsupported("this kernel has no PAGEMAP_SCAN ioctl (Linux 6.7+)")
         try:
             self.pagemap = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        except (FileNotFoundError, ProcessLookupError):
-            raise NotFound(f"no process {self.pid}") from None
-        except PermissionError:
-            raise VMError(f"no permission to read /proc/{self.pid}/pagemap (run as root)") from None
+        except (FileNotFoundError, ProcessLookupError) as e:
+            raise NotFound(f"no process {self.pid}") from e
+        except PermissionError as e:
+            raise VMError(f"no permission to read /proc/{self.pid}/pagemap (run as root)") from e
         try:
             self.uffd = self._take_uffd()
             self._register()
-            self._scan(None)  # the baseline: everything protected, nothing reported
+            self._protect_all()
+            self._scan(None)  # the baseline: nothing reported before this
         except BaseException:
             self.close()
             raise
@@ -240,8 +248,8 @@ class WriteTracker:
 
         try:
             pidfd = os.pidfd_open(self.pid)
-        except ProcessLookupError:
-            raise NotFound(f"no process {self.pid}") from None
+        except ProcessLookupError as e:
+            raise NotFound(f"no process {self.pid}") from e
         mutex = _creation_mutex(self.pid)
         mine = -1
         try:
@@ -296,6 +304,23 @@ class WriteTracker:
             raise Unsupported(f"the kernel cannot write-protect this mapping of process {self.pid} with userfaultfd")
         if ret < 0:
             raise VMError(f"registering process {self.pid}'s memory with userfaultfd failed: {os.strerror(-ret)}")
+
+    def _protect_all(self) -> None:
+        """Protect every page of the range, those QEMU has no page-table entry for included.
+
+        A ``PAGEMAP_SCAN`` protects only what it reports (present, written pages): a file page
+        QEMU never mapped (a migrated guest's RAM, written by the receiver before QEMU ran; a page
+        punched and filled again) would stay unprotected, and QEMU's first write to it would map
+        it writable unreported. ``UFFDIO_WRITEPROTECT`` puts a uffd-wp marker in every empty entry
+        of a shmem (or, with ``WP_UNPOPULATED``, anonymous) range (Linux 5.19, b1f9e876862d
+        "mm/uffd: enable write protection for shmem & hugetlbfs"), and zapping a page later keeps
+        the marker, so the first write after any of these is seen. Costs about 4 ms per GiB."""
+        wp = _UffdioWriteprotect(
+            start=self.start_addr, len=self.end - self.start_addr, mode=UFFDIO_WRITEPROTECT_MODE_WP
+        )
+        ret = _ioctl(self.uffd, UFFDIO_WRITEPROTECT, wp)
+        if ret < 0:
+            raise VMError(f"write-protecting process {self.pid}'s memory failed: {os.strerror(-ret)}")
 
     def scan(self) -> np.ndarray:
         """Pages written since the last scan (indices into the range), protected again."""
@@ -393,7 +418,7 @@ def ram_file_writers(path: str, owner: int) -> list[str]:
     try:
         st = os.stat(path)
     except OSError as e:
-        raise VMError(f"cannot stat RAM file {path}: {e.strerror}") from None
+        raise VMError(f"cannot stat RAM file {path}: {e.strerror}") from e
     dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
     ino = str(st.st_ino)
     real = os.path.realpath(path)
@@ -491,14 +516,25 @@ class VMWriteTracker:
         self.notice = ""
         self.regions = vm.regions
         self.file = vm.config.ram_path if vm.config.ram == "shared" else ""
-        self._check_writers()
+        self.check_writers()
         start, size = vm.ram_mapping()
         self.tracker = WriteTracker(vm.config.pid, start, size)
         self.tracker.start()
+        self.journal: PunchJournal | None = None
+        self.punched = np.empty(0, dtype=np.int64)
+        """Guest frames the last scan took from the punch journal (they read zero now: holes)."""
+        if self.file:  # after registering: a punch before it precedes everything a caller reads
+            try:
+                self.journal = PunchJournal(self.file)
+            except BaseException:
+                self.tracker.close()
+                raise
         if self.tracker.strays_closed:
             self.notice = f"closed {self.tracker.strays_closed} unused userfaultfd(s) an earlier tracker left in QEMU"
 
-    def _check_writers(self) -> None:
+    def check_writers(self) -> None:
+        """Refuse (VMError) if a process other than QEMU can write the RAM file: its writes would
+        not be seen. A walk of /proc (~80 ms with 120 processes on a loaded host)."""
         self._checked = time.monotonic()
         if not self.file:
             return
@@ -509,14 +545,29 @@ class VMWriteTracker:
                 f"and such writes are not tracked"
             )
 
-    def scan(self) -> np.ndarray:
+    def scan(self, hold: bool = False, check: bool = True) -> np.ndarray:
+        """Guest frames written since the last scan, memvirt's own hole punches included (the
+        kernel does not report those). ``hold``: nobody punches this RAM from now until
+        :meth:`close` (a migration's final round). ``check=False`` leaves the periodic look for
+        other writers to the caller (a migration's pause: it calls :meth:`check_writers` while
+        the target loads, not inside the downtime)."""
+        punched = self.journal.take(hold) if self.journal is not None else None
         idx = self.tracker.scan()
-        if time.monotonic() - self._checked >= WRITERS_EVERY:
-            self._check_writers()
-        return host_to_guest(idx, self.regions)
+        if check and time.monotonic() - self._checked >= WRITERS_EVERY:
+            self.check_writers()
+        written = host_to_guest(idx, self.regions)
+        if self.journal is None:
+            return written
+        if punched is None:  # the journal overflowed: every frame counts as punched
+            punched = np.concatenate([np.arange(r.gpa >> PAGE_SHIFT, r.end >> PAGE_SHIFT) for r in self.regions])
+        self.punched = punched
+        return np.union1d(written, punched) if len(punched) else written
 
     def close(self) -> None:
         self.tracker.close()
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
 
 
 class FingerprintTracker:
@@ -525,16 +576,12 @@ class FingerprintTracker:
     method = "fingerprint"
 
     def __init__(self, vm: VM, notice: str = ""):
-        from memvirt.dedup.fingerprint import ram_pfns
-
         self.notice = notice
         self.mem = vm.memory()
-        self.pfns = ram_pfns(self.mem)
+        self.pfns = self.mem.ram_pfns()
         self.prev = self._hashes()
 
     def _hashes(self) -> np.ndarray:
-        from memvirt.migrate.fingerprint import hash_pages
-
         return np.concatenate([hash_pages(chunk) for _gpa, chunk in self.mem.chunks()])
 
     def scan(self) -> np.ndarray:

@@ -34,7 +34,7 @@ def dump_vm(vm: VM, dest: Path, fmt: str = "elf", progress: Progress | None = No
     try:
         tmp.unlink(missing_ok=True)
     except OSError as e:
-        raise UsageError(f"cannot remove {tmp} (left by someone else?): {e.strerror}") from None
+        raise UsageError(f"cannot remove {tmp} (left by someone else?): {e.strerror}") from e
     fd = private_file(tmp)
     try:
         if fmt == "raw":

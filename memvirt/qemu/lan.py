@@ -84,9 +84,9 @@ def lock(lan: str) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except BlockingIOError as e:
         os.close(fd)
-        raise UsageError(f"another migration is using LAN {lan!r}") from None
+        raise UsageError(f"another migration is using LAN {lan!r}") from e
     return fd
 
 
@@ -101,14 +101,14 @@ def allocation_lock(lan: str) -> Iterator[None]:
 
 def allocate(vm: VM, members: list[VM]) -> None:
     """Give ``vm`` a free address and a fresh locally administered MAC (stored in its config)."""
-    used = {m.config.extra.get("lan_ip") for m in members if m.name != vm.name}
+    used = {m.config.lan_ip for m in members if m.name != vm.name}
     for host in list(SUBNET.hosts())[1:]:
         if str(host) not in used:
-            vm.config.extra["lan_ip"] = str(host)
+            vm.config.lan_ip = str(host)
             break
     else:
         raise UsageError(f"LAN {vm.config.lan!r} is full")
-    vm.config.extra["lan_mac"] = "02:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(5))
+    vm.config.lan_mac = "02:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(5))
 
 
 def store_disk(vm: VM) -> Path:
@@ -125,7 +125,7 @@ def qemu_args(vm: VM) -> list[str]:
         "-netdev",
         f"socket,id=lan0,mcast={mcast_endpoint(lan)},localaddr=127.0.0.1",
         "-device",
-        f"virtio-net-pci,netdev=lan0,mac={vm.config.extra['lan_mac']}",
+        f"virtio-net-pci,netdev=lan0,mac={vm.config.lan_mac}",
         "-drive",
         f"file={shared_disk(lan)},if=none,id=shared0,format=raw,file.locking=off",
         "-device",
@@ -158,7 +158,7 @@ def announce_script(ip: str) -> str:
 
 def configure(vm: VM) -> None:
     """Bring up the guest's LAN interface at its address."""
-    vm.exec(configure_script(vm.config.extra["lan_mac"], vm.config.extra["lan_ip"])).check("configuring the LAN")
+    vm.exec(configure_script(vm.config.lan_mac, vm.config.lan_ip)).check("configuring the LAN")
 
 
 def release(vm: VM, members: list[VM]) -> None:

@@ -105,7 +105,7 @@ class MemCgroup:
             if self.version == 1 and nbytes is None:
                 (self.path / "memory.oom_control").write_text("0")
         except OSError as e:
-            raise MemvirtError(f"setting the memory limit of {self.path.name} failed: {e.strerror}") from None
+            raise MemvirtError(f"setting the memory limit of {self.path.name} failed: {e.strerror}") from e
 
     def cap_hits(self) -> int:
         """How often the group has run into its cap (v1 ``memory.failcnt``, v2 ``high`` events):

@@ -40,15 +40,15 @@ def existing() -> set[str]:
 def reap(prefix: str, keep: set[str] | frozenset[str] = frozenset()) -> list[str]:
     """Stop the VMs of this state home that match ``prefix``, except those in ``keep``; their names."""
     from memvirt.errors import MemvirtError
-    from memvirt.qemu.vm import VM, vms_root
+    from memvirt.qemu.vm import registry
 
     stopped = []
-    for d in sorted(vms_root().iterdir()):
-        if not (d / "vm.json").exists() or not _ours(d.name, prefix) or d.name in keep:
+    for vm in registry():  # skips (and logs) a VM whose state is corrupt
+        if not _ours(vm.name, prefix) or vm.name in keep:
             continue
-        try:  # one corrupt or half-removed VM must not keep the others running
-            VM.load(d.name).stop(force=True)
-            stopped.append(d.name)
+        try:  # one half-removed VM must not keep the others running
+            vm.stop(force=True)
+            stopped.append(vm.name)
         except MemvirtError:
             continue
     return stopped

@@ -135,7 +135,7 @@ def _blocked_thread(pid: int) -> tuple[int, int]:
         try:
             return _find_blocked(pid)
         except OSError as e:
-            raise VMError(f"cannot inspect QEMU process {pid}: {e.strerror}") from None
+            raise VMError(f"cannot inspect QEMU process {pid}: {e.strerror}") from e
         except VMError:
             if attempt == FIND_TRIES - 1:
                 raise
@@ -239,7 +239,7 @@ class RemoteProcess:
         try:
             self._mem = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
-            raise VMError(f"cannot open /proc/{pid}/mem for writing: {e.strerror}") from None
+            raise VMError(f"cannot open /proc/{pid}/mem for writing: {e.strerror}") from e
 
     def __enter__(self) -> RemoteProcess:
         self._held = _SignalsHeld().__enter__()

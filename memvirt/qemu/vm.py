@@ -11,64 +11,38 @@ RAM file copy-on-write (RAM mode ``cow``), so it must not run, and is not stoppe
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from memvirt.errors import GuestError, MemvirtError, NotFound, UsageError, VMError
 from memvirt.image.build import Image
 from memvirt.memory import rammap
+from memvirt.memory.holes import remove_journal
 from memvirt.memory.source import GuestMemory, Region
 from memvirt.paths import PRIVATE_FILE, private_dir, private_file, ram_dir, state_home, touch_private
 from memvirt.procs import pid_alive
 from memvirt.qemu import lan
 from memvirt.qemu.accel import choose_accel, qemu_binary
 from memvirt.qemu.channel import GuestChannel, Result
+from memvirt.qemu.config import RAM_MODES, VMConfig, ram_mode
 from memvirt.qemu.memcg import MemCgroup
 from memvirt.qemu.monitor import Monitor
 from memvirt.qemu.serial import SERIAL_SOCK, spawn_serial_drain
 
+log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-RAM_MODES = ("shared", "anonymous")
 TEMPLATE = "template"
 TEMPLATE_STATE = "template.state"
 BOOT_TIMEOUT = 180.0
 DUMP_FORMATS = ("elf", "kdump-zlib", "raw")
-
-
-@dataclass
-class VMConfig:
-    """What a VM was started with; stored as ``vm.json``.
-
-    ``role`` is ``template`` while the VM is frozen to back clones; ``clone_of`` names the template
-    a clone came from; a lazy clone (``ram="cow"``) maps ``backing``, its template's RAM file,
-    copy-on-write and has no RAM file of its own. ``lan`` names the VM LAN it is on
-    (:mod:`memvirt.qemu.lan`; its address and MAC are ``extra["lan_ip"]``/``extra["lan_mac"]``).
-    """
-
-    name: str
-    memory: int
-    cpus: int = 1
-    ram: str = "shared"
-    image: str = ""
-    kernel_release: str = ""
-    accel: str = ""
-    append: str = ""
-    pid: int = 0
-    ram_path: str = ""
-    regions: list[dict[str, int]] = field(default_factory=list)
-    started: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
-    role: str = ""
-    clone_of: str = ""
-    backing: str = ""
-    lan: str = ""
 
 
 def vms_root() -> Path:
@@ -118,16 +92,15 @@ class VM:
         check_name(name)
         path = vms_root() / name / "vm.json"
         try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise NotFound(f"no VM named {name!r} (see 'memvirt vm list')") from None
-        except ValueError:
-            raise VMError(f"state of VM {name!r} is corrupt ({path}); 'memvirt vm stop {name}' cleans it up") from None
-        return cls(VMConfig(**data))
+            return cls(VMConfig.from_dict(json.loads(path.read_text())))
+        except FileNotFoundError as e:
+            raise NotFound(f"no VM named {name!r} (see 'memvirt vm list')") from e
+        except (ValueError, TypeError) as e:
+            raise VMError(f"state of VM {name!r} is corrupt ({path}); 'memvirt vm stop {name}' cleans it up") from e
 
     @classmethod
     def all(cls) -> list[VM]:
-        return [cls.load(p.name) for p in sorted(vms_root().iterdir()) if (p / "vm.json").exists()]
+        return list(registry())
 
     @property
     def is_template(self) -> bool:
@@ -135,15 +108,11 @@ class VM:
 
     def lazy_clones(self) -> list[VM]:
         """Live clones whose RAM maps this VM's RAM file copy-on-write."""
-        clones = []
-        for d in sorted(vms_root().iterdir()):
-            try:
-                v = VM.load(d.name) if d.name != self.name and (d / "vm.json").exists() else None
-            except MemvirtError:
-                continue
-            if v and v.config.clone_of == self.name and v.config.ram == "cow" and v.alive():
-                clones.append(v)
-        return clones
+        return [
+            v
+            for v in registry()
+            if v.name != self.name and v.config.clone_of == self.name and v.config.ram == "cow" and v.alive()
+        ]
 
     def _refuse_if_backing(self, action: str, force: bool) -> None:
         if force:
@@ -161,7 +130,7 @@ class VM:
         tmp = self.dir / f"vm.json.{os.getpid()}.tmp"
         tmp.unlink(missing_ok=True)
         with open(private_file(tmp, flags=os.O_WRONLY), "w") as f:
-            f.write(json.dumps(asdict(self.config), indent=2))
+            f.write(json.dumps(self.config.to_dict(), indent=2))
         tmp.rename(self.dir / "vm.json")
 
     def alive(self) -> bool:
@@ -219,11 +188,10 @@ class VM:
         QEMU's migration sending RAM again (freezing left ``x-ignore-shared`` on)."""
         if self.alive():
             with self.monitor() as mon:
-                mon.command(
-                    "migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": False}]
-                )
-        os.chmod(self.config.ram_path, self.config.extra.pop("ram_file_mode", PRIVATE_FILE) & 0o700)
-        self.config.extra.pop("frozen", None)
+                mon.set_capabilities(x_ignore_shared=False)
+        frozen = self.config.frozen
+        os.chmod(self.config.ram_path, (frozen.ram_file_mode if frozen else PRIVATE_FILE) & 0o700)
+        self.config.frozen = None
         (self.dir / TEMPLATE_STATE).unlink(missing_ok=True)
         self.config.role = ""
         self.save()
@@ -237,7 +205,7 @@ class VM:
         if self.config.ram == "shared":
             return RamFileMemory(self.config.ram_path, self.regions)
         if self.config.ram == "cow":
-            from memvirt.clone.memory import CloneMemory
+            from memvirt.memory.clonemem import CloneMemory
 
             return CloneMemory(self.config.pid, self.config.backing, self.config.memory, self.regions)
         return ProcMemory(self.config.pid, self.config.memory, self.regions)
@@ -289,6 +257,7 @@ class VM:
                     time.sleep(0.05)
         if self.config.ram_path:
             Path(self.config.ram_path).unlink(missing_ok=True)
+            remove_journal(self.config.ram_path)
         group = self.memcg()
         if group is not None:
             group.remove()
@@ -298,21 +267,27 @@ class VM:
 
     def memcg(self) -> MemCgroup | None:
         """The memory cgroup QEMU runs in, if the host gave it one (see :mod:`memvirt.qemu.memcg`)."""
-        path = self.config.extra.get("memcg")
+        path = self.config.memcg
         return MemCgroup.load(path) if path else None
+
+
+def registry() -> Iterator[VM]:
+    """Every VM of this state home, by name. One whose ``vm.json`` is corrupt is skipped with a
+    warning: it must not hide the others (``memvirt vm stop NAME`` removes it)."""
+    for d in sorted(vms_root().iterdir()):
+        if not (d / "vm.json").exists():
+            continue
+        try:
+            yield VM.load(d.name)
+        except NotFound:  # removed since the listing
+            continue
+        except MemvirtError as e:
+            log.warning("skipping VM %s: %s", d.name, e)
 
 
 def lan_members(name: str) -> list[VM]:
     """The VMs on LAN ``name``."""
-    found = []
-    for d in sorted(vms_root().iterdir()):
-        try:
-            v = VM.load(d.name) if (d / "vm.json").exists() else None
-        except MemvirtError:
-            continue
-        if v and v.config.lan == name:
-            found.append(v)
-    return found
+    return [v for v in registry() if v.config.lan == name]
 
 
 def qemu_argv(vm: VM, image: Image, incoming: str | None = None) -> list[str]:
@@ -381,25 +356,42 @@ def qemu_argv(vm: VM, image: Image, incoming: str | None = None) -> list[str]:
 
 
 def launch_qemu(
-    vm: VM, image: Image, incoming: str | None = None, pass_fds: tuple[int, ...] = ()
-) -> subprocess.CompletedProcess[str]:
-    """Run QEMU (it daemonizes) inside the VM's own memory cgroup, recorded in its config."""
+    vm: VM, image: Image, what: str = "VM", incoming: str | None = None, pass_fds: tuple[int, ...] = ()
+) -> None:
+    """Run QEMU (it daemonizes) inside the VM's own memory cgroup; its cgroup and pid go into the
+    config (not saved: the caller saves once the VM is complete).
+
+    The one way memvirt starts a QEMU (VMs, clones, migration targets). QEMU that fails to start
+    exits non-zero: a :class:`VMError` quoting its last stderr line (``what`` names the VM's
+    kind). The pid is read even then, so the caller's clean-up (:meth:`VM.discard`) can kill a
+    QEMU that wrote it.
+    """
     group = MemCgroup.create(vm.name, vm.dir)
     drain = spawn_serial_drain(vm.dir / SERIAL_SOCK, vm.serial_log)
     if group is not None:
-        vm.config.extra["memcg"] = str(group.path)
+        vm.config.memcg = str(group.path)
+    argv = qemu_argv(vm, image, incoming)
+    log.info("starting QEMU for %s %s (%s)", what, vm.name, f"cgroup {group.path}" if group else "no memory cgroup")
+    log.debug("QEMU command line: %s", shlex.join(argv))
     proc = subprocess.run(
-        qemu_argv(vm, image, incoming),
+        argv,
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
         pass_fds=pass_fds,
         preexec_fn=group.enter if group is not None else None,
     )
+    try:
+        vm.config.pid = int((vm.dir / "qemu.pid").read_text().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        pass
     if proc.returncode != 0:
         drain.kill()
         drain.wait()
-    return proc
+        msg = proc.stderr.strip().splitlines()
+        raise VMError(f"QEMU failed to start {what} {vm.name!r}: {msg[-1] if msg else f'exit {proc.returncode}'}")
+    if not vm.config.pid:
+        raise VMError(f"QEMU started {what} {vm.name!r} but left no pid in {vm.dir / 'qemu.pid'}")
 
 
 def start_vm(
@@ -415,8 +407,10 @@ def start_vm(
     """Boot a VM and (by default) wait until its command channel answers; with ``lan_name`` it
     joins that VM LAN and gets its address there."""
     check_name(name)
-    if ram not in RAM_MODES:
-        raise UsageError(f"--ram must be one of {', '.join(RAM_MODES)}, not {ram!r}")
+    try:
+        mode = ram_mode(ram)
+    except ValueError as e:
+        raise UsageError(f"--ram must be one of {', '.join(RAM_MODES)}, not {ram!r}") from e
     if memory < (64 << 20) or memory % (1 << 20):
         raise UsageError("--memory must be a whole number of MiB, at least 64M")
     if not 1 <= cpus <= 64:
@@ -436,7 +430,7 @@ def start_vm(
         name=name,
         memory=memory,
         cpus=cpus,
-        ram=ram,
+        ram=mode,
         image=str(image.path),
         kernel_release=image.release,
         accel=choose_accel(image.vmlinuz),
@@ -451,17 +445,16 @@ def start_vm(
         with lan.allocation_lock(lan_name):
             lan.allocate(vm, lan_members(lan_name))
             vm.save()
-    proc = launch_qemu(vm, image)
-    if proc.returncode != 0:
+    try:
+        launch_qemu(vm, image)
+    except VMError:
         shutil.rmtree(vdir, ignore_errors=True)
         if ram_path:
             Path(ram_path).unlink(missing_ok=True)
         group = vm.memcg()
         if group is not None:
             group.remove()
-        msg = proc.stderr.strip().splitlines()
-        raise VMError(f"QEMU failed to start VM {name!r}: {msg[-1] if msg else 'exit ' + str(proc.returncode)}")
-    config.pid = int((vdir / "qemu.pid").read_text().strip())
+        raise
     vm.save()
     if wait:
         try:

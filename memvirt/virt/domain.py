@@ -252,11 +252,8 @@ class LibvirtVM(VM):
             ram_path=_backend_fd(pid, size) if shared else "",
             regions=rammap.to_dict(rammap.pc_ram_map(size)),
         )
-        config.extra["libvirt_uri"] = self.uri
-        config.extra["machine"] = machine
         self.config = config
         self.dir = private_dir(private_dir(state_home() / "libvirt") / name)
-        (self.dir / "uri").write_text(self.uri)  # for reclaim's watchdog, which resumes through libvirt
         self._agent = next(
             (
                 _attr(ch, "source", "path")

@@ -58,6 +58,7 @@ def test_defaults_when_the_default_file_is_absent(monkeypatch: pytest.MonkeyPatc
     assert c.path == str(tmp_path / "memvirtd.toml")
     assert c.interval == 10 and c.trigger.mode == "always" and c.reclaim.enabled and c.reclaim.every == 60
     assert c.compress.policy == "measure" and not c.ksm.enabled and c.overrides == ()
+    assert c.guest_free_every == 30
 
 
 def test_a_named_file_that_is_missing_is_an_error(tmp_path: Path) -> None:
@@ -93,6 +94,7 @@ def test_overrides_first_match_wins_field_by_field(tmp_path: Path) -> None:
     [
         ("interval = 0.1", "interval must be between 1 and 3600"),
         ("interval = 'x'", "interval must be a number"),
+        ("guest_free_every = 0", "guest_free_every must be between 1 and 3600"),
         ("bogus = 1", "unknown key 'bogus' in the top level"),
         ("[trigger]\nmode = 'sometimes'", "trigger.mode must be one of always, pressure"),
         ("[trigger]\npsi_some_avg10 = 140", "trigger.psi_some_avg10 must be a percentage"),

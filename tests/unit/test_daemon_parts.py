@@ -327,3 +327,25 @@ def test_daemon_speaks_sd_notify_ready_watchdog_stopping(tmp_path: Path) -> None
         finally:
             if d.poll() is None:
                 d.kill()
+
+
+def test_pause_marks_name_their_process(tmp_path: Path) -> None:
+    """The watchdog acts only on marks of the process it guarded; marks of others and corrupt
+    files are left alone, and a mark whose QEMU is gone is used up without any QMP."""
+    from types import SimpleNamespace
+
+    from memvirt.dedup import watchdog
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    vm = SimpleNamespace(config=SimpleNamespace(pid=gone.pid), qmp_path=tmp_path / "none.sock", name="v")
+    watchdog.mark_paused(tmp_path / "dead.json", vm, pid=gone.pid)
+    watchdog.mark_paused(tmp_path / "other.json", vm, pid=os.getpid())
+    (tmp_path / "junk.json").write_text("{")
+    assert (tmp_path / "dead.json").stat().st_mode & 0o777 == 0o600
+    assert watchdog.read_mark(tmp_path / "other.json") == watchdog.PauseMark(
+        os.getpid(), gone.pid, str(vm.qmp_path), "v"
+    )
+    assert watchdog.read_mark(tmp_path / "junk.json") is None
+    assert watchdog.resume_marked(gone.pid, tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.json", "other.json"]

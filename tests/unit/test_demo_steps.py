@@ -37,3 +37,21 @@ def test_bad_input_ends_the_demo_and_an_interrupt_is_recorded() -> None:
     with pytest.raises(KeyboardInterrupt):
         steps.run("reclaim", "", lambda: _raise(KeyboardInterrupt()))
     assert steps.done[-1]["status"] == "failed" and steps.done[-1]["reason"] == "interrupted"
+
+
+@pytest.mark.parametrize("name", ["memvirt-demo", "demo.2"])
+def test_the_daemon_step_acts_on_the_demo_vm_only(name: str) -> None:
+    """The demo's memvirtd config is valid; it reclaims and measures the demo VM and changes
+    nothing of any other VM of the host (nor KSM's host-wide settings)."""
+    import tomllib
+
+    from memvirt.cli.daemon import demo_config
+    from memvirt.daemon.config import parse
+
+    cfg = parse(tomllib.loads(demo_config(name)), "demo")
+    mine = cfg.for_vm(name)
+    assert mine.reclaim.enabled and mine.reclaim.every == 5 and mine.compress.policy == "measure"
+    for other in ("prod-db", f"{name}-clone", "x"):
+        theirs = cfg.for_vm(other)
+        assert not theirs.reclaim.enabled and theirs.compress.policy == "off"
+    assert not cfg.ksm.enabled

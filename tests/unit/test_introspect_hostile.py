@@ -655,6 +655,39 @@ def test_build_id_poisoning(good: bytes, cache: Path) -> None:
     assert {p.name: p.read_bytes() for p in cache.iterdir()} == names
 
 
+def test_shelf_shares_a_build_within_a_process(good: bytes, cache: Path) -> None:
+    """An in-process shelf (memvirtd's): the second VM of a build bootstraps from the first's
+    census, without kallsyms or BTF, and counts the same; nothing goes to the folder."""
+    shelf = buildcache.Shelf(folder=False)
+    first = Introspector(ImageMemory(good), layouts="vmcoreinfo", hint_gpa=NOTE_PA, shelf=shelf)
+    reference = first.scan()
+    second = Introspector(ImageMemory(good), layouts="vmcoreinfo", hint_gpa=NOTE_PA, shelf=shelf)
+    assert second.cached and second.kernel.btf is None and len(shelf) == 1
+    assert np.array_equal(second.scan().classes, reference.classes)
+    assert not cache.exists()
+
+
+def test_shelf_poisoning(good: bytes, cache: Path) -> None:
+    """The hostile guest of :func:`test_build_id_poisoning` first on a shared shelf: the honest
+    VM does not take its facts, gets an entry of its own, and the hostile one's stays its own."""
+    shelf = buildcache.Shelf(folder=False)
+    hostile = census_synthetic(**{"OFFSET(zone.vm_stat)": "232"})
+    hostile.u64(PGDAT_PA + 232, 9)
+    hostile.u64(PGDAT_PA + 224, 0xBAD)
+    bad = bytes(hostile.mem)
+
+    def on_shelf(image: bytes) -> Introspector:
+        return Introspector(ImageMemory(image), layouts="vmcoreinfo", hint_gpa=NOTE_PA, shelf=shelf)
+
+    on_shelf(bad).scan()
+    victim = on_shelf(good)
+    assert not victim.cached and victim.scan().zones[0].nr_free_pages == 9
+    assert len(shelf) == 2
+    again = on_shelf(good)
+    assert again.cached and again.scan().zones[0].nr_free_pages == 9
+    assert on_shelf(bad).cached
+
+
 def test_build_id_same_vmcoreinfo_other_btf(good: bytes, cache: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Same VMCOREINFO, other BTF bytes: another content digest, so the entries live side by
     side and each guest only accepts the one derived from its own bytes."""

@@ -225,7 +225,7 @@ def fuzz_frames(folder: Path, seed: int, cases: int) -> dict[str, int]:
     Raises AssertionError at the first case that breaks the contract."""
     import numpy as np
 
-    from memvirt.migrate.fingerprint import ZERO_HASH, hash_pages
+    from memvirt.memory.pagehash import ZERO_HASH, hash_pages
     from memvirt.migrate.protocol import Kind, ProtocolError
     from memvirt.migrate.receiver import TargetRam
 

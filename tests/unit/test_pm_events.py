@@ -128,7 +128,7 @@ class FakeVM:
         self.serial_log = self.dir / "serial.log"
         self.serial_log.write_bytes(b"")
         (self.dir / "store.raw").write_bytes(bytes(8192))
-        self.config = SimpleNamespace(memory=512 << 20, lan="lan1", extra={})
+        self.config = SimpleNamespace(memory=512 << 20, lan="lan1", lan_ip="", lan_mac="")
         self.receiver_rc = receiver_rc
         self.paused = False
         self.execs: list[str] = []

@@ -18,10 +18,10 @@ from functools import cache
 import numpy as np
 import xxhash
 
+from memvirt.memory.source import PAGE_SIZE
 from memvirt.native import build
 
-PAGE = 4096
-ZERO_HASH = xxhash.xxh3_64_intdigest(bytes(PAGE))
+ZERO_HASH = xxhash.xxh3_64_intdigest(bytes(PAGE_SIZE))
 """The fingerprint of an all-zero page: what a hole in the target's RAM file holds."""
 SKIPPED = 0
 """The fingerprint reported for a page that was not read (free page, file hole)."""
@@ -45,7 +45,7 @@ _SPLIT = 8192
 
 @cache
 def _lib() -> ctypes.CDLL | None:
-    dll = build("memvirt.migrate", "pagehash.c", "-O3")
+    dll = build("memvirt.memory", "pagehash.c", "-O3")
     if dll is None:
         return None
     dll.hash_pages.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_void_p]
@@ -91,7 +91,7 @@ def _numpy_hash(pages: np.ndarray) -> np.ndarray:
         for s in range(15):
             _stripe(acc, pages[:, 384 + s * 8 : 392 + s * 8], _KEY[s : s + 8])
         _stripe(acc, pages[:, 504:512], _LAST_KEY)
-        h = np.full(n, (PAGE * _P64[0]) % (1 << 64), dtype=np.uint64)
+        h = np.full(n, (PAGE_SIZE * _P64[0]) % (1 << 64), dtype=np.uint64)
         for i in range(4):
             h += _fold(acc[2 * i] ^ _MERGE_KEY[2 * i], acc[2 * i + 1] ^ _MERGE_KEY[2 * i + 1])
         h ^= h >> np.uint64(37)
@@ -106,7 +106,7 @@ def _hash_into(buf: np.ndarray, skip: np.ndarray | None, out: np.ndarray) -> Non
     if lib is not None:
         lib.hash_pages(buf.ctypes.data, n, None if skip is None else skip.ctypes.data, out.ctypes.data)
         return
-    words = buf[: n * PAGE].view("<u8").reshape(n, PAGE // 8)
+    words = buf[: n * PAGE_SIZE].view("<u8").reshape(n, PAGE_SIZE // 8)
     for a in range(0, n, 4096):
         b = min(n, a + 4096)
         out[a:b] = _numpy_hash(words[a:b])
@@ -117,7 +117,7 @@ def _hash_into(buf: np.ndarray, skip: np.ndarray | None, out: np.ndarray) -> Non
 def hash_pages(buf: np.ndarray, skip: np.ndarray | None = None) -> np.ndarray:
     """XXH3-64 of every page of ``buf`` (uint8, a whole number of pages); ``skip`` (bool per page)
     marks pages not to read, which get :data:`SKIPPED`."""
-    n = len(buf) // PAGE
+    n = len(buf) // PAGE_SIZE
     out = np.empty(n, dtype=np.uint64)
     sk = None if skip is None else np.ascontiguousarray(skip, dtype=np.uint8)
     if n < 2 * _SPLIT:
@@ -128,7 +128,7 @@ def hash_pages(buf: np.ndarray, skip: np.ndarray | None = None) -> np.ndarray:
         list(
             pool.map(
                 lambda i: _hash_into(
-                    buf[bounds[i] * PAGE :],
+                    buf[bounds[i] * PAGE_SIZE :],
                     None if sk is None else sk[bounds[i] : bounds[i + 1]],
                     out[bounds[i] : bounds[i + 1]],
                 ),
