@@ -34,6 +34,7 @@ from memvirt.memory.raw import RawMemory
 from memvirt.memory.source import MAX_GPA, PAGE_SIZE, GuestMemory, Region
 from memvirt.qemu.monitor import Monitor
 from memvirt.qemu.vm import VM, vm_memory
+from memvirt.virt import _load as _libvirt_load  # registers libvirt:NAME with VM.load
 
 FORMATS = ("auto", "ramfile", "raw", "elf", "kdump")
 FLAGS = "--machine pc|q35 picks the machine family, --ram-size the RAM size, --qmp SOCKET asks a running QEMU"
@@ -236,6 +237,8 @@ def open_memory(
         return _open_ram(path, kinds, ram_size, machine, qmp)
     if "/" in spec or spec.endswith((".elf", ".kdump", ".raw", ".ram", ".img", ".dump")):
         raise NotFound(f"{spec} does not exist")
+    if spec.startswith("libvirt:"):  # its errors name libvirt's own cause
+        return vm_memory(_libvirt_load(spec))
     try:
         return vm_memory(VM.load(spec))
     except NotFound as e:

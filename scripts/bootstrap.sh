@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything memvirt and its tests need on a Debian 12 host, idempotently:
-# Debian packages (QEMU, busybox, a C toolchain for the guest programs, makedumpfile),
+# Debian packages (QEMU, busybox, a C toolchain for the guest programs, makedumpfile, libvirt),
 # then a virtualenv in .venv with memvirt and its pinned Python dependencies.
 # Guest kernels are downloaded on first use into ~/.cache/memvirt (never into the repo).
 set -euo pipefail
@@ -8,7 +8,13 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static gcc libc6-dev make cpio kmod makedumpfile
               xz-utils zstd python3-venv python3-pip ca-certificates
-              liblz4-dev libzstd-dev libxxhash-dev libssl-dev)
+              liblz4-dev libzstd-dev libxxhash-dev libssl-dev
+              # libvirt 9.0 for libvirt:NAME domains (docs/libvirt.md). The -sysv flavour of
+              # libvirt-daemon-system brings sysv init scripts instead of pulling in systemd-sysv
+              # (these hosts do not run systemd as PID 1); libvirt-dev, pkg-config and python3-dev
+              # let pip build the libvirt-python binding.
+              libvirt-daemon-system libvirt-daemon-system-sysv libvirt-clients libvirt-daemon-driver-qemu
+              libvirt-dev pkg-config python3-dev)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

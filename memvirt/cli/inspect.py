@@ -22,7 +22,9 @@ from memvirt.units import parse_size
 
 
 def _owning_vm(source: str) -> VM | None:
-    """The memvirt VM a source names: by name, by QEMU pid, or by RAM file."""
+    """The memvirt VM a source names: by name, ``libvirt:NAME``, by QEMU pid, or by RAM file."""
+    if source.startswith("libvirt:"):
+        return VM.load(source)
     vms = {v.name: v for v in VM.all()}
     if source in vms:
         return vms[source]

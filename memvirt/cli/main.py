@@ -20,6 +20,7 @@ from memvirt.cli.inspect import inspect
 from memvirt.cli.output import err
 from memvirt.errors import MemvirtError
 from memvirt.procs import Terminated, terminate_like_interrupt, terminated
+from memvirt.virt import set_uri  # also registers libvirt:NAME with VM.load
 
 app = typer.Typer(
     help="memvirt: manage the memory of Linux QEMU/KVM guests from the host.\n\n"
@@ -64,7 +65,13 @@ def _root(
     verbose: Annotated[
         int, typer.Option("--verbose", "-v", count=True, help="Say more on stderr: -v what is done, -vv details.")
     ] = 0,
+    connect: Annotated[
+        str | None,
+        typer.Option("--connect", "-c", help="libvirt URI for libvirt:NAME (default qemu:///system).", metavar="URI"),
+    ] = None,
 ) -> None:
+    if connect:
+        set_uri(connect)
     if ctx.invoked_subcommand != "daemon":  # memvirtd logs through the root logger, its own way
         _log_to_stderr(verbose)
 

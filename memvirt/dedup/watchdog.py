@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from memvirt.procs import pid_alive, spawn_watchdog
 
@@ -41,6 +42,8 @@ class PauseMark:
     qemu_pid: int
     qmp: str
     name: str = ""
+    libvirt: str = ""
+    """The connection URI of a libvirt domain (``libvirt:NAME``), resumed through libvirt."""
 
 
 def spawn(path: Path) -> subprocess.Popen[bytes]:
@@ -51,6 +54,8 @@ def spawn(path: Path) -> subprocess.Popen[bytes]:
 def mark_paused(path: Path, vm, pid: int | None = None) -> None:
     """Before ``stop``: this process (or ``pid``) is about to pause ``vm``."""
     rec = {"pid": pid or os.getpid(), "qemu_pid": vm.config.pid, "qmp": str(vm.qmp_path), "name": vm.name}
+    if getattr(vm, "uri", None):
+        rec["libvirt"] = vm.uri
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -67,7 +72,13 @@ def read_mark(path: Path) -> PauseMark | None:
     """The mark at ``path``, or None when absent or not a mark (a corrupt one is never acted on)."""
     try:
         rec = json.loads(path.read_text()[:MAX_MARK])
-        return PauseMark(int(rec["pid"]), int(rec["qemu_pid"]), str(rec["qmp"]), str(rec.get("name", "")))
+        return PauseMark(
+            int(rec["pid"]),
+            int(rec["qemu_pid"]),
+            str(rec["qmp"]),
+            str(rec.get("name", "")),
+            str(rec.get("libvirt", "")),
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -83,7 +94,6 @@ def resume_marked(dead: int, path: Path) -> list[str]:
     """Resume each guest marked paused by ``dead`` (a process that is gone) that QEMU reports
     paused; the marks of ``dead`` are used up. Returns the names resumed."""
     from memvirt.errors import MemvirtError
-    from memvirt.qemu.monitor import Monitor
 
     resumed = []
     for f in marks(path):
@@ -98,7 +108,7 @@ def resume_marked(dead: int, path: Path) -> list[str]:
                     close_stray_pidfds(m.qemu_pid)
                 except MemvirtError:
                     pass
-                with Monitor(Path(m.qmp), m.name or f"pid {m.qemu_pid}", timeout=5) as mon:
+                with _monitor(m) as mon:
                     if mon.status() == "paused":
                         mon.command("cont")
                         resumed.append(m.name or str(m.qemu_pid))
@@ -106,6 +116,17 @@ def resume_marked(dead: int, path: Path) -> list[str]:
             pass
         f.unlink(missing_ok=True)
     return resumed
+
+
+def _monitor(m: PauseMark) -> Any:
+    """QEMU's monitor, or libvirt's for a libvirt domain (memvirt/virt/: cont is libvirt's resume)."""
+    from memvirt.qemu.monitor import Monitor
+
+    if m.libvirt:
+        from memvirt.virt.domain import LibvirtVM
+
+        return LibvirtVM(m.name, m.libvirt).monitor()
+    return Monitor(Path(m.qmp), m.name or f"pid {m.qemu_pid}", timeout=5)
 
 
 def main(pid: int, path: Path) -> None:

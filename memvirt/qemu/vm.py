@@ -19,7 +19,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from memvirt.errors import GuestError, MemvirtError, NotFound, UsageError, VMError
@@ -59,6 +59,11 @@ def check_name(name: str) -> str:
     return name
 
 
+LOADERS: dict[str, Callable[[str], VM]] = {}
+"""``PREFIX`` of ``PREFIX:NAME`` -> loader of a VM another tool keeps; ``libvirt`` is filled in by
+:mod:`memvirt.virt` when it is imported (qemu/ names no package above it)."""
+
+
 class VM:
     """A memvirt-managed QEMU guest, addressed by name."""
 
@@ -88,6 +93,9 @@ class VM:
 
     @classmethod
     def load(cls, name: str) -> VM:
+        prefix, sep, _ = name.partition(":")
+        if sep and prefix in LOADERS:  # a VM another tool keeps (libvirt:NAME): it keeps its state
+            return LOADERS[prefix](name)
         check_name(name)
         path = vms_root() / name / "vm.json"
         try:
@@ -194,6 +202,19 @@ class VM:
         (self.dir / TEMPLATE_STATE).unlink(missing_ok=True)
         self.config.role = ""
         self.save()
+
+    def memory(self) -> GuestMemory:
+        """The guest's physical memory: its RAM file, its clone overlay, or its QEMU process's
+        memory. A memvirt VM's RAM map is recorded when it starts, so there is nothing to find:
+        the readers are memory/'s, one floor down (a VM another tool keeps reads its own way)."""
+
+        self.require_alive()
+        c = self.config
+        if c.ram == "shared":
+            return RamFileMemory(c.ram_path, self.regions)
+        if c.ram == "cow":
+            return CloneMemory(c.pid, c.backing, c.memory, self.regions)
+        return ProcMemory(c.pid, c.memory, self.regions)
 
     def ram_mapping(self) -> tuple[int, int]:
         """``(host address, size)`` of the guest RAM inside the QEMU process, whatever backs it."""
@@ -463,16 +484,5 @@ def _tail(path: Path, lines: int = 3) -> str:
 
 
 def vm_memory(vm: VM) -> GuestMemory:
-    """A memvirt VM's physical memory: its RAM file, its clone overlay, or its QEMU process's memory.
-
-    A memvirt VM's RAM map is recorded when it starts, so there is nothing to find: the readers
-    are memory/'s (one floor down); finding the map of a guest memvirt did not start is
-    :func:`memvirt.targets.open_memory`'s job.
-    """
-    vm.require_alive()
-    c = vm.config
-    if c.ram == "shared":
-        return RamFileMemory(c.ram_path, vm.regions)
-    if c.ram == "cow":
-        return CloneMemory(c.pid, c.backing, c.memory, vm.regions)
-    return ProcMemory(c.pid, c.memory, vm.regions)
+    """``vm.memory()``: kept as a function for the callers that pass VMs around."""
+    return vm.memory()
