@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from memvirt.cli.output import emit_json, err, human, out, table
+from memvirt.cli.output import JsonOpt, emit_json, err, human, out, table
 from memvirt.clone import clone as clone_vm
 
 
@@ -17,7 +17,7 @@ def clone(
     prefix: Annotated[str | None, typer.Option(help="Clones are PREFIX-1..PREFIX-N (default NAME-clone).")] = None,
     eager: Annotated[bool, typer.Option(help="Copy the template's RAM for each clone first (the baseline).")] = False,
     wait: Annotated[bool, typer.Option(help="Wait until each clone's guest answers and set its hostname.")] = True,
-    json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    json_: JsonOpt = False,
 ) -> None:
     """Clone a running VM; lazy clones share its RAM copy-on-write and start in about QEMU's own start time.
 

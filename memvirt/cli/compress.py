@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from memvirt.cli.output import emit_json, err, human, out, spinner, table
+from memvirt.cli.output import JsonOpt, emit_json, err, human, out, spinner, table
 from memvirt.errors import UsageError
 from memvirt.qemu.vm import VM
 from memvirt.units import parse_size
@@ -107,7 +107,7 @@ def wss(
     duration: Annotated[float | None, typer.Option(help="Stop after SECONDS (default: until Ctrl-C).")] = None,
     method: Annotated[str, typer.Option(help="auto (DAMON if present), damon, or referenced (clear_refs).")] = "auto",
     samples: Annotated[int, typer.Option(help="Guest pages DAMON watches per VM.")] = 4096,
-    json_: Annotated[bool, typer.Option("--json", help="Print JSON at the end.")] = False,
+    json_: JsonOpt = False,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG of the estimate over time.")] = None,
 ) -> None:
     """Estimate each VM's working set from the host over time (no guest agent, nothing changed).
@@ -145,7 +145,7 @@ def compress(
     method: Annotated[str, typer.Option(help="Working-set tracker: auto, damon or referenced.")] = "auto",
     algorithm: Annotated[str, typer.Option(help="zram compressor if the tier is not up yet.")] = "lz4",
     samples: Annotated[int, typer.Option(help="Guest pages DAMON watches per VM.")] = 4096,
-    json_: Annotated[bool, typer.Option("--json", help="Print JSON at the end.")] = False,
+    json_: JsonOpt = False,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG of working set, resident and limit.")] = None,
     keep_tier: Annotated[
         bool,
@@ -228,7 +228,7 @@ def tier_up(
     size: Annotated[str | None, typer.Option(help="zram capacity, uncompressed (default: half of host RAM).")] = None,
     mem_limit: Annotated[str | None, typer.Option(help="Host RAM zram may use (default: a quarter).")] = None,
     disk_swap: Annotated[str | None, typer.Option(help="Add a disk swap file of SIZE below zram.")] = None,
-    json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    json_: JsonOpt = False,
 ) -> None:
     """Set up the compressed tier (zram swap, priority 100) and optionally a disk tier below it."""
     from memvirt.compress import tiers
@@ -259,7 +259,7 @@ def tier_down() -> None:
 
 
 @tier_app.command("status")
-def tier_status(json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+def tier_status(json_: JsonOpt = False) -> None:
     """Show the tiers and how well the compressed one does."""
     from memvirt.compress import tiers
 

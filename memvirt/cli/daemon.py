@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from memvirt.cli.output import emit_json, human, out
+from memvirt.cli.output import JsonOpt, emit_json, human, out
 from memvirt.errors import UsageError
 
 DEFAULT_METRICS = "127.0.0.1:9735"
@@ -63,7 +63,7 @@ def attach(
     pid: Annotated[int | None, typer.Option(help="Its process id (default: the QEMU listening on --qmp).")] = None,
     name: Annotated[str | None, typer.Option(help="Name to manage it by (default: QEMU's -name, or qemu-PID).")] = None,
     forget: Annotated[str | None, typer.Option(help="Unregister the attached VM of this name instead.")] = None,
-    json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    json_: JsonOpt = False,
 ) -> None:
     """Register a QEMU that memvirt did not start, so memvirtd manages it too.
 
@@ -89,7 +89,7 @@ def attach(
 
 def status(
     socket: Annotated[Path | None, typer.Option(help="The daemon's control socket.")] = None,
-    json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    json_: JsonOpt = False,
 ) -> None:
     """What memvirtd manages and what each policy is doing now."""
     from memvirt.daemon import control

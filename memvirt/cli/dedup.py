@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from memvirt.cli.output import byte_progress, emit_json, human, out, spinner, table
+from memvirt.cli.output import JsonOpt, byte_progress, emit_json, human, out, spinner, table
 from memvirt.errors import MemvirtError, UsageError
 from memvirt.qemu.vm import VM
 
@@ -29,7 +29,7 @@ def reclaim(
     name: Annotated[str, typer.Argument(help="A running memvirt VM.")],
     watch: Annotated[float | None, typer.Option(help="Repeat every SECONDS until interrupted.")] = None,
     goal: Annotated[float, typer.Option(help="Longest pause allowed, in ms per GiB of guest RAM.")] = 20.0,
-    json_: Annotated[bool, typer.Option("--json", help="Print JSON (one object per pass with --watch).")] = False,
+    json_: JsonOpt = False,
 ) -> None:
     """Return to the host the memory behind pages the guest holds free (no guest driver).
 
@@ -98,7 +98,7 @@ def _held(vm: VM | None, pause: bool) -> Iterator[bool]:
 @app.command("analyze")
 def analyze(
     sources: Annotated[list[str], typer.Argument(help="VM names, pid:N, RAM files or dumps.")],
-    json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    json_: JsonOpt = False,
     pause: Annotated[
         bool, typer.Option("--pause/--no-pause", help="Hold each running guest still while reading it.")
     ] = False,
@@ -168,7 +168,7 @@ def dedup_run(
     directed: Annotated[
         bool, typer.Option("--directed/--blind", help="Only duplicate candidates mergeable (--blind: all RAM).")
     ] = True,
-    json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    json_: JsonOpt = False,
 ) -> None:
     """Reclaim free pages and direct KSM at the pages that have a twin in some guest.
 
@@ -235,7 +235,7 @@ def _host_bytes(sources: list[str]) -> int | None:
 
 
 @ksm_app.command("status")
-def ksm_status(json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+def ksm_status(json_: JsonOpt = False) -> None:
     """KSM's settings and counters, and what each memvirt VM holds and shares."""
     from memvirt.dedup import ksm
     from memvirt.dedup.discard import host_usage
@@ -305,7 +305,7 @@ def ksm_run(
     keep: Annotated[
         bool, typer.Option("--keep/--restore", help="Leave KSM running with these settings at the end.")
     ] = False,
-    json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    json_: JsonOpt = False,
 ) -> None:
     """Run KSM over the guests with introspection's help and report its saving over time.
 

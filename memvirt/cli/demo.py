@@ -31,7 +31,7 @@ from memvirt.cli.compress import demo_compress, print_demo_compress
 from memvirt.cli.daemon import demo_daemon, print_demo_daemon
 from memvirt.cli.dedup import demo_reclaim, print_demo_reclaim
 from memvirt.cli.migrate import demo_migration, print_demo_migration
-from memvirt.cli.output import emit_json, err, human, out, spinner, table
+from memvirt.cli.output import JsonOpt, emit_json, err, human, out, spinner, table
 from memvirt.cli.pm import demo_pm, print_demo_pm
 from memvirt.errors import MemvirtError, UsageError
 from memvirt.image.build import find_image
@@ -120,7 +120,7 @@ def demo(
     pm: Annotated[
         bool, typer.Option("--pm/--no-pm", help="Also show physical-machine migration (two more boots).")
     ] = True,
-    json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    json_: JsonOpt = False,
 ) -> None:
     """Boot the default guest; inspect, reclaim, compress, manage (memvirtd), clone and live-migrate it; stop it.
 

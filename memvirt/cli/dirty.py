@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
-from memvirt.cli.output import emit_json, err, human, out, table
+from memvirt.cli.output import JsonOpt, emit_json, err, human, out, table
 from memvirt.errors import UsageError
 from memvirt.memory.source import PAGE_SHIFT, PAGE_SIZE
 
@@ -86,7 +86,7 @@ def dirty(
     method: Annotated[
         str, typer.Option(help="auto (userfaultfd write-protect, else fingerprints), uffd-wp, or fingerprint.")
     ] = "auto",
-    json_: Annotated[bool, typer.Option("--json", help="Print JSON at the end (with the written set).")] = False,
+    json_: JsonOpt = False,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG of the dirty rate and written set over time.")] = None,
 ) -> None:
     """Measure the pages a running guest writes: rate per interval and the set written.

@@ -6,13 +6,11 @@ from typing import Annotated
 
 import typer
 
-from memvirt.cli.output import emit_json, out, spinner, table
+from memvirt.cli.output import JsonOpt, emit_json, out, spinner, table
 from memvirt.image.build import build_image, list_images
 from memvirt.image.kernel import resolve_kernel
 
 app = typer.Typer(help="Build and list guest images (kernel + busybox initramfs).", no_args_is_help=True)
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
 @app.command("build")

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from memvirt.cli.output import emit_json, human, out, spinner, table
+from memvirt.cli.output import JsonOpt, emit_json, human, out, spinner, table
 from memvirt.errors import UsageError
 from memvirt.introspect import CHOICES, CLASSES, Introspector
 from memvirt.introspect.census import Census
@@ -74,7 +74,7 @@ def _paused(source: str, pause: bool) -> Iterator[dict[str, float | bool]]:
 
 def inspect(
     source: Annotated[str, typer.Argument(help="A VM name, pid:N, a RAM file, or a dump (ELF, kdump, raw).")],
-    json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    json_: JsonOpt = False,
     map_: Annotated[Path | None, typer.Option("--map", help="Draw the guest-physical address space to a PNG.")] = None,
     pause: Annotated[bool, typer.Option("--pause/--no-pause", help="Pause a running guest while reading it.")] = True,
     layouts: Annotated[str, typer.Option(help=f"Layout source: {', '.join(CHOICES)}.")] = "auto",

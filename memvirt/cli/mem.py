@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
-from memvirt.cli.output import emit_json, human, out, table
+from memvirt.cli.output import JsonOpt, emit_json, human, out, table
 from memvirt.errors import UsageError
 from memvirt.memory.source import PAGE_SIZE, GuestMemory
 from memvirt.targets import FORMATS, open_memory
@@ -61,7 +61,7 @@ def info(
     ram_size: RamSizeOpt = None,
     machine: MachineOpt = None,
     qmp: QmpOpt = None,
-    json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    json_: JsonOpt = False,
 ) -> None:
     """Show a source's RAM map and size."""
     with _open(source, format, ram_size, machine, qmp) as mem:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from memvirt.cli.output import emit_json, err, human, out, table
+from memvirt.cli.output import JsonOpt, emit_json, err, human, out, table
 from memvirt.errors import MemvirtError
 from memvirt.memory.source import PAGE_SIZE
 from memvirt.migrate.codec import CHOICES
@@ -42,7 +42,6 @@ InsecureOpt = Annotated[
         help=("No shared secret: peers are not authenticated nor the stream hidden. Loopback addresses only."),
     ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
 class DirtyChoice(StrEnum):

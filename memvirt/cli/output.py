@@ -6,14 +6,25 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Annotated, Any
 
+import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+JsonOpt = Annotated[
+    bool,
+    typer.Option(
+        "--json", help="Print JSON on stdout (a long-running command when it ends; with --watch, one object per pass)."
+    ),
+]
+"""The ``--json`` option of every command: machine-readable output on stdout, progress and
+notices on stderr."""
 
 
 def emit_json(data: Any) -> None:

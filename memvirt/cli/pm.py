@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from memvirt.cli.output import emit_json, err, human, out, table
+from memvirt.cli.output import JsonOpt, emit_json, err, human, out, table
 from memvirt.errors import MemvirtError
 from memvirt.pm.events import Event
 from memvirt.pm.link import measure_link
@@ -17,7 +17,6 @@ from memvirt.pm.migrate import CODECS, SCHEMES
 app = typer.Typer(
     help="Move a running machine through its kernel's hibernation image (no hypervisor help).", no_args_is_help=True
 )
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
 def _describe(e: Event) -> str | None:

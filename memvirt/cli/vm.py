@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from memvirt.cli.output import byte_progress, emit_json, human, out, spinner, table
+from memvirt.cli.output import JsonOpt, byte_progress, emit_json, human, out, spinner, table
 from memvirt.errors import UsageError
 from memvirt.image.build import find_image
 from memvirt.qemu.config import Workload
@@ -19,7 +19,6 @@ from memvirt.units import parse_size
 
 app = typer.Typer(help="Start, list, drive and stop memvirt guests.", no_args_is_help=True)
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 NameArg = Annotated[str, typer.Argument(help="VM name.")]
 
 
