@@ -10,7 +10,11 @@ command line, ``--qmp`` its memory-region tree), else from the guest kernel insi
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from memvirt.errors import BadImage, NotFound, UsageError
@@ -243,3 +247,56 @@ def open_memory(
         return vm_memory(VM.load(spec))
     except NotFound as e:
         raise NotFound(f"{spec!r} is neither a file nor a VM name") from e
+
+
+def owning_vm(source: str) -> VM | None:
+    """The memvirt VM a source names: by name, ``libvirt:NAME``, by QEMU pid, or by RAM file."""
+    if source.startswith("libvirt:"):
+        return VM.load(source)
+    vms = {v.name: v for v in VM.all()}
+    if source in vms:
+        return vms[source]
+    if source.startswith("pid:"):
+        return next((v for v in vms.values() if str(v.config.pid) == source[4:]), None)
+    if Path(source).exists():
+        real = os.path.realpath(source)
+        return next(
+            (v for v in vms.values() if v.config.ram_path and os.path.realpath(v.config.ram_path) == real), None
+        )
+    return None
+
+
+@contextmanager
+def held_still(source: str, pause: bool) -> Iterator[dict[str, float | bool]]:
+    """Hold the guest ``source`` names still while it is read: its VM's own pause (QMP, or
+    libvirt's suspend for a domain), SIGSTOP/SIGCONT for another QEMU process; a dump or file
+    needs nothing. Yields ``{"live": whether the read is of a running guest}``, plus
+    ``pause_seconds`` once resumed.
+
+    The bootstrap runs before the pause: what it reads (VMCOREINFO, kallsyms, BTF, the kernel's
+    page tables for its image and vmemmap) does not change while a guest runs."""
+    info: dict[str, float | bool] = {"live": False}
+    vm = owning_vm(source)
+    pid = int(source[4:]) if source.startswith("pid:") and source[4:].isdigit() else None
+    if not pause and (vm is not None or pid is not None):
+        info["live"] = True
+        yield info
+        return
+    if vm is not None and vm.status() == "running":
+        t = time.perf_counter()
+        vm.pause()
+        try:
+            yield info
+        finally:
+            vm.resume()
+            info["pause_seconds"] = time.perf_counter() - t
+    elif vm is None and pid is not None:
+        t = time.perf_counter()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            yield info
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            info["pause_seconds"] = time.perf_counter() - t
+    else:
+        yield info

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from typing import Annotated, Any
 
 import typer
@@ -80,21 +79,6 @@ def _print_reclaim(r: dict) -> None:
     )
 
 
-@contextmanager
-def _held(vm: VM | None, pause: bool) -> Iterator[bool]:
-    """Pause a running VM while it is read if asked; yields whether the read is live."""
-    if vm is None:
-        yield False
-    elif pause and vm.status() == "running":
-        vm.pause()
-        try:
-            yield False
-        finally:
-            vm.resume()
-    else:
-        yield True
-
-
 @app.command("analyze")
 def analyze(
     sources: Annotated[list[str], typer.Argument(help="VM names, pid:N, RAM files or dumps.")],
@@ -109,9 +93,8 @@ def analyze(
 ) -> None:
     """Duplicate pages within and across sources, zero pages, and how much more the knowledge of
     free pages saves. Running guests are read live unless --pause (figures then approximate)."""
-    from memvirt.cli.inspect import _owning_vm
     from memvirt.dedup.analyze import analyze as run_analysis
-    from memvirt.targets import open_memory
+    from memvirt.targets import held_still, open_memory
 
     if len(set(sources)) != len(sources):
         raise UsageError("a source is named twice")
@@ -119,7 +102,7 @@ def analyze(
         named = []
         for s in sources:
             mem = stack.enter_context(open_memory(s))
-            live = stack.enter_context(_held(_owning_vm(s), pause))
+            live = bool(stack.enter_context(held_still(s, pause))["live"])
             named.append((s, mem, live))
         with byte_progress("fingerprinting pages") as update:
             result = run_analysis(named, update, introspect=introspect, skip_free=skip_free)
@@ -225,10 +208,10 @@ def dedup_run(
 
 def _host_bytes(sources: list[str]) -> int | None:
     """Host memory the sources hold now, when every source is a running memvirt VM (else None)."""
-    from memvirt.cli.inspect import _owning_vm
     from memvirt.dedup.discard import host_usage
+    from memvirt.targets import owning_vm
 
-    vms = [_owning_vm(s) for s in sources]
+    vms = [owning_vm(s) for s in sources]
     if any(vm is None or not vm.alive() for vm in vms):
         return None
     return sum(host_usage(vm) for vm in vms if vm is not None)

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -16,60 +12,8 @@ from memvirt.cli.output import JsonOpt, emit_json, human, out, spinner, table
 from memvirt.errors import UsageError
 from memvirt.introspect import CHOICES, CLASSES, Introspector
 from memvirt.introspect.census import Census
-from memvirt.qemu.vm import VM
-from memvirt.targets import FORMATS, open_memory
+from memvirt.targets import FORMATS, held_still, open_memory
 from memvirt.units import parse_size
-
-
-def _owning_vm(source: str) -> VM | None:
-    """The memvirt VM a source names: by name, ``libvirt:NAME``, by QEMU pid, or by RAM file."""
-    if source.startswith("libvirt:"):
-        return VM.load(source)
-    vms = {v.name: v for v in VM.all()}
-    if source in vms:
-        return vms[source]
-    if source.startswith("pid:"):
-        return next((v for v in vms.values() if str(v.config.pid) == source[4:]), None)
-    if Path(source).exists():
-        real = os.path.realpath(source)
-        return next(
-            (v for v in vms.values() if v.config.ram_path and os.path.realpath(v.config.ram_path) == real), None
-        )
-    return None
-
-
-@contextmanager
-def _paused(source: str, pause: bool) -> Iterator[dict[str, float | bool]]:
-    """Hold the guest still while reading it: QMP stop/cont for memvirt VMs, SIGSTOP/SIGCONT for
-    another QEMU process; a dump or file needs nothing. Yields whether the scan is live.
-
-    The bootstrap runs before the pause: what it reads (VMCOREINFO, kallsyms, BTF, the kernel's
-    page tables for its image and vmemmap) does not change while a guest runs."""
-    info: dict[str, float | bool] = {"live": False}
-    vm = _owning_vm(source)
-    pid = int(source[4:]) if source.startswith("pid:") and source[4:].isdigit() else None
-    if not pause and (vm is not None or pid is not None):
-        info["live"] = True
-        yield info
-        return
-    if vm is not None and vm.status() == "running":
-        t = time.perf_counter()
-        vm.pause()
-        try:
-            yield info
-        finally:
-            vm.resume()
-            info["pause_seconds"] = time.perf_counter() - t
-    elif vm is None and pid is not None:
-        t = time.perf_counter()
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            yield info
-        finally:
-            os.kill(pid, signal.SIGCONT)
-            info["pause_seconds"] = time.perf_counter() - t
-    else:
-        yield info
 
 
 def inspect(
@@ -102,7 +46,7 @@ def inspect(
         t = time.perf_counter()
         with spinner(f"bootstrapping from {mem.describe()}"):
             intro = Introspector(mem, layouts=layouts)
-        with spinner("scanning"), _paused(source, pause) as state:
+        with spinner("scanning"), held_still(source, pause) as state:
             census = intro.scan(live=bool(state["live"]), content=content)
         census.timings["total"] = time.perf_counter() - t
         if "pause_seconds" in state:
