@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from memvirt.errors import BadImage
-from memvirt.memory.fileio import open_image, read_image_into
-from memvirt.memory.source import MAX_GPA, MAX_REGIONS, GuestMemory, Region, check_regions
+from memvirt.memory.fileio import FdMemory, open_image
+from memvirt.memory.source import MAX_GPA, MAX_REGIONS, Region, check_regions
 
 _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 _SHDR = struct.Struct("<IIQQQQIIQQ")
@@ -106,7 +106,7 @@ def merge_regions(gpa: np.ndarray, size: np.ndarray, offset: np.ndarray) -> tupl
     )
 
 
-class ElfDumpMemory(GuestMemory):
+class ElfDumpMemory(FdMemory):
     """Guest-physical memory of an ELF core written by QEMU's ``dump-guest-memory``."""
 
     kind = "ELF dump"
@@ -249,11 +249,3 @@ class ElfDumpMemory(GuestMemory):
 
     def describe(self) -> str:
         return f"ELF dump {self.path}"
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def _fill(self, offset: int, out: memoryview) -> None:
-        read_image_into(self._fd, offset, out, f"ELF dump {self.path}")

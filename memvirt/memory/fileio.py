@@ -1,4 +1,5 @@
-"""Positional reads into caller buffers, and opening the files a user names as memory sources."""
+"""Positional reads into caller buffers, opening the files a user names as memory sources, and
+the base of the readers over one descriptor."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import stat
 
 from memvirt.errors import BadImage, NotFound, UsageError
+from memvirt.memory.source import GuestMemory
 
 
 def pread_into(fd: int, offset: int, out: memoryview, what: str) -> None:
@@ -53,3 +55,20 @@ def open_image(path: os.PathLike[str] | str, what: str) -> int:
         kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
         raise UsageError(f"{path} is {kind}, not a memory image")
     return fd
+
+
+class FdMemory(GuestMemory):
+    """A reader over one open descriptor (a RAM file, a dump, a raw image, ``/proc/PID/mem``):
+    the descriptor is closed once, and by default bytes are read from it at the backing offset,
+    an I/O error naming :meth:`describe` (the readers that decompress or map override
+    :meth:`_fill`)."""
+
+    _fd: int = -1
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _fill(self, offset: int, out: memoryview) -> None:
+        read_image_into(self._fd, offset, out, self.describe())

@@ -35,8 +35,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from memvirt.errors import BadImage
-from memvirt.memory.fileio import open_image, read_image_into
-from memvirt.memory.source import MAX_GPA, MAX_REGIONS, PAGE_SHIFT, PAGE_SIZE, GuestMemory, Region, check_regions
+from memvirt.memory.fileio import FdMemory, open_image, read_image_into
+from memvirt.memory.source import MAX_GPA, MAX_REGIONS, PAGE_SHIFT, PAGE_SIZE, Region, check_regions
 
 KDUMP_SIGNATURE = b"KDUMP   "
 FLAT_SIGNATURE = b"makedumpfile"
@@ -258,7 +258,7 @@ def _zstd_decompressor() -> Callable[[memoryview], bytes]:
     return lambda data: dctx.decompress(bytes(data), max_output_size=PAGE_SIZE)
 
 
-class KdumpMemory(GuestMemory):
+class KdumpMemory(FdMemory):
     """Guest-physical memory of a kdump-compressed dump, flattened or not.
 
     Regions are the runs of pfns in the 1st bitmap, with ``offset`` equal to ``gpa``: reads are
@@ -557,11 +557,6 @@ class KdumpMemory(GuestMemory):
 
     def describe(self) -> str:
         return f"kdump dump {self.path}" + (" (flattened)" if self.flattened else "")
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
     def read_pages(self, pfns: np.ndarray) -> np.ndarray:
         pfns = np.asarray(pfns, dtype=np.int64).reshape(-1)

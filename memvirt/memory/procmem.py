@@ -12,9 +12,9 @@ import os
 import time
 
 from memvirt.errors import BadImage, NotFound
-from memvirt.memory.fileio import pread_into
+from memvirt.memory.fileio import FdMemory, pread_into
 from memvirt.memory.rammap import RamLayout, machine_family, ram_map
-from memvirt.memory.source import GuestMemory, Region
+from memvirt.memory.source import Region
 from memvirt.units import parse_size
 
 
@@ -135,7 +135,7 @@ def qemu_ram_layout(pid: int, ram_size: int) -> RamLayout:
     return RamLayout(f"{family} from QEMU's command line", ram_map(family, ram_size, below))
 
 
-class ProcMemory(GuestMemory):
+class ProcMemory(FdMemory):
     """Reads guest RAM from a live QEMU's address space."""
 
     kind = "process memory"
@@ -155,11 +155,6 @@ class ProcMemory(GuestMemory):
 
     def describe(self) -> str:
         return f"/proc/{self.pid}/mem"
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
     def _fill(self, offset: int, out: memoryview) -> None:
         try:

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 
 from memvirt.errors import BadImage, NotFound
-from memvirt.memory.fileio import pread_into
+from memvirt.memory.fileio import FdMemory, pread_into
 from memvirt.memory.rammap import pc_ram_map
-from memvirt.memory.source import PAGE_SHIFT, GuestMemory, Region
+from memvirt.memory.source import PAGE_SHIFT, Region
 
 
-class RamFileMemory(GuestMemory):
+class RamFileMemory(FdMemory):
     """Reads the RAM backend file with ``preadv``, so the file's holes are never allocated."""
 
     kind = "RAM file"
@@ -48,9 +48,7 @@ class RamFileMemory(GuestMemory):
 
     def close(self) -> None:
         self._map = None
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        super().close()
 
     def _fill(self, offset: int, out: memoryview) -> None:
         pread_into(self._fd, offset, out, str(self.path))

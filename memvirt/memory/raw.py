@@ -6,11 +6,11 @@ import os
 from pathlib import Path
 
 from memvirt.errors import BadImage
-from memvirt.memory.fileio import open_image, read_image_into
-from memvirt.memory.source import MAX_GPA, GuestMemory, Region, check_regions
+from memvirt.memory.fileio import FdMemory, open_image
+from memvirt.memory.source import MAX_GPA, Region, check_regions
 
 
-class RawMemory(GuestMemory):
+class RawMemory(FdMemory):
     kind = "raw image"
 
     def __init__(self, path: str | os.PathLike[str], regions: tuple[Region, ...] | None = None):
@@ -36,11 +36,3 @@ class RawMemory(GuestMemory):
 
     def describe(self) -> str:
         return f"raw image {self.path}"
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def _fill(self, offset: int, out: memoryview) -> None:
-        read_image_into(self._fd, offset, out, str(self.path))
