@@ -117,13 +117,13 @@ def load(path: Path | None = None) -> Config:
             raise ConfigError(f"{path}: no such config file") from None
         return Config(path=str(path))
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read it: {e.strerror}") from None
+        raise ConfigError(f"{path}: cannot read it: {e.strerror}") from e
     if len(raw) > MAX_FILE:
         raise ConfigError(f"{path}: larger than {MAX_FILE >> 10} KiB, not a config")
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
     return parse(data, str(path))
 
 

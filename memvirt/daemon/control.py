@@ -45,7 +45,7 @@ class ControlServer:
         try:
             self.sock.bind(str(self.path))
         except OSError as e:
-            raise UsageError(f"cannot create the control socket {self.path}: {e.strerror}") from None
+            raise UsageError(f"cannot create the control socket {self.path}: {e.strerror}") from e
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
@@ -108,7 +108,7 @@ def query(path: Path, request: str = "status", timeout: float = 10.0) -> dict[st
     except PermissionError:
         raise UsageError(f"no permission to talk to the daemon at {path} (it is root's: run as root)") from None
     except (TimeoutError, OSError) as e:
-        raise MemvirtError(f"the daemon at {path} did not answer: {e}") from None
+        raise MemvirtError(f"the daemon at {path} did not answer: {e}") from e
     try:
         reply = json.loads(data)
     except ValueError:

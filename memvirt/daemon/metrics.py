@@ -64,7 +64,7 @@ class Metrics:
         try:
             self.server, _ = start_http_server(port, addr=host, registry=self.registry)
         except OSError as e:
-            raise UsageError(f"--metrics {host}:{port}: cannot listen there: {e.strerror}") from None
+            raise UsageError(f"--metrics {host}:{port}: cannot listen there: {e.strerror}") from e
         return int(self.server.server_port)
 
     def close(self) -> None:

@@ -115,5 +115,5 @@ def parse_snapshot(text: str) -> GuestFigures:
         pcp, free = parse_zoneinfo(parts.get("/proc/zoneinfo", ""))
         vmstat = {k: int(v) for k, v in (ln.split() for ln in parts.get("/proc/vmstat", "").splitlines() if ln.strip())}
     except ValueError as e:
-        raise GuestError(f"the guest's memsnap output does not parse: {str(e)[:80]}") from None
+        raise GuestError(f"the guest's memsnap output does not parse: {str(e)[:80]}") from e
     return GuestFigures(parse_meminfo(parts.get("/proc/meminfo", "")), pcp, free, vmstat)

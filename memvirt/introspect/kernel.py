@@ -359,7 +359,7 @@ def _page_table(mem: GuestMemory, info: Vmcoreinfo) -> PageTable:
         try:
             got = pt.translate(va)
         except BadImage as e:
-            raise BadImage(f"init_top_pgt does not translate {name}: {e}") from None
+            raise BadImage(f"init_top_pgt does not translate {name}: {e}") from e
         if got != want:
             raise BadImage(f"init_top_pgt maps {name} to {got:#x}, phys_base says {want:#x}: inconsistent image")
     return pt

@@ -63,7 +63,7 @@ class PageTable:
         try:
             t = memoryview(self.mem.read(pa, 4096).tobytes()).cast("Q")
         except BadImage as e:
-            raise BadImage(f"page table at {pa:#x} is not readable: {e}") from None
+            raise BadImage(f"page table at {pa:#x} is not readable: {e}") from e
         self._cache[pa] = t
         if len(self._cache) > self._cache_pages:
             self._cache.popitem(last=False)

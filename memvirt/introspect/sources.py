@@ -38,7 +38,7 @@ class LazyLayout:
                 raise
             except Exception as e:
                 self._error = LayoutMissing(f"kernel headers unavailable: {e}")
-                raise self._error from None
+                raise self._error from e
         return self._layout
 
     def __getattr__(self, name: str):

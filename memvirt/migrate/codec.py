@@ -52,7 +52,7 @@ def decompress(codec: int, blob: memoryview, size: int) -> bytes | memoryview:
         else:
             raise ProtocolError(f"malformed DATA frame: unknown codec {codec}")
     except (lz4.block.LZ4BlockError, zstandard.ZstdError) as e:
-        raise ProtocolError(f"malformed DATA frame: {NAMES.get(codec)} data does not decompress ({e})") from None
+        raise ProtocolError(f"malformed DATA frame: {NAMES.get(codec)} data does not decompress ({e})") from e
     if len(out) != size:
         raise ProtocolError(f"malformed DATA frame: {len(out)} bytes decompressed, {size} announced")
     return out

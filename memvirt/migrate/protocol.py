@@ -131,7 +131,7 @@ def _read_secret_file(path: Path) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
-        raise UsageError(f"cannot read secret file {path}: {e.strerror}") from None
+        raise UsageError(f"cannot read secret file {path}: {e.strerror}") from e
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -144,7 +144,7 @@ def _read_secret_file(path: Path) -> bytes:
             raise UsageError(f"secret file {path} belongs to another user (uid {st.st_uid})")
         data = os.read(fd, MAX_SECRET_FILE + 1)
     except OSError as e:
-        raise UsageError(f"cannot read secret file {path}: {e.strerror}") from None
+        raise UsageError(f"cannot read secret file {path}: {e.strerror}") from e
     finally:
         os.close(fd)
     if len(data) > MAX_SECRET_FILE:
@@ -261,7 +261,7 @@ class Channel:
             except TimeoutError:
                 raise ProtocolError("the peer stopped reading (send timed out)") from None
             except OSError as e:
-                raise ProtocolError(f"connection lost while sending: {e.strerror or e}") from None
+                raise ProtocolError(f"connection lost while sending: {e.strerror or e}") from e
             self.bytes_sent += HEADER.size + n + TAG
             self._pace(HEADER.size + n + TAG)
         return HEADER.size + n + TAG
@@ -456,7 +456,7 @@ def _recv_into(sock: socket.socket, view: memoryview, deadline: float | None = N
                 raise ProtocolError("the handshake took over its time limit (--handshake-timeout)") from None
             raise ProtocolError("the peer went silent (receive timed out)") from None
         except OSError as e:
-            raise ProtocolError(f"connection lost: {e.strerror or e}") from None
+            raise ProtocolError(f"connection lost: {e.strerror or e}") from e
         if k == 0:
             raise ProtocolError("connection closed by the peer")
         got += k
@@ -495,11 +495,11 @@ def client_handshake(
     try:
         sock.sendall(HELLO.pack(MAGIC, VERSION, flags, cn))
     except OSError as e:
-        raise ProtocolError(f"connection lost during the handshake: {e.strerror or e}") from None
+        raise ProtocolError(f"connection lost during the handshake: {e.strerror or e}") from e
     try:
         magic, version, sflags, sn, proof = CHALLENGE.unpack(_recv_exact(sock, CHALLENGE.size, deadline))
     except ProtocolError as e:
-        raise ProtocolError(f"the receiver closed the handshake ({e}): is it a memvirt receiver?") from None
+        raise ProtocolError(f"the receiver closed the handshake ({e}): is it a memvirt receiver?") from e
     if magic != MAGIC:
         raise ProtocolError("the peer is not a memvirt receiver (bad magic)")
     if version != VERSION:
@@ -515,7 +515,7 @@ def client_handshake(
     try:
         sock.sendall(_mac(key, b"memvirt-migrate client", cn, sn))
     except OSError as e:
-        raise ProtocolError(f"connection lost during the handshake: {e.strerror or e}") from None
+        raise ProtocolError(f"connection lost during the handshake: {e.strerror or e}") from e
     c2s, s2c = _keys(key, cn, sn)
     chan = Channel(sock, c2s, s2c, max(0.1, min(timeout, deadline - time.monotonic())))
     try:
@@ -546,7 +546,7 @@ def server_handshake(
         sock.settimeout(max(0.1, deadline - time.monotonic()))
         sock.sendall(CHALLENGE.pack(MAGIC, VERSION, flags, sn, proof))
     except OSError as e:
-        raise ProtocolError(f"connection lost during the handshake: {e.strerror or e}") from None
+        raise ProtocolError(f"connection lost during the handshake: {e.strerror or e}") from e
     if version != VERSION:
         raise ProtocolError(f"protocol version mismatch: sender speaks v{version}, this memvirt v{VERSION}")
     if cflags != flags:

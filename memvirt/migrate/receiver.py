@@ -239,7 +239,7 @@ def check_setup(setup: object) -> Setup:
     try:
         name = check_name(text("name", 64))
     except UsageError as e:
-        raise bad(str(e)) from None
+        raise bad(str(e)) from e
     accel = setup["accel"]
     if accel not in ACCELS:
         raise bad(f"accel must be one of {', '.join(ACCELS)}, not {str(accel)[:40]!r}")
@@ -530,7 +530,7 @@ def serve(
     try:
         srv = socket.create_server((host, port), reuse_port=False)
     except OSError as e:
-        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
     results: list[Received] = []
     deadline = time.monotonic() + timeout
     ready: queue.Queue[tuple[Channel, str]] = queue.Queue()

@@ -263,7 +263,7 @@ def migrate(
     try:
         sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
     except OSError as e:
-        raise MemvirtError(f"cannot reach a receiver at {host}:{port}: {e.strerror or e}") from None
+        raise MemvirtError(f"cannot reach a receiver at {host}:{port}: {e.strerror or e}") from e
     chan: Channel | None = None
     queue: SendQueue | None = None
     mon: Monitor | None = None
@@ -438,12 +438,10 @@ def migrate(
                 f"migration of {name!r}: the target was told to run but did not confirm ({e}); {name!r} is left "
                 f"paused here so the guest never runs twice: check {target!r} on the receiver, then "
                 f"'memvirt vm stop {name}' (or 'memvirt vm resume {name}' if the target is gone)"
-            ) from None
+            ) from e
         if isinstance(e, ProtocolError | MemvirtError):
             where = "receiver" if isinstance(e, PeerError) else "link" if isinstance(e, ProtocolError) else "source"
-            raise MemvirtError(
-                f"migration of {name!r} failed ({where}: {e}); {name!r} runs on here, unchanged"
-            ) from None
+            raise MemvirtError(f"migration of {name!r} failed ({where}: {e}); {name!r} runs on here, unchanged") from e
         raise
     if wt is not None:
         wt.close()
@@ -495,7 +493,7 @@ def _resume(vm: VM, mon: Monitor | None) -> None:
             with vm.monitor() as fresh:
                 fresh.command("cont")
     except VMError as e:
-        raise VMError(f"migration failed and the source {vm.name!r} could not be resumed: {e}") from None
+        raise VMError(f"migration failed and the source {vm.name!r} could not be resumed: {e}") from e
 
 
 __all__ = ["Report", "migrate"]

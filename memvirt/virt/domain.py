@@ -87,7 +87,7 @@ def connect(uri: str | None = None) -> libvirt.virConnect:
     try:
         return libvirt.open(uri)
     except libvirt.libvirtError as e:
-        raise VMError(f"cannot connect to libvirt at {uri}: {_message(e)} (is libvirtd running?)") from None
+        raise VMError(f"cannot connect to libvirt at {uri}: {_message(e)} (is libvirtd running?)") from e
 
 
 class LibvirtMonitor:
@@ -120,7 +120,7 @@ class LibvirtMonitor:
             cmd = json.dumps({"execute": name, "arguments": args} if args else {"execute": name})
             answer = json.loads(libvirt_qemu.qemuMonitorCommand(self.dom, cmd, 0))
         except libvirt.libvirtError as e:
-            raise VMError(f"libvirt refused {name} on domain {self.vm_name!r}: {_message(e)}") from None
+            raise VMError(f"libvirt refused {name} on domain {self.vm_name!r}: {_message(e)}") from e
         if "error" in answer:
             raise VMError(f"QEMU refused {name} on domain {self.vm_name!r}: {answer['error'].get('desc', answer)}")
         return answer.get("return")
@@ -131,14 +131,14 @@ class LibvirtMonitor:
                 libvirt_qemu.qemuMonitorCommand(self.dom, line, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
             )
         except libvirt.libvirtError as e:
-            raise VMError(f"libvirt refused {line.split()[0]!r} on domain {self.vm_name!r}: {_message(e)}") from None
+            raise VMError(f"libvirt refused {line.split()[0]!r} on domain {self.vm_name!r}: {_message(e)}") from e
 
     def status(self) -> str:
         """QEMU's run state as libvirt knows it (no monitor passthrough, so no taint)."""
         try:
             state, reason = self.dom.state()
         except libvirt.libvirtError as e:
-            raise VMError(f"lost domain {self.vm_name!r}: {_message(e)}") from None
+            raise VMError(f"lost domain {self.vm_name!r}: {_message(e)}") from e
         if state == libvirt.VIR_DOMAIN_CRASHED and reason == libvirt.VIR_DOMAIN_CRASHED_PANICKED:
             # <on_crash>preserve</on_crash>: QEMU holds the guest paused, as memvirt's own VMs'
             # ``-action panic=pause`` does; libvirt's resume lets it run again
@@ -226,8 +226,8 @@ class LibvirtVM(VM):
             self.dom = self.conn.lookupByName(name)
         except libvirt.libvirtError as e:
             if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                raise NotFound(f"no libvirt domain named {name!r} at {self.uri} (see 'virsh list --all')") from None
-            raise VMError(f"libvirt at {self.uri}: {_message(e)}") from None
+                raise NotFound(f"no libvirt domain named {name!r} at {self.uri} (see 'virsh list --all')") from e
+            raise VMError(f"libvirt at {self.uri}: {_message(e)}") from e
         if not self.dom.isActive():
             raise UsageError(f"libvirt domain {name!r} is shut off: start it first ('virsh start {name}')")
         root = ET.fromstring(self.dom.XMLDesc(0))
