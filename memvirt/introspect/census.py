@@ -38,6 +38,9 @@ CLASSES = ("unbacked", "reserved", "free", "free_pcp", "page_cache", "anon", "sl
 """Per-page classes, in the order of their codes in :attr:`Census.classes`."""
 CODE = {name: i for i, name in enumerate(CLASSES)}
 PAGE_MAPPING_ANON = 0x1
+"""Bit 0 of ``page->mapping``: an anon_vma, not an address_space. The kernel calls it
+``FOLIO_MAPPING_ANON`` since "mm: rename PAGE_MAPPING_* to FOLIO_MAPPING_*" (David Hildenbrand,
+v6.17 merge window); the bit did not move, so both names mean the same here."""
 BLOCK_PAGES = 16384
 """Struct pages classified per block: 1 MiB of them at 64 bytes each, so a block stays in cache."""
 PAGE_MAPPING_FLAGS = 0x3
@@ -47,8 +50,10 @@ def compound_head_pfns(words: np.ndarray, tails: np.ndarray, vmemmap: int, struc
     """The head frame of each tail page from its ``compound_head`` word (bit 0 set), as int64.
 
     Up to 6.x the word is the head's ``struct page`` address + 1. Kiryl Shutsemau's "mm: rework
-    compound_head() for power-of-2 sizeof(struct page)" (7.x, which also renamed the member
-    ``compound_info``; measured on Debian sid's 7.2.13: tails hold 0xffffffffffffff81 for
+    compound_head() for power-of-2 sizeof(struct page)" (7.x, from the series whose "mm: Rename
+    the 'compound_head' field in the 'struct page' to 'compound_info'" renamed the member; the mm
+    tree rebased it under several ids before it landed, e.g. aef265da2f50 in linux-next, so
+    cite it by title; measured on Debian sid's 7.2.13: tails hold 0xffffffffffffff81 for
     order 1, ...ff01 for order 2) stores instead a mask + 1 when CONFIG_HUGETLB_PAGE_OPTIMIZE_VMEMMAP
     and ``sizeof(struct page)`` is a power of two (``compound_info_has_mask()``): the head is
     the tail's own ``struct page`` address ANDed with the mask. Told apart per word, from the

@@ -11,14 +11,15 @@ by a follow-up fix, so an early 6.0 may lack it). Layout, as ``scripts/kallsyms.
   character of a symbol's expansion is its type letter (``T``, ``d``...).
 - addresses: ``kallsyms_addresses`` (absolute, before v6.11 without
   CONFIG_KALLSYMS_BASE_RELATIVE), else 32-bit ``kallsyms_offsets`` from
-  ``kallsyms_relative_base``. With CONFIG_KALLSYMS_ABSOLUTE_PERCPU (x86-64 SMP until v6.15)
+  ``kallsyms_relative_base``. With CONFIG_KALLSYMS_ABSOLUTE_PERCPU (x86-64 SMP until commit
+  01157ddc58dc, "kallsyms: Remove KALLSYMS_ABSOLUTE_PERCPU", v6.15)
   non-negative offsets are absolute (per-cpu symbols) and negative ones mean
   ``relative_base - 1 - offset``. Which rule applies is read from the data: a negative offset
   can only come from the absolute-percpu encoding, since the image is smaller than 2 GiB.
   Measured: Debian 6.1 and 6.12 both use offsets with absolute per-cpu symbols (``A`` type,
   e.g. ``__per_cpu_end`` = 0x35000 / 0x39000).
-- Place-relative offsets: Ard Biesheuvel's "kallsyms: Get rid of kallsyms relative base"
-  (posted 2026-01-16; in Debian sid's 7.2.13, measured) drops ``kallsyms_relative_base`` (from
+- Place-relative offsets: commit a081b5789255 ("kallsyms: Get rid of kallsyms relative base",
+  Ard Biesheuvel, v7.0 merge window; in Debian sid's 7.2.13, measured) drops ``kallsyms_relative_base`` (from
   the tables and from VMCOREINFO) and emits each entry as ``.long _text - . + offset``: the
   address is the entry's own address plus its signed value (``offset_to_ptr()``). Which of the
   three encodings a guest uses is read from VMCOREINFO's keys, never from its version:

@@ -105,8 +105,9 @@ def per_cpu_ptr(kv: KernelView, ptr: int, cpu: int) -> int:
     """``per_cpu_ptr()``: a ``__percpu`` pointer plus that CPU's ``__per_cpu_offset``, modulo 2**64.
 
     Up to 6.14 x86-64 per-cpu pointers were small offsets into a zero-based per-cpu section and
-    ``__per_cpu_offset`` the areas' addresses. Brian Gerst's x86-64 per-cpu rework (v6.15, the
-    series that also removed CONFIG_KALLSYMS_ABSOLUTE_PERCPU) links per-cpu variables at
+    ``__per_cpu_offset`` the areas' addresses. Commit 9d7de2aa8b41 ("x86/percpu/64: Use relative
+    percpu offsets", Brian Gerst, v6.15; its series also removed CONFIG_KALLSYMS_ABSOLUTE_PERCPU
+    in 01157ddc58dc) links per-cpu variables at
     kernel-image addresses as every other arch does, so pointer plus offset exceeds 2**64 as a
     Python int (measured on 7.2.13) and must wrap as the kernel's unsigned long sum does.
     """

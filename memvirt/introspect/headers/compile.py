@@ -44,7 +44,8 @@ def kernel_cflags(tree: HeaderTree) -> list[str]:
     flags.append(f"-std={std[1] if std else 'gnu11'}")
     if re.search(r"^KBUILD_CFLAGS\s*\+=.*-funsigned-char", text, re.M):
         flags.append("-funsigned-char")
-    # Since v6.19 kbuild adds CONFIG_CC_MS_EXTENSIONS (``-fms-extensions``) to its C dialect and
+    # Since commit c4781dc3d1cf ("Kbuild: enable -fms-extensions", v6.19) kbuild adds
+    # CONFIG_CC_MS_EXTENSIONS (``-fms-extensions``) to its C dialect and
     # headers embed structs by tag (7.x ``struct filename { struct __filename_head; ... }``):
     # without it gcc drops the member and the header's own static_assert on the size fails.
     # Taken from the build's .config, so older kernels compile as before.

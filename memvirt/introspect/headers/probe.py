@@ -174,7 +174,7 @@ CONSTANTS = (
     "PAGE_MAPPING_MOVABLE",
     "PAGE_MAPPING_KSM",
     "PAGE_MAPPING_FLAGS",
-    "FOLIO_MAPPING_ANON",
+    "FOLIO_MAPPING_ANON",  # PAGE_MAPPING_ANON's name since "mm: rename PAGE_MAPPING_* to FOLIO_MAPPING_*" (v6.17)
     "NR_PAGEFLAGS",
     "__NR_PAGEFLAGS",
     # buddy allocator and per-cpu lists
