@@ -25,6 +25,8 @@ _RAM = Path("/dev/shm") / f"memvirt-test-{os.getpid()}"
 os.environ["MEMVIRT_HOME"] = str(_STATE)
 os.environ["MEMVIRT_RAM_DIR"] = str(_RAM)
 
+from support import Recorder, guests_of  # noqa: E402
+
 from memvirt.compress import damon  # noqa: E402
 from memvirt.image.build import Image, default_image  # noqa: E402
 from memvirt.procs import end_watchdog  # noqa: E402
@@ -32,6 +34,8 @@ from memvirt.qemu import reaper  # noqa: E402
 from memvirt.qemu.vm import VM, start_vm  # noqa: E402
 
 _REAPER = reaper.spawn(reaper.EVERY, str(_STATE), str(_RAM))
+SUPPORT = Recorder()
+"""What this session's guest tests ran on, for docs/support.md (tests/support.py)."""
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -43,6 +47,7 @@ signal.signal(signal.SIGTERM, _interrupt)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    SUPPORT.save()
     reaper.reap(reaper.EVERY)
     shutil.rmtree(_STATE, ignore_errors=True)
     shutil.rmtree(_RAM, ignore_errors=True)
@@ -95,6 +100,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     """On a failure, keep the serial logs of the test's guests (copied to LOG_DIR) and show their
     last lines in the report: the guest's side of the story is gone once the VM is stopped."""
     rep: pytest.TestReport = yield
+    if rep.when == "call" or rep.failed:
+        marks = [str(a) for m in item.iter_markers("support") for a in m.args]
+        module = getattr(getattr(item, "module", None), "__name__", "").rpartition(".")[2]
+        guests = guests_of(getattr(item, "funcargs", {}).values())
+        SUPPORT.record(item.nodeid, module, marks, guests, "failed" if rep.failed else "passed" if rep.passed else "")
     if rep.failed and rep.when in ("setup", "call"):
         vms: list[VM] = []
         for value in getattr(item, "funcargs", {}).values():

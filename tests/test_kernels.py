@@ -29,6 +29,7 @@ COUNTER = "/tmp/memtouch.count"
 
 
 @pytest.mark.timeout(1200)
+@pytest.mark.support("introspection", "reclaim & KSM", "cloning")
 @pytest.mark.parametrize("flavour", ["cloud", pytest.param("amd64", marks=pytest.mark.kernels)])
 def test_newest_kernel(vm_factory, flavour):
     """Census exact against the paused guest's figures with every layout source; a reclaim keeps
