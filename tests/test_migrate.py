@@ -673,3 +673,100 @@ def test_a_sigkilled_sender_while_tracking_leaves_the_source_running_and_nothing
     t = track(source_guest, "uffd-wp")
     t.close()
     assert _leftovers(host_b) == []
+
+
+def test_memvirts_own_reclaim_is_not_a_foreign_writer_but_a_plain_writer_is(image, vm_factory, host_b) -> None:
+    """A reclaim holding the RAM file open for writing and punching free pages throughout a
+    tracked migration (``--verify full``) does not fail it, its punches reach the target as holes
+    and the guest's data checks out there. A plain process opening the RAM file read-write while
+    another migration tracks it fails that one, and the source runs on."""
+    from memvirt.dedup.reclaim import Reclaimer
+    from memvirt.migrate.sender import migrate
+
+    src = vm_factory("mg-rec", image, memory=512 << 20)
+    src.exec("memtouch --hot 192M --content text --duration 1 > /dev/null 2>&1", timeout=120)  # dirty free memory
+    src.exec_background(WORKLOAD, "/tmp/mig-memtouch.log")
+    src.exec_background(f"datacheck write --size 16M --seed 5 --state {DATACHECK}", "/tmp/mig-dc.log")
+    deadline = time.monotonic() + 60
+    while src.exec(f"test -s {COUNTER} && test -f {DATACHECK}").rc != 0 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    rx = Receiver(host_b)
+    rec = Reclaimer(src)  # opens the RAM file for writing before the tracker starts, and holds it
+    passes: list[int] = []
+    result: dict[str, object] = {}
+    live = threading.Event()
+
+    def reclaim() -> None:
+        while not live.wait(0):
+            try:
+                passes.append(rec.run().verified_pages)
+            except Exception as e:  # the source stops once the target runs
+                result.setdefault("reclaim", e)
+                return
+            src.exec("memtouch --hot 64M --content text --duration 1 > /dev/null 2>&1", timeout=120)
+
+    def progress(st) -> None:
+        result["rounds"] = st.index + 1
+
+    th = threading.Thread(target=reclaim)
+    try:
+        th.start()
+        rep = migrate(
+            "mg-rec",
+            "127.0.0.1",
+            rx.port,
+            SECRET.encode(),
+            "mg-rec-b",
+            dirty="uffd-wp",
+            verify="full",
+            max_bandwidth=8 << 20,  # long enough for reclaim passes while it tracks
+            progress=progress,
+        )
+        live.set()
+        th.join(120)
+        assert rx.wait() == 0, rx.log
+    finally:
+        live.set()
+        th.join(120)
+        rec.close()
+        rx.kill()
+    assert rep.dirty_method == "uffd-wp" and rep.verify == "full", rep.to_json()
+    assert sum(passes) > 0, ("the reclaim punched nothing during the migration", passes, result)
+    os.environ["MEMVIRT_HOME"], home = host_b["MEMVIRT_HOME"], os.environ["MEMVIRT_HOME"]
+    try:
+        dst = VM.load("mg-rec-b")
+        assert dst.status() == "running"
+        res = dst.exec(f"datacheck verify --state {DATACHECK}")
+        assert res.rc == 0 and res.text.startswith("OK"), res.text
+    finally:
+        os.environ["MEMVIRT_HOME"] = home
+
+    # A foreign writer appearing while a tracked migration runs (capped, so it is still running).
+    other = vm_factory("mg-fw", image, memory=512 << 20)
+    other.exec_background(WORKLOAD, "/tmp/mig-memtouch.log")
+    deadline = time.monotonic() + 60
+    while other.exec(f"test -s {COUNTER}").rc != 0 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    rx = Receiver(host_b)
+    writer: subprocess.Popen[str] | None = None
+    try:
+        tx = _migrate("mg-fw", rx.port, "--as", "mg-fw-b", "--dirty", "uffd-wp", "--max-bandwidth", "4M")
+        deadline = time.monotonic() + 120
+        while not (Path(host_b["MEMVIRT_RAM_DIR"]) / "mg-fw-b.ram").exists():  # the migration has started
+            assert tx.poll() is None and time.monotonic() < deadline, tx.communicate()
+            time.sleep(0.05)
+        code = (
+            f"import os, time; os.open({other.config.ram_path!r}, os.O_RDWR); "
+            "print('ready', flush=True); time.sleep(300)"
+        )
+        writer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "ready"
+        out, err = tx.communicate(timeout=300)
+        proc = subprocess.CompletedProcess(tx.args, tx.returncode, out, err)
+        assert_error_after_progress(proc, 1, f"process {writer.pid} ", "can be written outside QEMU", "runs on here")
+    finally:
+        if writer is not None:
+            writer.kill()
+            writer.wait()
+        rx.kill()
+    _assert_runs_on(other)

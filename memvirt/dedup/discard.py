@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from memvirt.errors import UsageError, VMError
-from memvirt.memory.holes import punch_frames
+from memvirt.memory.holes import punch_frames, register_puncher
 from memvirt.memory.pagemap import pagemap_backed
 from memvirt.memory.source import PAGE_SHIFT, GuestMemory
 
@@ -75,13 +75,18 @@ class FileHoles(Discarder):
     def __init__(self, mem: GuestMemory, path: str):
         super().__init__(mem)
         self.path = path
+        # Registered before it opens the file for writing: a migration's tracker would otherwise take
+        # this process for a foreign writer and fail the migration (memory/holes.py).
+        self.registration = register_puncher(path)
         try:
-            self.fd = os.open(path, os.O_RDWR)
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
+            os.close(self.registration)
             raise UsageError(f"cannot open RAM file {path} for writing: {e.strerror}") from e
 
     def close(self) -> None:
         os.close(self.fd)
+        os.close(self.registration)
 
     def populated(self) -> np.ndarray:
         # only a RAM file's reader (RamFileMemory, CloneMemory) is handed to FileHoles

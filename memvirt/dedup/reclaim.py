@@ -12,6 +12,7 @@ inside one: by default one per pass, started here; a long-lived caller (memvirtd
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -193,8 +194,13 @@ class Reclaimer:
         for _ in range(LOCK_RETRIES):
             t = time.perf_counter()
             spent, still = 0.0, None
-            watchdog.mark_paused(self.mark, self.vm)
-            mon.command("stop")
+            hold = self.vm.hold_pauses()  # a migration's switch-over must not be resumed by this batch
+            try:
+                watchdog.mark_paused(self.mark, self.vm)
+                mon.command("stop")
+            except BaseException:
+                os.close(hold)
+                raise
             try:
                 if self.oracle.locks_free():
                     still = self.oracle.still_free(blocks)
@@ -204,8 +210,11 @@ class Reclaimer:
                         self.discarder.discard(starts, ends)
                     spent = time.perf_counter() - td
             finally:
-                mon.command("cont")
-                watchdog.unmark(self.mark)
+                try:
+                    mon.command("cont")
+                    watchdog.unmark(self.mark)
+                finally:
+                    os.close(hold)
                 wall = (time.perf_counter() - t) * 1000
                 pause = _event_pause_ms(mon, wall)
                 rep.pauses_ms.append(pause)

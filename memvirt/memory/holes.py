@@ -15,6 +15,15 @@ that lock exclusively knows no tracker is there and writes nothing. Appending an
 under an exclusive ``flock`` of the journal, which the tracker also takes to read it, so a run it
 reads was punched completely, and while it holds the journal (the migration's final round, with
 the guest paused) no punch can happen behind its back.
+
+A puncher holds the RAM file open for writing, which a tracker's look for other writers
+(:func:`memvirt.qemu.dirty.ram_file_writers`) would take for a foreign writer whose writes it cannot
+see. So memvirt's punchers register for as long as they hold it: a shared ``flock`` on
+``<ram file>.punchers`` (:func:`register_puncher`), which the kernel drops when they die and which
+``/proc/locks`` shows with the holder's pid (:func:`registered_punchers`). A registered process
+changes the file only through :func:`punch_frames`, which journals. The registry is a guard
+against accidents, not against a hostile local user: it is mode 0600 beside the RAM file, so
+whoever can register could write the RAM file anyway.
 """
 
 from __future__ import annotations
@@ -54,9 +63,45 @@ def _tracked_path(ram_path: str) -> str:
     return ram_path + ".tracked"
 
 
-def remove_journal(ram_path: str) -> None:
-    """Remove what a tracker killed on ``ram_path`` left (with the RAM file itself)."""
-    for path in (journal_path(ram_path), _tracked_path(ram_path)):
+def _punchers_path(ram_path: str) -> str:
+    return ram_path + ".punchers"
+
+
+def register_puncher(ram_path: str) -> int:
+    """Register this process as a memvirt puncher of ``ram_path`` (module docstring); the returned
+    descriptor holds the registration until it is closed."""
+    fd = os.open(_punchers_path(ram_path), os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def registered_punchers(ram_path: str) -> set[int]:
+    """Pids holding a puncher registration of ``ram_path`` now (``flock`` entries of its registry
+    file in ``/proc/locks``, which names device as hex major:minor and the inode in decimal)."""
+    try:
+        st = os.stat(_punchers_path(ram_path))
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return set()
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids = set()
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  READ  1234 00:1a:5678 0 EOF"; a blocked waiter's line has "->" first
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == key and fields[4].isdigit():
+            pids.add(int(fields[4]))
+    return pids
+
+
+def remove_journal(ram_path: str, punchers: bool = True) -> None:
+    """Remove what a tracker killed on ``ram_path`` left (with the RAM file itself, ``punchers``:
+    the puncher registry too; a tracker ending leaves it to the punchers that hold it)."""
+    for path in (journal_path(ram_path), _tracked_path(ram_path)) + ((_punchers_path(ram_path),) if punchers else ()):
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -149,7 +194,7 @@ class PunchJournal:
 
     def close(self) -> None:
         """Stop announcing: remove the files, then let go of the locks."""
-        remove_journal(self.ram_path)
+        remove_journal(self.ram_path, punchers=False)
         for name in ("fd", "alive"):
             fd = getattr(self, name)
             if fd >= 0:

@@ -52,7 +52,7 @@ from memvirt.migrate.protocol import (
     parse_json,
     server_handshake,
 )
-from memvirt.paths import cache_home, private_dir, private_file, ram_dir, touch_private
+from memvirt.paths import cache_home, private_dir, ram_dir, touch_private
 from memvirt.procs import spawn_watchdog
 from memvirt.qemu.config import Migrated
 from memvirt.qemu.monitor import Monitor
@@ -361,7 +361,8 @@ def launch_target(vm: VM, image: Image, log: Log, ignore_shared: bool = True) ->
         if vm.config.pid:  # the watchdog kills this QEMU should the receiver die
             vm.save()
     with vm.monitor() as mon:
-        mon.set_capabilities(x_ignore_shared=ignore_shared)
+        # events: the receiver waits for the load's MIGRATION event instead of polling query-status.
+        mon.set_capabilities(x_ignore_shared=ignore_shared, events=True)
     log(f"target VM {vm.name!r} started (pid {vm.config.pid}), waiting for RAM")
 
 
@@ -370,23 +371,47 @@ def _watchdog(vm: VM) -> None:
     spawn_watchdog("memvirt.migrate.watchdog", str(vm.dir))
 
 
-def _load_device_state(vm: VM, mon: Monitor, state: bytes) -> None:
+class Marks:
+    """Seconds since the device state arrived at each step of the switch-over here, sent back to the
+    sender for its report (durations on this host's clock: the two hosts' clocks are never compared)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.points: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        self.points[name] = round(time.perf_counter() - self.t0, 5)
+
+
+def _load_device_state(vm: VM, mon: Monitor, state: bytes, marks: Marks | None = None) -> None:
     """Feed the source's device state to the waiting QEMU; it must end ``paused`` (not running)."""
-    path = vm.dir / "incoming.state"
-    path.unlink(missing_ok=True)
-    with open(private_file(path), "w+b") as f:
-        f.write(state)
-        f.flush()
-        f.seek(0)
+    fd = os.memfd_create("memvirt-devstate", os.MFD_CLOEXEC)  # no file to write, sync or remove
+    try:
+        view = memoryview(state)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.lseek(fd, 0, os.SEEK_SET)  # QEMU reads from the offset its copy shares with this one
         # A descriptor, not exec:cat: QEMU forking a shell and cat was ~50-100 ms of downtime on a loaded host.
-        mon.send_fd(f.fileno(), "devstate")
+        mon.send_fd(fd, "devstate")
+    finally:
+        os.close(fd)
+    if marks:
+        marks.mark("rx_file")
     mon.command("migrate-incoming", uri="fd:devstate", timeout=LOAD_TIMEOUT)
+    if marks:
+        marks.mark("rx_incoming")
+    # The MIGRATION event (capability ``events``, set at launch) ends the wait; polling
+    # query-status every half millisecond took the lock QEMU's load runs under.
     deadline = time.monotonic() + LOAD_TIMEOUT
-    while (status := mon.status()) == "inmigrate":
-        if time.monotonic() > deadline:
-            raise VMError(f"target VM {vm.name!r} did not load the device state in {LOAD_TIMEOUT:.0f} s")
-        time.sleep(0.0005)
-    path.unlink(missing_ok=True)
+    while (left := deadline - time.monotonic()) > 0:
+        ev = mon.wait_event("MIGRATION", left)
+        if ev is None or ev.get("data", {}).get("status") in ("completed", "failed", "cancelled"):
+            break
+    status = mon.status()
+    if status == "inmigrate":
+        raise VMError(f"target VM {vm.name!r} did not load the device state in {LOAD_TIMEOUT:.0f} s")
+    if marks:
+        marks.mark("rx_loaded")
     if status != "paused":
         raise VMError(f"target VM {vm.name!r} is {status} after loading the device state, expected paused")
 
@@ -447,18 +472,22 @@ def receive_one(chan: Channel, peer: str, log: Log, hold_file: Path | None = Non
                     qemu.result()
             elif kind == Kind.DEVSTATE:
                 state = bytes(payload)
+                marks = Marks()
                 break
             else:
                 res.pages[kind.name.lower()] += ram.apply(kind, payload)
         commit = chan.recv_json(Kind.COMMIT)
+        marks.mark("rx_commit")
         if commit.get("digest") != ram.digest():
             raise ProtocolError("the target's RAM does not match what the sender sent (final digest differs)")
         ram.close()
+        marks.mark("rx_digest")
         mon = qemu.result()
-        _load_device_state(vm, mon, state)
+        _load_device_state(vm, mon, state, marks)
         _hold(hold_file, log)
-        chan.send_json(Kind.VERIFIED, {"digest": commit["digest"]})
+        chan.send_json(Kind.VERIFIED, {"digest": commit["digest"], "marks": marks.points})
         resume = chan.recv_json(Kind.GO).get("resume", True)
+        marks.mark("rx_go")
         # The mark goes before cont: once it is gone the watchdog leaves the target alone, so a
         # receiver killed from here on leaves a target that may run (or waits paused), never
         # one killed after it ran.
@@ -468,12 +497,15 @@ def receive_one(chan: Channel, peer: str, log: Log, hold_file: Path | None = Non
         vm.save()
         committed = True
         _fault("committed")
+        marks.mark("rx_saved")
         if resume:
             mon.command("cont")
+            marks.mark("rx_cont")
             _fault("resumed")
             if (status := mon.status()) != "running":
                 raise VMError(f"target VM {vm.name!r} is {status} after cont")
-        chan.send_json(Kind.RUNNING, {"name": vm.name, "pid": vm.config.pid})
+        marks.mark("rx_running")
+        chan.send_json(Kind.RUNNING, {"name": vm.name, "pid": vm.config.pid, "marks": marks.points})
         mon.close()
     except BaseException as e:
         pool.shutdown(wait=True)

@@ -20,12 +20,11 @@ fingerprints every page in use instead, as before; the report's ``notice`` says 
 
 from __future__ import annotations
 
-import shlex
+import os
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -45,7 +44,6 @@ from memvirt.migrate.protocol import (
 )
 from memvirt.migrate.throttle import Throttle
 from memvirt.migrate.watchdog import COMMITTED, spawn_source_guard
-from memvirt.paths import touch_private
 from memvirt.procs import end_watchdog
 from memvirt.qemu.dirty import VMWriteTracker
 from memvirt.qemu.monitor import Monitor
@@ -54,6 +52,7 @@ from memvirt.qemu.vm import VM, check_name
 SESSION_TIMEOUT = 60.0
 CONNECT_TIMEOUT = 10.0
 DEVSTATE_TIMEOUT = 30.0
+MAX_DEVSTATE = 1 << 28
 FIXED_DOWNTIME = 0.05
 """Seconds the switch-over costs besides the final round: device state save and load, commit, cont."""
 SHRINK = 0.9
@@ -195,29 +194,46 @@ def _estimate(st: Round, link_rate: float, tracked: bool) -> float:
     return _floor(st, tracked) + pages * (_page_seconds(st, link_rate) + hash_one)
 
 
-def _start_device_state(vm: VM, mon: Monitor) -> Path:
-    """Have the paused source save its device state (RAM excluded by ``x-ignore-shared``) to a
-    file, in QEMU's own thread while the final round runs here; it ends ``postmigrate``."""
-    path = vm.dir / "outgoing.state"
-    path.unlink(missing_ok=True)
-    touch_private(path)
-    mon.command("migrate", uri=f"exec:cat > {shlex.quote(str(path))}", timeout=DEVSTATE_TIMEOUT)
-    return path
+def _start_device_state(vm: VM, mon: Monitor) -> int:
+    """Have the paused source save its device state (RAM excluded by ``x-ignore-shared``) into a
+    memfd handed over QMP, in QEMU's own thread while the final round runs here; it ends
+    ``postmigrate``. A descriptor, not ``exec:cat``: QEMU forking a shell and cat cost tens of ms
+    of downtime on a loaded host (the receiver's load does the same)."""
+    fd = os.memfd_create("memvirt-devstate", os.MFD_CLOEXEC)
+    try:
+        mon.send_fd(fd, "devstate-out")
+        mon.command("migrate", uri="fd:devstate-out", timeout=DEVSTATE_TIMEOUT)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
-def _finish_device_state(vm: VM, mon: Monitor, path: Path) -> bytes:
-    """Wait for the save :func:`_start_device_state` began; the state's bytes."""
+def _finish_device_state(vm: VM, mon: Monitor, fd: int) -> bytes:
+    """Wait for the save :func:`_start_device_state` began; the state's bytes. Waits on QEMU's
+    ``MIGRATION`` events (capability ``events``) rather than polling ``query-migrate``: polls take
+    the lock QEMU's migration thread needs to save the devices."""
     try:
         deadline = time.monotonic() + DEVSTATE_TIMEOUT
-        while (st := mon.command("query-migrate")).get("status") != "completed":
-            if st.get("status") in ("failed", "cancelled"):
+        while True:
+            left = deadline - time.monotonic()
+            ev = mon.wait_event("MIGRATION", max(left, 0.0)) if left > 0 else None
+            status = (ev or {}).get("data", {}).get("status")
+            if ev is None:  # no event (none in time): ask once, so a failure still names its cause
+                status = mon.command("query-migrate").get("status")
+                if status not in ("completed", "failed", "cancelled"):
+                    raise VMError(f"saving the device state of {vm.name!r} took over {DEVSTATE_TIMEOUT:.0f} s")
+            if status == "completed":
+                break
+            if status in ("failed", "cancelled"):
+                st = mon.command("query-migrate")
                 raise VMError(f"QEMU could not save the device state of {vm.name!r}: {st.get('error-desc', '')}")
-            if time.monotonic() > deadline:
-                raise VMError(f"saving the device state of {vm.name!r} took over {DEVSTATE_TIMEOUT:.0f} s")
-            time.sleep(0.0005)
-        return path.read_bytes()
+        size = os.fstat(fd).st_size
+        if size > MAX_DEVSTATE:
+            raise VMError(f"the device state of {vm.name!r} is {size} bytes (at most {MAX_DEVSTATE})")
+        return os.pread(fd, size, 0)
     finally:
-        path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def migrate(
@@ -269,6 +285,7 @@ def migrate(
     mon: Monitor | None = None
     throttle: Throttle | None = None
     wt: VMWriteTracker | None = None
+    pause_hold = -1
     paused = committed = False
     (vm.dir / COMMITTED).unlink(missing_ok=True)
     guard = spawn_source_guard(vm.dir) if state == "running" else None
@@ -290,7 +307,7 @@ def migrate(
             },
         )
         with vm.monitor() as m:
-            m.set_capabilities(x_ignore_shared=True)
+            m.set_capabilities(x_ignore_shared=True, events=True)
         chan.recv_json(Kind.READY)
         report.setup_seconds = time.perf_counter() - t0
         with RamFileMemory(c.ram_path, vm.regions) as mem:
@@ -352,6 +369,7 @@ def migrate(
                 return st
 
             tracked = wt is not None
+            mon = vm.monitor()  # opened before the pause: a QMP handshake there would be downtime
             while state == "running":
                 st = one_round(False)
                 est, floor = _estimate(st, queue.rate(), tracked), _floor(st, tracked)
@@ -381,7 +399,9 @@ def migrate(
             if throttle is not None:
                 throttle.close()
                 throttle = None
-            mon = vm.monitor()
+            # Held until the source is stopped or resumed: a reclaim batch's cont would otherwise
+            # resume the source during the final round (the reclaim waits its turn).
+            pause_hold = vm.hold_pauses()
             t_pause = time.perf_counter()
             if state == "running":
                 mon.command("stop")
@@ -408,14 +428,16 @@ def migrate(
         report.devstate_bytes = len(devstate)
         chan.send(Kind.DEVSTATE, devstate)
         chan.send_json(Kind.COMMIT, {"digest": tracker.digest(), "rounds": len(report.rounds)})
+        report.switch_over["committed"] = time.perf_counter() - t_pause
         if wt is not None:  # while the target checks and loads: no one else could write the RAM file
             wt.check_writers()
-        chan.recv_json(Kind.VERIFIED)
+            report.switch_over["writers_checked"] = time.perf_counter() - t_pause
+        _receiver_marks(report, chan.recv_json(Kind.VERIFIED))
         report.switch_over["verified"] = time.perf_counter() - t_pause
         (vm.dir / COMMITTED).touch()
         committed = True
         chan.send_json(Kind.GO, {"resume": state == "running"})
-        chan.recv_json(Kind.RUNNING)
+        _receiver_marks(report, chan.recv_json(Kind.RUNNING))
         report.downtime_seconds = time.perf_counter() - t_pause if state == "running" else 0.0
         report.switch_over["running"] = time.perf_counter() - t_pause
     except BaseException as e:
@@ -428,8 +450,12 @@ def migrate(
             _quietly(throttle.close)
         if wt is not None:
             wt.close()
-        if paused and not committed:
-            _resume(vm, mon)
+        try:
+            if paused and not committed:
+                _resume(vm, mon)
+        finally:
+            if pause_hold >= 0:
+                os.close(pause_hold)
         if mon is not None:
             mon.close()
         end_watchdog(guard)
@@ -451,9 +477,22 @@ def migrate(
     report.total_seconds = time.perf_counter() - t0
     t = time.perf_counter()
     end_watchdog(guard)
-    vm.stop()
+    try:
+        vm.stop()
+    finally:
+        os.close(pause_hold)
     report.source_stop_seconds = time.perf_counter() - t
     return report
+
+
+def _receiver_marks(report: Report, msg: dict[str, object]) -> None:
+    """The receiver's own switch-over steps (seconds from its receipt of the device state), kept
+    when well-formed: they only inform the report."""
+    marks = msg.get("marks")
+    if isinstance(marks, dict):
+        for k, v in list(marks.items())[:16]:
+            if isinstance(k, str) and k.startswith("rx_") and isinstance(v, int | float) and 0 <= v < 1e4:
+                report.switch_over[k[:32]] = float(v)
 
 
 def _floor(st: Round, tracked: bool) -> float:

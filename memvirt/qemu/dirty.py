@@ -42,7 +42,7 @@ from typing import Protocol
 import numpy as np
 
 from memvirt.errors import MemvirtError, NotFound, Unsupported, UsageError, VMError
-from memvirt.memory.holes import PunchJournal
+from memvirt.memory.holes import PunchJournal, registered_punchers
 from memvirt.memory.pagehash import hash_pages
 from memvirt.memory.source import PAGE_SHIFT, PAGE_SIZE, Region
 from memvirt.qemu.vm import VM, vm_memory
@@ -412,9 +412,50 @@ def _read_sysctl(name: str) -> str:
         return "unknown"
 
 
+IN_OPEN = 0x20
+IN_NONBLOCK_CLOEXEC = os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class OpenWatch:
+    """Tells whether anyone opened a file since the last :meth:`opened` call (inotify ``IN_OPEN``,
+    any process, any path to the inode, ``/proc/PID/fd`` reopens included), so the /proc walk for
+    writers can be skipped when nobody did: holders can only appear by opening the file (or by
+    inheriting a descriptor from a holder the last walk already judged). Any event, a queue
+    overflow or a failed read counts as an open."""
+
+    def __init__(self, path: str):
+        self.fd = _libc.inotify_init1(IN_NONBLOCK_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        if _libc.inotify_add_watch(self.fd, os.fsencode(path), IN_OPEN) < 0:
+            err = ctypes.get_errno()
+            os.close(self.fd)
+            raise OSError(err, f"inotify_add_watch {path}")
+
+    def opened(self) -> bool:
+        """Drain the events; True if there was any."""
+        seen = False
+        while True:
+            try:
+                if not os.read(self.fd, 65536):
+                    return True
+                seen = True
+            except BlockingIOError:
+                return seen
+            except OSError:
+                return True
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 def ram_file_writers(path: str, owner: int) -> list[str]:
     """Processes other than ``owner`` that can write file ``path``: a writable shared mapping or a
-    descriptor open for writing (their writes, and hole punches, would not be tracked)."""
+    descriptor open for writing (their writes, and hole punches, would not be tracked). A memvirt
+    puncher registered on the file (:func:`~memvirt.memory.holes.register_puncher`: it punches only
+    through the journal) may hold a descriptor, never a writable mapping."""
     try:
         st = os.stat(path)
     except OSError as e:
@@ -424,11 +465,14 @@ def ram_file_writers(path: str, owner: int) -> list[str]:
     real = os.path.realpath(path)
     names = {path, real, path + " (deleted)", real + " (deleted)"}
     out = []
+    punchers = registered_punchers(path)
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == owner:  # memvirt's own writes are not seen either
             continue
         pid = entry.name
-        how = _maps_writable(pid, dev, ino) or _fd_writable(pid, names, st)
+        how = _maps_writable(pid, dev, ino)
+        if not how and int(pid) not in punchers:  # a registered puncher's descriptor only punches, journaled
+            how = _fd_writable(pid, names, st)
         if how:
             out.append(f"process {pid} ({_comm(pid)}) {how}")
     return out
@@ -516,7 +560,13 @@ class VMWriteTracker:
         self.notice = ""
         self.regions = vm.regions
         self.file = vm.config.ram_path if vm.config.ram == "shared" else ""
-        self.check_writers()
+        self.watch: OpenWatch | None = None
+        if self.file:  # before the first walk: an open after the watch is an event, one before is seen
+            try:
+                self.watch = OpenWatch(self.file)
+            except OSError:
+                self.watch = None  # every check walks /proc
+        self.check_writers(force=True)
         start, size = vm.ram_mapping()
         self.tracker = WriteTracker(vm.config.pid, start, size)
         self.tracker.start()
@@ -532,11 +582,15 @@ class VMWriteTracker:
         if self.tracker.strays_closed:
             self.notice = f"closed {self.tracker.strays_closed} unused userfaultfd(s) an earlier tracker left in QEMU"
 
-    def check_writers(self) -> None:
+    def check_writers(self, force: bool = False) -> None:
         """Refuse (VMError) if a process other than QEMU can write the RAM file: its writes would
-        not be seen. A walk of /proc (~80 ms with 120 processes on a loaded host)."""
+        not be seen. A walk of /proc (~80 ms with 120 processes on a loaded host), skipped unless
+        ``force`` when nobody opened the file since the last walk (:class:`OpenWatch`)."""
         self._checked = time.monotonic()
         if not self.file:
+            return
+        opened = self.watch is None or self.watch.opened()  # drained before the walk: a later open is next time's
+        if not (opened or force):
             return
         writers = ram_file_writers(self.file, self.vm.config.pid)
         if writers:
@@ -565,6 +619,9 @@ class VMWriteTracker:
 
     def close(self) -> None:
         self.tracker.close()
+        if self.watch is not None:
+            self.watch.close()
+            self.watch = None
         if self.journal is not None:
             self.journal.close()
             self.journal = None

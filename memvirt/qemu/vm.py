@@ -10,6 +10,7 @@ RAM file copy-on-write (RAM mode ``cow``), so it must not run, and is not stoppe
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -39,6 +40,9 @@ from memvirt.qemu.config import RAM_MODES, VMConfig, ram_mode
 from memvirt.qemu.memcg import MemCgroup
 from memvirt.qemu.monitor import Monitor
 from memvirt.qemu.serial import SERIAL_SOCK, spawn_serial_drain
+
+PAUSE_WAIT = 60.0
+"""Seconds to wait for another pauser (a migration's switch-over is bounded by its session timeout)."""
 
 log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -157,6 +161,28 @@ class VM:
     def require_alive(self) -> None:
         if not self.alive():
             raise VMError(f"VM {self.name!r} is dead (its QEMU exited); see {self.serial_log}")
+
+    def hold_pauses(self, wait: float = PAUSE_WAIT) -> int:
+        """Take this VM's pause lock (an exclusive ``flock`` on ``pause.lock``, a descriptor to
+        close to release it). Whoever pauses the guest to resume it later holds it from ``stop`` to
+        ``cont``: a reclaim's batch, a migration's switch-over. Without it a reclaim's ``cont``
+        resumed a guest a migration had paused for its final round."""
+        try:
+            fd = os.open(self.dir / "pause.lock", os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as e:  # its folder goes with the VM (a migration stopped it)
+            raise VMError(f"VM {self.name!r} is gone ({e.strerror})") from e
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise VMError(
+                        f"VM {self.name!r} stayed paused by another memvirt operation for {wait:.0f} s"
+                    ) from None
+                time.sleep(0.002)
 
     def monitor(self, timeout: float = 30.0) -> Monitor:
         self.require_alive()

@@ -246,14 +246,23 @@ def test_ram_file_writers_names_other_mappers_and_writers(tmp_path: Path) -> Non
     path.write_bytes(bytes(4 * PAGE_SIZE))
     code = textwrap.dedent(f"""
         import mmap, os, sys, time
+        from memvirt.memory.holes import register_puncher
+        if sys.argv[1].startswith("puncher"):
+            reg = register_puncher({str(path)!r})
         fd = os.open({str(path)!r}, os.O_RDWR if sys.argv[1] != "ro" else os.O_RDONLY)
-        if sys.argv[1] == "map":
+        if sys.argv[1].endswith("map"):
             m = mmap.mmap(fd, 0, mmap.MAP_SHARED)
             os.close(fd)
         print("ready", flush=True)
         time.sleep(60)
     """)
-    for mode, expect in (("ro", None), ("fd", "has it open for writing"), ("map", "maps it writable")):
+    for mode, expect in (
+        ("ro", None),
+        ("fd", "has it open for writing"),
+        ("map", "maps it writable"),
+        ("puncher", None),  # memvirt's reclaim: registered, its punches journaled
+        ("puncher-map", "maps it writable"),  # registered, but a mapping writes behind the journal
+    ):
         proc = subprocess.Popen([sys.executable, "-c", code, mode], stdout=subprocess.PIPE, text=True)
         try:
             assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"

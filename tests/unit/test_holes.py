@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from memvirt.memory.holes import PunchJournal, journal_path, punch_frames
+from memvirt.memory.holes import PunchJournal, journal_path, punch_frames, registered_punchers
 
 PAGE = 4096
 
@@ -57,3 +57,21 @@ def test_a_killed_trackers_files_do_not_journal_and_do_not_block_the_next(tmp_pa
     assert j.take().tolist() == [9]
     j.close()
     os.close(fd)
+
+
+def test_a_puncher_is_registered_while_it_lives_and_only_then(tmp_path):
+    """The registry a tracker's writer check trusts names exactly the live registered pids."""
+    ram = str(tmp_path / "ram")
+    code = (
+        "import sys, time; from memvirt.memory.holes import register_puncher; "
+        f"register_puncher({ram!r}); print('ready', flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        assert registered_punchers(ram) == {proc.pid}
+    finally:
+        proc.kill()
+        proc.wait()
+    assert registered_punchers(ram) == set(), "the kernel drops a dead puncher's registration"
+    assert registered_punchers(str(tmp_path / "other")) == set()
