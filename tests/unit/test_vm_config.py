@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -170,3 +174,28 @@ def test_reaper_stops_the_others_past_a_corrupt_vm(home: Path) -> None:
     write("u-a", {"name": "u-a", "memory": 64 << 20})
     assert reaper.reap("t") == ["t-a", "t-c"]
     assert sorted(p.name for p in vms_root().iterdir()) == ["t-b", "u-a"]
+
+
+def test_the_pause_lock_admits_one_pauser_at_a_time(home: Path) -> None:
+    """A reclaim batch and a migration's switch-over never both pause (and resume) one guest: a
+    second holder, here another process, waits its bound and fails with one line; the lock is
+    free again once the first lets go, and a VM whose folder is gone is a VMError, not OSError."""
+    vm = VM(VMConfig(name="vm1", memory=1 << 30, cpus=1))
+    vm.dir.mkdir(mode=0o700)
+    code = (
+        "import sys, time; from memvirt.qemu.vm import VM; "
+        "VM.load('vm1').hold_pauses(); print('held', flush=True); time.sleep(60)"
+    )
+    vm.save()
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        with pytest.raises(VMError, match="stayed paused by another memvirt operation"):
+            vm.hold_pauses(wait=0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+    os.close(vm.hold_pauses(wait=5))
+    shutil.rmtree(vm.dir)
+    with pytest.raises(VMError, match="is gone"):
+        vm.hold_pauses(wait=0.2)
