@@ -342,6 +342,9 @@ def print_rows(rows: list[dict[str, Any]], window: float, bal: dict[str, Any] | 
         "t to 90 % of final s",
         f"ksmd CPU s (to {window:.0f}s / all)",
         "max pause ms",
+        "limit GiB",
+        f"x limit at {window:.0f}s",
+        "slowest guest",
     ):
         t.add_column(c, justify="left" if c == "mode" else "right")
     for r in rows:
