@@ -328,6 +328,42 @@ def balloon(args: argparse.Namespace) -> dict[str, Any]:
         fpr.stop()
 
 
+def pass_cost(args: argparse.Namespace) -> dict[str, Any]:
+    """One guest after the workload: a refresh's fingerprinting of the pages in use, every page
+    (no write tracker) against only those written since the last pass (20 s apart)."""
+    from memvirt.dedup.directed import PM_EXCLUSIVE, _Guest
+    from memvirt.memory.pagemap import PM_PRESENT
+
+    (vm,) = boot(["dd-bench-pass"], args.memory)
+    try:
+        workload([vm], args.churn, args.cold)
+        g = _Guest(vm, reclaim=False)
+        try:
+            g.track()
+            rows = []
+            for i in range(args.pass_rounds):
+                if i:
+                    time.sleep(20)
+                e = g.entries()
+                want = ((e & PM_PRESENT) != 0) & ((e & PM_EXCLUSIVE) != 0) & ~g.intro.scan(live=True).free_mask[g.pfns]
+                for kind in ("incremental", "full"):  # incremental: writes of the last 20 s
+                    if kind == "full":
+                        g.valid[:] = False  # as a refresh without a tracker
+                    t = time.perf_counter()
+                    n = g.prints(want)
+                    rows.append({"kind": kind, "seconds": round(time.perf_counter() - t, 4), "pages": n})
+                    say(f"pass cost: {kind} read {n} of {int(want.sum())} pages in use in {rows[-1]['seconds']} s")
+            return {
+                "in_use_pages": int(want.sum()),
+                "method": g.tracker.method if g.tracker else g.why_full,
+                "rounds": rows,
+            }
+        finally:
+            g.close()
+    finally:
+        vm.stop()
+
+
 def print_rows(rows: list[dict[str, Any]], window: float, bal: dict[str, Any] | None) -> None:
     t = Table(
         title=f"Host memory of the guests (Pss of QEMU RAM mappings), saving vs no sharing; window {window:.0f} s"
@@ -342,6 +378,9 @@ def print_rows(rows: list[dict[str, Any]], window: float, bal: dict[str, Any] | 
         "t to 90 % of final s",
         f"ksmd CPU s (to {window:.0f}s / all)",
         "max pause ms",
+        "limit GiB",
+        f"x limit at {window:.0f}s",
+        "slowest guest",
     ):
         t.add_column(c, justify="left" if c == "mode" else "right")
     for r in rows:
@@ -438,6 +477,8 @@ def main() -> int:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--directed-cpu", type=float, default=0.015, help="ksmd's CPU share in directed mode")
     ap.add_argument("--no-balloon", action="store_true")
+    ap.add_argument("--pass-cost", action="store_true", help="only: one guest, fingerprint pass full vs incremental")
+    ap.add_argument("--pass-rounds", type=int, default=3)
     ap.add_argument("--json", default=str(RESULTS / "dedup.json"))
     ap.add_argument("--png", default=str(RESULTS / "dedup.png"))
     args = ap.parse_args()
@@ -451,6 +492,9 @@ def main() -> int:
     results: dict[str, dict[str, Any]] = {}
     data: dict[str, Any] = {"machine": info, "args": {k: v for k, v in vars(args).items()}}
     try:
+        if args.pass_cost:
+            data["pass_cost"] = pass_cost(args)
+            return 0
         for mode in args.modes.split(","):
             results[mode] = run_mode(
                 mode, args, _stock_share(results.get("stock"), args.window) if mode == "memvirt" else None

@@ -15,9 +15,12 @@ import time
 import pytest
 
 from memvirt.dedup import ksm
-from memvirt.dedup.directed import ram_is_mergeable
+from memvirt.dedup.directed import PM_EXCLUSIVE, _Guest, ram_is_mergeable
+from memvirt.dedup.fingerprint import hash_source
+from memvirt.memory.pagemap import PM_PRESENT
 from memvirt.memory.procmem import find_ram_mapping
 from memvirt.memory.source import PAGE_SIZE
+from memvirt.qemu.dirty import uffd_holds
 from memvirt.qemu.vm import start_vm
 
 pytestmark = pytest.mark.guest
@@ -142,6 +145,9 @@ def test_killed_dedup_run_gives_ram_and_settings_back(twins, ksm_restored):
     while ksm.settings() != ksm_restored or not all(_all_mergeable(vm) for vm in twins):
         assert time.monotonic() < deadline, f"not restored after SIGKILL: {ksm.settings()}"
         time.sleep(0.2)
+    for vm in twins:  # the write tracker's userfaultfd died with dedup run
+        base = find_ram_mapping(vm.config.pid, vm.config.memory)
+        assert uffd_holds(vm.config.pid, base, base + vm.config.memory) == [], vm.name
     for vm in twins:
         assert vm.exec("datacheck verify --state /tmp/dc.state --timeout 60").rc == 0
 
@@ -150,3 +156,53 @@ def test_dedup_run_refuses_shared_ram(guest):
     proc = cli("dedup", "run", guest.name, "--duration", "1")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "anonymous" in lines[0], proc.stderr
+
+
+def _wait_state(vm, path: str) -> None:
+    for _ in range(600):
+        if vm.exec(f"test -e {path}").rc == 0:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{vm.name}: {path} never appeared")
+
+
+def test_refresh_rehashes_only_written_pages_and_equals_a_full_pass(anon_guest):
+    """After the guest writes 24 MiB it keeps, the next pass reads about that many pages, and
+    its hashes of the pages in use are exactly a full pass's (guest paused for the comparison)."""
+    vm = anon_guest
+    vm.exec_background("datacheck write --size 16M --seed 41 --state /tmp/inc1.state", "/tmp/inc1.log")
+    _wait_state(vm, "/tmp/inc1.state")
+    g = _Guest(vm, reclaim=False)
+    try:
+        g.track()
+        assert g.tracker is not None, g.why_full
+
+        def in_use():
+            e = g.entries()
+            free = g.intro.scan(live=True).free_mask[g.pfns]
+            return ((e & PM_PRESENT) != 0) & ((e & PM_EXCLUSIVE) != 0) & ~free
+
+        want = in_use()
+        assert g.prints(want) == int(want.sum())  # the first pass reads every page in use
+        g.prints(in_use())  # settle: what the guest wrote meanwhile
+        vm.exec_background("datacheck write --size 24M --seed 42 --state /tmp/inc2.state", "/tmp/inc2.log")
+        _wait_state(vm, "/tmp/inc2.state")
+        vm.pause()
+        try:
+            want = in_use()
+            n = g.prints(want)
+            full = hash_source(g.mem, skip=~want)
+            assert (g.hashes[want] == full.hashes[want]).all(), int((g.hashes[want] != full.hashes[want]).sum())
+        finally:
+            vm.resume()
+        written = (24 << 20) // PAGE_SIZE
+        print(f"incremental pass read {n} pages of {int(want.sum())} in use; the workload wrote {written}")
+        assert written <= n <= written + (16 << 20) // PAGE_SIZE, (n, written)
+        assert n < want.sum() / 2
+        pid, (base, size) = vm.config.pid, vm.ram_mapping()
+    finally:
+        g.close()
+    assert uffd_holds(pid, base, base + size) == []
+    for st in ("inc1", "inc2"):
+        assert vm.exec(f"datacheck verify --state /tmp/{st}.state --timeout 60").rc == 0
+    vm.exec("pkill datacheck; rm -f /tmp/inc1.state /tmp/inc2.state")

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from memvirt.cli.output import JsonOpt, byte_progress, emit_json, human, out, spinner, table
+from memvirt.cli.output import JsonOpt, byte_progress, emit_json, err, human, out, spinner, table
 from memvirt.errors import MemvirtError, UsageError
 from memvirt.qemu.vm import VM
 
@@ -168,6 +168,7 @@ def dedup_run(
     if len({vm.name for vm in vms}) != len(vms):
         raise UsageError("a VM is named twice")
     samples = []
+    shown: set[str] = set()
     with DirectedKsm(
         vms,
         _share(ksmd_cpu) if ksmd_cpu else None,
@@ -177,6 +178,10 @@ def dedup_run(
     ) as eng:
         while True:
             row = eng.tick()
+            for note in eng.notices:
+                if note not in shown:  # once: a guest whose tracking was refused or ended
+                    shown.add(note)
+                    err.print(f"[dim]{note}[/]")
             samples.append(row)
             if not json_:
                 r = row.get("refresh")
