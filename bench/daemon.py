@@ -57,7 +57,7 @@ def metric(port: int, name: str) -> float | None:
 def start_daemon(config: Path | None, tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
     """The daemon, and its metrics port once it serves (read from its log line)."""
     log = tmp / "memvirtd.log"
-    argv = [sys.executable, "-m", "memvirt", "daemon", "--metrics", "127.0.0.1:0", "--socket", str(tmp / "ctl.sock")]
+    argv = [sys.executable, "-m", "memvirt.daemon.main", "--metrics", "127.0.0.1:0", "--socket", str(tmp / "ctl.sock")]
     if config is not None:
         argv += ["--config", str(config)]
     with open(log, "wb") as lf:

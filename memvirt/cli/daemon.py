@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -37,25 +36,18 @@ def daemon(
     Prometheus metrics; answers 'memvirt status'. SIGHUP reloads the config, SIGTERM gives back
     every cap and host setting. Tells systemd READY=1 through $NOTIFY_SOCKET when there is one.
     """
-    from memvirt.daemon import config as config_mod
-    from memvirt.daemon.metrics import parse_addr
-
-    host, port = parse_addr(metrics)
     if check:
         from dataclasses import asdict
 
+        from memvirt.daemon import config as config_mod
+        from memvirt.daemon.metrics import parse_addr
+
+        parse_addr(metrics)
         emit_json(asdict(config_mod.load(config)))
         return
-    from memvirt.daemon.service import Daemon
+    from memvirt.daemon.main import run
 
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="memvirtd: %(levelname)s: %(message)s",
-    )
-    for noisy in ("qemu", "asyncio"):
-        logging.getLogger(noisy).setLevel(logging.CRITICAL)
-    Daemon(config, (host, port), socket).run()
+    run(config, metrics, socket, False, verbose)
 
 
 def attach(
@@ -222,8 +214,7 @@ def print_demo_daemon(d: dict) -> None:
 
 
 def memvirtd() -> None:
-    """The ``memvirtd`` console script: ``memvirt daemon`` with the CLI's error handling."""
-    from memvirt.cli import main as cli_main
+    """The ``memvirtd`` console script (kept here for old unit files): the lean entry point."""
+    from memvirt.daemon.main import main
 
-    sys.argv = [sys.argv[0], "daemon", *sys.argv[1:]]
-    cli_main.main()
+    main()
