@@ -20,6 +20,7 @@ libvirt = pytest.importorskip("libvirt")
 
 from libvirtd2 import host_uri, second_libvirtd  # noqa: E402
 
+from memvirt.dedup.reclaim import Reclaimer  # noqa: E402
 from memvirt.virt.domain import LibvirtVM  # noqa: E402
 from memvirt.virt.migrate import migrate, wait_gone  # noqa: E402
 
@@ -63,11 +64,13 @@ def test_migrate_sends_fewer_bytes_than_libvirt_alone(domains: Domains, dest: st
     # written and freed: what plain migration sends and memvirt discards
     vm.exec("memtouch --hot 300M --content random --duration 1 >/dev/null", timeout=240).check("dirtying")
 
-    plain = migrate(vm, dest, reclaim=False, dest_xml=_moved_xml(vm, home / "dest"))
+    plain = migrate(vm, dest, dest_xml=_moved_xml(vm, home / "dest"))
     there = _arrived(vm, dest)
     assert vm.dom.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF  # the persistent source, as after virsh migrate
 
-    back = migrate(there, host_uri(), migrate_uri="tcp://127.0.0.1", dest_xml=_moved_xml(there, home))
+    back = migrate(
+        there, host_uri(), reclaimer=Reclaimer, migrate_uri="tcp://127.0.0.1", dest_xml=_moved_xml(there, home)
+    )
     here = _arrived(there, URI)
     conn = libvirt.open(dest)
     with pytest.raises(libvirt.libvirtError):
@@ -75,6 +78,7 @@ def test_migrate_sends_fewer_bytes_than_libvirt_alone(domains: Domains, dest: st
     conn.close()
     assert here.exec("echo alive").text.strip() == "alive"
 
+    print(f"\nLVMIG plain={plain.to_json()} memvirt={back.to_json()}")
     assert plain.bytes > 0 and back.bytes > 0
     assert back.reclaimed_before >= 200 * MIB, back.to_json()
     assert back.bytes <= plain.bytes - 200 * MIB, (plain.to_json(), back.to_json())

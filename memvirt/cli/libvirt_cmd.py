@@ -32,6 +32,7 @@ def migrate(
     QEMU sends discarded pages as zero pages. libvirt does the move: on failure the domain keeps
     running here. Reports libvirt's job statistics: bytes, total time, downtime.
     """
+    from memvirt.dedup.reclaim import Reclaimer
     from memvirt.virt import set_uri
     from memvirt.virt.domain import load
     from memvirt.virt.migrate import migrate as run
@@ -44,7 +45,7 @@ def migrate(
             vm,
             dest,
             live=live,
-            reclaim=reclaim,
+            reclaimer=Reclaimer if reclaim else None,
             during=during,
             migrate_uri=migrate_uri,
             dest_xml=dest_xml.read() if dest_xml else None,

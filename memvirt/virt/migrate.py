@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
@@ -71,7 +72,7 @@ def migrate(
     dest: str,
     *,
     live: bool = True,
-    reclaim: bool = True,
+    reclaimer: Callable[[LibvirtVM], Any] | None = None,
     during: bool = True,
     migrate_uri: str | None = None,
     dest_xml: str | None = None,
@@ -85,10 +86,8 @@ def migrate(
     connect(dest).close()  # a destination that refuses: one line, before any pause
     report = MigrationReport(domain=vm.name, dest=dest)
     rec = None
-    if reclaim:
-        from memvirt.dedup.reclaim import Reclaimer
-
-        rec = Reclaimer(vm)
+    if reclaimer is not None:  # dedup's Reclaimer, passed in: dedup already imports virt (its watchdog)
+        rec = reclaimer(vm)
         report.reclaimed_before = rec.run().reclaimed_bytes
     params: dict[str, Any] = {}
     if migrate_uri := migrate_uri or default_migrate_uri(dest):
