@@ -11,7 +11,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from memvirt import __version__
-from memvirt.cli import compress, dedup, image, mem, migrate, pm, vm
+from memvirt.cli import compress, dedup, image, libvirt_cmd, mem, migrate, pm, vm
 from memvirt.cli.clone import clone
 from memvirt.cli.daemon import attach, daemon, status
 from memvirt.cli.demo import demo
@@ -44,6 +44,7 @@ app.command("dirty")(dirty)
 app.command("compress")(compress.compress)
 app.add_typer(compress.tier_app, name="tier")
 app.add_typer(pm.app, name="pm")
+app.add_typer(libvirt_cmd.app, name="libvirt")
 app.command("demo")(demo)
 app.command("daemon")(daemon)
 app.command("attach")(attach)
