@@ -130,6 +130,10 @@ class PageScanner:
     """Reads and classifies the struct page array of one booted guest kernel."""
 
     def __init__(self, kv: KernelView, layout: Layout):
+        if kv.vmcoreinfo.page_size != PAGE_SIZE:
+            # The page tables are walked at any granule (arm64 16/64 KiB too); the census and the
+            # memory readers still count in 4 KiB frames.
+            raise BadImage(f"{kv.release} uses {kv.vmcoreinfo.page_size >> 10} KiB pages: the census counts 4 KiB ones")
         self.kv = kv
         self.layout = layout
         self.struct_page_size = check_range("sizeof(struct page)", layout.struct_size("page"), 16, 4096)
@@ -398,10 +402,16 @@ class PageScanner:
             classes[_expand(heads, orders, len(classes))] = code
 
     def _count(self, classes: np.ndarray) -> np.ndarray:
+        """Pages per class. Frames below the first RAM frame are left out: they are no hole in
+        the guest's RAM but what the machine puts below it (arm64 ``virt``: devices, RAM from
+        1 GiB), so ``unbacked`` counts holes between RAM ranges only, as on x86."""
+        below = min((first for first, _ in self.kv.mem.pfn_ranges()), default=0)
         if self.native is None:
-            return np.bincount(classes, minlength=len(CLASSES))
-        counts = np.zeros(len(CLASSES), dtype=np.uint64)
-        self.native.count_codes(classes.ctypes.data, len(classes), counts.ctypes.data, len(CLASSES))
+            counts = np.bincount(classes, minlength=len(CLASSES))
+        else:
+            counts = np.zeros(len(CLASSES), dtype=np.uint64)
+            self.native.count_codes(classes.ctypes.data, len(classes), counts.ctypes.data, len(CLASSES))
+        counts[CODE["unbacked"]] -= below
         return counts
 
     def _buddy(self, live: bool, warnings: list[str]) -> None:
