@@ -313,7 +313,8 @@ class KernelView:
         """
         info = self.vmcoreinfo
         try:
-            first_pfn = min((first for first, _ in self.mem.pfn_ranges()), default=0)
+            # In the guest's own page units: 16 KiB frames on an arm64-16k kernel.
+            first_pfn = min((r.gpa for r in self.mem.regions), default=0) // info.page_size
             page_shift = info.page_size.bit_length() - 1
             nr = first_pfn >> (info.number("SECTION_SIZE_BITS") - page_shift) if first_pfn else 0
             size = info.size("mem_section") if nr else 0
@@ -458,16 +459,17 @@ def _arm64_page_table(mem: GuestMemory, info: Vmcoreinfo) -> Arm64PageTable:
     """``swapper_pg_dir``, found through the image mapping (``__kimg_to_phys``: ``va -
     kimage_voffset``, both in VMCOREINFO), must map _stext and itself there.
 
-    ``NUMBER(TCR_EL1_T1SZ)`` (v5.12 on) gives the address size the CPU really uses (``64 -
-    T1SZ``); when it differs from ``VA_BITS`` (a 52-bit kernel on 48-bit hardware) the kernel
-    offsets or folds its top table at run time, which is not handled.
+    The walk's address size is what the CPU uses, ``64 - NUMBER(TCR_EL1_T1SZ)`` (v5.12 on), not
+    the configured ``VA_BITS``: a 52-bit kernel (Debian's from 6.12, CONFIG_ARM64_LPA2) runs
+    with 52 bits, 5 levels of 4 KiB and the LPA2 descriptor format where the CPU has FEAT_LPA2
+    (QEMU's ``-cpu max``), and folds its top level to run with 48 where it has not. Whatever is
+    wrong here (a 64 KiB kernel's offset TTBR1 on 48-bit hardware) fails the check below.
     """
     va_bits = info.va_bits
-    if "NUMBER(TCR_EL1_T1SZ)" in info and 64 - info.number("TCR_EL1_T1SZ") != va_bits:
-        raise BadImage(
-            f"arm64 kernel built for {va_bits}-bit addresses runs with {64 - info.number('TCR_EL1_T1SZ')}: not handled"
-        )
+    t1sz = "NUMBER(TCR_EL1_T1SZ)"
+    walk_bits = 64 - info.number("TCR_EL1_T1SZ") if t1sz in info else va_bits
     pa_bits = info.number("MAX_PHYSMEM_BITS") if "NUMBER(MAX_PHYSMEM_BITS)" in info else 48
+    lpa2 = info.page_size != 65536 and walk_bits > 48
     voffset = info.kimage_voffset
     pgd = kimg_to_phys(info.symbol("swapper_pg_dir"), voffset)
     try:
@@ -476,7 +478,7 @@ def _arm64_page_table(mem: GuestMemory, info: Vmcoreinfo) -> Arm64PageTable:
         raise BadImage(
             f"swapper_pg_dir does not translate: its physical address {pgd:#x} is not RAM in {mem.describe()}"
         ) from None
-    pt = Arm64PageTable(mem, pgd, va_bits, info.page_size, pa_bits)
+    pt = Arm64PageTable(mem, pgd, walk_bits, info.page_size, pa_bits, lpa2)
     for name in ("_stext", "swapper_pg_dir"):
         if not info.has_symbol(name):
             continue

@@ -159,34 +159,58 @@ class Arm64PageTable(Walker):
 
     The granule (``PAGESIZE``: 4, 16 or 64 KiB) decides everything, nothing assumes 4 KiB: a
     table is one granule of 8-byte descriptors, so each level resolves ``page_shift - 3`` bits,
-    and ``va_bits`` (``NUMBER(VA_BITS)``) of address need ``ceil((va_bits - page_shift) /
-    (page_shift - 3))`` levels (arch/arm64/include/asm/pgtable-hwdef.h, ``ARM64_HW_PGTABLE_LEVELS``):
-    4 KiB with 48 bits is 4 levels of 512 entries (leaves 4 KiB, blocks 2 MiB and 1 GiB), 16 KiB
-    with 47 or 48 bits is 3 or 4 levels of 2048 (leaves 16 KiB, blocks 32 MiB; the top table of
-    a 48-bit one has 2 entries), 64 KiB with 48 bits 3 levels of 8192. The top level resolves
-    what is left over. Output addresses are bits [47:page_shift] of a descriptor (48-bit
-    physical addresses; 52-bit ones, FEAT_LPA/LPA2, put bits 51:48 elsewhere and are refused).
+    and ``va_bits`` of address need ``ceil((va_bits - page_shift) / (page_shift - 3))`` levels
+    (arch/arm64/include/asm/pgtable-hwdef.h, ``ARM64_HW_PGTABLE_LEVELS``): 4 KiB with 48 bits is
+    4 levels of 512 entries (leaves 4 KiB, blocks 2 MiB and 1 GiB), with 52 bits 5 (level -1
+    resolves bits 51:48); 16 KiB with 47 or 48 bits is 3 or 4 levels of 2048 (leaves 16 KiB,
+    blocks 32 MiB; the top table of a 48-bit one has 2 entries); 64 KiB with 48 bits 3 levels
+    of 8192. The top level resolves what is left over.
+
+    Output addresses (Arm ARM D8.3) are bits [47:page_shift] of a descriptor with 48-bit
+    physical addresses. With 52-bit ones, 4 and 16 KiB granules use FEAT_LPA2's format
+    (``lpa2``, TCR_EL1.DS=1: bits [49:page_shift], and bits 51:50 in descriptor bits 9:8, where
+    shareability was; Debian's arm64 kernels from 6.12 on, CONFIG_ARM64_LPA2, on a CPU that has
+    it), a 64 KiB granule FEAT_LPA's (bits 51:48 in descriptor bits 15:12).
     """
 
     def __init__(
-        self, mem: GuestMemory, pgd_pa: int, va_bits: int, page_size: int, pa_bits: int = 48, cache_pages: int = 256
+        self,
+        mem: GuestMemory,
+        pgd_pa: int,
+        va_bits: int,
+        page_size: int,
+        pa_bits: int = 48,
+        lpa2: bool = False,
+        cache_pages: int = 256,
     ):
         if page_size not in ARM64_GRANULES:
             raise BadImage(f"PAGESIZE {page_size} is not an arm64 translation granule (4, 16 or 64 KiB)")
-        if not 36 <= va_bits <= 48:
-            raise BadImage(f"VA_BITS {va_bits}: only 36- to 48-bit arm64 kernel address spaces are handled")
-        if pa_bits > 48:
-            raise BadImage(f"{pa_bits}-bit physical addresses (FEAT_LPA/LPA2 descriptors) are not handled")
+        if not 36 <= va_bits <= 52:
+            raise BadImage(f"VA_BITS {va_bits}: not an arm64 kernel address size (36 to 52 bits)")
+        if pa_bits not in (48, 52) or (lpa2 and page_size == 65536):
+            raise BadImage(f"{pa_bits}-bit physical addresses with {page_size >> 10} KiB pages are not arm64's")
         super().__init__(mem, pgd_pa, page_size, cache_pages)
         self.page_shift = page_size.bit_length() - 1
         self.va_bits = va_bits
+        self.lpa2 = lpa2
         bits = self.page_shift - 3
         self.levels = -(-(va_bits - self.page_shift) // bits)
         self._shifts = tuple(self.page_shift + bits * (self.levels - 1 - i) for i in range(self.levels))
         self._index_masks = ((1 << (va_bits - self._shifts[0])) - 1,) + ((1 << bits) - 1,) * (self.levels - 1)
-        # Arm numbers the last level 3 whatever the depth: a 3-level walk starts at level 1.
+        # Arm numbers the last level 3 whatever the depth: a 3-level walk starts at level 1, a
+        # 5-level one at level -1.
         self._first_level = 4 - self.levels
-        self._oa_mask = ((1 << 48) - 1) & ~(page_size - 1)
+        low = 50 if lpa2 else 48
+        self._oa_mask = ((1 << low) - 1) & ~(page_size - 1)
+        # Where bits 51:50 (LPA2) or 51:48 (LPA, 64 KiB with 52-bit addresses) sit, if anywhere.
+        self._oa_high = (8, 0b11, 50) if lpa2 else (12, 0xF, 48) if pa_bits == 52 else None
+
+    def _oa(self, entry: int) -> int:
+        oa = entry & self._oa_mask
+        if self._oa_high is not None:
+            at, mask, to = self._oa_high
+            oa |= ((entry >> at) & mask) << to
+        return oa
 
     def walk(self, va: int) -> tuple[int, int]:
         """``(pa, mapping size)`` for kernel address ``va``: a page, or a block of a middle level."""
@@ -198,15 +222,16 @@ class Arm64PageTable(Walker):
             entry = self._table(table)[(va >> shift) & self._index_masks[depth]]
             level = self._first_level + depth
             is_table = bool(entry & _ARM64_TABLE)
-            # A block needs a level that can hold one: never level 0 (without LPA2) nor the
-            # last level, where bit 1 clear is reserved.
-            if not entry & _ARM64_VALID or (not is_table and (depth == last or level <= 0)):
+            # A block needs a level that can hold one: level 0 only with LPA2, never level -1
+            # nor the last level, where bit 1 clear is reserved.
+            no_block = depth == last or level < 0 or (level == 0 and not self.lpa2)
+            if not entry & _ARM64_VALID or (not is_table and no_block):
                 raise UnmappedAddress(f"virtual address {va:#x} is not mapped (level {level} descriptor {entry:#x})")
             if depth == last or not is_table:
                 size = 1 << shift
-                base = entry & self._oa_mask & ~(size - 1)
+                base = self._oa(entry) & ~(size - 1)
                 return base | (va & (size - 1)), size
-            table = entry & self._oa_mask
+            table = self._oa(entry)
         raise AssertionError("unreachable")
 
 

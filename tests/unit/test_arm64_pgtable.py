@@ -40,8 +40,15 @@ class RamAt1G(GuestMemory):
 class Tables:
     """Builds TTBR1 tables for one granule and address size, the way the hardware reads them."""
 
-    def __init__(self, mem: RamAt1G, granule: int, va_bits: int, first_table_pa: int = RAM_BASE + (32 << 20)):
-        self.mem, self.granule, self.va_bits = mem, granule, va_bits
+    def __init__(
+        self,
+        mem: RamAt1G,
+        granule: int,
+        va_bits: int,
+        first_table_pa: int = RAM_BASE + (32 << 20),
+        lpa2: bool = False,
+    ):
+        self.mem, self.granule, self.va_bits, self.lpa2 = mem, granule, va_bits, lpa2
         self.shift = granule.bit_length() - 1
         bits = self.shift - 3
         self.levels = -(-(va_bits - self.shift) // bits)
@@ -62,13 +69,17 @@ class Tables:
     def _set(self, table: int, index: int, value: int) -> None:
         self.mem.put(table + 8 * index, struct.pack("<Q", value))
 
+    def _oa(self, pa: int) -> int:
+        """``pa`` as a descriptor holds it: LPA2 moves bits 51:50 to bits 9:8."""
+        return (pa & ((1 << 50) - 1)) | ((pa >> 50) & 3) << 8 if self.lpa2 else pa
+
     def map(self, va: int, pa: int, size: int, raw_leaf: int | None = None) -> None:
         """Map ``size`` bytes (a page or a block size of some level) at ``va`` to ``pa``."""
         table = self.root
         for depth, shift in enumerate(self.shifts):
             index = (va >> shift) & self.masks[depth]
             if 1 << shift == size:
-                leaf = pa | (0b11 if depth == self.levels - 1 else 0b01) | (1 << 10)  # AF set
+                leaf = self._oa(pa) | (0b11 if depth == self.levels - 1 else 0b01) | (1 << 10)  # AF set
                 self._set(table, index, leaf if raw_leaf is None else raw_leaf)
                 return
             entry = self._entry(table, index)
@@ -79,7 +90,7 @@ class Tables:
         raise AssertionError(f"{size:#x} is no mapping size of this granule")
 
     def walker(self) -> Arm64PageTable:
-        return Arm64PageTable(self.mem, self.root, self.va_bits, self.granule)
+        return Arm64PageTable(self.mem, self.root, self.va_bits, self.granule, 52 if self.lpa2 else 48, self.lpa2)
 
 
 @pytest.mark.parametrize(
@@ -108,6 +119,26 @@ def test_pages_and_blocks_of_every_granule(granule, va_bits, levels, block):
         t.map(block_va, RAM_BASE + block, block)
         pt.flush()
         assert pt.walk(block_va + granule + 8) == (RAM_BASE + block + granule + 8, block)
+
+
+def test_lpa2_five_levels_and_high_address_bits():
+    """Debian's 6.12+ arm64 kernels run with 52-bit addresses on an LPA2 CPU: 5 levels of 4 KiB
+    (level -1 resolves bits 51:48) and physical bits 51:50 in descriptor bits 9:8; a 512 GiB
+    block is valid at level 0 there, and the same bits 9:8 mean shareability without LPA2."""
+    mem = RamAt1G()
+    t = Tables(mem, 4096, 52, lpa2=True)
+    linear = 0xFFF0_0000_0000_0000  # PAGE_OFFSET with VA_BITS 52
+    t.map(linear + 0x5000, RAM_BASE + 0x7000, 4096)
+    high = (1 << 51) | (1 << 50) | (5 << 39)
+    t.map(0xFFF8_0000_0000_0000, high, 1 << 39)
+    pt = t.walker()
+    assert pt.levels == 5
+    assert pt.walk(linear + 0x5010) == (RAM_BASE + 0x7010, 4096)
+    assert pt.walk(0xFFF8_0000_0000_0042) == (high | 0x42, 1 << 39)
+    plain = Arm64PageTable(mem, t.root, 52, 4096, 48, lpa2=False)
+    with pytest.raises(UnmappedAddress, match="level 0"):
+        plain.walk(0xFFF8_0000_0000_0042)  # no block at level 0 without LPA2
+    assert plain.walk(linear + 0x5010)[0] == RAM_BASE + 0x7010
 
 
 def test_1g_block_and_reads_across_mappings():
@@ -140,8 +171,8 @@ def test_refusals():
         pt.walk(0x0000_7FFF_0000_0000)  # a user (TTBR0) address
     with pytest.raises(BadImage, match="granule"):
         Arm64PageTable(mem, t.root, 48, 8192)
-    with pytest.raises(BadImage, match="52-bit physical"):
-        Arm64PageTable(mem, t.root, 48, 4096, pa_bits=52)
+    with pytest.raises(BadImage, match="not arm64's"):
+        Arm64PageTable(mem, t.root, 48, 65536, pa_bits=52, lpa2=True)
 
 
 def _arm64_info(voffset: int, stext: int, swapper: int, t1sz: int = 16) -> Vmcoreinfo:
@@ -158,8 +189,8 @@ def _arm64_info(voffset: int, stext: int, swapper: int, t1sz: int = 16) -> Vmcor
 
 def test_bootstrap_checks_swapper_pg_dir_against_kimage_voffset():
     """swapper_pg_dir is found at va - kimage_voffset and must map _stext and itself there;
-    a note of another boot (another kimage_voffset) fails, as does a 52-bit kernel on 48-bit
-    hardware (TCR_EL1.T1SZ says what the CPU uses)."""
+    a note of another boot (another kimage_voffset) fails, as does a T1SZ that does not say how
+    these tables are walked (52 bits, 5 levels, over 48-bit tables)."""
     mem = RamAt1G()
     image_pa = RAM_BASE + (2 << 20)
     voffset = KERNEL_VA - image_pa
@@ -174,7 +205,7 @@ def test_bootstrap_checks_swapper_pg_dir_against_kimage_voffset():
     assert kimg_to_phys(KERNEL_VA + 0x1234, voffset) == image_pa + 0x1234
     with pytest.raises(BadImage, match="swapper_pg_dir"):
         _page_table(mem, _arm64_info(voffset - 0x20000, KERNEL_VA + 0x1000, KERNEL_VA + swapper_off))
-    with pytest.raises(BadImage, match="not handled"):
+    with pytest.raises(BadImage, match="swapper_pg_dir"):
         _page_table(mem, _arm64_info(voffset, KERNEL_VA + 0x1000, KERNEL_VA + swapper_off, t1sz=12))
 
 
