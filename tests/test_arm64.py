@@ -13,13 +13,21 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import time
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 from cli import memvirt
 from test_introspect import assert_matches_guest
+from test_migrate import (
+    Receiver,
+    _migrate,
+    host_b,  # noqa: F401 (the receiving host's fixture)
+)
 
+from memvirt.dedup.reclaim import Reclaimer
 from memvirt.image.build import Image, default_image
 from memvirt.introspect import Introspector
 from memvirt.introspect.groundtruth import FrozenFigures
@@ -30,6 +38,7 @@ pytestmark = pytest.mark.guest
 GUEST_FIXTURES = ("arm64_guest",)
 SERIES = "6.1"
 NAME = "arm64-guest"
+COUNTER = "/tmp/a64.count"
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +102,51 @@ def test_inspect_cli(arm64_guest):
     out = json.loads(proc.stdout)
     assert out["kernel"]["release"] == arm64_guest.config.kernel_release
     assert out["pages"]["free"] > 0
+
+
+@pytest.mark.timeout(900)
+def test_reclaim_clone_and_live_migration(arm64_guest, host_b):  # noqa: F811
+    """What rests on the census works on arm64 as on x86: a reclaim punches the guest's free pages
+    out of its RAM file and datacheck's data stays intact; a lazy clone runs on (its counter
+    advances); a live migration to another "host" moves the guest, data and workload intact.
+    Last in the module: the shared guest leaves with the migration."""
+    vm = arm64_guest
+    vm.exec_background("datacheck write --size 24M --seed 65 --state /tmp/rc.state", "/tmp/rc.log")
+    vm.exec_background(f"memtouch --hot 4M --cold 8M --counter-file {COUNTER}", "/tmp/mt.log")
+    vm.exec(f"while [ ! -e /tmp/rc.state ] || [ ! -s {COUNTER} ]; do sleep 0.1; done").check("workloads")
+    vm.exec("memtouch --hot 96M --content random --duration 1 >/dev/null", timeout=120).check("dirtying free memory")
+    with Reclaimer(vm) as rec:
+        rep = rec.run()
+    assert rep.reclaimed_bytes >= 32 << 20, rep
+    assert vm.exec("datacheck verify --state /tmp/rc.state --timeout 60").rc == 0
+
+    proc = memvirt("clone", vm.name, "--count", "1", "--prefix", "a64c", "--json")
+    assert proc.returncode == 0, proc.stderr
+    clone = VM.load(json.loads(proc.stdout)["clones"][0]["name"])
+    try:
+        assert clone.config.arch == "arm64"
+        first = int(clone.exec(f"cat {COUNTER}").check("counter").text)
+        time.sleep(1)
+        assert int(clone.exec(f"cat {COUNTER}").check("counter").text) > first
+    finally:
+        clone.stop(force=True)
+    VM.load(vm.name).resume()  # the template becomes an ordinary VM again
+
+    rx = Receiver(host_b)
+    tx = _migrate(vm.name, rx.port, "--as", "a64-moved")
+    out, err = tx.communicate(timeout=300)
+    assert tx.returncode == 0, err
+    assert rx.wait() == 0, rx.log
+    os.environ["MEMVIRT_HOME"], home = host_b["MEMVIRT_HOME"], os.environ["MEMVIRT_HOME"]
+    try:
+        moved = VM.load("a64-moved")
+        assert moved.config.arch == "arm64" and moved.status() == "running"
+        assert moved.exec("datacheck verify --state /tmp/rc.state --timeout 60").rc == 0
+        a = int(moved.exec(f"cat {COUNTER}").check("counter").text)
+        time.sleep(1)
+        assert int(moved.exec(f"cat {COUNTER}").check("counter").text) > a
+    finally:
+        os.environ["MEMVIRT_HOME"] = home
 
 
 @pytest.mark.timeout(900)
