@@ -219,14 +219,15 @@ def default_image(
     return build_image(resolve_kernel(kernel, flavour, modules, arch=arch_))
 
 
-def find_image(spec: str | None) -> Image:
-    """An image by folder path, by name (or unique name prefix), or by kernel spec."""
+def find_image(spec: str | None, arch_: str = HOST_ARCH) -> Image:
+    """An image by folder path, by name (or unique name prefix), or by kernel spec (a series or
+    package is looked up for ``arch_``)."""
     if spec is None:
-        return default_image()
+        return default_image(arch_=arch_)
     p = Path(spec)
     if (p / "image.json").exists():
         return load_image(p)
     matches = [i for i in list_images() if i.name == spec]
     if len(matches) == 1:
         return matches[0]
-    return default_image(spec)
+    return default_image(spec, arch_=arch_)
