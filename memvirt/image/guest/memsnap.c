@@ -90,14 +90,26 @@ static int pvpanic_open(void)
             continue;
         }
         close(fd);
+        /* sysfs maps the page holding BAR 0; with pages bigger than the BAR's alignment (16 KiB
+         * pages, a 4 KiB-aligned BAR) the register sits at the BAR's offset in that page. */
+        unsigned long long start = 0;
+        snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/resource", e->d_name);
+        FILE *res = fopen(path, "r");
+        if (res == NULL || fscanf(res, "%llx", &start) != 1) {
+            if (res != NULL)
+                fclose(res);
+            continue;
+        }
+        fclose(res);
+        size_t page = (size_t)sysconf(_SC_PAGESIZE);
         snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/resource0", e->d_name);
         fd = open(path, O_RDWR | O_SYNC);
         if (fd < 0)
             continue;
-        void *p = mmap(NULL, (size_t)sysconf(_SC_PAGESIZE), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        void *p = mmap(NULL, page, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
         close(fd);
         if (p != MAP_FAILED)
-            pvpanic_bar = p;
+            pvpanic_bar = (volatile unsigned char *)p + (start & (page - 1));
     }
     closedir(d);
     return pvpanic_bar != NULL ? 0 : -1;
