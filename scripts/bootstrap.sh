@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static gcc libc6-dev make cpio kmod makedumpfile
+              # arm64 guests (docs/support.md): QEMU for them and a cross compiler for their static programs
+              qemu-system-arm gcc-aarch64-linux-gnu libc6-dev-arm64-cross
               xz-utils zstd python3-venv python3-pip ca-certificates
               liblz4-dev libzstd-dev libxxhash-dev libssl-dev
               # libvirt 9.0 for libvirt:NAME domains (docs/libvirt.md). The -sysv flavour of

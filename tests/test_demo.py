@@ -75,12 +75,25 @@ def _wait_for_guest(env: dict[str, str], proc: subprocess.Popen[str], seconds: f
     time.sleep(3)
 
 
-def test_demo_runs_every_step_on_this_host(home: dict[str, str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("arch", ["amd64", pytest.param("arm64", marks=pytest.mark.kernels)])
+def test_demo_runs_every_step_on_this_host(home: dict[str, str], tmp_path: Path, arch: str) -> None:
     """Every step, compression included, whether DAMON is free or held by another tool; the host's
-    swap and kdamonds are as they were, and no guest is left."""
+    swap and kdamonds are as they were, and no guest is left. ``--arch arm64`` runs the same steps
+    on an arm64 guest under TCG (in the kernel matrix, ``-m kernels``)."""
     swaps, kdamonds = tiers.active_swaps(), damon.kdamonds()
     proc = subprocess.run(
-        [sys.executable, "-m", "memvirt", "demo", "--no-pm", "--json", "--map", str(tmp_path / "map.png")],
+        [
+            sys.executable,
+            "-m",
+            "memvirt",
+            "demo",
+            "--no-pm",
+            "--json",
+            "--arch",
+            arch,
+            "--map",
+            str(tmp_path / "map.png"),
+        ],
         env=home,
         capture_output=True,
         text=True,

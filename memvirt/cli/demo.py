@@ -113,6 +113,7 @@ class Steps:
 def demo(
     memory: Annotated[str, typer.Option(help="Guest RAM.")] = "512M",
     image: Annotated[str | None, typer.Option(help="Image or kernel series (default: Debian 6.1).")] = None,
+    arch: Annotated[str, typer.Option(help="Guest architecture of a kernel series: amd64 or arm64 (TCG).")] = "amd64",
     name: Annotated[str, typer.Option(help="Name of the demo VM.")] = "memvirt-demo",
     map_: Annotated[Path, typer.Option("--map", help="Where to draw the guest's memory map.")] = Path(
         "memvirt-demo-map.png"
@@ -133,7 +134,7 @@ def demo(
     img = steps.run(
         "image",
         "building the default image (the first run downloads a Debian kernel)",
-        lambda: find_image(image),
+        lambda: find_image(image, arch),
         lambda i: out.print(f"[bold]Image[/]: {i.path}"),
         bad_input_ends=True,
     )
@@ -141,7 +142,9 @@ def demo(
     before = reaper.existing()
     guard = reaper.spawn(name)
     try:
-        _run(steps, report, img, name, mem_bytes, map_, pm, image)
+        # pm boots its machines from an image spec: an arm64 series must name the image built here.
+        pm_spec = str(img.path) if arch != "amd64" and img is not None else image
+        _run(steps, report, img, name, mem_bytes, map_, pm, pm_spec)
     finally:
         try:
             if json_:

@@ -19,7 +19,11 @@ def build(
         str,
         typer.Option(help="Debian series (6.1, 6.12, 7.2), a linux-image-* package name, or a path to a vmlinuz."),
     ] = "6.1",
-    flavour: Annotated[str, typer.Option(help="Debian kernel flavour: amd64, cloud or rt.")] = "amd64",
+    flavour: Annotated[
+        str | None,
+        typer.Option(help="Debian kernel flavour: cloud, rt, 16k (arm64, 16 KiB pages); default: the plain one."),
+    ] = None,
+    arch: Annotated[str, typer.Option(help="Guest architecture: amd64 or arm64 (TCG on an x86 host).")] = "amd64",
     modules: Annotated[
         str | None, typer.Option(help="Module folder (/lib/modules/RELEASE) to go with a --kernel PATH.")
     ] = None,
@@ -34,15 +38,16 @@ def build(
 ) -> None:
     """Fetch a kernel (apt-get download, cached in ~/.cache/memvirt) and build an initramfs for it.
 
-    Kernels of trixie and sid come through a private apt (~/.cache/memvirt/apt/SUITE) that leaves
-    the host's apt sources and state alone.
+    Kernels of trixie and sid, and every arm64 package (kernel, busybox, the -dev packages the
+    cross-compiled guest programs link), come through a private apt (~/.cache/memvirt/apt/SUITE,
+    SUITE-arm64) that leaves the host's apt sources and state alone.
 
     The initramfs holds busybox, memvirt's guest init and command agent, the workload programs
     (memtouch, datacheck, physaddr) and the modules the guest needs (virtio console and net,
     qemu_fw_cfg).
     """
-    with spinner(f"fetching kernel {kernel} ({flavour})"):
-        k = resolve_kernel(kernel, flavour, modules, suite)
+    with spinner(f"fetching kernel {kernel} ({flavour or arch})"):
+        k = resolve_kernel(kernel, flavour, modules, suite, arch)
     with spinner(f"building image for {k.release}"):
         img = build_image(k, force=force)
     if json_:
@@ -58,4 +63,6 @@ def list_(json_: JsonOpt = False) -> None:
     if json_:
         emit_json([i.to_json() for i in imgs])
         return
-    table(None, ["NAME", "KERNEL", "PROGRAMS"], [[i.name, i.release, ",".join(i.programs)] for i in imgs])
+    table(
+        None, ["NAME", "KERNEL", "ARCH", "PROGRAMS"], [[i.name, i.release, i.arch, ",".join(i.programs)] for i in imgs]
+    )

@@ -45,7 +45,7 @@ def inspect(
     with open_memory(source, format, parse_size(ram_size) if ram_size else None, machine, qmp) as mem:
         t = time.perf_counter()
         with spinner(f"bootstrapping from {mem.describe()}"):
-            intro = Introspector(mem, layouts=layouts)
+            intro = Introspector(mem, layouts=layouts, any_page_size=True)
         with spinner("scanning"), held_still(source, pause) as state:
             census = intro.scan(live=bool(state["live"]), content=content)
         census.timings["total"] = time.perf_counter() - t
@@ -70,11 +70,13 @@ def _print(census: Census, report: dict) -> None:
     live = " (LIVE: racy, the guest kept running)" if census.live else ""
     out.print(f"[bold]{report['source']}[/]: Linux {census.release}{live}")
     rows = [
-        [c, census.counts[c], human(census.counts[c] * 4096), f"{100 * census.counts[c] / total:.1f} %"]
+        [c, census.counts[c], human(census.counts[c] * census.page_size), f"{100 * census.counts[c] / total:.1f} %"]
         for c in CLASSES
     ]
     if "zero" in census.counts:
-        rows.append(["(zero content)", census.counts["zero"], human(census.counts["zero"] * 4096), "of allocated"])
+        rows.append(
+            ["(zero content)", census.counts["zero"], human(census.counts["zero"] * census.page_size), "of allocated"]
+        )
     table(None, ["CLASS", "PAGES", "SIZE", "SHARE"], rows)
     tm = census.timings
     parts = [f"bootstrap {tm['bootstrap'] * 1000:.0f} ms", f"scan {tm['scan'] * 1000:.1f} ms"]

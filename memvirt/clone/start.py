@@ -142,6 +142,7 @@ def start_clone(template: VM, name: str, eager: bool = False, progress: Progress
         name=name,
         memory=c.memory,
         cpus=c.cpus,
+        arch=c.arch,
         ram="shared" if eager else "cow",
         image=c.image,
         kernel_release=c.kernel_release,

@@ -3,6 +3,12 @@
 An image is a folder under ``cache_home()/images/<name>`` holding ``vmlinuz``, ``initrd.img``
 and ``image.json``. Its name is the kernel release plus a digest of everything that went into
 the initramfs, so a change to the guest programs builds a new image instead of reusing a stale one.
+
+An image is of one architecture, its kernel's (``image.json`` ``arch``; older ones are amd64).
+For a foreign one (arm64 on an x86 host) busybox is Debian's ``busybox-static`` of that
+architecture and the guest programs are cross-compiled (``aarch64-linux-gnu-gcc``) against the
+static libraries of that architecture's ``-dev`` packages, all fetched through the private apt
+(:mod:`memvirt.image.apt`) and unpacked under ``cache_home()/sysroot/<arch>``, never installed.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ from pathlib import Path
 
 from elftools.elf.elffile import ELFFile
 
+from memvirt.arch import HOST_ARCH, ArchName, arch
 from memvirt.errors import MemvirtError, NotFound
+from memvirt.image import apt
 from memvirt.image import modules as kmod
 from memvirt.image.cpio import CpioWriter
 from memvirt.image.kernel import Kernel, resolve_kernel
@@ -41,6 +49,7 @@ class Image:
     kernel_package: str | None
     modules: list[str]
     programs: list[str]
+    arch: ArchName = HOST_ARCH
 
     @property
     def vmlinuz(self) -> Path:
@@ -60,7 +69,9 @@ def _guest_file(name: str) -> bytes:
     return resources.files(GUEST_DIR).joinpath("guest", name).read_bytes()
 
 
-def _static_busybox() -> Path:
+def _static_busybox(arch_: str = HOST_ARCH) -> Path:
+    if arch_ != HOST_ARCH:
+        return _foreign_root(arch_, ("busybox-static",)) / "bin" / "busybox"
     for c in BUSYBOX_CANDIDATES:
         p = Path(c)
         if p.exists():
@@ -77,11 +88,48 @@ def _program_list() -> list[tuple[str, str, list[str]]]:
     return [(r[0], r[1], r[2:]) for r in rows]
 
 
-def _compile_programs(workdir: Path) -> dict[str, bytes]:
-    """Compile the guest workload programs statically: the guest has no libc of its own."""
-    cc = shutil.which("gcc") or shutil.which("cc")
+FOREIGN_DEV_PACKAGES = ("liblz4-dev", "libzstd-dev", "libssl-dev", "libxxhash-dev")
+"""Debian ``-dev`` packages of a foreign architecture a cross build unpacks (headers and static
+libraries): pmagent's ``-llz4 -lzstd -lcrypto``, and xxhash, which it uses header-only."""
+
+
+def _foreign_root(arch_: str, packages: tuple[str, ...]) -> Path:
+    """``cache_home()/sysroot/<arch>`` with ``packages`` of that architecture unpacked into it
+    (``dpkg-deb -x``: nothing is installed, the host's dpkg never hears of the architecture)."""
+    root = cache_home() / "sysroot" / arch_
+    root.mkdir(parents=True, exist_ok=True)
+    suite = apt.private_suite(None, arch_)
+    for package in packages:
+        stamp = root / f".{package}"
+        deb = apt.download(package, suite, arch_)
+        if stamp.is_file() and stamp.read_text() == deb.name:
+            continue
+        proc = subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise MemvirtError(f"cannot unpack {deb.name}: {proc.stderr.strip()}")
+        stamp.write_text(deb.name)
+    return root
+
+
+def _compiler(arch_: str) -> tuple[str, list[str]]:
+    """The C compiler for ``arch_`` and the flags that point it at the foreign sysroot."""
+    a = arch(arch_)
+    if not a.gnu_triplet:
+        cc = shutil.which("gcc") or shutil.which("cc")
+        if cc is None:
+            raise NotFound("no C compiler found: install Debian's gcc and libc6-dev")
+        return cc, []
+    cc = shutil.which(f"{a.gnu_triplet}-gcc")
     if cc is None:
-        raise NotFound("no C compiler found: install Debian's gcc and libc6-dev")
+        raise NotFound(f"no {a.gnu_triplet}-gcc: install Debian's gcc-{a.gnu_triplet.replace('_', '-')}")
+    root = _foreign_root(arch_, FOREIGN_DEV_PACKAGES)
+    inc, lib = root / "usr" / "include", root / "usr" / "lib" / a.gnu_triplet
+    return cc, [f"-I{inc}", f"-I{inc / a.gnu_triplet}", f"-L{lib}"]
+
+
+def _compile_programs(workdir: Path, arch_: str = HOST_ARCH) -> dict[str, bytes]:
+    """Compile the guest workload programs statically: the guest has no libc of its own."""
+    cc, sysroot = _compiler(arch_)
     out: dict[str, bytes] = {}
     for header in GUEST_HEADERS:
         (workdir / header).write_bytes(_guest_file(header))
@@ -90,7 +138,7 @@ def _compile_programs(workdir: Path) -> dict[str, bytes]:
         src.write_bytes(_guest_file(source))
         binary = workdir / name
         proc = subprocess.run(
-            [cc, "-O2", "-static", "-s", "-Wall", "-Wextra", "-o", str(binary), str(src), *flags],
+            [cc, "-O2", "-static", "-s", "-Wall", "-Wextra", *sysroot, "-o", str(binary), str(src), *flags],
             capture_output=True,
             text=True,
         )
@@ -108,8 +156,8 @@ def _digest(*parts: bytes) -> str:
 
 
 def build_image(kernel: Kernel, force: bool = False) -> Image:
-    """Build (or reuse) the image for ``kernel``."""
-    busybox = _static_busybox().read_bytes()
+    """Build (or reuse) the image for ``kernel`` (of its architecture)."""
+    busybox = _static_busybox(kernel.arch).read_bytes()
     guest_sources = [_guest_file(n) for n in ("init", "memvirt-agent", "programs.txt", *GUEST_HEADERS)]
     guest_sources += [_guest_file(src) for _, src, _ in _program_list()]
     mods = kmod.resolve(kernel.modules, kmod.GUEST_MODULES) if kernel.modules else []
@@ -120,7 +168,7 @@ def build_image(kernel: Kernel, force: bool = False) -> Image:
         return load_image(dest)
 
     with tempfile.TemporaryDirectory() as tmp:
-        programs = _compile_programs(Path(tmp))
+        programs = _compile_programs(Path(tmp), kernel.arch)
     cpio = CpioWriter()
     for d in ("bin", "dev", "proc", "sys", "tmp", "run", "etc", "etc/memvirt", "lib", "lib/modules"):
         cpio.dir(d)
@@ -138,7 +186,7 @@ def build_image(kernel: Kernel, force: bool = False) -> Image:
     tmpdest = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=dest.parent))
     (tmpdest / "initrd.img").write_bytes(gzip.compress(cpio.finish(), compresslevel=6))
     shutil.copyfile(kernel.vmlinuz, tmpdest / "vmlinuz")
-    image = Image(name, dest, kernel.release, kernel.package, [m for m, _ in mods], sorted(programs))
+    image = Image(name, dest, kernel.release, kernel.package, [m for m, _ in mods], sorted(programs), kernel.arch)
     (tmpdest / "image.json").write_text(json.dumps(image.to_json(), indent=2))
     shutil.rmtree(dest, ignore_errors=True)
     try:
@@ -164,19 +212,22 @@ def list_images() -> list[Image]:
     return [load_image(p) for p in sorted(root.glob("*")) if (p / "image.json").exists()]
 
 
-def default_image(kernel: str | None = None, flavour: str = "amd64", modules: str | None = None) -> Image:
-    """The image for a kernel spec (default: newest Debian 6.1 amd64), built if needed."""
-    return build_image(resolve_kernel(kernel, flavour, modules))
+def default_image(
+    kernel: str | None = None, flavour: str | None = None, modules: str | None = None, arch_: str = HOST_ARCH
+) -> Image:
+    """The image for a kernel spec (default: newest Debian 6.1 of the host's architecture), built if needed."""
+    return build_image(resolve_kernel(kernel, flavour, modules, arch=arch_))
 
 
-def find_image(spec: str | None) -> Image:
-    """An image by folder path, by name (or unique name prefix), or by kernel spec."""
+def find_image(spec: str | None, arch_: str = HOST_ARCH) -> Image:
+    """An image by folder path, by name (or unique name prefix), or by kernel spec (a series or
+    package is looked up for ``arch_``)."""
     if spec is None:
-        return default_image()
+        return default_image(arch_=arch_)
     p = Path(spec)
     if (p / "image.json").exists():
         return load_image(p)
     matches = [i for i in list_images() if i.name == spec]
     if len(matches) == 1:
         return matches[0]
-    return default_image(spec)
+    return default_image(spec, arch_=arch_)

@@ -38,6 +38,7 @@ class Introspector:
         hint_gpa: int | None = None,
         cache: bool = True,
         shelf: Any = buildcache,
+        any_page_size: bool = False,
     ):
         t0 = time.perf_counter()
         self.layouts = layouts
@@ -58,7 +59,7 @@ class Introspector:
             if "layout" in hit:
                 try:
                     self.layout = TrackedLayout(hit["layout"])
-                    self.scanner = PageScanner(self.kernel, self.layout)
+                    self.scanner = PageScanner(self.kernel, self.layout, any_page_size)
                     self.cached = True
                 except LayoutMissing:
                     self.kernel = KernelView.open(mem, hint_gpa=hint_gpa)
@@ -69,7 +70,7 @@ class Introspector:
                 self._to_store = buildcache.RecordingSymbols(self.kernel.symbols)
                 self.kernel.symbols = self._to_store
             self.layout = choose_layout(self.kernel, layouts)
-            self.scanner = PageScanner(self.kernel, self.layout)
+            self.scanner = PageScanner(self.kernel, self.layout, any_page_size)
         self.bootstrap_seconds = time.perf_counter() - t0
 
     @property

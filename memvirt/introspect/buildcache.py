@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from memvirt.errors import MemvirtError
+from memvirt.introspect.kernel import arm64_is_linear
 from memvirt.introspect.layout import KeyedLayout, LayoutMissing
 from memvirt.introspect.pgtable import KERNEL_IMAGE_SIZE, START_KERNEL_map
 from memvirt.introspect.vmcoreinfo import BUILD_ID, Vmcoreinfo
@@ -72,6 +73,12 @@ _BOOT_NUMBERS = {
     "sme_mask",
     "KERNEL_IMAGE_SIZE",
     "pgtable_l5_enabled",
+    # arm64 (arch/arm64/kernel/vmcore_info.c): the image's and the linear map's KASLR offsets,
+    # and what the CPU offers (52-bit addresses, pointer authentication).
+    "kimage_voffset",
+    "PHYS_OFFSET",
+    "TCR_EL1_T1SZ",
+    "KERNELPACMASK",
 }
 _CHOICE = re.compile(r"[a-z]{1,16}")
 _HEX = re.compile(r"[0-9a-f]{64}")
@@ -79,7 +86,12 @@ _HEX = re.compile(r"[0-9a-f]{64}")
 ReadVA = Callable[[int, int], np.ndarray]
 
 
-def _in_image(va: int, size: int = 0) -> bool:
+def _in_image(info: Vmcoreinfo, va: int, size: int = 0) -> bool:
+    """Whether ``[va, va + size)`` is kernel-image memory, whose place moves only with KASLR.
+    arm64 has no fixed image window like x86's ``__START_KERNEL_map``: there it is anything
+    outside the linear map (``kernel.arm64_is_linear``)."""
+    if info.arch == "arm64":
+        return not arm64_is_linear(info, va) and not arm64_is_linear(info, va + size)
     return START_KERNEL_map <= va and va + size <= START_KERNEL_map + KERNEL_IMAGE_SIZE
 
 
@@ -119,7 +131,7 @@ def content_digest(info: Vmcoreinfo, read_va: ReadVA, btf: tuple[int, int] | Non
             spans.append(btf)
         h = hashlib.sha256()
         for n, (start, stop) in enumerate(spans):
-            if not (0 < stop - start <= MAX_HASHED and _in_image(start, stop - start)):
+            if not (0 < stop - start <= MAX_HASHED and _in_image(info, start, stop - start)):
                 return None
             h.update(f"{start - kaslr:x}-{stop - start:x}\n".encode())
             data = read_va(start, stop - start)
@@ -222,7 +234,7 @@ def _contradiction(entry: dict[str, Any], info: Vmcoreinfo) -> str | None:
         if (
             rel is not None
             and info.has_symbol(name)
-            and _in_image(info.symbol(name))
+            and _in_image(info, info.symbol(name))
             and rel + kaslr != info.symbol(name)
         ):
             return f"symbol {name} differs from VMCOREINFO"

@@ -85,6 +85,8 @@ class Census:
     """Head frames of the buddy blocks on the free lists (per-cpu lists not included)."""
     buddy_orders: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     """Order of each block in :attr:`buddy_heads` (the block is ``2**order`` frames)."""
+    page_size: int = PAGE_SIZE
+    """The guest's page size: a frame (an index of :attr:`classes`) is this many bytes."""
 
     @property
     def free_mask(self) -> np.ndarray:
@@ -95,7 +97,7 @@ class Census:
         pages = dict(self.counts)
         return {
             "kernel": {"release": self.release},
-            "page_size": PAGE_SIZE,
+            "page_size": self.page_size,
             "pages": pages,
             "zones": [
                 {
@@ -129,7 +131,22 @@ def _off(layout: Layout, struct: str, *members: str) -> int:
 class PageScanner:
     """Reads and classifies the struct page array of one booted guest kernel."""
 
-    def __init__(self, kv: KernelView, layout: Layout):
+    def __init__(self, kv: KernelView, layout: Layout, any_page_size: bool = False):
+        """``any_page_size``: the caller reads :attr:`Census.page_size` (``inspect`` does).
+
+        The scan works in the guest's own frames, whatever its page size (arm64: 4, 16 or
+        64 KiB): frame numbers come from ``struct page`` addresses and the free lists, so they are
+        the kernel's. The capabilities built on the census (reclaim, migration, dedup) index RAM
+        in 4 KiB frames and so get a census only of a 4 KiB-page guest.
+        """
+        self.page_size = kv.vmcoreinfo.page_size
+        if self.page_size != PAGE_SIZE and not any_page_size:
+            raise BadImage(
+                f"{kv.release} uses {self.page_size >> 10} KiB pages: only inspect counts them, the rest of "
+                "memvirt works in 4 KiB frames"
+            )
+        if self.page_size < PAGE_SIZE or self.page_size % PAGE_SIZE:
+            raise BadImage(f"{kv.release} has a page size of {self.page_size} bytes")
         self.kv = kv
         self.layout = layout
         self.struct_page_size = check_range("sizeof(struct page)", layout.struct_size("page"), 16, 4096)
@@ -154,7 +171,7 @@ class PageScanner:
         self.pcp = PcpLayout.from_layout(layout)
         self.lru = field("lru", pcp_lru_offset(layout))
         self.orders = check_range("LENGTH(zone.free_area)", layout.array_length("zone", "free_area"), 1, MAX_ORDERS)
-        self.max_pfn = kv.mem.max_pfn
+        self.max_pfn = max((r.end for r in kv.mem.regions), default=0) // self.page_size
         self.runs = self._vmemmap_runs()
         self.block = np.empty((BLOCK_PAGES, self.struct_page_size), dtype=np.uint8)
         self.lru_next = np.zeros(self.max_pfn, dtype=np.uint64)
@@ -192,14 +209,15 @@ class PageScanner:
         """``(first_pfn, end_pfn, pa)`` runs of struct pages for the source's RAM frames."""
         runs: list[tuple[int, int, int]] = []
         per = self.struct_page_size
-        for first, end in self.kv.mem.pfn_ranges():
+        for first, end in self._pfn_ranges():
             pfn = first
             while pfn < end:
                 va = self.kv.vmemmap_base + pfn * per
                 try:
                     pa, leaf = self.kv.page_table.walk(va)
                 except UnmappedAddress:
-                    pfn = ((va // PAGE_SIZE + 1) * PAGE_SIZE - self.kv.vmemmap_base + per - 1) // per
+                    step = self.page_size  # vmemmap is mapped in the guest's pages at least
+                    pfn = ((va // step + 1) * step - self.kv.vmemmap_base + per - 1) // per
                     continue
                 leaf_end = (va // leaf + 1) * leaf
                 last = min(end, (leaf_end - self.kv.vmemmap_base) // per)
@@ -215,6 +233,10 @@ class PageScanner:
         if not runs:
             raise BadImage("no struct page of any RAM frame is mapped: vmemmap_base is wrong")
         return runs
+
+    def _pfn_ranges(self) -> list[tuple[int, int]]:
+        """RAM as ``[(first, end), ...]`` in the guest's frames (RAM ranges are whole pages)."""
+        return [(r.gpa // self.page_size, r.end // self.page_size) for r in self.kv.mem.regions]
 
     def struct_page_pa(self, pfns: np.ndarray) -> np.ndarray:
         """Guest-physical address of each frame's struct page (frames must be RAM)."""
@@ -369,13 +391,14 @@ class PageScanner:
             warnings=warnings,
             buddy_heads=self.buddy_heads.copy(),
             buddy_orders=self.buddy_orders.copy(),
+            page_size=self.page_size,
         )
         for m in self.types.missing():
             warnings.append(f"not classified: {m}")
         t["scan"] = time.perf_counter() - t0
         if content:
             t3 = time.perf_counter()
-            census.zero = zero_pages(self.kv.mem, self.max_pfn)
+            census.zero = zero_pages(self.kv.mem, self.max_pfn, self.page_size)
             allocated = ~census.free_mask & (classes != CODE["unbacked"])
             census.counts["zero"] = int((census.zero & allocated).sum())
             t["content"] = time.perf_counter() - t3
@@ -398,10 +421,16 @@ class PageScanner:
             classes[_expand(heads, orders, len(classes))] = code
 
     def _count(self, classes: np.ndarray) -> np.ndarray:
+        """Pages per class. Frames below the first RAM frame are left out: they are no hole in
+        the guest's RAM but what the machine puts below it (arm64 ``virt``: devices, RAM from
+        1 GiB), so ``unbacked`` counts holes between RAM ranges only, as on x86."""
+        below = min((first for first, _ in self._pfn_ranges()), default=0)
         if self.native is None:
-            return np.bincount(classes, minlength=len(CLASSES))
-        counts = np.zeros(len(CLASSES), dtype=np.uint64)
-        self.native.count_codes(classes.ctypes.data, len(classes), counts.ctypes.data, len(CLASSES))
+            counts = np.bincount(classes, minlength=len(CLASSES))
+        else:
+            counts = np.zeros(len(CLASSES), dtype=np.uint64)
+            self.native.count_codes(classes.ctypes.data, len(classes), counts.ctypes.data, len(CLASSES))
+        counts[CODE["unbacked"]] -= below
         return counts
 
     def _buddy(self, live: bool, warnings: list[str]) -> None:
@@ -515,8 +544,12 @@ def _expand(heads: np.ndarray, orders: np.ndarray, n: int) -> np.ndarray:
     return np.cumsum(delta[:n], dtype=np.int8).view(bool)
 
 
-def zero_pages(mem, max_pfn: int) -> np.ndarray:
-    """All-zero frames; holes of a sparse RAM file count as zero without being read."""
+def zero_pages(mem, max_pfn: int, page_size: int = PAGE_SIZE) -> np.ndarray:
+    """All-zero frames of ``page_size`` (``max_pfn`` of them); holes of a sparse RAM file count
+    as zero without being read. A bigger guest page is zero when all its 4 KiB frames are."""
+    ratio = page_size // PAGE_SIZE
+    if ratio > 1:
+        return np.asarray(zero_pages(mem, max_pfn * ratio).reshape(max_pfn, ratio).all(axis=1))
     zero = np.zeros(max_pfn, dtype=bool)
     populated = mem.populated_pfns() if hasattr(mem, "populated_pfns") else None
     for gpa, chunk in mem.chunks(32 << 20):

@@ -23,8 +23,9 @@ class GuestFigures:
     zone_free: dict[str, int] = field(default_factory=dict)
     vmstat: dict[str, int] = field(default_factory=dict)
 
-    def pages(self, key: str) -> int:
-        return self.meminfo_kb[key] // 4
+    def pages(self, key: str, page_size: int = 4096) -> int:
+        """A /proc/meminfo figure (kB) in pages of ``page_size`` (the guest's: 16 KiB on arm64-16k)."""
+        return self.meminfo_kb[key] * 1024 // page_size
 
     @property
     def pcp_total(self) -> int:
@@ -86,13 +87,17 @@ class FrozenFigures:
 
     OUT = "/tmp/memsnap.out"
 
-    def __init__(self, vm: VM, timeout: float = 60.0):
+    def __init__(self, vm: VM, timeout: float = 60.0, delay_ms: int = 300):
+        """``delay_ms``: memsnap waits this long first, so that the shells that started it have
+        exited (their pages freed) before it reads; a slow guest (arm64 under TCG on a busy
+        host) needs more than the default."""
         self.vm = vm
         self.timeout = timeout
+        self.delay_ms = delay_ms
         self.figures: GuestFigures | None = None
 
     def __enter__(self) -> FrozenFigures:
-        self.vm.exec_background(f"memsnap --freeze --out {self.OUT}", "/dev/null")
+        self.vm.exec_background(f"memsnap --freeze --delay {self.delay_ms} --out {self.OUT}", "/dev/null")
         deadline = time.monotonic() + self.timeout
         with self.vm.monitor() as mon:
             while mon.status() != "guest-panicked":

@@ -4,6 +4,11 @@ No debug symbols, no agent, no per-version tables: VMCOREINFO gives the symbols 
 page tables and decode kallsyms, kallsyms gives the rest (``page_offset_base``, ``__start_BTF``),
 and BTF gives every type layout. Each step checks what the previous one found against a second
 source, so garbage input ends in a :class:`BadImage` naming the inconsistency, not a wrong answer.
+
+x86-64 and arm64 guests differ in how the kernel image, the linear map and the page tables are
+found (each explained where it is done); which one a guest is comes from its VMCOREINFO keys
+(:attr:`Vmcoreinfo.arch`), and the rest is common. A kallsyms without data symbols (Debian's
+arm64 kernels) is completed from the export table (:mod:`memvirt.introspect.ksymtab`).
 """
 
 from __future__ import annotations
@@ -16,14 +21,18 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 
 from memvirt.errors import BadImage, GuestStructureError
+from memvirt.introspect import ksymtab
 from memvirt.introspect.btf import Btf, BtfLayout, read_btf
 from memvirt.introspect.kallsyms import KALLSYMS_TABLES, Kallsyms, Symbols, read_kallsyms
 from memvirt.introspect.layout import Layout, LayoutMissing, TrackedLayout, VmcoreinfoLayout
 from memvirt.introspect.pgtable import (
     KERNEL_IMAGE_SIZE,
+    Arm64PageTable,
     PageTable,
     START_KERNEL_map,
     UnmappedAddress,
+    Walker,
+    kimg_to_phys,
     phys_addr_symbol,
 )
 from memvirt.introspect.vmcoreinfo import Vmcoreinfo, iter_vmcoreinfo, no_note
@@ -45,13 +54,14 @@ class KernelView:
 
     mem: GuestMemory
     vmcoreinfo: Vmcoreinfo
-    page_table: PageTable
+    page_table: Walker
     symbols: Symbols | None
     page_offset_base: int
     vmemmap_base: int
     btf: Btf | None
     timings: dict[str, float] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
+    _btf_candidates: list[int] = field(default_factory=list, repr=False)
 
     @classmethod
     def open(
@@ -84,9 +94,14 @@ class KernelView:
         if symbols is not None:
             notes["kallsyms"] = f"{len(symbols)} symbols from the build-id cache"
             load_btf = False
-        else:
-            symbols = step("kallsyms", lambda: _kallsyms(pt, info, notes))
+        btf_at: list[int] = []
+        if symbols is None:
+            decoded = step("kallsyms", lambda: _kallsyms(pt, info, notes))
+            symbols = decoded
+            if decoded is not None and "__per_cpu_offset" not in decoded:
+                symbols, btf_at = step("ksymtab", lambda: _text_only_kallsyms(pt, info, decoded, notes))
         view = cls(mem, info, pt, symbols, 0, 0, None, timings, notes)
+        view._btf_candidates = btf_at
         view.page_offset_base = step("direct_map", view._find_page_offset_base)
         view.vmemmap_base = step("vmemmap", view._find_vmemmap_base)
         if load_btf:
@@ -204,6 +219,19 @@ class KernelView:
         """Direct-map base: the ``page_offset_base`` variable (CONFIG_RANDOMIZE_MEMORY) when
         kallsyms has it, checked against ``va - pa`` of a direct-mapped object; else the latter."""
         derived = self._derive_page_offset_base()
+        if self.vmcoreinfo.arch == "arm64":
+            # arm64 has no page_offset_base variable: __phys_to_virt(pa) is
+            # (pa - PHYS_OFFSET) | PAGE_OFFSET, PAGE_OFFSET = -(1 << VA_BITS) (memory.h, since
+            # v5.4's 14c127c957c1 "arm64: mm: Flip kernel VA space"), i.e. pa + this base.
+            formula = arm64_linear_base(self.vmcoreinfo)
+            if derived is not None and derived != formula:
+                raise BadImage(
+                    f"PHYS_OFFSET and VA_BITS put the linear map at {formula:#x}, the page tables at "
+                    f"{derived:#x}: inconsistent image"
+                )
+            if derived is None:
+                self.notes["page_offset_base"] = "VMCOREINFO PHYS_OFFSET, VA_BITS"
+            return formula
         if self.symbols is not None and "page_offset_base" in self.symbols:
             value = self.read_u64_va(self.symbols["page_offset_base"])
             if derived is not None and derived != value:
@@ -221,7 +249,7 @@ class KernelView:
         or the first node's ``pglist_data``."""
         info = self.vmcoreinfo
         candidates: list[tuple[str, int]] = []
-        if info.has_symbol("mem_section") and not _in_kernel_image(info.symbol("mem_section")):
+        if info.has_symbol("mem_section") and not _in_kernel_image(info, info.symbol("mem_section")):
             candidates.append(("mem_section", info.symbol("mem_section")))
         if info.has_symbol("node_data"):
             try:
@@ -233,9 +261,12 @@ class KernelView:
                 base = va - self.translate(va)
             except BadImage:
                 continue
-            if base % _PUD_SIZE == 0:
+            # x86 randomizes the direct map in PUD steps; arm64 puts pa at pa - PHYS_OFFSET from
+            # PAGE_OFFSET, and PHYS_OFFSET is only ARM64_MEMSTART_ALIGN-aligned (32 MiB with
+            # 16 KiB pages), so there the caller compares with the exact formula instead.
+            if info.arch == "arm64" or base % _PUD_SIZE == 0:
                 self.notes["page_offset_base"] = f"derived from {what}"
-                return base
+                return base % (1 << 64)
         return None
 
     def _find_vmemmap_base(self) -> int:
@@ -262,7 +293,7 @@ class KernelView:
             return value
         if derived is None:
             raise BadImage("cannot find the struct page array (vmemmap): no vmemmap symbol and no usable mem_section")
-        self.notes["vmemmap_base"] = "mem_section[0].section_mem_map"
+        self.notes["vmemmap_base"] = "section_mem_map of the first RAM section"
         return derived
 
     def _vmemmap_base_variable(self) -> int | None:
@@ -271,25 +302,45 @@ class KernelView:
         return self.read_u64_va(self.symbols["vmemmap_base"])
 
     def _derive_vmemmap_base(self) -> int | None:
-        """Section 0 covers pfn 0, so its encoded ``mem_map - section_nr_to_pfn(0)`` is the base.
+        """The section of the first RAM frame encodes ``mem_map - section_nr_to_pfn(nr)``, which
+        with SPARSEMEM_VMEMMAP is the base itself.
 
-        With SPARSEMEM_EXTREME ``mem_section`` is an array of root pointers; otherwise the
-        sections themselves, in the kernel image.
+        That is section 0 on x86 (RAM from 0); arm64's ``virt`` RAM starts at 1 GiB, section 8
+        with 128 MiB sections (``NUMBER(SECTION_SIZE_BITS)``). With SPARSEMEM_EXTREME
+        ``mem_section`` is an array of root pointers to ``PAGE_SIZE / sizeof(struct
+        mem_section)`` sections each (``SECTIONS_PER_ROOT``); otherwise the sections themselves,
+        in the kernel image.
         """
         info = self.vmcoreinfo
         try:
+            # In the guest's own page units: 16 KiB frames on an arm64-16k kernel.
+            first_pfn = min((r.gpa for r in self.mem.regions), default=0) // info.page_size
+            page_shift = info.page_size.bit_length() - 1
+            nr = first_pfn >> (info.number("SECTION_SIZE_BITS") - page_shift) if first_pfn else 0
+            size = info.size("mem_section") if nr else 0
             ms = info.symbol("mem_section")
-            root = ms if _in_kernel_image(ms) else self.read_u64_va(ms)
-            coded = self.read_u64_va(root + info.offset("mem_section.section_mem_map"))
-        except BadImage:
+            if _in_kernel_image(info, ms):
+                entry = ms + nr * size
+            else:
+                per_root = info.page_size // size if nr else 1
+                entry = self.read_u64_va(ms + 8 * (nr // per_root)) + (nr % per_root) * size
+            coded = self.read_u64_va(entry + info.offset("mem_section.section_mem_map"))
+        except (BadImage, ZeroDivisionError):
             return None
         # SECTION_MARKED_PRESENT | SECTION_HAS_MEM_MAP must be set; the low bits are flags.
         if coded & 0b11 != 0b11:
             return None
         base = coded & ~0xFFF
+        if info.arch == "arm64":
+            return base if _arm64_in_vmemmap(info, base + first_pfn * self._struct_page_size()) else None
         return base if base % _PUD_SIZE == 0 else None
 
+    def _struct_page_size(self) -> int:
+        return self.vmcoreinfo.size("page") if "SIZE(page)" in self.vmcoreinfo else 64
+
     def _load_btf(self) -> Btf | None:
+        if self.symbols is not None and "__start_BTF" not in self.symbols and self._btf_candidates:
+            return self._search_btf()
         if self.symbols is None or "__start_BTF" not in self.symbols:
             self.notes["btf"] = "kallsyms has no __start_BTF (kernel built without CONFIG_DEBUG_INFO_BTF?)"
             return None
@@ -299,14 +350,74 @@ class KernelView:
         self.notes["btf"] = f"__start_BTF {start:#x} (PA {self.translate(start):#x}), {btf.size} bytes"
         return btf
 
+    def _search_btf(self) -> Btf | None:
+        """The first BTF header in the image's read-only data that parses (see ksymtab.py)."""
+        first: BadImage | None = None
+        for start in self._btf_candidates:
+            try:
+                btf = read_btf(self.read_va, start, None, f"{self.release} at {start:#x}")
+            except BadImage as e:
+                first = first or e
+                continue
+            self.notes["btf"] = f"header at {start:#x} in read-only data (no __start_BTF in kallsyms), {btf.size} bytes"
+            return btf
+        self.notes["btf"] = f"no BTF header in the image's read-only data parses: {first}"
+        return None
 
-def _in_kernel_image(va: int) -> bool:
+
+def _text_only_kallsyms(
+    pt: Walker, info: Vmcoreinfo, syms: Symbols, notes: dict[str, str]
+) -> tuple[Symbols, list[int]]:
+    """kallsyms without data symbols (no CONFIG_KALLSYMS_ALL: Debian's arm64 kernels): the census's
+    data symbols from the export table, and where BTF may start, both searched in the image's
+    read-only data (:mod:`memvirt.introspect.ksymtab`)."""
+    span = ksymtab.rodata_range(syms.get)
+    if span is None:
+        notes["ksymtab"] = "kallsyms has no data symbols and no _etext/__init_begin to search between"
+        return syms, []
+    data = pt.read_va(span[0], span[1] - span[0])
+    want = [n for n in ksymtab.DATA_SYMBOLS if n not in syms and not info.has_symbol(n)]
+    extra = ksymtab.exported(data, span[0], want)
+    ksymtab.check_found(extra, lambda va: _in_kernel_image(info, va))
+    notes["ksymtab"] = (
+        f"kallsyms has no data symbols (no CONFIG_KALLSYMS_ALL): {', '.join(sorted(extra)) or 'none'} from "
+        f"__ksymtab in {(span[1] - span[0]) >> 20} MiB of read-only data"
+    )
+    return ksymtab.MergedSymbols(syms, extra), ksymtab.find_btf(data, span[0])
+
+
+def _in_kernel_image(info: Vmcoreinfo, va: int) -> bool:
+    """Whether ``va`` is a kernel-image address (a static variable), not a linear-map one."""
+    if info.arch == "arm64":
+        return not arm64_is_linear(info, va)
     return START_KERNEL_map <= va < START_KERNEL_map + KERNEL_IMAGE_SIZE
+
+
+def arm64_linear_base(info: Vmcoreinfo) -> int:
+    """arm64: the linear map's ``va - pa``, ``PAGE_OFFSET - PHYS_OFFSET`` (see the caller)."""
+    return (-(1 << info.va_bits) - info.number("PHYS_OFFSET")) % (1 << 64)
+
+
+def arm64_is_linear(info: Vmcoreinfo, va: int) -> bool:
+    """arm64 ``__is_lm_address()``: the linear map is ``[PAGE_OFFSET, PAGE_END)``,
+    ``PAGE_END = -(1 << (VA_BITS_MIN - 1))`` with VA_BITS_MIN = min(VA_BITS, 48) (memory.h)."""
+    page_offset = (-(1 << info.va_bits)) % (1 << 64)
+    page_end = (-(1 << (min(info.va_bits, 48) - 1))) % (1 << 64)
+    return page_offset <= va < page_end
+
+
+def _arm64_in_vmemmap(info: Vmcoreinfo, va: int) -> bool:
+    """arm64: ``va`` lies in ``[VMEMMAP_START, VMEMMAP_END)`` where VMCOREINFO has them (the
+    ``NUMBER()`` lines since v5.x's crash_core.c); without them any page-aligned value passes."""
+    if "NUMBER(VMEMMAP_START)" not in info or "NUMBER(VMEMMAP_END)" not in info:
+        return True
+    start, end = info.number("VMEMMAP_START") % (1 << 64), info.number("VMEMMAP_END") % (1 << 64)
+    return start <= va < end
 
 
 def _first_consistent_note(
     mem: GuestMemory, hint_gpa: int | None, timings: dict[str, float]
-) -> tuple[Vmcoreinfo, PageTable]:
+) -> tuple[Vmcoreinfo, Walker]:
     """The first VMCOREINFO whose page tables map its own kernel image, with those tables.
 
     A stale note (a cached GPA now holding an earlier boot's note, or one left in RAM by an
@@ -336,9 +447,54 @@ def _first_consistent_note(
         timings["pgtable"] = checking
 
 
-def _page_table(mem: GuestMemory, info: Vmcoreinfo) -> PageTable:
-    """The kernel's page tables, checked: init_top_pgt must map _stext and itself where the
-    image's linear mapping (phys_base) says."""
+def _page_table(mem: GuestMemory, info: Vmcoreinfo) -> Walker:
+    """The kernel's page tables, checked: the top table must map _stext and itself where the
+    image's own linear mapping says."""
+    if info.arch == "arm64":
+        return _arm64_page_table(mem, info)
+    return _x86_page_table(mem, info)
+
+
+def _arm64_page_table(mem: GuestMemory, info: Vmcoreinfo) -> Arm64PageTable:
+    """``swapper_pg_dir``, found through the image mapping (``__kimg_to_phys``: ``va -
+    kimage_voffset``, both in VMCOREINFO), must map _stext and itself there.
+
+    The walk's address size is what the CPU uses, ``64 - NUMBER(TCR_EL1_T1SZ)`` (v5.12 on), not
+    the configured ``VA_BITS``: a 52-bit kernel (Debian's from 6.12, CONFIG_ARM64_LPA2) runs
+    with 52 bits, 5 levels of 4 KiB and the LPA2 descriptor format where the CPU has FEAT_LPA2
+    (QEMU's ``-cpu max``), and folds its top level to run with 48 where it has not. Whatever is
+    wrong here (a 64 KiB kernel's offset TTBR1 on 48-bit hardware) fails the check below.
+    """
+    va_bits = info.va_bits
+    t1sz = "NUMBER(TCR_EL1_T1SZ)"
+    walk_bits = 64 - info.number("TCR_EL1_T1SZ") if t1sz in info else va_bits
+    pa_bits = info.number("MAX_PHYSMEM_BITS") if "NUMBER(MAX_PHYSMEM_BITS)" in info else 48
+    lpa2 = info.page_size != 65536 and walk_bits > 48
+    voffset = info.kimage_voffset
+    pgd = kimg_to_phys(info.symbol("swapper_pg_dir"), voffset)
+    try:
+        mem.region_of(pgd)
+    except BadImage:
+        raise BadImage(
+            f"swapper_pg_dir does not translate: its physical address {pgd:#x} is not RAM in {mem.describe()}"
+        ) from None
+    pt = Arm64PageTable(mem, pgd, walk_bits, info.page_size, pa_bits, lpa2)
+    for name in ("_stext", "swapper_pg_dir"):
+        if not info.has_symbol(name):
+            continue
+        va = info.symbol(name)
+        want = kimg_to_phys(va, voffset)
+        try:
+            got = pt.translate(va)
+        except BadImage as e:
+            raise BadImage(f"swapper_pg_dir does not translate {name}: {e}") from e
+        if got != want:
+            raise BadImage(f"swapper_pg_dir maps {name} to {got:#x}, kimage_voffset says {want:#x}: inconsistent image")
+    return pt
+
+
+def _x86_page_table(mem: GuestMemory, info: Vmcoreinfo) -> PageTable:
+    """init_top_pgt must map _stext and itself where the image's linear mapping (phys_base) says."""
     if info.page_size != 4096:
         raise BadImage(f"VMCOREINFO PAGESIZE is {info.page_size}: not an x86-64 kernel")
     top = info.symbol("init_top_pgt")
@@ -370,7 +526,7 @@ def _sme_mask(info: Vmcoreinfo) -> int:
     return info.number("sme_mask") if "NUMBER(sme_mask)" in info else 0
 
 
-def _kallsyms(pt: PageTable, info: Vmcoreinfo, notes: dict[str, str]) -> Kallsyms | None:
+def _kallsyms(pt: Walker, info: Vmcoreinfo, notes: dict[str, str]) -> Kallsyms | None:
     """kallsyms, checked against VMCOREINFO; None on kernels whose VMCOREINFO predates the
     kallsyms keys (v6.0), where ``symbol()`` falls back to VMCOREINFO alone."""
     missing = [n for n in KALLSYMS_TABLES if not info.has_symbol(n)]
@@ -383,7 +539,7 @@ def _kallsyms(pt: PageTable, info: Vmcoreinfo, notes: dict[str, str]) -> Kallsym
     # _stext is a text symbol, in kallsyms under any config; data symbols need KALLSYMS_ALL.
     if "_stext" not in syms:
         raise BadImage("kallsyms has no _stext: the tables are inconsistent")
-    for name in ("_stext", "init_top_pgt", "node_data"):
+    for name in ("_stext", "init_top_pgt", "swapper_pg_dir", "node_data"):
         if info.has_symbol(name) and name in syms and syms[name] != info.symbol(name):
             raise BadImage(
                 f"kallsyms puts {name} at {syms[name]:#x}, VMCOREINFO at {info.symbol(name):#x}: inconsistent image"

@@ -79,11 +79,14 @@ def for_each_online_pgdat(kv: KernelView) -> Iterator[tuple[int, int]]:
     NUMA kernels keep ``node_data[]`` and ``node_online_map``; others one ``contig_page_data``.
     """
     info = kv.vmcoreinfo
-    if info.has_symbol("node_data"):
+    if info.has_symbol("node_data") or (kv.symbols is not None and "node_data" in kv.symbols):
+        # x86 exports LENGTH(node_data) (MAX_NUMNODES); arm64 exports neither it nor node_data
+        # (found in its export table, ksymtab.py). A nodemask_t is at least one unsigned long
+        # whose bits past MAX_NUMNODES stay clear, so its first 64 bits name every online node.
         length = (
             check_range("LENGTH(node_data)", info.length("node_data"), 1, MAX_NODES)
             if "LENGTH(node_data)" in info
-            else 1
+            else min(64, MAX_NODES)
         )
         online = _bitmap(kv, kv.symbol("node_online_map"), length) if info.has_symbol("node_online_map") else [0]
         base = kv.symbol("node_data")

@@ -38,14 +38,15 @@ def draw_map(census: Census, path: str | Path, title: str = "", width: int = 102
     cmap = ListedColormap([COLOURS[c] for c in CLASSES])
     fig, ax = plt.subplots(figsize=(10, max(3.0, min(14.0, rows / 60 + 2))), dpi=120)
     ax.imshow(grid, cmap=cmap, vmin=0, vmax=len(CLASSES) - 1, aspect="auto", interpolation="nearest")
-    row_mib = width * 4096 / (1 << 20)
+    row_mib = width * census.page_size / (1 << 20)
     ticks = np.linspace(0, rows - 1, num=min(rows, 9)).astype(int)
     ax.set_yticks(ticks, [f"{t * row_mib / 1024:.2f} GiB" for t in ticks])
     ax.set_xticks([])
     ax.set_xlabel(f"{width} pages ({row_mib:.0f} MiB) per row")
     ax.set_title(title or f"Guest physical memory, Linux {census.release}")
     handles = [
-        Patch(color=COLOURS[c], label=f"{c} ({census.counts.get(c, 0) * 4096 / (1 << 20):.0f} MiB)") for c in CLASSES
+        Patch(color=COLOURS[c], label=f"{c} ({census.counts.get(c, 0) * census.page_size / (1 << 20):.0f} MiB)")
+        for c in CLASSES
     ]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()

@@ -32,7 +32,7 @@ from memvirt.introspect.kallsyms import read_kallsyms
 from memvirt.introspect.kernel import MAX_NOTES, KernelView, _page_table
 from memvirt.introspect.layout import VmcoreinfoLayout
 from memvirt.introspect.mmzone import for_each_online_pgdat
-from memvirt.introspect.pgtable import PageTable
+from memvirt.introspect.pgtable import Walker
 from memvirt.introspect.vmcoreinfo import Vmcoreinfo, read_note_at, scan_note_pages
 from memvirt.memory.rammap import RamLayout
 from memvirt.memory.source import PAGE_SHIFT, GuestMemory, Region
@@ -62,7 +62,7 @@ class Fit:
     layout: RamLayout
     mem: GuestMemory
     info: Vmcoreinfo
-    pt: PageTable
+    pt: Walker
 
 
 def note_offsets(mem: GuestMemory) -> list[int]:
@@ -82,7 +82,7 @@ def _to_gpa(regions: tuple[Region, ...], offset: int) -> int | None:
     return None
 
 
-def node_end_pfn(mem: GuestMemory, info: Vmcoreinfo, pt: PageTable) -> int:
+def node_end_pfn(mem: GuestMemory, info: Vmcoreinfo, pt: Walker) -> int:
     """One past the last page frame any online node spans."""
     kv = KernelView(mem, info, pt, None, 0, 0, None)
     layout = VmcoreinfoLayout(info)

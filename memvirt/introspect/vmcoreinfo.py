@@ -150,6 +150,26 @@ class Vmcoreinfo:
         return bool(self.integer(key, 0)) if key in self.entries else False
 
     @property
+    def arch(self) -> str:
+        """``arm64`` or ``x86_64``, from the keys the architecture's own
+        ``arch_crash_save_vmcoreinfo()`` writes: arm64's (``arch/arm64/kernel/crash_core.c``,
+        ``vmcore_info.c`` since v6.9) always has ``NUMBER(kimage_voffset)``, x86-64's never."""
+        return "arm64" if "NUMBER(kimage_voffset)" in self.entries else "x86_64"
+
+    @property
+    def kimage_voffset(self) -> int:
+        """arm64: kernel-image virtual address minus physical address (``__kimg_to_phys``)."""
+        return self.number("kimage_voffset") % (1 << 64)
+
+    @property
+    def va_bits(self) -> int:
+        """arm64 ``NUMBER(VA_BITS)``: the configured kernel virtual address size."""
+        bits = self.number("VA_BITS")
+        if not 36 <= bits <= 52:
+            raise BadImage(f"VMCOREINFO NUMBER(VA_BITS) is {bits}: not an arm64 address size")
+        return bits
+
+    @property
     def crashtime(self) -> int | None:
         """Seconds since the epoch at the crash; only a crash writes it, live memory has none."""
         return self.integer("CRASHTIME") if "CRASHTIME" in self.entries else None

@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from memvirt.arch import arch
 from memvirt.errors import UsageError
 from memvirt.memory.source import Region
 
@@ -67,6 +68,15 @@ def ram_map(machine: str, ram_size: int, max_ram_below_4g: int | None = None) ->
 def pc_ram_map(ram_size: int) -> tuple[Region, ...]:
     """Regions of a ``pc`` machine with ``ram_size`` bytes, offsets into its RAM backend."""
     return ram_map("pc", ram_size)
+
+
+def machine_ram_map(arch_name: str, ram_size: int) -> tuple[Region, ...]:
+    """The RAM map of the machine memvirt starts for an architecture (:mod:`memvirt.arch`):
+    ``pc`` for amd64; arm64's ``virt`` has all RAM in one piece at ``ram_base`` (1 GiB)."""
+    a = arch(arch_name)
+    if a.machine == "pc":
+        return pc_ram_map(ram_size)
+    return (Region(a.ram_base, ram_size, 0),)
 
 
 def as_raw(regions: tuple[Region, ...]) -> tuple[Region, ...]:

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
+from memvirt.arch import ARCHES
 from memvirt.errors import MemvirtError, UsageError, VMError
 from memvirt.image.build import Image, load_image
 from memvirt.memory import rammap
@@ -289,8 +290,8 @@ def check_regions(items: object, memory: int) -> tuple[Region, ...]:
         raise bad("overlap in the RAM file")
     if sum(r.size for r in regions) != memory:
         raise bad(f"add up to {sum(r.size for r in regions)} bytes, not the memory size {memory}")
-    if tuple(regions) != rammap.pc_ram_map(memory):
-        raise bad(f"are not the pc machine's RAM map for {memory >> 20} MiB")
+    if tuple(regions) not in {rammap.machine_ram_map(a, memory) for a in ARCHES}:
+        raise bad(f"are not the RAM map of a machine memvirt starts (pc, arm64 virt) for {memory >> 20} MiB")
     return tuple(regions)
 
 
@@ -317,6 +318,8 @@ def prepare_target(setup: object) -> tuple[VM, Image]:
     (:func:`check_setup`)."""
     st = check_setup(setup)
     image = load_image(st.image)
+    if tuple(st.regions) != rammap.machine_ram_map(image.arch, st.memory):
+        raise UsageError(f"the source's RAM map is not that of an {image.arch} guest of image {image.name}")
     vdir = vms_root() / st.name
     ram_path = ram_dir() / f"{st.name}.ram"
     try:
@@ -329,6 +332,7 @@ def prepare_target(setup: object) -> tuple[VM, Image]:
         name=st.name,
         memory=st.memory,
         cpus=st.cpus,
+        arch=image.arch,
         ram="shared",
         image=str(image.path),
         kernel_release=image.release,

@@ -14,17 +14,23 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from memvirt.arch import AMD64, HOST_ARCH, arch
 from memvirt.errors import NotFound
 from memvirt.paths import cache_home
 
-QEMU = "qemu-system-x86_64"
+QEMU = AMD64.qemu
 PROBE_SECONDS = 20
+_DEBIAN_PACKAGE = {"qemu-system-x86_64": "qemu-system-x86", "qemu-system-aarch64": "qemu-system-arm"}
 
 
-def qemu_binary() -> str:
-    path = shutil.which(os.environ.get("MEMVIRT_QEMU", QEMU))
+def qemu_binary(arch_name: str = HOST_ARCH) -> str:
+    """The QEMU for ``arch_name``'s guests; ``$MEMVIRT_QEMU`` overrides the host architecture's."""
+    want = arch(arch_name).qemu
+    if arch_name == HOST_ARCH:
+        want = os.environ.get("MEMVIRT_QEMU", want)
+    path = shutil.which(want)
     if path is None:
-        raise NotFound(f"{QEMU} not found: install Debian's qemu-system-x86 package")
+        raise NotFound(f"{want} not found: install Debian's {_DEBIAN_PACKAGE.get(want, want)} package")
     return path
 
 
@@ -56,8 +62,11 @@ def _probe_kvm(kernel: Path) -> bool:
     return b"Linux version" in out
 
 
-def choose_accel(kernel: Path) -> str:
-    """``kvm`` or ``tcg``; ``$MEMVIRT_ACCEL`` overrides the probe."""
+def choose_accel(kernel: Path, arch_name: str = HOST_ARCH) -> str:
+    """``kvm`` or ``tcg``; ``$MEMVIRT_ACCEL`` overrides the probe. A guest of another
+    architecture than the host's runs under TCG: KVM runs only the host's instruction set."""
+    if arch_name != HOST_ARCH:
+        return "tcg"
     forced = os.environ.get("MEMVIRT_ACCEL")
     if forced:
         return forced

@@ -13,6 +13,7 @@ import logging
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, cast, get_args
 
+from memvirt.arch import ARCHES, ArchName
 from memvirt.paths import PRIVATE_FILE
 
 log = logging.getLogger(__name__)
@@ -64,12 +65,15 @@ class VMConfig:
     it is on (:mod:`memvirt.qemu.lan`) at ``lan_ip`` with its NIC's MAC ``lan_mac``; after a
     physical-machine migration the guest's NIC keeps the source's MAC, ``lan_guest_mac``.
     ``memcg`` is the memory cgroup QEMU runs in; ``incoming_by`` the pid of the receiver still
-    filling the VM's RAM (0 once it may run).
+    filling the VM's RAM (0 once it may run). ``arch`` is the guest's architecture, its
+    image's (:mod:`memvirt.arch`: QEMU binary, machine, CPU, console, RAM map); vm.json files
+    written before it are amd64.
     """
 
     name: str
     memory: int
     cpus: int = 1
+    arch: ArchName = "amd64"
     ram: RamMode = "shared"
     image: str = ""
     kernel_release: str = ""
@@ -115,6 +119,8 @@ class VMConfig:
                 raise ValueError(f"{k} is {type(v).__name__}, not {known[k].type}")
         if kw.get("ram", "shared") not in ALL_RAM_MODES:
             raise ValueError(f"unknown RAM mode {kw['ram']!r}")
+        if kw.get("arch", "amd64") not in ARCHES:
+            raise ValueError(f"unknown architecture {kw['arch']!r}")
         for k, sub in (("frozen", Frozen), ("workload", Workload), ("migrated", Migrated)):
             if isinstance(kw.get(k), dict):
                 kw[k] = sub(**kw[k])

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from memvirt.arch import arch
 from memvirt.errors import GuestError, MemvirtError, NotFound, UsageError, VMError
 from memvirt.image.build import Image
 from memvirt.memory import rammap
@@ -330,16 +331,17 @@ def qemu_argv(vm: VM, image: Image, incoming: str | None = None) -> list[str]:
         backend = f"memory-backend-file,id=ram0,size={size},mem-path={c.backing},share=off"
     else:
         backend = f"memory-backend-ram,id=ram0,size={size},merge=on"
-    cpu = "host" if c.accel == "kvm" else "qemu64"
+    a = arch(c.arch)
+    cpu = "host" if c.accel == "kvm" else a.cpu_tcg
     d = vm.dir
-    append = f"console=ttyS0 panic=-1 quiet memvirt.name={c.name} {c.append}".strip()
+    append = f"console={a.console} panic=-1 quiet memvirt.name={c.name} {c.append}".strip()
     return (
         [
-            qemu_binary(),
+            qemu_binary(c.arch),
             "-name",
             c.name,
             "-machine",
-            f"pc,accel={c.accel},memory-backend=ram0",
+            f"{a.machine},accel={c.accel},memory-backend=ram0",
             "-cpu",
             cpu,
             "-smp",
@@ -373,7 +375,7 @@ def qemu_argv(vm: VM, image: Image, incoming: str | None = None) -> list[str]:
             "-device",
             "vmcoreinfo",
             "-device",
-            "pvpanic",
+            a.pvpanic,
             "-action",
             "panic=pause",
             "-daemonize",
@@ -460,13 +462,14 @@ def start_vm(
         name=name,
         memory=memory,
         cpus=cpus,
+        arch=image.arch,
         ram=mode,
         image=str(image.path),
         kernel_release=image.release,
-        accel=choose_accel(image.vmlinuz),
+        accel=choose_accel(image.vmlinuz, image.arch),
         append=append,
         ram_path=ram_path,
-        regions=rammap.to_dict(rammap.pc_ram_map(memory)),
+        regions=rammap.to_dict(rammap.machine_ram_map(image.arch, memory)),
         started=time.time(),
         lan=lan.check_lan_name(lan_name) if lan_name else "",
     )

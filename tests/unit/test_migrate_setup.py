@@ -79,7 +79,7 @@ def test_a_good_setup_is_accepted_and_the_image_is_looked_up_here() -> None:
         ({"regions": [{"gpa": 1, "size": MEM, "offset": 0}]}, "page-aligned"),
         ({"regions": [{"gpa": 0, "size": MEM, "offset": 1 << 62}]}, "page-aligned"),
         ({"regions": [{"gpa": 0, "size": MEM - 4096, "offset": 0}]}, "add up to"),
-        ({"regions": [{"gpa": 1 << 40, "size": MEM, "offset": 0}]}, "pc machine"),
+        ({"regions": [{"gpa": 1 << 40, "size": MEM, "offset": 0}]}, "RAM map of a machine"),
         ({"regions": [{"gpa": 0, "size": MEM, "offset": 0, "x": 1}]}, "exactly"),
         ({"regions": [{"gpa": 0, "size": MEM, "offset": 0}] * 9}, "1 to 8"),
         ({"regions": {}}, "list"),

@@ -16,7 +16,9 @@
  * Exact variant: the output file is filled with zeros (allocated) before the files are read,
  * the figures are written over it (no new allocation), and memsnap then freezes the whole VM
  * itself by writing to QEMU's pvpanic port (0x505; QEMU runs with -action panic=pause), so
- * nothing changes between reading /proc and the pause. After the host resumes the VM, memsnap
+ * nothing changes between reading /proc and the pause. arm64 has no I/O ports: there QEMU's
+ * pvpanic-pci device (1b36:0011, hw/misc/pvpanic-pci.c) is written through its BAR 0, mapped
+ * from sysfs (resource0) before the reads, so firing it allocates nothing. After the host resumes the VM, memsnap
  * exits; the figures are in PATH, padded with NUL bytes.
  *
  * Build: gcc -O2 -static -s -Wall -Wextra -o memsnap memsnap.c
@@ -26,13 +28,98 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/io.h>
 #include <sys/mman.h>
 #include <unistd.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <sys/io.h>
+#define SERIAL "/dev/ttyS0"
+#else
+#include <dirent.h>
+#define SERIAL "/dev/ttyAMA0"
+#endif
 
 #define BUF_SIZE (1 << 20)
 #define PVPANIC_PORT 0x505
 #define PVPANIC_PANICKED 1
+
+#if defined(__x86_64__) || defined(__i386__)
+static int pvpanic_open(void)
+{
+    return ioperm(PVPANIC_PORT, 1, 1);
+}
+
+static void pvpanic_fire(void)
+{
+    outb(PVPANIC_PANICKED, PVPANIC_PORT);
+}
+#else
+static volatile unsigned char *pvpanic_bar;
+
+/* Map BAR 0 of the pvpanic-pci device (vendor 0x1b36, device 0x0011). */
+static int pvpanic_open(void)
+{
+    DIR *d = opendir("/sys/bus/pci/devices");
+    struct dirent *e;
+    char path[300], id[16];
+
+    if (d == NULL)
+        return -1;
+    while ((e = readdir(d)) != NULL && pvpanic_bar == NULL) {
+        int fd, ok = 1;
+        const char *want[2][2] = { { "vendor", "0x1b36" }, { "device", "0x0011" } };
+
+        if (e->d_name[0] == '.')
+            continue;
+        for (int k = 0; k < 2 && ok; k++) {
+            snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/%s", e->d_name, want[k][0]);
+            fd = open(path, O_RDONLY);
+            memset(id, 0, sizeof(id));
+            ok = fd >= 0 && read(fd, id, sizeof(id) - 1) > 0 && strncmp(id, want[k][1], 6) == 0;
+            if (fd >= 0)
+                close(fd);
+        }
+        if (!ok)
+            continue;
+        /* No driver binds it (pvpanic is not loaded), so its memory decoding is off until
+         * sysfs enables the device (pci_enable_device). */
+        snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/enable", e->d_name);
+        fd = open(path, O_WRONLY);
+        if (fd < 0 || write(fd, "1", 1) != 1) {
+            if (fd >= 0)
+                close(fd);
+            continue;
+        }
+        close(fd);
+        /* sysfs maps the page holding BAR 0; with pages bigger than the BAR's alignment (16 KiB
+         * pages, a 4 KiB-aligned BAR) the register sits at the BAR's offset in that page. */
+        unsigned long long start = 0;
+        snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/resource", e->d_name);
+        FILE *res = fopen(path, "r");
+        if (res == NULL || fscanf(res, "%llx", &start) != 1) {
+            if (res != NULL)
+                fclose(res);
+            continue;
+        }
+        fclose(res);
+        size_t page = (size_t)sysconf(_SC_PAGESIZE);
+        snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/resource0", e->d_name);
+        fd = open(path, O_RDWR | O_SYNC);
+        if (fd < 0)
+            continue;
+        void *p = mmap(NULL, page, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        close(fd);
+        if (p != MAP_FAILED)
+            pvpanic_bar = (volatile unsigned char *)p + (start & (page - 1));
+    }
+    closedir(d);
+    return pvpanic_bar != NULL ? 0 : -1;
+}
+
+static void pvpanic_fire(void)
+{
+    *pvpanic_bar = PVPANIC_PANICKED;
+}
+#endif
 
 static char buf[BUF_SIZE];
 
@@ -86,7 +173,7 @@ static void write_all(int fd, const char *p, size_t n)
 
 int main(int argc, char **argv)
 {
-    const char *out = "/dev/ttyS0";
+    const char *out = SERIAL;
     /* zoneinfo last: reading a file allocates (seq_file buffers, slab pages from the per-cpu
      * lists), so the per-cpu counts must be the last figures read before the freeze. */
     const char *defaults[] = { "/proc/meminfo", "/proc/vmstat", "/proc/zoneinfo" };
@@ -133,8 +220,8 @@ int main(int argc, char **argv)
         return 2;
     }
     if (freeze) {
-        if (ioperm(PVPANIC_PORT, 1, 1) != 0) {
-            fprintf(stderr, "memsnap: no access to the pvpanic port\n");
+        if (pvpanic_open() != 0) {
+            fprintf(stderr, "memsnap: no access to the pvpanic device\n");
             return 2;
         }
         write_all(fd, buf, BUF_SIZE / 4);
@@ -152,7 +239,7 @@ int main(int argc, char **argv)
         if (used > BUF_SIZE / 4)
             used = BUF_SIZE / 4;
         write_all(fd, buf, used);
-        outb(PVPANIC_PANICKED, PVPANIC_PORT);
+        pvpanic_fire();
         return 0;
     }
     snprintf(line, sizeof(line), "\nMEMSNAP-BEGIN %lu\n", tag);
