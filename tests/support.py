@@ -23,6 +23,7 @@ CAPABILITY = {
     "test_introspect_bootstrap": "introspection",
     "test_layout_headers": "introspection",
     "test_foreign_guests": "introspection",
+    "test_arm64": "introspection",
     "test_dump_formats": "introspection",
     "test_dedup": "reclaim & KSM",
     "test_directed": "reclaim & KSM",
@@ -33,6 +34,7 @@ CAPABILITY = {
     "test_pm": "pm migration",
     "test_daemon": "daemon",
     "test_libvirt": "libvirt",
+    "test_libvirt_migrate": "libvirt",
     "test_demo": "demo",
     "test_foundation": "boot & exec",
     "test_guest_programs": "boot & exec",
@@ -67,7 +69,7 @@ def kernel_of(vm: Any) -> tuple[str, str] | None:
     release = getattr(cfg, "kernel_release", "") or ""
     if not release:
         return None
-    return release, str(getattr(cfg, "arch", "") or "x86_64")
+    return release, str(getattr(cfg, "arch", "") or "amd64")
 
 
 class Recorder:

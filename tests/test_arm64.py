@@ -80,6 +80,7 @@ def test_image_is_arm64(arm64_image):
     ).items()
 
 
+@pytest.mark.support("boot & exec")
 def test_guest_boots_and_runs_commands(arm64_guest):
     vm = VM.load(NAME)
     assert vm.config.arch == "arm64" and vm.regions[0].gpa == 1 << 30
@@ -127,6 +128,7 @@ def test_inspect_cli(arm64_guest):
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.support("reclaim & KSM", "cloning", "live migration")
 def test_reclaim_clone_and_live_migration(arm64_guest, host_b):  # noqa: F811
     """What rests on the census works on arm64 as on x86: a reclaim punches the guest's free pages
     out of its RAM file and datacheck's data stays intact; a lazy clone runs on (its counter
