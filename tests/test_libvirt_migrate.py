@@ -8,6 +8,8 @@ the same guest. Run under ``flock /tmp/memvirt-libvirt.lock`` (the host's libvir
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +28,10 @@ from memvirt.virt.migrate import migrate, wait_gone  # noqa: E402
 
 MIB = 1 << 20
 DATACHECK = "/tmp/lvmig.dc"
+GUEST_MIB = int(os.environ.get("MEMVIRT_LVMIG_MIB", "512"))
+"""The domain's RAM; bench/libvirt_migrate.py runs this test at the issue's 1 GiB."""
+FREED = os.environ.get("MEMVIRT_LVMIG_FREED", "300M")
+"""What the guest writes and frees before the two migrations (bench: 600M)."""
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +61,14 @@ def _arrived(vm: LibvirtVM, uri: str) -> LibvirtVM:
 
 
 def test_migrate_sends_fewer_bytes_than_libvirt_alone(domains: Domains, dest: str) -> None:  # noqa: F811
-    vm = domains(memfd=False, mib=512)
+    vm = domains(memfd=False, mib=GUEST_MIB)
     home = Path(vm._agent or "").parent
     vm.exec_background(f"datacheck write --size 24M --seed 7 --state {DATACHECK}", "/tmp/lvmig-dc.log")
     deadline = time.monotonic() + 90
     while vm.exec(f"test -f {DATACHECK}").rc != 0 and time.monotonic() < deadline:
         time.sleep(0.5)
     # written and freed: what plain migration sends and memvirt discards
-    vm.exec("memtouch --hot 300M --content random --duration 1 >/dev/null", timeout=240).check("dirtying")
+    vm.exec(f"memtouch --hot {FREED} --content random --duration 1 >/dev/null", timeout=480).check("dirtying")
 
     plain = migrate(vm, dest, dest_xml=_moved_xml(vm, home / "dest"))
     there = _arrived(vm, dest)
@@ -78,7 +84,7 @@ def test_migrate_sends_fewer_bytes_than_libvirt_alone(domains: Domains, dest: st
     conn.close()
     assert here.exec("echo alive").text.strip() == "alive"
 
-    print(f"\nLVMIG plain={plain.to_json()} memvirt={back.to_json()}")
+    print("\nLVMIG " + json.dumps({"plain": plain.to_json(), "memvirt": back.to_json()}))
     assert plain.bytes > 0 and back.bytes > 0
     assert back.reclaimed_before >= 200 * MIB, back.to_json()
     assert back.bytes <= plain.bytes - 200 * MIB, (plain.to_json(), back.to_json())
