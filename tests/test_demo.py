@@ -158,7 +158,8 @@ def test_a_killed_demo_leaves_no_guest(home: dict[str, str], how: signal.Signals
 def test_a_terminated_test_session_leaves_no_guest(home: dict[str, str], tmp_path: Path) -> None:
     """pytest ended by SIGTERM mid-test (as CI's time limit or a person would) stops its guests."""
     tests = Path(__file__).parent
-    (tmp_path / "conftest.py").write_text((tests / "conftest.py").read_text())
+    for helper in ("conftest.py", "support.py"):
+        (tmp_path / helper).write_text((tests / helper).read_text())
     (tmp_path / "test_sleeps.py").write_text(
         textwrap.dedent("""
         import time
