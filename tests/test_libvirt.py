@@ -13,15 +13,18 @@ per-domain DAC label: the image lives under root's home, which libvirt-qemu cann
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import secrets
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -75,12 +78,43 @@ def _answers() -> bool:
     return subprocess.run(["virsh", "-c", URI, "version"], capture_output=True, timeout=30).returncode == 0
 
 
+@contextmanager
+def _kvm_node_as_udev_leaves_it() -> Iterator[None]:
+    """``/dev/kvm`` as Debian's udev rule leaves it (root:kvm 0660) for the test's duration.
+
+    Without udev (this host) the node stays root:root 0600. libvirt 9.0's QEMU driver then finds
+    at each capability lookup that the probe saw KVM but its QEMU user cannot open the node
+    (virQEMUCapsIsValid: "KVM was enabled when probing ..., but it is not available now") and
+    probes QEMU again, 4 s a lookup: ``virsh define`` took 32 s. The node is put back after."""
+    try:
+        st = os.stat("/dev/kvm")
+        kvm = grp.getgrnam("kvm").gr_gid
+    except (OSError, KeyError):
+        yield
+        return
+    if (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) != (0, 0, 0o600):
+        yield
+        return
+    os.chown("/dev/kvm", 0, kvm)
+    os.chmod("/dev/kvm", 0o660)
+    try:
+        yield
+    finally:
+        os.chmod("/dev/kvm", 0o600)
+        os.chown("/dev/kvm", 0, 0)
+
+
 @pytest.fixture(scope="module")
 def libvirtd() -> Iterator[None]:
     """A running system libvirtd: the host's if it runs, else one started here (with virtlogd,
     which libvirt's QEMU driver logs through) and stopped at the end."""
     if shutil.which("libvirtd") is None or shutil.which("virsh") is None:
         pytest.skip("libvirt is not installed (scripts/bootstrap.sh installs it)")
+    with _kvm_node_as_udev_leaves_it():
+        yield from _libvirtd()
+
+
+def _libvirtd() -> Iterator[None]:
     started: list[Path] = []
     if not _answers():
         for daemon, pidfile in (("virtlogd", "/run/virtlogd.pid"), ("libvirtd", "/run/libvirtd.pid")):
@@ -111,17 +145,24 @@ def libvirtd() -> Iterator[None]:
 Domains = Callable[..., LibvirtVM]
 
 
-@pytest.fixture
-def domains(libvirtd: None, image: Image) -> Iterator[Domains]:
-    """Define and start domains; each is destroyed and undefined at the end."""
-    made: list[tuple[str, Path]] = []
+class _Made:
+    """Defines and starts domains; :meth:`close` destroys and undefines each."""
 
-    def make(memfd: bool = True, mib: int = 512, start: bool = True) -> LibvirtVM | str:
+    def __init__(self, image: Image):
+        self.image = image
+        self.made: list[tuple[str, Path]] = []
+
+    def __call__(self, memfd: bool = True, mib: int = 512, start: bool = True) -> LibvirtVM | str:
         name = f"mvlv-{secrets.token_hex(3)}"
         d = Path(tempfile.mkdtemp(prefix="mvlv-"))
-        made.append((name, d))
+        self.made.append((name, d))
         xml = DOMAIN_XML.format(
-            name=name, mib=mib, kernel=image.vmlinuz, initrd=image.initrd, dir=d, backing=MEMFD if memfd else ""
+            name=name,
+            mib=mib,
+            kernel=self.image.vmlinuz,
+            initrd=self.image.initrd,
+            dir=d,
+            backing=MEMFD if memfd else "",
         )
         (d / "domain.xml").write_text(xml)
         virsh("define", str(d / "domain.xml"))
@@ -132,11 +173,41 @@ def domains(libvirtd: None, image: Image) -> Iterator[Domains]:
         vm.channel.wait_ready(180, vm.alive)
         return vm
 
-    yield make  # type: ignore[misc]
-    for name, d in made:
-        virsh("destroy", name, check=False)
-        virsh("undefine", name, check=False)
-        shutil.rmtree(d, ignore_errors=True)
+    def close(self) -> None:
+        for name, d in self.made:
+            virsh("destroy", name, check=False)
+            virsh("undefine", name, check=False)
+            shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def domains(libvirtd: None, image: Image) -> Iterator[Domains]:
+    """Define and start domains of this test's own; each is destroyed and undefined at the end."""
+    made = _Made(image)
+    try:
+        yield made  # type: ignore[misc]
+    finally:
+        made.close()
+
+
+@pytest.fixture(scope="module")
+def shared(libvirtd: None, image: Image) -> Iterator[Domains]:
+    """A running domain per RAM kind, shared by this module's tests (a TCG boot costs ~30 s): a
+    test that shuts its domain off gets a fresh one the next time it asks."""
+    made = _Made(image)
+    running: dict[bool, LibvirtVM] = {}
+
+    def get(memfd: bool = True) -> LibvirtVM:
+        if memfd not in running or _state(running[memfd].name) != "running":
+            made_now = made(memfd=memfd)
+            assert isinstance(made_now, LibvirtVM)
+            running[memfd] = made_now
+        return running[memfd]
+
+    try:
+        yield get
+    finally:
+        made.close()
 
 
 def _state(name: str) -> str:
@@ -149,8 +220,8 @@ def _rss(vm: LibvirtVM) -> int:
     return ram_mapping_usage(vm.config.pid, start)["Rss"]
 
 
-def test_inspect_matches_the_guest_when_paused(domains: Domains) -> None:
-    vm = domains(memfd=True)
+def test_inspect_matches_the_guest_when_paused(shared: Domains) -> None:
+    vm = shared(memfd=True)
     assert vm.config.ram == "shared" and vm.config.ram_path.startswith(f"/proc/{vm.config.pid}/fd/")
     with vm.memory() as mem:
         intro = Introspector(mem)
@@ -168,29 +239,8 @@ def test_inspect_matches_the_guest_when_paused(domains: Domains) -> None:
     assert _state(vm.name) == "running", "inspect's pause must be undone through libvirt"
 
 
-@pytest.mark.parametrize("memfd", [True, False], ids=["memfd", "anonymous"])
-def test_reclaim_returns_free_memory(domains: Domains, memfd: bool) -> None:
-    vm = domains(memfd=memfd)
-    assert vm.config.ram == ("shared" if memfd else "anonymous")
-    vm.exec(DIRTY, timeout=180).check("dirtying free memory")
-    before = _rss(vm)
-    proc = memvirt("--connect", URI, "reclaim", f"libvirt:{vm.name}", "--json")
-    assert proc.returncode == 0, proc.stderr
-    after = _rss(vm)
-    assert before - after >= 100 * MIB, (before, after, proc.stdout)
-    assert vm.exec("memtouch --hot 64M --content random --duration 1 >/dev/null && echo alive").text.strip() == "alive"
-    info = virsh("dominfo", vm.name)
-    assert "running" in info and "custom-monitor" not in info, info  # suspend/resume only: no taint
-    virsh("suspend", vm.name)
-    assert _state(vm.name) == "paused"
-    virsh("resume", vm.name)
-    assert _state(vm.name) == "running"
-    virsh("destroy", vm.name)
-    assert _state(vm.name) == "shut off"
-
-
-def test_wss_and_compress_on_a_domain(domains: Domains) -> None:
-    vm = domains(memfd=False)
+def test_wss_and_compress_on_a_domain(shared: Domains) -> None:
+    vm = shared(memfd=False)
     vm.exec(DIRTY, timeout=180).check("dirtying memory")
     target = f"libvirt:{vm.name}"
     proc = memvirt("wss", target, "--duration", "3", "--method", "referenced", "--json")
@@ -220,9 +270,9 @@ def test_wss_and_compress_on_a_domain(domains: Domains) -> None:
     assert _state(vm.name) == "running"
 
 
-def test_a_reclaim_killed_in_a_pause_leaves_the_domain_running(domains: Domains) -> None:
+def test_a_reclaim_killed_in_a_pause_leaves_the_domain_running(shared: Domains) -> None:
     """Reclaim's watchdog resumes a domain its reclaim paused and died in, through libvirt."""
-    vm = domains(memfd=True)
+    vm = shared(memfd=True)
     virsh("suspend", vm.name)
     gone = subprocess.Popen(["true"])
     gone.wait()
@@ -231,6 +281,27 @@ def test_a_reclaim_killed_in_a_pause_leaves_the_domain_running(domains: Domains)
     subprocess.run([sys.executable, "-m", "memvirt.dedup.watchdog", str(gone.pid), str(mark)], check=True, timeout=120)
     assert _state(vm.name) == "running"
     assert not (vm.dir / watchdog.MARK).exists()
+
+
+@pytest.mark.parametrize("memfd", [True, False], ids=["memfd", "anonymous"])
+def test_reclaim_returns_free_memory(shared: Domains, memfd: bool) -> None:
+    vm = shared(memfd=memfd)
+    assert vm.config.ram == ("shared" if memfd else "anonymous")
+    vm.exec(DIRTY, timeout=180).check("dirtying free memory")
+    before = _rss(vm)
+    proc = memvirt("--connect", URI, "reclaim", f"libvirt:{vm.name}", "--json")
+    assert proc.returncode == 0, proc.stderr
+    after = _rss(vm)
+    assert before - after >= 100 * MIB, (before, after, proc.stdout)
+    assert vm.exec("memtouch --hot 64M --content random --duration 1 >/dev/null && echo alive").text.strip() == "alive"
+    info = virsh("dominfo", vm.name)
+    assert "running" in info and "custom-monitor" not in info, info  # suspend/resume only: no taint
+    virsh("suspend", vm.name)
+    assert _state(vm.name) == "paused"
+    virsh("resume", vm.name)
+    assert _state(vm.name) == "running"
+    virsh("destroy", vm.name)  # the last test of the shared domain of its kind
+    assert _state(vm.name) == "shut off"
 
 
 def test_bad_input_is_one_line(domains: Domains) -> None:

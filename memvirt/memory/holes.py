@@ -7,7 +7,8 @@ the migration receiver punches the target's zero and freed pages.
 A hole punch is *not* seen by the dirty tracker (:mod:`memvirt.qemu.dirty`): ``PAGEMAP_SCAN``
 reports pages written through QEMU's page tables, and a punch only drops the file's pages (the
 kernel zaps the mappings without marking them written). So while a tracker runs on a RAM file it
-keeps a journal beside it, ``<ram file>.punched``, and every memvirt punch of that file appends its
+keeps a journal beside it, ``<ram file>.punched`` (for a libvirt memfd, in memvirt's RAM folder:
+:func:`_side`), and every memvirt punch of that file appends its
 guest-frame runs there first; each scan of the tracker takes them as written. The journal is used
 only while its tracker lives: the tracker holds a shared ``flock`` on ``<ram file>.tracked`` for its
 lifetime (the kernel drops it when the tracker dies, however it dies), and a puncher that can take
@@ -36,6 +37,7 @@ import time
 import numpy as np
 
 from memvirt.errors import VMError
+from memvirt.paths import ram_dir
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -55,16 +57,27 @@ def punch(fd: int, offsets: np.ndarray, lengths: np.ndarray, what: str) -> None:
             raise VMError(f"punching a hole in {what} failed: {os.strerror(ctypes.get_errno())}")
 
 
+def _side(ram_path: str, suffix: str) -> str:
+    """The file ``suffix`` that goes with ``ram_path``: beside it, or, for a RAM file known only as
+    another process's descriptor (``/proc/PID/fd/N``: a libvirt domain's memfd, where nothing can be
+    created), in memvirt's RAM folder under the file's device and inode, which every process that
+    opens that descriptor finds alike."""
+    if not ram_path.startswith("/proc/"):
+        return ram_path + suffix
+    st = os.stat(ram_path)
+    return str(ram_dir() / f"fd-{st.st_dev:x}-{st.st_ino}{suffix}")
+
+
 def journal_path(ram_path: str) -> str:
-    return ram_path + ".punched"
+    return _side(ram_path, ".punched")
 
 
 def _tracked_path(ram_path: str) -> str:
-    return ram_path + ".tracked"
+    return _side(ram_path, ".tracked")
 
 
 def _punchers_path(ram_path: str) -> str:
-    return ram_path + ".punchers"
+    return _side(ram_path, ".punchers")
 
 
 def register_puncher(ram_path: str) -> int:
@@ -101,7 +114,11 @@ def registered_punchers(ram_path: str) -> set[int]:
 def remove_journal(ram_path: str, punchers: bool = True) -> None:
     """Remove what a tracker killed on ``ram_path`` left (with the RAM file itself, ``punchers``:
     the puncher registry too; a tracker ending leaves it to the punchers that hold it)."""
-    for path in (journal_path(ram_path), _tracked_path(ram_path)) + ((_punchers_path(ram_path),) if punchers else ()):
+    try:
+        paths = (journal_path(ram_path), _tracked_path(ram_path)) + ((_punchers_path(ram_path),) if punchers else ())
+    except OSError:  # a descriptor of a QEMU that is gone: its files are named after an inode now unknown
+        return
+    for path in paths:
         try:
             os.unlink(path)
         except FileNotFoundError:

@@ -21,6 +21,7 @@ from memvirt.paths import private_file
 from memvirt.qemu.vm import DUMP_FORMATS, VM, vm_memory
 
 Progress = Callable[[int, int], None]
+RESUME_WAIT = 30.0
 
 
 def dump_vm(vm: VM, dest: Path, fmt: str = "elf", progress: Progress | None = None) -> Path:
@@ -56,10 +57,18 @@ def _dump_qemu(vm: VM, path: Path, fmt: str, progress: Progress | None) -> None:
             if progress:
                 progress(int(st.get("completed", 0)), int(st.get("total", 0)) or 1)
             if st["status"] == "completed":
-                return
+                break
             if st["status"] == "failed":
                 raise VMError(f"QEMU failed to dump VM {vm.name!r} (disk full or unwritable {path.parent}?)")
             time.sleep(0.1)
+        # QEMU reports "completed" (and sends DUMP_COMPLETED) before its dump thread resumes the
+        # guest in dump_cleanup(), so right after it the guest is still in "save-vm": wait for the
+        # resume, so that a finished dump leaves the guest as it found it.
+        deadline = time.monotonic() + RESUME_WAIT
+        while mon.status() == "save-vm":
+            if time.monotonic() > deadline:
+                raise VMError(f"QEMU finished dumping VM {vm.name!r} but did not resume it within {RESUME_WAIT:.0f} s")
+            time.sleep(0.05)
 
 
 def _dump_raw(vm: VM, fd: int, progress: Progress | None) -> None:
