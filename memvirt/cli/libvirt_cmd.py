@@ -57,5 +57,6 @@ def migrate(
     out.print(
         f"{vm.name} -> {dest}: {human(report['bytes'])} sent in {report['total_ms']} ms, "
         f"downtime {report['downtime_ms']} ms; memvirt discarded {human(rep.reclaimed_before)} before "
-        f"and {human(rep.reclaimed_during)} during the copy ({rep.passes_during} passes)"
+        f"({rep.reclaim_ms} ms) and {human(rep.reclaimed_during)} during the copy ({rep.passes_during} passes); "
+        f"{rep.wall_ms} ms in all"
     )
